@@ -1,0 +1,34 @@
+# The two commands a new user needs: `make demo` and `make test`. Both install libtorch
+# (PyPI's torch==2.11.0, outside the repository) and build what they need, idempotently.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+CONFIG ?= pipelines/synth.toml
+# cargo's target dir (CI keeps one in a cache outside the clone).
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+BIN := $(TARGET_DIR)/release/adamcu
+
+# libtorch: found (or installed once) by the setup script unless the caller set LIBTORCH.
+ifeq ($(strip $(LIBTORCH)),)
+export LIBTORCH := $(shell ./scripts/setup-libtorch.sh)
+endif
+ifeq ($(strip $(LIBTORCH)),)
+$(error libtorch set-up failed: run ./scripts/setup-libtorch.sh to see why)
+endif
+
+.PHONY: build demo test doctor clean-runs
+build:
+	$(CARGO) build --release --locked
+ifneq ($(TARGET_DIR),target)
+	mkdir -p target/release && ln -sf "$(abspath $(BIN))" target/release/adamcu
+endif
+
+doctor: build
+	./target/release/adamcu doctor
+
+# The main job on the embedded default (the synthetic benchmark).
+demo: build
+	./target/release/adamcu doctor
+
+test: build
+	$(CARGO) test --release --locked -- --test-threads=2

@@ -1,0 +1,489 @@
+//! Pipeline configuration: one TOML file per benchmark (`pipelines/*.toml`).
+//!
+//! Loading is two-phase so that a user sees every mistake at once:
+//! 1. serde builds the typed config; keys serde does not know are collected (not fatal yet);
+//! 2. `validate` checks every value and reports each problem as
+//!    `key = value: expected ...`.
+//! `${VAR}` and `${VAR:-default}` are expanded in path values.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Every problem found in a config file, one per line.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors {
+    pub file: PathBuf,
+    pub errors: Vec<String>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{}: {} error(s)", self.file.display(), self.errors.len())?;
+        for e in &self.errors {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub run: RunConfig,
+    pub data: DataConfig,
+    pub synth: SynthConfig,
+    pub augment: AugmentConfig,
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    pub eval: EvalConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            run: RunConfig::default(),
+            data: DataConfig::default(),
+            synth: SynthConfig::default(),
+            augment: AugmentConfig::default(),
+            model: ModelConfig::default(),
+            train: TrainConfig::default(),
+            eval: EvalConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RunConfig {
+    /// Run name: outputs go to `<runs_dir>/<name>/`.
+    pub name: String,
+    pub runs_dir: PathBuf,
+    pub seed: u64,
+    /// "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
+    pub device: String,
+    /// libtorch intra-op threads; 0 = libtorch's default.
+    pub threads: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            name: "run".into(),
+            runs_dir: "runs".into(),
+            seed: 0,
+            device: "auto".into(),
+            threads: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetKind {
+    Gta5,
+    Synthia,
+    Synscapes,
+    Cityscapes,
+    /// CycleGAN-translated images of a source set, paired with that set's labels by file name.
+    Translated,
+    /// A packed shard written by `adamcu pack`.
+    Shard,
+}
+
+impl DatasetKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DatasetKind::Gta5 => "gta5",
+            DatasetKind::Synthia => "synthia",
+            DatasetKind::Synscapes => "synscapes",
+            DatasetKind::Cityscapes => "cityscapes",
+            DatasetKind::Translated => "translated",
+            DatasetKind::Shard => "shard",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnBadSample {
+    /// Count and log the sample with its path, then go on.
+    Skip,
+    /// Stop the run with the error.
+    Stop,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatasetConfig {
+    pub kind: DatasetKind,
+    /// Data set root (for `translated`: the folder of translated images).
+    pub root: PathBuf,
+    /// `translated` only: kind of the original set whose labels pair with the images.
+    #[serde(default)]
+    pub labels_kind: Option<DatasetKind>,
+    /// `translated` only: root of the original set (its labels are used).
+    #[serde(default)]
+    pub labels_root: Option<PathBuf>,
+    /// `cityscapes` only: "train" or "val".
+    #[serde(default)]
+    pub split: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DataConfig {
+    /// 19 (GTA5, Synscapes) or 16 (SYNTHIA) training classes.
+    pub classes: usize,
+    pub on_bad_sample: OnBadSample,
+    /// Decode/augment threads per domain.
+    pub workers: usize,
+    /// Capacity (in batches) of each bounded loader channel.
+    pub channel_capacity: usize,
+    pub source: Option<DatasetConfig>,
+    pub target: Option<DatasetConfig>,
+    pub target_val: Option<DatasetConfig>,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            classes: 19,
+            on_bad_sample: OnBadSample::Skip,
+            workers: 1,
+            channel_capacity: 4,
+            source: None,
+            target: None,
+            target_val: None,
+        }
+    }
+}
+
+/// The embedded synthetic benchmark (`adamcu datasets synth`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SynthConfig {
+    /// Where the benchmark is written; `source/`, `source_translated/`, `target/` below it.
+    pub root: PathBuf,
+    pub width: u32,
+    pub height: u32,
+    pub source_images: usize,
+    pub target_train_images: usize,
+    pub target_val_images: usize,
+    /// How far (0..1) the "translated" source moves its appearance toward the target's.
+    pub translation_strength: f32,
+    pub seed: u64,
+}
+
+impl Default for SynthConfig {
+    fn default() -> Self {
+        SynthConfig {
+            root: "data/synth".into(),
+            width: 256,
+            height: 128,
+            source_images: 400,
+            target_train_images: 300,
+            target_val_images: 100,
+            translation_strength: 0.3,
+            seed: 7,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AugmentConfig {
+    /// Images are first resized to this [height, width] (bicubic; labels nearest);
+    /// [0, 0] keeps the stored size.
+    pub resize: [u32; 2],
+    /// Random crop [height, width] taken after random scaling.
+    pub crop: [u32; 2],
+    /// Random scale range [min, max] applied before cropping.
+    pub scale: [f32; 2],
+    pub flip: bool,
+    /// Per-channel normalisation of RGB in 0..1.
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        AugmentConfig {
+            resize: [0, 0],
+            crop: [128, 256],
+            scale: [0.75, 1.25],
+            flip: true,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelConfig {
+    /// "deeplabv2" or "deeplabv3plus".
+    pub arch: String,
+    /// "resnet101", "resnet50", "resnet18" or "tiny" (CPU runs).
+    pub backbone: String,
+    /// Width of the tiny backbone's first stage.
+    pub tiny_width: i64,
+    /// Optional ImageNet weights (.safetensors, torchvision names).
+    pub pretrained: Option<PathBuf>,
+    /// BatchNorm statistics: "frozen" (eval-mode statistics) or "batch" (batch statistics).
+    /// The affine parameters are frozen in both cases, as in DeepLab v2.
+    pub bn_stats: String,
+    /// Output dimension of the projection head.
+    pub projection_dim: i64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            arch: "deeplabv2".into(),
+            backbone: "resnet101".into(),
+            tiny_width: 16,
+            pretrained: None,
+            bn_stats: "frozen".into(),
+            projection_dim: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    pub batch_source: usize,
+    pub batch_target: usize,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub poly_power: f64,
+    /// LR multiplier for the classifier and projection heads.
+    pub head_lr_mult: f64,
+    /// Weight of the auxiliary head's segmentation loss.
+    pub aux_weight: f64,
+    /// Iterations of source-only pretraining (Algorithm 1, step 2).
+    pub source_iterations: usize,
+    /// Iterations of the target-supervised upper bound (all target labels).
+    pub target_supervised_iterations: usize,
+    pub log_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            batch_source: 2,
+            batch_target: 2,
+            lr: 2.5e-4,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            poly_power: 0.9,
+            head_lr_mult: 10.0,
+            aux_weight: 0.1,
+            source_iterations: 20_000,
+            target_supervised_iterations: 20_000,
+            log_every: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EvalConfig {
+    /// Average the predictions of the image and its horizontal flip.
+    pub flip: bool,
+    /// Resize val images to [height, width] before the network ([0, 0] = as stored);
+    /// logits are always upsampled to the full label resolution.
+    pub input_size: [u32; 2],
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig { flip: false, input_size: [0, 0] }
+    }
+}
+
+impl Config {
+    /// Reads, expands and validates a config file; returns every problem at once.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let fail = |errors: Vec<String>| ConfigErrors { file: path.to_path_buf(), errors };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| fail(vec![format!("cannot read the file: {e}")]))?;
+        Config::from_toml_str(&text).map_err(|errors| fail(errors))
+    }
+
+    pub fn from_toml_str(text: &str) -> Result<Config, Vec<String>> {
+        let mut errors = Vec::new();
+        let deserializer = toml::Deserializer::new(text);
+        let mut unknown = Vec::new();
+        let mut config: Config = serde_ignored::deserialize(deserializer, |path| {
+            unknown.push(path.to_string());
+        })
+        .map_err(|e| vec![format!("{}", e.to_string().trim_end())])?;
+        for key in unknown {
+            errors.push(format!("{key}: unknown key"));
+        }
+        config.expand_paths(&mut errors);
+        config.validate(&mut errors);
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(errors)
+        }
+    }
+
+    fn expand_paths(&mut self, errors: &mut Vec<String>) {
+        expand(&mut self.run.runs_dir, "run.runs_dir", errors);
+        expand(&mut self.synth.root, "synth.root", errors);
+        if let Some(p) = self.model.pretrained.as_mut() {
+            expand(p, "model.pretrained", errors);
+        }
+        for (name, set) in [
+            ("data.source", self.data.source.as_mut()),
+            ("data.target", self.data.target.as_mut()),
+            ("data.target_val", self.data.target_val.as_mut()),
+        ] {
+            if let Some(set) = set {
+                expand(&mut set.root, &format!("{name}.root"), errors);
+                if let Some(p) = set.labels_root.as_mut() {
+                    expand(p, &format!("{name}.labels_root"), errors);
+                }
+            }
+        }
+    }
+
+    fn validate(&self, errors: &mut Vec<String>) {
+        let mut check = |ok: bool, key: &str, value: String, expected: &str| {
+            if !ok {
+                errors.push(format!("{key} = {value}: expected {expected}"));
+            }
+        };
+        let r = &self.run;
+        check(!r.name.is_empty() && !r.name.contains('/'), "run.name", format!("{:?}", r.name),
+            "a non-empty name without '/'");
+        check(parse_device(&r.device).is_some(), "run.device", format!("{:?}", r.device),
+            "\"auto\", \"cpu\", \"cuda\" or \"cuda:N\"");
+
+        let d = &self.data;
+        check(d.classes == 19 || d.classes == 16, "data.classes", d.classes.to_string(), "19 or 16");
+        check(d.workers >= 1, "data.workers", d.workers.to_string(), "at least 1");
+        check(d.channel_capacity >= 1, "data.channel_capacity", d.channel_capacity.to_string(),
+            "at least 1");
+        for (name, set) in [
+            ("data.source", &d.source),
+            ("data.target", &d.target),
+            ("data.target_val", &d.target_val),
+        ] {
+            let Some(set) = set else { continue };
+            if set.kind == DatasetKind::Translated {
+                check(set.labels_kind.is_some_and(|k| k != DatasetKind::Translated
+                        && k != DatasetKind::Shard && k != DatasetKind::Cityscapes),
+                    &format!("{name}.labels_kind"), format!("{:?}", set.labels_kind.map(|k| k.name())),
+                    "the original source set: \"gta5\", \"synthia\" or \"synscapes\"");
+                check(set.labels_root.is_some(), &format!("{name}.labels_root"), "(missing)".into(),
+                    "the original set's root, whose labels pair with the translated images");
+            }
+            if let Some(split) = &set.split {
+                check(split == "train" || split == "val", &format!("{name}.split"),
+                    format!("{split:?}"), "\"train\" or \"val\"");
+            }
+        }
+
+        let s = &self.synth;
+        check(s.width >= 64 && s.width % 8 == 0, "synth.width", s.width.to_string(),
+            "a multiple of 8, at least 64");
+        check(s.height >= 32 && s.height % 8 == 0, "synth.height", s.height.to_string(),
+            "a multiple of 8, at least 32");
+        check(s.source_images >= 1, "synth.source_images", s.source_images.to_string(), "at least 1");
+        check(s.target_train_images >= 1, "synth.target_train_images",
+            s.target_train_images.to_string(), "at least 1");
+        check(s.target_val_images >= 1, "synth.target_val_images", s.target_val_images.to_string(),
+            "at least 1");
+        check((0.0..=1.0).contains(&s.translation_strength), "synth.translation_strength",
+            s.translation_strength.to_string(), "a fraction in [0, 1]");
+
+        let a = &self.augment;
+        check(a.crop[0] >= 8 && a.crop[1] >= 8, "augment.crop", format!("{:?}", a.crop),
+            "[height, width], each at least 8");
+        check(a.scale[0] > 0.0 && a.scale[0] <= a.scale[1], "augment.scale",
+            format!("{:?}", a.scale), "[min, max] with 0 < min <= max");
+        check((a.resize[0] == 0) == (a.resize[1] == 0), "augment.resize",
+            format!("{:?}", a.resize), "[height, width], both 0 or both positive");
+        check(a.std.iter().all(|&v| v > 0.0), "augment.std", format!("{:?}", a.std),
+            "three positive numbers");
+
+        let m = &self.model;
+        check(matches!(m.arch.as_str(), "deeplabv2" | "deeplabv3plus"), "model.arch",
+            format!("{:?}", m.arch), "\"deeplabv2\" or \"deeplabv3plus\"");
+        check(matches!(m.backbone.as_str(), "resnet101" | "resnet50" | "resnet18" | "tiny"),
+            "model.backbone", format!("{:?}", m.backbone),
+            "\"resnet101\", \"resnet50\", \"resnet18\" or \"tiny\"");
+        check(m.tiny_width >= 4, "model.tiny_width", m.tiny_width.to_string(), "at least 4");
+        check(matches!(m.bn_stats.as_str(), "frozen" | "batch"), "model.bn_stats",
+            format!("{:?}", m.bn_stats), "\"frozen\" or \"batch\"");
+        check(m.projection_dim >= 2, "model.projection_dim", m.projection_dim.to_string(),
+            "at least 2");
+
+        let t = &self.train;
+        check(t.batch_source >= 1, "train.batch_source", t.batch_source.to_string(), "at least 1");
+        check(t.batch_target >= 1, "train.batch_target", t.batch_target.to_string(), "at least 1");
+        check(t.lr > 0.0 && t.lr.is_finite(), "train.lr", t.lr.to_string(), "a positive number");
+        check((0.0..1.0).contains(&t.momentum), "train.momentum", t.momentum.to_string(),
+            "a number in [0, 1)");
+        check(t.weight_decay >= 0.0, "train.weight_decay", t.weight_decay.to_string(),
+            "a number >= 0");
+        check(t.poly_power >= 0.0, "train.poly_power", t.poly_power.to_string(), "a number >= 0");
+        check(t.head_lr_mult > 0.0, "train.head_lr_mult", t.head_lr_mult.to_string(),
+            "a positive number");
+        check(t.aux_weight >= 0.0, "train.aux_weight", t.aux_weight.to_string(), "a number >= 0");
+        check(t.log_every >= 1, "train.log_every", t.log_every.to_string(), "at least 1");
+
+        let e = &self.eval;
+        check((e.input_size[0] == 0) == (e.input_size[1] == 0), "eval.input_size",
+            format!("{:?}", e.input_size), "[height, width], both 0 or both positive");
+    }
+
+    /// The folder of this run's outputs.
+    pub fn run_dir(&self) -> PathBuf {
+        self.run.runs_dir.join(&self.run.name)
+    }
+}
+
+fn expand(path: &mut PathBuf, key: &str, errors: &mut Vec<String>) {
+    let raw = path.to_string_lossy().into_owned();
+    match shellexpand::env(&raw) {
+        Ok(expanded) => *path = PathBuf::from(expanded.as_ref()),
+        Err(e) => errors.push(format!(
+            "{key} = {raw:?}: environment variable ${{{}}} is not set ({}); expected it set, \
+             or a default as ${{{}:-default}}",
+            e.var_name, e.cause, e.var_name
+        )),
+    }
+}
+
+/// Parses `run.device`; `None` when malformed.
+pub fn parse_device(spec: &str) -> Option<DeviceChoice> {
+    match spec {
+        "auto" => Some(DeviceChoice::Auto),
+        "cpu" => Some(DeviceChoice::Cpu),
+        "cuda" => Some(DeviceChoice::Cuda(0)),
+        _ => spec.strip_prefix("cuda:")?.parse().ok().map(DeviceChoice::Cuda),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceChoice {
+    pub fn resolve(self) -> tch::Device {
+        match self {
+            DeviceChoice::Auto => tch::Device::cuda_if_available(),
+            DeviceChoice::Cpu => tch::Device::Cpu,
+            DeviceChoice::Cuda(i) => tch::Device::Cuda(i),
+        }
+    }
+}

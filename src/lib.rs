@@ -1,0 +1,7 @@
+//! adamcu: active domain adaptation for semantic segmentation (ADA-MCU) as a streaming pipeline.
+//!
+//! The modules follow the pipeline: `data` (loaders), `model`, `train` (losses, optimizer,
+//! evaluation), with `config` shared by all and `doctor` for checking an installation.
+
+pub mod config;
+pub mod doctor;

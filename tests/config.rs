@@ -1,0 +1,81 @@
+//! Pipeline config: parsing, validation that reports every error, unknown keys, `${VAR}`.
+
+use adamcu::config::Config;
+use std::process::Command;
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> std::path::PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn the_embedded_default_config_is_valid() {
+    let config = Config::load("pipelines/synth.toml".as_ref()).expect("synth.toml is valid");
+    assert_eq!(config.run.name, "synth");
+}
+
+#[test]
+fn a_good_file_is_read_with_defaults_filled_in() {
+    let config = Config::from_toml_str("[run]\nname = \"x\"\nseed = 3\n[train]\nlr = 0.01\n")
+        .expect("valid");
+    assert_eq!(config.run.seed, 3);
+    assert_eq!(config.train.lr, 0.01);
+    assert_eq!(config.train.momentum, 0.9, "unset keys take their defaults");
+}
+
+#[test]
+fn several_mistakes_are_all_reported_with_key_value_and_expectation() {
+    let errors = Config::from_toml_str(
+        "[run]\ndevice = \"gpu\"\n[train]\nmomentum = 1.5\nlr = -1.0\n[model]\nbackbone = \"vgg\"\n",
+    )
+    .unwrap_err();
+    assert_eq!(errors.len(), 4, "{errors:#?}");
+    assert!(errors.iter().any(|e| e.starts_with("run.device = \"gpu\": expected")), "{errors:#?}");
+    assert!(errors.iter().any(|e| e.starts_with("train.momentum = 1.5: expected a number in [0, 1)")));
+    assert!(errors.iter().any(|e| e.starts_with("train.lr = -1: expected a positive number")));
+    assert!(errors.iter().any(|e| e.starts_with("model.backbone = \"vgg\": expected")));
+}
+
+#[test]
+fn unknown_keys_are_refused_by_their_full_path() {
+    let errors = Config::from_toml_str("[train]\nlearning_rate = 0.1\n[runn]\nx = 1\n").unwrap_err();
+    assert!(errors.contains(&"train.learning_rate: unknown key".to_string()), "{errors:#?}");
+    assert!(errors.contains(&"runn: unknown key".to_string()), "{errors:#?}");
+}
+
+#[test]
+fn environment_variables_expand_in_paths_and_a_missing_one_is_named() {
+    std::env::set_var("ADAMCU_TEST_DATA_ROOT", "/data/x");
+    let config = Config::from_toml_str("[synth]\nroot = \"${ADAMCU_TEST_DATA_ROOT}/synth\"\n").unwrap();
+    assert_eq!(config.synth.root, std::path::PathBuf::from("/data/x/synth"));
+    let config = Config::from_toml_str("[synth]\nroot = \"${ADAMCU_TEST_UNSET_A:-/d}/s\"\n").unwrap();
+    assert_eq!(config.synth.root, std::path::PathBuf::from("/d/s"));
+
+    let errors = Config::from_toml_str("[synth]\nroot = \"${ADAMCU_TEST_UNSET_B}/synth\"\n").unwrap_err();
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].starts_with("synth.root = \"${ADAMCU_TEST_UNSET_B}/synth\": environment \
+        variable ${ADAMCU_TEST_UNSET_B} is not set"), "{errors:#?}");
+}
+
+#[test]
+fn config_check_prints_the_resolved_config_or_every_error_with_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_adamcu");
+    let good = write(&dir, "good.toml", "[run]\nname = \"ok\"\n");
+    let out = Command::new(bin).args(["config", "check"]).arg(&good).output().unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(printed.contains("name = \"ok\"") && printed.contains("momentum = 0.9"), "{printed}");
+
+    let bad = write(&dir, "bad.toml",
+        "[train]\nmomentum = 2.0\nbatch_source = 0\n[data]\nclasses = 20\n");
+    let out = Command::new(bin).args(["config", "check"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("3 error(s)"), "{stderr}");
+    for expected in ["train.momentum = 2: expected", "train.batch_source = 0: expected at least 1",
+        "data.classes = 20: expected 19 or 16"] {
+        assert!(stderr.contains(expected), "missing {expected:?} in {stderr}");
+    }
+}
