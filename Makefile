@@ -16,7 +16,10 @@ ifeq ($(strip $(LIBTORCH)),)
 $(error libtorch set-up failed: run ./scripts/setup-libtorch.sh to see why)
 endif
 
-.PHONY: build demo test doctor clean-runs
+# Python of the libtorch virtualenv, for the reference scripts in bench/reference/.
+REF_PYTHON := $(abspath $(LIBTORCH)/../../../../bin/python)
+
+.PHONY: build demo test doctor bench-loader
 build:
 	$(CARGO) build --release --locked
 ifneq ($(TARGET_DIR),target)
@@ -32,3 +35,8 @@ demo: build
 
 test: build
 	$(CARGO) test --release --locked -- --test-threads=2
+
+# Loader throughput against bench/reference/loader_bench.py (PIL + torch) in the same run.
+bench-loader: build
+	$(REF_PYTHON) -m pip install --quiet --disable-pip-version-check numpy pillow
+	./target/release/adamcu bench loader --python $(REF_PYTHON)

@@ -3,5 +3,8 @@
 //! The modules follow the pipeline: `data` (loaders), `model`, `train` (losses, optimizer,
 //! evaluation), with `config` shared by all and `doctor` for checking an installation.
 
+pub mod bench;
 pub mod config;
+pub mod data;
 pub mod doctor;
+pub mod telemetry;

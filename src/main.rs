@@ -1,6 +1,7 @@
 //! The `adamcu` command line: one subcommand per job; the work lives in the library.
 
-use adamcu::config::{parse_device, Config};
+use adamcu::config::{parse_device, Config, DatasetConfig};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,6 +25,26 @@ enum Command {
     /// Pipeline config files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Data sets: generate the synthetic benchmark, check configured sets.
+    #[command(subcommand)]
+    Datasets(DatasetsCommand),
+    /// Pack a configured data set into one memory-mapped shard of decoded pixels.
+    Pack {
+        #[arg(long, default_value = "pipelines/synth.toml")]
+        config: PathBuf,
+        /// Which configured set: source, target or target_val.
+        #[arg(long)]
+        set: String,
+        /// Output shard file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Resize every sample to WIDTHxHEIGHT (bicubic images, nearest labels) before packing.
+        #[arg(long)]
+        size: Option<String>,
+    },
+    /// Benchmarks, printed side by side with the PyTorch/PIL reference.
+    #[command(subcommand)]
+    Bench(BenchCommand),
 }
 
 #[derive(Subcommand)]
@@ -32,31 +53,131 @@ enum ConfigCommand {
     Check { file: PathBuf },
 }
 
+#[derive(Subcommand)]
+enum DatasetsCommand {
+    /// Write the synthetic benchmark ([synth] of the config) unless it is already there.
+    Synth {
+        #[arg(long, default_value = "pipelines/synth.toml")]
+        config: PathBuf,
+    },
+    /// Decode every sample of the configured sets: counts, class histogram, sizes, problems.
+    /// Exit code 0 only when every checked set is usable.
+    Check {
+        #[arg(long, default_value = "pipelines/synth.toml")]
+        config: PathBuf,
+        /// Only this set (source, target or target_val); default all configured.
+        #[arg(long)]
+        set: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Loader throughput per core (PNG and shard paths) against bench/reference/loader_bench.py.
+    Loader {
+        /// Folder of GTA5-layout frames; the reference writes 1280x720 test frames there if missing.
+        #[arg(long, default_value = "data/bench-loader")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 32)]
+        images: usize,
+        /// Python with torch, numpy and Pillow for the reference.
+        #[arg(long, default_value = "python3")]
+        python: PathBuf,
+        #[arg(long, default_value = "bench/reference/loader_bench.py")]
+        reference: PathBuf,
+    },
+}
+
+fn load_config(path: &PathBuf) -> Result<Config> {
+    Config::load(path).map_err(|e| anyhow!("{e}"))
+}
+
+fn configured_sets(config: &Config) -> Vec<(&'static str, &DatasetConfig)> {
+    [("source", &config.data.source), ("target", &config.data.target), ("target_val", &config.data.target_val)]
+        .into_iter()
+        .filter_map(|(name, set)| set.as_ref().map(|s| (name, s)))
+        .collect()
+}
+
+fn pick_set<'a>(config: &'a Config, name: &str) -> Result<&'a DatasetConfig> {
+    configured_sets(config).into_iter().find(|(n, _)| *n == name).map(|(_, s)| s)
+        .ok_or_else(|| anyhow!("--set {name:?}: expected one of the configured sets: {}",
+            configured_sets(config).iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")))
+}
+
+fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Doctor { device } => {
+            let choice = parse_device(&device)
+                .ok_or_else(|| anyhow!("--device {device:?}: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\""))?;
+            adamcu::doctor::run(choice.resolve())?;
+        }
+        Command::Config(ConfigCommand::Check { file }) => match Config::load(&file) {
+            Ok(config) => print!("{}", toml::to_string_pretty(&config)?),
+            Err(errors) => {
+                eprint!("{errors}");
+                return Ok(ExitCode::from(2));
+            }
+        },
+        Command::Datasets(DatasetsCommand::Synth { config }) => {
+            let config = load_config(&config)?;
+            let started = std::time::Instant::now();
+            adamcu::data::synth::generate(&config.synth)?;
+            println!("synthetic benchmark ready in {} ({:.1} s)", config.synth.root.display(),
+                started.elapsed().as_secs_f64());
+        }
+        Command::Datasets(DatasetsCommand::Check { config, set }) => {
+            let config = load_config(&config)?;
+            let sets = match &set {
+                Some(name) => vec![(name.as_str(), pick_set(&config, name)?)],
+                None => configured_sets(&config).into_iter().map(|(n, s)| (n, s)).collect(),
+            };
+            if sets.is_empty() {
+                bail!("no data sets configured ([data.source], [data.target], [data.target_val])");
+            }
+            let mut usable = true;
+            for (name, set) in sets {
+                let report = adamcu::data::check::check(name, set, config.data.classes);
+                report.print(config.data.classes);
+                usable &= report.usable();
+            }
+            if !usable {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Pack { config, set, out, size } => {
+            let config = load_config(&config)?;
+            let set = pick_set(&config, &set)?;
+            let size = size.map(|s| parse_size(&s)).transpose()?;
+            let source = adamcu::data::source::SampleSource::open(set, config.data.classes)
+                .map_err(|e| anyhow!("{e}"))?;
+            let n = adamcu::data::pack::pack(&source, &out, config.data.classes, size)?;
+            println!("packed {n} sample(s) into {}", out.display());
+        }
+        Command::Bench(BenchCommand::Loader { dir, images, python, reference }) => {
+            adamcu::bench::loader(&adamcu::bench::LoaderBenchOptions { dir, images, python, reference })?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_size(text: &str) -> Result<(u32, u32)> {
+    let (w, h) = text.split_once('x').context("expected WIDTHxHEIGHT")?;
+    let parse = |v: &str| v.parse::<u32>().ok().filter(|&v| v > 0);
+    match (parse(w), parse(h)) {
+        (Some(w), Some(h)) => Ok((w, h)),
+        _ => bail!("--size {text:?}: expected WIDTHxHEIGHT, e.g. 1024x512"),
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Doctor { device } => match parse_device(&device) {
-            Some(choice) => adamcu::doctor::run(choice.resolve()),
-            None => Err(anyhow::anyhow!("--device {device:?}: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"")),
-        },
-        Command::Config(ConfigCommand::Check { file }) => match Config::load(&file) {
-            Ok(config) => {
-                print!("{}", toml::to_string_pretty(&config).expect("config serialises"));
-                Ok(())
-            }
-            Err(errors) => {
-                eprint!("{errors}");
-                return ExitCode::from(2);
-            }
-        },
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    match run(Cli::parse().command) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -60,7 +60,8 @@ fn png_files(dir: &Path) -> Result<BTreeMap<String, PathBuf>, DataError> {
     let mut files = BTreeMap::new();
     for entry in entries.flatten() {
         let path = entry.path();
-        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) && path.is_file() {
+        // Not `is_file()`: a dangling link must be listed so that reading it reports the problem.
+        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) && !path.is_dir() {
             files.insert(entry.file_name().to_string_lossy().into_owned(), path);
         }
     }

@@ -1,0 +1,91 @@
+//! Where a loader's samples come from: PNG files in a data set layout, or a packed shard.
+
+use super::augment::{Augmented, Augmenter, Geometry};
+use super::datasets::{self, Label, Listing, Rgb};
+use super::error::DataError;
+use super::labels::LabelMap;
+use super::shard::Shard;
+use crate::config::{DatasetConfig, DatasetKind};
+use rand::Rng;
+
+pub enum SampleSource {
+    Files { listing: Listing, map: LabelMap },
+    Shard(Shard),
+}
+
+impl SampleSource {
+    /// Opens a configured data set with the label map for `classes`.
+    pub fn open(set: &DatasetConfig, classes: usize) -> Result<SampleSource, DataError> {
+        if set.kind == DatasetKind::Shard {
+            let shard = Shard::open(&set.root)?;
+            if shard.classes != classes {
+                return Err(DataError::new(super::error::DataErrorKind::Layout, &set.root, format!(
+                    "shard was packed for {} classes, the config trains {classes}", shard.classes)));
+            }
+            return Ok(SampleSource::Shard(shard));
+        }
+        let listing = datasets::list(set)?;
+        let map = LabelMap::new(listing.encoding, classes)
+            .map_err(|reason| DataError::new(super::error::DataErrorKind::Layout, &set.root, reason))?;
+        Ok(SampleSource::Files { listing, map })
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            SampleSource::Files { listing, .. } => listing.samples.len(),
+            SampleSource::Shard(shard) => shard.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn id(&self, i: usize) -> &str {
+        match self {
+            SampleSource::Files { listing, .. } => &listing.samples[i].id,
+            SampleSource::Shard(shard) => &shard.entries[i].id,
+        }
+    }
+
+    /// Frames skipped while listing (a counterpart missing).
+    pub fn skipped(&self) -> &[DataError] {
+        match self {
+            SampleSource::Files { listing, .. } => &listing.skipped,
+            SampleSource::Shard(_) => &[],
+        }
+    }
+
+    /// The full sample, decoded, in training ids.
+    pub fn load_full(&self, i: usize) -> Result<(Rgb, Label), DataError> {
+        match self {
+            SampleSource::Files { listing, map } => datasets::decode_sample(&listing.samples[i], map),
+            SampleSource::Shard(shard) => {
+                let (rgb, label) = shard.sample(i)?;
+                let e = &shard.entries[i];
+                Ok((Rgb { width: e.width, height: e.height, pixels: rgb.to_vec() },
+                    Label { width: e.width, height: e.height, ids: label.to_vec() }))
+            }
+        }
+    }
+
+    /// Sample `i` with a random geometry drawn from `rng`.
+    pub fn load_augmented(&self, i: usize, augmenter: &mut Augmenter, rng: &mut impl Rng)
+        -> Result<Augmented, DataError> {
+        let augment = |augmenter: &mut Augmenter, rgb: &[u8], label: &[u8], w, h, rng: &mut _| {
+            let geometry: Geometry = augmenter.draw_geometry(w, h, rng);
+            augmenter.apply(rgb, label, geometry)
+        };
+        match self {
+            SampleSource::Files { .. } => {
+                let (rgb, label) = self.load_full(i)?;
+                Ok(augment(augmenter, &rgb.pixels, &label.ids, rgb.width, rgb.height, rng))
+            }
+            SampleSource::Shard(shard) => {
+                let (rgb, label) = shard.sample(i)?;
+                let e = &shard.entries[i];
+                Ok(augment(augmenter, rgb, label, e.width, e.height, rng))
+            }
+        }
+    }
+}

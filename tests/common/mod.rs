@@ -1,0 +1,64 @@
+//! Fixture helpers: small data sets written in the real layouts.
+#![allow(dead_code)]
+
+use std::path::Path;
+
+/// A 2-colour RGB image whose colour depends on the label (so alignment can be checked).
+pub fn write_rgb(path: &Path, w: u32, h: u32, f: impl Fn(u32, u32) -> [u8; 3]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    image::RgbImage::from_fn(w, h, |x, y| image::Rgb(f(x, y))).save(path).unwrap();
+}
+
+/// An 8-bit grayscale label PNG (GTA5 / Cityscapes / Synscapes label ids).
+pub fn write_label8(path: &Path, w: u32, h: u32, f: impl Fn(u32, u32) -> u8) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    image::GrayImage::from_fn(w, h, |x, y| image::Luma([f(x, y)])).save(path).unwrap();
+}
+
+/// A 16-bit RGBA label PNG with the class id in the first channel (SYNTHIA's GT/LABELS).
+pub fn write_label16_synthia(path: &Path, w: u32, h: u32, f: impl Fn(u32, u32) -> u16) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), w, h);
+    encoder.set_color(png::ColorType::Rgba);
+    encoder.set_depth(png::BitDepth::Sixteen);
+    let mut writer = encoder.write_header().unwrap();
+    let mut data = Vec::new();
+    for y in 0..h {
+        for x in 0..w {
+            // id in R; G holds an instance id (must be ignored); B, A arbitrary.
+            for v in [f(x, y), 1234, 0, 65535] {
+                data.extend_from_slice(&v.to_be_bytes());
+            }
+        }
+    }
+    writer.write_image_data(&data).unwrap();
+}
+
+/// Label id pattern: vertical stripes of road (7), car (26), sky (23), unlabeled (0).
+pub fn stripes(x: u32, _y: u32) -> u8 {
+    [7u8, 26, 23, 0][(x / 4 % 4) as usize]
+}
+
+pub fn colour_of(id: u8) -> [u8; 3] {
+    [id.wrapping_mul(7), 255 - id, id.wrapping_mul(3)]
+}
+
+/// A GTA5-layout set of `n` frames of `w` x `h`.
+pub fn gta5(root: &Path, n: usize, w: u32, h: u32) {
+    for i in 1..=n {
+        let name = format!("{i:05}.png");
+        write_rgb(&root.join("images").join(&name), w, h, |x, y| colour_of(stripes(x, y)));
+        write_label8(&root.join("labels").join(&name), w, h, stripes);
+    }
+}
+
+/// A Cityscapes-layout split with one city.
+pub fn cityscapes(root: &Path, split: &str, n: usize, w: u32, h: u32) {
+    for i in 1..=n {
+        let stem = format!("aachen_000000_{i:06}");
+        write_rgb(&root.join(format!("leftImg8bit/{split}/aachen/{stem}_leftImg8bit.png")), w, h,
+            |x, y| colour_of(stripes(x, y)));
+        write_label8(&root.join(format!("gtFine/{split}/aachen/{stem}_gtFine_labelIds.png")), w, h, stripes);
+    }
+}

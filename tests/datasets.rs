@@ -1,0 +1,347 @@
+//! Readers for the real layouts, label maps, bad input, shards and the synthetic benchmark.
+
+mod common;
+
+use adamcu::config::{AugmentConfig, DatasetConfig, DatasetKind, OnBadSample, SynthConfig};
+use adamcu::data::augment::{Augmenter, Geometry};
+use adamcu::data::datasets::{decode_label, list};
+use adamcu::data::error::DataErrorKind;
+use adamcu::data::labels::{LabelEncoding, LabelMap, IGNORE};
+use adamcu::data::loader::{Loader, LoaderOptions};
+use adamcu::data::shard::Shard;
+use adamcu::data::source::SampleSource;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn set(kind: DatasetKind, root: &Path) -> DatasetConfig {
+    DatasetConfig { kind, root: root.to_path_buf(), labels_kind: None, labels_root: None, split: None }
+}
+
+#[test]
+fn label_maps_match_the_published_tables() {
+    // peers.md: GTA5 / Cityscapes label ids -> 19 train ids.
+    let published_19 = [(7, 0), (8, 1), (11, 2), (12, 3), (13, 4), (17, 5), (19, 6), (20, 7), (21, 8),
+        (22, 9), (23, 10), (24, 11), (25, 12), (26, 13), (27, 14), (28, 15), (31, 16), (32, 17), (33, 18)];
+    let map = LabelMap::new(LabelEncoding::CityscapesIds, 19).unwrap();
+    for id in 0..=33u16 {
+        let expected = published_19.iter().find(|(k, _)| *k == id).map_or(IGNORE, |(_, v)| *v);
+        assert_eq!(map.train_id(id), Ok(expected), "cityscapes id {id}");
+    }
+    assert_eq!(map.train_id(34), Err(34), "ids past 33 are outside the map");
+
+    let published_synthia = [(3, 0), (4, 1), (2, 2), (21, 3), (5, 4), (7, 5), (15, 6), (9, 7), (6, 8),
+        (1, 9), (10, 10), (17, 11), (8, 12), (19, 13), (12, 14), (11, 15)];
+    let map = LabelMap::new(LabelEncoding::SynthiaIds, 16).unwrap();
+    for id in 0..=22u16 {
+        let expected = published_synthia.iter().find(|(k, _)| *k == id).map_or(IGNORE, |(_, v)| *v);
+        assert_eq!(map.train_id(id), Ok(expected), "synthia id {id}");
+    }
+    let cityscapes_16 = [7, 8, 11, 12, 13, 17, 19, 20, 21, 23, 24, 25, 26, 28, 32, 33];
+    let map = LabelMap::new(LabelEncoding::CityscapesIds, 16).unwrap();
+    for (train, id) in cityscapes_16.iter().enumerate() {
+        assert_eq!(map.train_id(*id), Ok(train as u8));
+    }
+    assert_eq!(map.train_id(22), Ok(IGNORE), "terrain is not in the 16-class setting");
+    assert!(LabelMap::new(LabelEncoding::SynthiaIds, 19).is_err());
+}
+
+#[test]
+fn each_reader_lists_and_decodes_its_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    gta5(&root.join("gta5"), 3, 16, 8);
+    cityscapes(&root.join("cityscapes"), "val", 2, 16, 8);
+    for i in 1..=2 {
+        let name = format!("{i:07}.png");
+        write_rgb(&root.join("synthia/RGB").join(&name), 16, 8, |_, _| [1, 2, 3]);
+        // SYNTHIA id 8 = car -> 16-class train id 12; id 3 = road -> 0.
+        write_label16_synthia(&root.join("synthia/GT/LABELS").join(&name), 16, 8, |x, _| if x < 8 { 8 } else { 3 });
+        write_rgb(&root.join("synscapes/img/rgb").join(format!("{i}.png")), 16, 8, |_, _| [1, 2, 3]);
+        write_label8(&root.join("synscapes/img/class").join(format!("{i}.png")), 16, 8, stripes);
+    }
+
+    let gta = SampleSource::open(&set(DatasetKind::Gta5, &root.join("gta5")), 19).unwrap();
+    assert_eq!(gta.len(), 3);
+    assert_eq!(gta.id(0), "00001");
+    let (image, label) = gta.load_full(0).unwrap();
+    assert_eq!((image.width, image.height), (16, 8));
+    // stripes: road(7)->0, car(26)->13, sky(23)->10, unlabeled(0)->255
+    assert_eq!(&label.ids[0..16], &[0, 0, 0, 0, 13, 13, 13, 13, 10, 10, 10, 10, 255, 255, 255, 255]);
+    assert_eq!(&image.pixels[12..15], &colour_of(26));
+
+    let city = SampleSource::open(&DatasetConfig { split: Some("val".into()),
+        ..set(DatasetKind::Cityscapes, &root.join("cityscapes")) }, 19).unwrap();
+    assert_eq!(city.len(), 2);
+    assert_eq!(city.id(1), "aachen_000000_000002");
+
+    let synthia = SampleSource::open(&set(DatasetKind::Synthia, &root.join("synthia")), 16).unwrap();
+    let (_, label) = synthia.load_full(0).unwrap();
+    assert_eq!(label.ids[0], 12, "16-bit SYNTHIA car -> train id 12");
+    assert_eq!(label.ids[15], 0, "16-bit SYNTHIA road -> train id 0");
+
+    let synscapes = SampleSource::open(&set(DatasetKind::Synscapes, &root.join("synscapes")), 19).unwrap();
+    assert_eq!(synscapes.len(), 2);
+    assert_eq!(synscapes.load_full(1).unwrap().1.ids[4], 13);
+}
+
+#[test]
+fn translated_images_pair_with_labels_by_name_and_missing_frames_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = dir.path().join("gta5");
+    gta5(&original, 4, 16, 8);
+    let translated = dir.path().join("translated");
+    // Frame 00002 was never translated; 00009 has no label.
+    for i in [1, 3, 4, 9] {
+        write_rgb(&translated.join(format!("{i:05}.png")), 16, 8, |_, _| [9, 9, 9]);
+    }
+    let listing = list(&DatasetConfig { kind: DatasetKind::Translated, root: translated.clone(),
+        labels_kind: Some(DatasetKind::Gta5), labels_root: Some(original.clone()), split: None }).unwrap();
+    let ids: Vec<_> = listing.samples.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["00001", "00003", "00004"]);
+    for s in &listing.samples {
+        assert_eq!(s.label.file_name(), s.image.file_name(), "paired by name, never by index");
+        assert!(s.image.starts_with(&translated) && s.label.starts_with(&original));
+    }
+    let skipped: Vec<_> = listing.skipped.iter().map(|e| e.path.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert!(skipped.contains(&"00009.png".to_string()) && skipped.contains(&"00002.png".to_string()), "{skipped:?}");
+    assert!(listing.skipped.iter().all(|e| e.kind == DataErrorKind::MissingCounterpart));
+}
+
+#[test]
+fn bad_input_gets_an_error_that_names_the_file_and_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("gta5");
+    gta5(&root, 6, 16, 8);
+    let image = |i: usize| root.join("images").join(format!("{i:05}.png"));
+    let label = |i: usize| root.join("labels").join(format!("{i:05}.png"));
+    std::fs::write(image(1), b"definitely not a png").unwrap(); // corrupt
+    let bytes = std::fs::read(image(2)).unwrap();
+    std::fs::write(image(2), &bytes[..bytes.len() / 2]).unwrap(); // truncated
+    write_label8(&label(3), 8, 8, stripes); // size mismatch
+    write_label8(&label(4), 16, 8, |_, _| 200); // id outside the map
+    std::fs::remove_file(image(5)).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/frame.png", image(5)).unwrap(); // unreadable
+    let source = SampleSource::open(&set(DatasetKind::Gta5, &root), 19).unwrap();
+    let errors: Vec<_> = (0..5).map(|i| source.load_full(i).unwrap_err()).collect();
+    let expect = |i: usize, kind, path: PathBuf, text: &str| {
+        assert_eq!(errors[i].kind, kind, "{}", errors[i]);
+        assert_eq!(errors[i].path, path, "{}", errors[i]);
+        assert!(errors[i].to_string().contains(text), "{:?} lacks {text:?}", errors[i].to_string());
+    };
+    expect(0, DataErrorKind::Corrupt, image(1), "not a readable PNG image");
+    expect(1, DataErrorKind::Corrupt, image(2), "not a readable PNG image");
+    expect(2, DataErrorKind::SizeMismatch, label(3), "label is 8x8 but its image");
+    expect(3, DataErrorKind::LabelOutOfMap, label(4), "label id 200 is outside");
+    expect(4, DataErrorKind::Unreadable, image(5), "cannot read");
+    assert!(source.load_full(5).is_ok());
+
+    // An empty folder and a wrong layout.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(empty.join("images")).unwrap();
+    std::fs::create_dir_all(empty.join("labels")).unwrap();
+    let e = list(&set(DatasetKind::Gta5, &empty)).unwrap_err();
+    assert_eq!(e.kind, DataErrorKind::Empty);
+    assert_eq!(e.path, empty);
+    let e = list(&set(DatasetKind::Synthia, &root)).unwrap_err();
+    assert_eq!(e.kind, DataErrorKind::Layout);
+    assert!(e.to_string().contains("RGB") && e.to_string().contains("missing folder"), "{e}");
+
+    // `adamcu datasets check` lists every problem and exits non-zero.
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, format!("[data.source]\nkind = \"gta5\"\nroot = {:?}\n", root)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_adamcu"))
+        .args(["datasets", "check", "--config"]).arg(&config).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert_eq!(stdout.matches("ERROR").count(), 5, "{stdout}");
+    assert!(stdout.contains("1 sample(s)") && stdout.contains("NOT usable"), "{stdout}");
+}
+
+#[test]
+fn the_loader_skips_or_stops_on_a_bad_sample_as_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("gta5");
+    gta5(&root, 4, 32, 16);
+    std::fs::write(root.join("images/00002.png"), b"broken").unwrap();
+    let source = Arc::new(SampleSource::open(&set(DatasetKind::Gta5, &root), 19).unwrap());
+    let augment = AugmentConfig { crop: [16, 16], ..AugmentConfig::default() };
+    let options = |policy| LoaderOptions { domain: "source", batch_size: 2, workers: 2, capacity: 2, seed: 1,
+        on_bad_sample: policy, start_at: 0 };
+
+    let loader = Loader::spawn(source.clone(), &augment, options(OnBadSample::Skip));
+    for _ in 0..4 {
+        let batch = loader.batches.recv().unwrap().expect("bad sample skipped");
+        assert!(!batch.ids.contains(&"00002".to_string()));
+        assert_eq!(batch.images.size(), [2, 16, 16, 3]);
+    }
+    loader.stop();
+
+    let loader = Loader::spawn(source, &augment, options(OnBadSample::Stop));
+    let error = loop {
+        match loader.batches.recv().unwrap() {
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    };
+    assert!(error.path.ends_with("images/00002.png"), "{error}");
+    loader.stop();
+}
+
+#[test]
+fn image_and_label_stay_aligned_through_scale_crop_and_flip() {
+    let (w, h) = (64u32, 48u32);
+    // Label: 8-px blocks of ids; image: a smooth gradient (so bilinear values are predictable).
+    let label: Vec<u8> = (0..h).flat_map(|y| (0..w).map(move |x| ((x / 8 + 3 * (y / 8)) % 19) as u8)).collect();
+    let rgb: Vec<u8> = (0..h).flat_map(|y| (0..w).flat_map(move |x| [(x * 4) as u8, (y * 5) as u8, 128])).collect();
+    let config = AugmentConfig { crop: [24, 32], scale: [0.5, 1.5], flip: true, ..AugmentConfig::default() };
+    let mut augmenter = Augmenter::new(&config);
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let mut flipped_seen = false;
+    for _ in 0..40 {
+        let geometry: Geometry = augmenter.draw_geometry(w, h, &mut rng);
+        flipped_seen |= geometry.flipped;
+        let out = augmenter.apply(&rgb, &label, geometry);
+        for y in 0..geometry.crop_height {
+            for x in 0..geometry.crop_width {
+                let (ox, oy) = geometry.to_original(x, y);
+                let i = (y * geometry.crop_width + x) as usize;
+                assert_eq!(out.label[i], label[(oy * w + ox) as usize], "label at {x},{y} of {geometry:?}");
+                // The image value sampled there is within one source pixel of the same spot.
+                let red = out.image[3 * i] as f32;
+                assert!((red - (ox * 4) as f32).abs() <= 4.0 * 1.5 + 1.0, "red {red} vs {} at {x},{y} {geometry:?}", ox * 4);
+                let green = out.image[3 * i + 1] as f32;
+                assert!((green - (oy * 5) as f32).abs() <= 5.0 * 1.5 + 1.0, "green {green} at {x},{y}");
+            }
+        }
+    }
+    assert!(flipped_seen);
+}
+
+#[test]
+fn the_loader_is_deterministic_for_a_seed_whatever_the_worker_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("gta5");
+    gta5(&root, 5, 40, 20);
+    let source = Arc::new(SampleSource::open(&set(DatasetKind::Gta5, &root), 19).unwrap());
+    let augment = AugmentConfig { crop: [16, 16], ..AugmentConfig::default() };
+    let run = |workers, seed| {
+        let loader = Loader::spawn(source.clone(), &augment, LoaderOptions { domain: "source", batch_size: 3,
+            workers, capacity: 2, seed, on_bad_sample: OnBadSample::Stop, start_at: 0 });
+        let batches: Vec<_> = (0..4).map(|_| loader.batches.recv().unwrap().unwrap()).collect();
+        loader.stop();
+        batches
+    };
+    let (a, b, c) = (run(1, 9), run(3, 9), run(1, 10));
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.ids, y.ids);
+        assert_eq!(x.geometries, y.geometries);
+        assert!(x.images.equal(&y.images) && x.labels.equal(&y.labels));
+    }
+    assert!(a.iter().zip(&c).any(|(x, z)| x.ids != z.ids || x.geometries != z.geometries));
+    // Each epoch visits every sample once.
+    let mut first_epoch: Vec<_> = a.iter().flat_map(|b| b.ids.clone()).take(5).collect();
+    first_epoch.sort();
+    assert_eq!(first_epoch, ["00001", "00002", "00003", "00004", "00005"]);
+}
+
+#[test]
+fn shards_round_trip_and_detect_corruption_and_truncation() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("gta5");
+    gta5(&root, 3, 24, 12);
+    let files = SampleSource::open(&set(DatasetKind::Gta5, &root), 19).unwrap();
+    let path = dir.path().join("gta5.shard");
+    assert_eq!(adamcu::data::pack::pack(&files, &path, 19, None).unwrap(), 3);
+    let shard = SampleSource::open(&set(DatasetKind::Shard, &path), 19).unwrap();
+    for i in 0..3 {
+        let (a, b) = (files.load_full(i).unwrap(), shard.load_full(i).unwrap());
+        assert_eq!(files.id(i), shard.id(i));
+        assert_eq!((a.0.pixels, a.1.ids), (b.0.pixels, b.1.ids));
+    }
+    let resized = dir.path().join("small.shard");
+    adamcu::data::pack::pack(&files, &resized, 19, Some((12, 6))).unwrap();
+    let (rgb, label) = Shard::open(&resized).unwrap().sample(0).map(|(r, l)| (r.to_vec(), l.to_vec())).unwrap();
+    assert_eq!((rgb.len(), label.len()), (12 * 6 * 3, 12 * 6));
+    assert_eq!(&label[..6], &[0, 0, 13, 13, 10, 10], "nearest keeps label ids");
+
+    let bytes = std::fs::read(&path).unwrap();
+    // A flipped pixel byte: the checksum catches it when the sample is read.
+    let mut flipped = bytes.clone();
+    flipped[100] ^= 0x55;
+    let bad = dir.path().join("flipped.shard");
+    std::fs::write(&bad, &flipped).unwrap();
+    let shard = Shard::open(&bad).unwrap();
+    let e = shard.sample(0).unwrap_err();
+    assert!(e.to_string().contains("checksum mismatch in sample 00001") && e.path == bad, "{e}");
+    // Truncated: refused when opening.
+    for cut in [10, bytes.len() / 2, bytes.len() - 1] {
+        let short = dir.path().join(format!("short{cut}.shard"));
+        std::fs::write(&short, &bytes[..cut]).unwrap();
+        let e = Shard::open(&short).err().expect("truncated shard refused");
+        assert!(e.to_string().contains("corrupt or truncated shard"), "{e}");
+    }
+    // A corrupt header or index.
+    for at in [20, bytes.len() - 5] {
+        let mut broken = bytes.clone();
+        broken[at] ^= 1;
+        let p = dir.path().join(format!("broken{at}.shard"));
+        std::fs::write(&p, &broken).unwrap();
+        assert!(Shard::open(&p).is_err());
+    }
+}
+
+fn tree_bytes(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let p = entry.path();
+            if p.is_dir() { stack.push(p) } else { out.push((p.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&p).unwrap())) }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn the_synthetic_benchmark_is_deterministic_and_readable_by_the_real_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |root: PathBuf, seed| SynthConfig { root, width: 64, height: 32, source_images: 3,
+        target_train_images: 2, target_val_images: 2, translation_strength: 0.3, seed };
+    let a = adamcu::data::synth::generate(&config(dir.path().join("a"), 5)).unwrap();
+    adamcu::data::synth::generate(&config(dir.path().join("b"), 5)).unwrap();
+    adamcu::data::synth::generate(&config(dir.path().join("c"), 6)).unwrap();
+    assert_eq!(tree_bytes(&dir.path().join("a")), tree_bytes(&dir.path().join("b")));
+    assert_ne!(tree_bytes(&dir.path().join("a")), tree_bytes(&dir.path().join("c")));
+
+    let source = SampleSource::open(&set(DatasetKind::Gta5, &a.source), 19).unwrap();
+    assert_eq!(source.len(), 3);
+    let target = SampleSource::open(&DatasetConfig { split: Some("val".into()),
+        ..set(DatasetKind::Cityscapes, &a.target) }, 19).unwrap();
+    assert_eq!(target.len(), 2);
+    let translated = list(&DatasetConfig { kind: DatasetKind::Translated, root: a.translated.clone(),
+        labels_kind: Some(DatasetKind::Gta5), labels_root: Some(a.source.clone()), split: None }).unwrap();
+    assert_eq!(translated.samples.len(), 3);
+    // Translated frames keep the source's layout but not its exact appearance.
+    let map = LabelMap::new(LabelEncoding::CityscapesIds, 19).unwrap();
+    assert_eq!(decode_label(&translated.samples[0].label, &map).unwrap().ids, source.load_full(0).unwrap().1.ids);
+    assert_ne!(std::fs::read(&translated.samples[0].image).unwrap(),
+        std::fs::read(a.source.join("images/00001.png")).unwrap());
+}
+
+#[test]
+fn the_normaliser_makes_nchw_floats_from_loader_bytes() {
+    use adamcu::data::normalise::Normaliser;
+    let config = AugmentConfig { mean: [0.5, 0.25, 0.0], std: [0.5, 0.25, 1.0], ..AugmentConfig::default() };
+    // One 1x2 image: pixel 0 = (255, 0, 51), pixel 1 = (0, 255, 255).
+    let bytes = tch::Tensor::from_slice(&[255u8, 0, 51, 0, 255, 255]).view([1, 1, 2, 3]);
+    let input = Normaliser::new(&config, tch::Device::Cpu).to_input(&bytes);
+    assert_eq!(input.size(), [1, 3, 1, 2]);
+    let v: Vec<f32> = Vec::try_from(input.flatten(0, -1)).unwrap();
+    let expected = [1.0, -1.0, -1.0, 3.0, 0.2, 1.0];
+    for (a, b) in v.iter().zip(expected) {
+        assert!((a - b).abs() < 1e-5, "{v:?}");
+    }
+}
