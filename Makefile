@@ -31,7 +31,7 @@ doctor: build
 
 # The main job on the embedded default (the synthetic benchmark).
 demo: build
-	./target/release/adamcu doctor
+	./target/release/adamcu demo --config $(CONFIG)
 
 test: build
 	$(CARGO) test --release --locked -- --test-threads=2

@@ -234,6 +234,14 @@ pub struct ModelConfig {
     pub bn_stats: String,
     /// Output dimension of the projection head.
     pub projection_dim: i64,
+    /// Dilations of the ASPP branches (v2: the four classifier branches; v3+: the first is
+    /// replaced by the 1x1 branch and the rest are the separable branches).
+    pub aspp_dilations: Vec<i64>,
+    /// DeepLab v3+ ASPP/decoder width.
+    pub v3plus_width: i64,
+    /// Caffe-style bottlenecks (stride on the first 1x1 conv, ceil-mode max-pool) as in
+    /// ADVENT's DeepLab v2; false = torchvision's layout, matching its ImageNet weights.
+    pub caffe_style: bool,
 }
 
 impl Default for ModelConfig {
@@ -245,6 +253,9 @@ impl Default for ModelConfig {
             pretrained: None,
             bn_stats: "frozen".into(),
             projection_dim: 256,
+            aspp_dilations: vec![6, 12, 18, 24],
+            v3plus_width: 512,
+            caffe_style: false,
         }
     }
 }
@@ -423,6 +434,11 @@ impl Config {
             format!("{:?}", m.bn_stats), "\"frozen\" or \"batch\"");
         check(m.projection_dim >= 2, "model.projection_dim", m.projection_dim.to_string(),
             "at least 2");
+        check(!m.aspp_dilations.is_empty() && m.aspp_dilations.iter().all(|&d| d >= 1)
+            && (m.arch != "deeplabv3plus" || m.aspp_dilations.len() >= 2),
+            "model.aspp_dilations", format!("{:?}", m.aspp_dilations),
+            "a list of dilations >= 1 (at least two for deeplabv3plus)");
+        check(m.v3plus_width >= 8, "model.v3plus_width", m.v3plus_width.to_string(), "at least 8");
 
         let t = &self.train;
         check(t.batch_source >= 1, "train.batch_source", t.batch_source.to_string(), "at least 1");

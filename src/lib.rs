@@ -6,5 +6,9 @@
 pub mod bench;
 pub mod config;
 pub mod data;
+pub mod demo;
 pub mod doctor;
+pub mod model;
+pub mod predict;
 pub mod telemetry;
+pub mod train;

@@ -1,6 +1,8 @@
 //! The `adamcu` command line: one subcommand per job; the work lives in the library.
 
 use adamcu::config::{parse_device, Config, DatasetConfig};
+use adamcu::train::eval::{markdown_table, EvalOptions, EvalRow};
+use adamcu::train::{SupervisedStage, Trainer};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -45,6 +47,50 @@ enum Command {
     /// Benchmarks, printed side by side with the PyTorch/PIL reference.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The main job on a config end to end (default: the embedded synthetic benchmark):
+    /// generate data if missing, train, evaluate, print the table, write runs/<name>/report.json.
+    Demo {
+        #[arg(long, default_value = "pipelines/synth.toml")]
+        config: PathBuf,
+    },
+    /// Train the configured stages; checkpoints go to runs/<name>/<stage>.safetensors.
+    Train {
+        #[arg(long, default_value = "pipelines/synth.toml")]
+        config: PathBuf,
+        /// "source" (source-only pretraining) or "target-supervised" (the upper bound).
+        #[arg(long, default_value = "source")]
+        stage: String,
+        /// Start from this checkpoint's weights.
+        #[arg(long)]
+        init: Option<PathBuf>,
+    },
+    /// mIoU on the target val set: of a checkpoint, or of a folder of prediction PNGs.
+    Eval {
+        #[arg(long, default_value = "pipelines/synth.toml")]
+        config: PathBuf,
+        #[arg(long, conflicts_with = "predictions", required_unless_present = "predictions")]
+        checkpoint: Option<PathBuf>,
+        /// Folder of `<sample id>.png` training-id masks (as `adamcu predict` writes).
+        #[arg(long)]
+        predictions: Option<PathBuf>,
+        /// Average with the horizontally flipped prediction.
+        #[arg(long)]
+        flip: bool,
+        /// Also write the row as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Write colourised masks and overlays for a folder of images.
+    Predict {
+        #[arg(long, default_value = "pipelines/synth.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        images: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -153,6 +199,54 @@ fn run(command: Command) -> Result<ExitCode> {
                 .map_err(|e| anyhow!("{e}"))?;
             let n = adamcu::data::pack::pack(&source, &out, config.data.classes, size)?;
             println!("packed {n} sample(s) into {}", out.display());
+        }
+        Command::Demo { config } => {
+            adamcu::demo::run(&load_config(&config)?)?;
+        }
+        Command::Train { config, stage, init } => {
+            let config = load_config(&config)?;
+            let (stage, iterations) = match stage.as_str() {
+                "source" => (SupervisedStage::Source, config.train.source_iterations),
+                "target-supervised" => (SupervisedStage::TargetSupervised, config.train.target_supervised_iterations),
+                other => bail!("--stage {other:?}: expected \"source\" or \"target-supervised\""),
+            };
+            let mut trainer = Trainer::new(&config)?;
+            if let Some(init) = init {
+                trainer.load(&init)?;
+            }
+            trainer.train_supervised(stage, iterations)?;
+            let path = config.run_dir().join(format!("{}.safetensors", stage.name()));
+            trainer.save(&path, None, serde_json::json!({"stage": stage.name()}))?;
+            println!("checkpoint: {}", path.display());
+        }
+        Command::Eval { config, checkpoint, predictions, flip, json } => {
+            let mut config = load_config(&config)?;
+            config.eval.flip |= flip;
+            let row = match (checkpoint, predictions) {
+                (Some(checkpoint), _) => {
+                    let mut trainer = Trainer::new(&config)?;
+                    trainer.load(&checkpoint)?;
+                    trainer.evaluate(&checkpoint.file_stem().unwrap().to_string_lossy(), f64::NAN)?
+                }
+                (None, Some(dir)) => {
+                    let labels = adamcu::train::open_set(&config.data.target_val, "data.target_val", config.data.classes)?;
+                    let confusion = adamcu::predict::score_folder(&dir, &labels, config.data.classes)?;
+                    EvalRow::from_confusion(&dir.display().to_string(), &confusion, f64::NAN)
+                }
+                (None, None) => unreachable!("clap requires one"),
+            };
+            print!("{}", markdown_table(std::slice::from_ref(&row)));
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&row)?)?;
+            }
+        }
+        Command::Predict { config, checkpoint, images, out } => {
+            let config = load_config(&config)?;
+            let mut trainer = Trainer::new(&config)?;
+            trainer.load(&checkpoint)?;
+            let options = EvalOptions { flip: config.eval.flip, input_size: config.eval.input_size };
+            let n = adamcu::predict::predict_folder(&trainer, &images, &out, &options)?;
+            println!("wrote masks and overlays for {n} image(s) to {}", out.display());
         }
         Command::Bench(BenchCommand::Loader { dir, images, python, reference }) => {
             adamcu::bench::loader(&adamcu::bench::LoaderBenchOptions { dir, images, python, reference })?;

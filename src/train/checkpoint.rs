@@ -1,0 +1,74 @@
+//! Checkpoints: one safetensors file with the model (`model.*`), the optimizer state
+//! (`optim.*`) and a JSON metadata blob (`meta`), written to a temporary file, fsynced and
+//! renamed, so a crash leaves either the old checkpoint or the new one, never a torn one.
+
+use super::optimizer::Sgd;
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use tch::nn::VarStore;
+use tch::{Kind, Tensor};
+
+/// Writes `bytes` producer output to `path` atomically: temp file, fsync, rename, fsync dir.
+pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let temp = dir.join(format!(".{}.tmp", path.file_name().unwrap().to_string_lossy()));
+    write(&temp)?;
+    std::fs::File::open(&temp)?.sync_all()?;
+    std::fs::rename(&temp, path).with_context(|| format!("renaming {} to {}", temp.display(), path.display()))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+pub fn save(path: &Path, vs: &VarStore, optimizer: Option<&Sgd>, meta: &serde_json::Value) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter()
+        .map(|(n, t)| (format!("model.{n}"), t.to_device(tch::Device::Cpu)))
+        .collect();
+    if let Some(opt) = optimizer {
+        tensors.extend(opt.state().into_iter().map(|(n, t)| (format!("optim.{n}"), t.to_device(tch::Device::Cpu))));
+    }
+    let meta_bytes = serde_json::to_vec(meta)?;
+    tensors.push(("meta".into(), Tensor::from_slice(&meta_bytes)));
+    write_atomically(path, |temp| {
+        Tensor::write_safetensors(&tensors, temp).with_context(|| format!("writing {}", temp.display()))
+    })
+}
+
+pub struct Loaded {
+    pub meta: serde_json::Value,
+    pub optimizer: Vec<(String, Tensor)>,
+}
+
+/// Loads a checkpoint into `vs` (every model variable must be present with its shape).
+pub fn load(path: &Path, vs: &mut VarStore) -> Result<Loaded> {
+    let tensors = Tensor::read_safetensors(path).with_context(|| format!("{}: cannot read checkpoint", path.display()))?;
+    let variables = vs.variables();
+    let mut meta = None;
+    let mut optimizer = Vec::new();
+    let mut loaded = std::collections::HashSet::new();
+    tch::no_grad(|| -> Result<()> {
+        for (key, t) in tensors {
+            if key == "meta" {
+                let mut bytes = vec![0u8; t.numel()];
+                t.to_kind(Kind::Uint8).copy_data(&mut bytes, t.numel());
+                meta = Some(serde_json::from_slice(&bytes).context("checkpoint metadata is not JSON")?);
+            } else if let Some(name) = key.strip_prefix("optim.") {
+                optimizer.push((name.to_string(), t));
+            } else if let Some(name) = key.strip_prefix("model.") {
+                let Some(var) = variables.get(name) else {
+                    bail!("{}: checkpoint variable {name} is not in this model (another architecture?)", path.display());
+                };
+                if var.size() != t.size() {
+                    bail!("{}: {name} has shape {:?} in the checkpoint, {:?} in the model", path.display(), t.size(), var.size());
+                }
+                var.shallow_clone().copy_(&t);
+                loaded.insert(name.to_string());
+            }
+        }
+        Ok(())
+    })?;
+    if let Some(missing) = variables.keys().find(|k| !loaded.contains(*k)) {
+        bail!("{}: checkpoint lacks model variable {missing}", path.display());
+    }
+    Ok(Loaded { meta: meta.context("checkpoint lacks its metadata")?, optimizer })
+}

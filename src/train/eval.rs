@@ -1,0 +1,163 @@
+//! Evaluation: one confusion matrix over the whole set (not per-image averages), label 255
+//! ignored, IoU per class, and the mean over the classes present in the labels or predictions.
+
+use crate::data::labels::{LabelMap, DROPPED_FOR_13, IGNORE};
+use crate::data::normalise::Normaliser;
+use crate::data::source::SampleSource;
+use crate::model::deeplab::upsample;
+use crate::model::SegNet;
+use anyhow::Result;
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct Confusion {
+    pub classes: usize,
+    /// Row = label, column = prediction.
+    pub counts: Vec<u64>,
+}
+
+impl Confusion {
+    pub fn new(classes: usize) -> Confusion {
+        Confusion { classes, counts: vec![0; classes * classes] }
+    }
+
+    /// Adds predictions and labels (same shape, training ids; label 255 is skipped).
+    pub fn add(&mut self, predictions: &Tensor, labels: &Tensor) {
+        let k = self.classes as i64;
+        let labels = labels.to_device(predictions.device()).to_kind(Kind::Int64).flatten(0, -1);
+        let predictions = predictions.to_kind(Kind::Int64).flatten(0, -1);
+        let valid = labels.ne(IGNORE as i64).logical_and(&labels.lt(k));
+        let index = labels.masked_select(&valid) * k + predictions.masked_select(&valid);
+        let counts = index.bincount::<Tensor>(None, k * k).to_device(Device::Cpu).to_kind(Kind::Int64);
+        let mut host = vec![0i64; (k * k) as usize];
+        counts.copy_data(&mut host, (k * k) as usize);
+        for (c, h) in self.counts.iter_mut().zip(host) {
+            *c += h as u64;
+        }
+    }
+
+    pub fn add_counts(&mut self, label: u8, prediction: u8, n: u64) {
+        self.counts[label as usize * self.classes + prediction as usize] += n;
+    }
+
+    /// IoU per class; None for a class absent from both labels and predictions.
+    pub fn iou(&self) -> Vec<Option<f64>> {
+        let k = self.classes;
+        (0..k).map(|c| {
+            let tp = self.counts[c * k + c];
+            let label_total: u64 = self.counts[c * k..(c + 1) * k].iter().sum();
+            let pred_total: u64 = (0..k).map(|r| self.counts[r * k + c]).sum();
+            let union = label_total + pred_total - tp;
+            (union > 0).then(|| tp as f64 / union as f64)
+        }).collect()
+    }
+
+    /// Mean IoU over the classes in `subset` (all when None) that are present.
+    pub fn miou(&self, subset: Option<&[usize]>) -> f64 {
+        let iou = self.iou();
+        let present: Vec<f64> = iou.iter().enumerate()
+            .filter(|(c, _)| subset.is_none_or(|s| s.contains(c)))
+            .filter_map(|(_, v)| *v).collect();
+        if present.is_empty() { 0.0 } else { present.iter().sum::<f64>() / present.len() as f64 }
+    }
+}
+
+/// One row of a results table.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalRow {
+    pub name: String,
+    /// mIoU in percent.
+    pub miou: f64,
+    /// 13-class mIoU (16-class setting only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub miou13: Option<f64>,
+    /// IoU in percent per class name (null when absent from labels and predictions).
+    pub per_class: Vec<(String, Option<f64>)>,
+    /// Fraction of the target training pixels whose labels were used.
+    pub target_labeled_fraction: f64,
+}
+
+impl EvalRow {
+    pub fn from_confusion(name: &str, confusion: &Confusion, target_labeled_fraction: f64) -> EvalRow {
+        let names = LabelMap::class_names(confusion.classes);
+        let per_class = names.iter().zip(confusion.iou())
+            .map(|(n, v)| (n.to_string(), v.map(|v| 100.0 * v))).collect();
+        let miou13 = (confusion.classes == 16).then(|| {
+            let keep: Vec<usize> = (0..16).filter(|c| !DROPPED_FOR_13.contains(c)).collect();
+            100.0 * confusion.miou(Some(&keep))
+        });
+        EvalRow { name: name.to_string(), miou: 100.0 * confusion.miou(None), miou13, per_class,
+            target_labeled_fraction }
+    }
+}
+
+/// A Markdown table in the paper's layout: one row per method, one column per class, mIoU last.
+pub fn markdown_table(rows: &[EvalRow]) -> String {
+    let Some(first) = rows.first() else { return String::new() };
+    let mut out = String::from("| method | labeled |");
+    for (name, _) in &first.per_class {
+        out.push_str(&format!(" {} |", &name[..name.len().min(5)]));
+    }
+    out.push_str(" mIoU |");
+    if first.miou13.is_some() {
+        out.push_str(" mIoU13 |");
+    }
+    out.push_str("\n|---|---:|");
+    out.push_str(&"---:|".repeat(first.per_class.len() + 1 + usize::from(first.miou13.is_some())));
+    for row in rows {
+        out.push_str(&format!("\n| {} | {:.1}% |", row.name, 100.0 * row.target_labeled_fraction));
+        for (_, v) in &row.per_class {
+            match v {
+                Some(v) => out.push_str(&format!(" {v:.1} |")),
+                None => out.push_str(" - |"),
+            }
+        }
+        out.push_str(&format!(" **{:.1}** |", row.miou));
+        if let Some(m) = row.miou13 {
+            out.push_str(&format!(" **{m:.1}** |"));
+        }
+    }
+    out.push('\n');
+    out
+}
+
+pub struct EvalOptions {
+    pub flip: bool,
+    /// Network input size [height, width]; [0, 0] = as stored.
+    pub input_size: [u32; 2],
+}
+
+/// Predicted training ids at the label's full resolution for one image.
+pub fn predict_full(model: &SegNet, normaliser: &Normaliser, rgb: &crate::data::datasets::Rgb,
+    options: &EvalOptions) -> Tensor {
+    let (h, w) = (rgb.height as i64, rgb.width as i64);
+    let bytes = Tensor::from_slice(&rgb.pixels).view([1, h, w, 3]);
+    let mut input = normaliser.to_input(&bytes);
+    if options.input_size[0] > 0 {
+        let size = [options.input_size[0] as i64, options.input_size[1] as i64];
+        input = input.upsample_bilinear2d(size, false, None, None);
+    }
+    let logits = |x: &Tensor| upsample(&model.forward_t(x, false).main, h, w).softmax(1, Kind::Float);
+    let mut probs = logits(&input);
+    if options.flip {
+        probs = probs + logits(&input.flip([3])).flip([3]);
+    }
+    probs.argmax(1, false).squeeze_dim(0)
+}
+
+/// Confusion matrix of `model` over every sample of `source`.
+pub fn evaluate(model: &SegNet, normaliser: &Normaliser, source: &SampleSource, classes: usize,
+    options: &EvalOptions) -> Result<Confusion> {
+    let mut confusion = Confusion::new(classes);
+    tch::no_grad(|| -> Result<()> {
+        for i in 0..source.len() {
+            let (rgb, label) = source.load_full(i).map_err(anyhow::Error::msg)?;
+            let prediction = predict_full(model, normaliser, &rgb, options);
+            let labels = Tensor::from_slice(&label.ids).view([label.height as i64, label.width as i64]);
+            confusion.add(&prediction, &labels);
+        }
+        Ok(())
+    })?;
+    Ok(confusion)
+}

@@ -1,0 +1,133 @@
+//! Training: the model and its optimizer on one device, the supervised stages (source-only
+//! pretraining, Algorithm 1 step 2, and the target-supervised upper bound), checkpoints and
+//! evaluation.
+
+pub mod checkpoint;
+pub mod eval;
+pub mod optimizer;
+pub mod progress;
+
+use crate::config::{Config, DatasetConfig};
+use crate::data::loader::{Loader, LoaderOptions};
+use crate::data::normalise::Normaliser;
+use crate::data::source::SampleSource;
+use crate::model::deeplab::upsample;
+use crate::model::SegNet;
+use anyhow::{anyhow, Context, Result};
+use eval::{EvalOptions, EvalRow};
+use optimizer::{poly_lr, Sgd};
+use std::path::Path;
+use std::sync::Arc;
+use tch::nn::VarStore;
+use tch::{Device, Tensor};
+
+/// Cross-entropy of logits (upsampled to the labels' size) against training ids, 255 ignored.
+pub fn segmentation_loss(logits: &Tensor, labels: &Tensor) -> Tensor {
+    let size = labels.size();
+    upsample(logits, size[1], size[2]).cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::Mean, 255, 0.0)
+}
+
+/// Which labelled data a supervised stage trains on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SupervisedStage {
+    /// Source-only pretraining on the (translated) source set.
+    Source,
+    /// The upper bound: every target training label.
+    TargetSupervised,
+}
+
+impl SupervisedStage {
+    pub fn name(self) -> &'static str {
+        match self {
+            SupervisedStage::Source => "source",
+            SupervisedStage::TargetSupervised => "target-supervised",
+        }
+    }
+}
+
+pub struct Trainer {
+    pub config: Config,
+    pub device: Device,
+    pub vs: VarStore,
+    pub model: SegNet,
+    pub normaliser: Normaliser,
+}
+
+pub fn open_set(set: &Option<DatasetConfig>, key: &str, classes: usize) -> Result<Arc<SampleSource>> {
+    let set = set.as_ref().ok_or_else(|| anyhow!("[{key}] is not configured"))?;
+    Ok(Arc::new(SampleSource::open(set, classes).map_err(|e| anyhow!("[{key}]: {e}"))?))
+}
+
+impl Trainer {
+    pub fn new(config: &Config) -> Result<Trainer> {
+        let device = crate::config::parse_device(&config.run.device).expect("validated").resolve();
+        if config.run.threads > 0 {
+            tch::set_num_threads(config.run.threads as i32);
+        }
+        tch::manual_seed(config.run.seed as i64);
+        let mut vs = VarStore::new(device);
+        let model = SegNet::new(&vs.root(), &config.model, config.data.classes)?;
+        if let Some(path) = &config.model.pretrained {
+            let n = crate::model::weights::load_torchvision_backbone(&mut vs, path)?;
+            tracing::info!("loaded {n} ImageNet tensors from {}", path.display());
+        }
+        let normaliser = Normaliser::new(&config.augment, device);
+        Ok(Trainer { config: config.clone(), device, vs, model, normaliser })
+    }
+
+    pub fn optimizer(&self) -> Sgd {
+        let t = &self.config.train;
+        Sgd::new(&self.vs, t.momentum, t.weight_decay, t.head_lr_mult)
+    }
+
+    /// Runs a supervised stage for `iterations` steps; returns the loss of every step.
+    pub fn train_supervised(&mut self, stage: SupervisedStage, iterations: usize) -> Result<Vec<f64>> {
+        let c = &self.config;
+        let classes = c.data.classes;
+        let (set, key, batch_size, domain) = match stage {
+            SupervisedStage::Source => (&c.data.source, "data.source", c.train.batch_source, "source"),
+            SupervisedStage::TargetSupervised => (&c.data.target, "data.target", c.train.batch_target, "target"),
+        };
+        let source = open_set(set, key, classes)?;
+        let loader = Loader::spawn(source, &c.augment, LoaderOptions { domain, batch_size,
+            workers: c.data.workers, capacity: c.data.channel_capacity, seed: c.run.seed,
+            on_bad_sample: c.data.on_bad_sample, start_at: 0 });
+        let mut optimizer = self.optimizer();
+        let mut progress = progress::Progress::new(stage.name(), iterations as u64, c.train.log_every as u64);
+        let mut losses = Vec::with_capacity(iterations);
+        for step in 0..iterations {
+            let batch = loader.batches.recv().context("loader stopped")?.map_err(|e| anyhow!("{e}"))?;
+            let images = self.normaliser.to_input(&batch.images);
+            let labels = batch.labels.to_device(self.device);
+            let out = self.model.forward_t(&images, true);
+            let loss = segmentation_loss(&out.main, &labels) + segmentation_loss(&out.aux, &labels) * c.train.aux_weight;
+            optimizer.zero_grad();
+            loss.backward();
+            let lr = poly_lr(c.train.lr, step as u64, iterations as u64, c.train.poly_power);
+            optimizer.update(lr);
+            let value = loss.double_value(&[]);
+            anyhow::ensure!(value.is_finite(), "{} stage: loss is {value} at step {step}", stage.name());
+            losses.push(value);
+            progress.step(value, lr);
+        }
+        progress.finish();
+        loader.stop();
+        Ok(losses)
+    }
+
+    /// Evaluates on the target val set; `labeled_fraction` is reported with the row.
+    pub fn evaluate(&self, name: &str, labeled_fraction: f64) -> Result<EvalRow> {
+        let val = open_set(&self.config.data.target_val, "data.target_val", self.config.data.classes)?;
+        let options = EvalOptions { flip: self.config.eval.flip, input_size: self.config.eval.input_size };
+        let confusion = eval::evaluate(&self.model, &self.normaliser, &val, self.config.data.classes, &options)?;
+        Ok(EvalRow::from_confusion(name, &confusion, labeled_fraction))
+    }
+
+    pub fn save(&self, path: &Path, optimizer: Option<&Sgd>, meta: serde_json::Value) -> Result<()> {
+        checkpoint::save(path, &self.vs, optimizer, &meta)
+    }
+
+    pub fn load(&mut self, path: &Path) -> Result<checkpoint::Loaded> {
+        checkpoint::load(path, &mut self.vs)
+    }
+}

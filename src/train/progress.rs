@@ -1,0 +1,56 @@
+//! Progress of a training stage: a bar with ETA, it/s and loss on a terminal, plain log lines
+//! every N steps otherwise (daemons, CI, files).
+
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::time::Instant;
+
+pub struct Progress {
+    name: String,
+    bar: Option<ProgressBar>,
+    total: u64,
+    done: u64,
+    every: u64,
+    started: Instant,
+    recent_loss: f64,
+}
+
+impl Progress {
+    pub fn new(name: &str, total: u64, every: u64) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total);
+            bar.set_style(ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} {per_sec} ETA {eta} {msg}").unwrap().progress_chars("=> "));
+            bar.set_prefix(name.to_string());
+            bar
+        });
+        Progress { name: name.to_string(), bar, total, done: 0, every: every.max(1), started: Instant::now(),
+            recent_loss: f64::NAN }
+    }
+
+    pub fn step(&mut self, loss: f64, lr: f64) {
+        self.done += 1;
+        // A smoothed loss reads better than the noisy per-step value.
+        self.recent_loss = if self.recent_loss.is_nan() { loss } else { 0.95 * self.recent_loss + 0.05 * loss };
+        match &self.bar {
+            Some(bar) => {
+                bar.set_message(format!("loss {:.4} lr {lr:.2e}", self.recent_loss));
+                bar.inc(1);
+            }
+            None if self.done % self.every == 0 || self.done == self.total => {
+                let elapsed = self.started.elapsed().as_secs_f64();
+                let rate = self.done as f64 / elapsed.max(1e-9);
+                let eta = (self.total - self.done) as f64 / rate.max(1e-9);
+                tracing::info!("{} {}/{} {:.2} it/s ETA {:.0}s loss {:.4} lr {lr:.2e}", self.name, self.done,
+                    self.total, rate, eta, self.recent_loss);
+            }
+            None => {}
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! Model shapes and strides, gradients into every head, torchvision weight names.
+
+use adamcu::config::ModelConfig;
+use adamcu::model::SegNet;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+fn model(arch: &str, backbone: &str, classes: usize) -> (VarStore, SegNet) {
+    tch::manual_seed(0);
+    let vs = VarStore::new(Device::Cpu);
+    let config = ModelConfig { arch: arch.into(), backbone: backbone.into(), tiny_width: 8, projection_dim: 16,
+        bn_stats: "batch".into(), aspp_dilations: vec![1, 2, 3, 4], v3plus_width: 32, ..ModelConfig::default() };
+    let net = SegNet::new(&vs.root(), &config, classes).unwrap();
+    (vs, net)
+}
+
+#[test]
+fn output_shapes_and_strides_of_each_model() {
+    let input = Tensor::randn([2, 3, 64, 96], (Kind::Float, Device::Cpu));
+    for (arch, backbone, main_stride) in [("deeplabv2", "tiny", 8), ("deeplabv2", "resnet18", 8),
+        ("deeplabv2", "resnet50", 8), ("deeplabv2", "resnet101", 8), ("deeplabv3plus", "tiny", 4),
+        ("deeplabv3plus", "resnet50", 4)] {
+        let (_, net) = model(arch, backbone, 19);
+        let out = tch::no_grad(|| net.forward_t(&input, false));
+        assert_eq!(out.main.size(), [2, 19, 64 / main_stride, 96 / main_stride], "{arch} {backbone} main");
+        assert_eq!(out.aux.size(), [2, 19, 8, 12], "{arch} {backbone} aux");
+        assert_eq!(out.embedding.size(), [2, 16, 8, 12], "{arch} {backbone} embedding");
+        let norms = out.embedding.norm_scalaropt_dim(2.0, [1i64].as_slice(), false);
+        assert!((norms - 1.0).abs().max().double_value(&[]) < 1e-4, "embeddings are unit vectors");
+    }
+}
+
+#[test]
+fn main_aux_and_projection_heads_all_receive_gradient() {
+    for arch in ["deeplabv2", "deeplabv3plus"] {
+        let (vs, net) = model(arch, "tiny", 5);
+        let input = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let labels = Tensor::randint(5, [2, 32, 32], (Kind::Int64, Device::Cpu));
+        let out = net.forward_t(&input, true);
+        let main = adamcu::train::segmentation_loss(&out.main, &labels);
+        let aux = adamcu::train::segmentation_loss(&out.aux, &labels);
+        // Any function of the embeddings stands in for L_con here (its own test is with ADA-MCU).
+        let embed = out.embedding.select(1, 0).mean(Kind::Float);
+        (main + aux * 0.1 + embed).backward();
+        for prefix in ["backbone.", "aux.", "main.", "projection."] {
+            let grad_norm: f64 = vs.variables().iter()
+                .filter(|(n, t)| n.starts_with(prefix) && t.requires_grad())
+                .map(|(_, t)| t.grad().abs().sum(Kind::Float).double_value(&[]))
+                .sum();
+            assert!(grad_norm > 0.0, "{arch}: no gradient reaches {prefix}");
+        }
+        // BatchNorm affine parameters are frozen.
+        for (name, t) in vs.variables() {
+            if name.ends_with("bn1.weight") || name.ends_with("bn1.bias") {
+                assert!(!t.requires_grad(), "{name} must be frozen");
+            }
+        }
+    }
+}
+
+/// torchvision's resnet101 state-dict keys, written out from its architecture.
+fn torchvision_resnet_keys(blocks: [usize; 4]) -> Vec<String> {
+    let bn = |p: &str| ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+        .map(|s| format!("{p}.{s}")).to_vec();
+    let mut keys = vec!["conv1.weight".to_string()];
+    keys.extend(bn("bn1"));
+    for (l, &n) in blocks.iter().enumerate() {
+        for b in 0..n {
+            let p = format!("layer{}.{b}", l + 1);
+            for i in 1..=3 {
+                keys.push(format!("{p}.conv{i}.weight"));
+                keys.extend(bn(&format!("{p}.bn{i}")));
+            }
+            if b == 0 {
+                keys.push(format!("{p}.downsample.0.weight"));
+                keys.extend(bn(&format!("{p}.downsample.1")));
+            }
+        }
+    }
+    keys.extend(["fc.weight".to_string(), "fc.bias".to_string()]);
+    keys
+}
+
+#[test]
+fn torchvision_weight_names_map_onto_the_backbone_and_load() {
+    let (mut vs, _) = model("deeplabv2", "resnet101", 19);
+    let variables = vs.variables();
+    let keys = torchvision_resnet_keys([3, 4, 23, 3]);
+    let mut mapped = 0;
+    for key in &keys {
+        match adamcu::model::weights::backbone_name(key) {
+            Some(name) => {
+                assert!(variables.contains_key(&name), "{key} -> {name} missing");
+                mapped += 1;
+            }
+            None => assert!(key.starts_with("fc.") || key.ends_with("num_batches_tracked"), "{key} dropped"),
+        }
+    }
+    let backbone_vars = variables.keys().filter(|k| k.starts_with("backbone.")).count();
+    assert_eq!(mapped, backbone_vars, "every backbone variable has a torchvision key");
+
+    // A state dict with those names (values: a known pattern) loads into the backbone.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("resnet101.safetensors");
+    let tensors: Vec<(String, Tensor)> = keys.iter().map(|k| {
+        let shape = adamcu::model::weights::backbone_name(k).and_then(|n| variables.get(&n).map(|t| t.size()))
+            .unwrap_or_else(|| vec![3]);
+        (k.clone(), Tensor::full(shape, 0.25, (Kind::Float, Device::Cpu)))
+    }).collect();
+    Tensor::write_safetensors(&tensors, &path).unwrap();
+    let n = adamcu::model::weights::load_torchvision_backbone(&mut vs, &path).unwrap();
+    assert_eq!(n, mapped);
+    let conv = &vs.variables()["backbone.layer3.22.conv2.weight"];
+    assert_eq!(conv.mean(Kind::Float).double_value(&[]), 0.25);
+
+    // The wrong depth is refused with the key named.
+    let (mut small, _) = model("deeplabv2", "resnet50", 19);
+    let e = adamcu::model::weights::load_torchvision_backbone(&mut small, &path).unwrap_err();
+    assert!(e.to_string().contains("no counterpart backbone.layer3.") && e.to_string().contains("wrong depth"), "{e}");
+}
