@@ -69,8 +69,7 @@ pub fn loader(options: &LoaderBenchOptions) -> Result<()> {
         && std::fs::read_dir(options.dir.join("images"))?.count() >= options.images;
     let reference = run_reference(options, !have_frames)?;
 
-    let set = DatasetConfig { kind: DatasetKind::Gta5, root: options.dir.clone(), labels_kind: None,
-        labels_root: None, split: None };
+    let set = DatasetConfig::at(DatasetKind::Gta5, options.dir.clone());
     let augment = AugmentConfig { resize: [0, 0], crop: [512, 1024], scale: [0.5, 1.5], flip: true,
         ..AugmentConfig::default() };
     let files = SampleSource::open(&set, 19).map_err(anyhow::Error::msg)?;

@@ -37,6 +37,9 @@ pub struct Config {
     pub model: ModelConfig,
     pub train: TrainConfig,
     pub eval: EvalConfig,
+    pub active: ActiveConfig,
+    pub contrast: ContrastConfig,
+    pub demo: DemoConfig,
 }
 
 impl Default for Config {
@@ -49,6 +52,9 @@ impl Default for Config {
             model: ModelConfig::default(),
             train: TrainConfig::default(),
             eval: EvalConfig::default(),
+            active: ActiveConfig::default(),
+            contrast: ContrastConfig::default(),
+            demo: DemoConfig::default(),
         }
     }
 }
@@ -127,6 +133,20 @@ pub struct DatasetConfig {
     /// `cityscapes` only: "train" or "val".
     #[serde(default)]
     pub split: Option<String>,
+    /// Overrides of `augment.resize` and `augment.crop` for this set (e.g. GTA5 frames to
+    /// 720x1280, Cityscapes to 512x1024).
+    #[serde(default)]
+    pub resize: Option<[u32; 2]>,
+    #[serde(default)]
+    pub crop: Option<[u32; 2]>,
+}
+
+impl DatasetConfig {
+    /// A set of `kind` at `root` with nothing else configured.
+    pub fn at(kind: DatasetKind, root: impl Into<PathBuf>) -> DatasetConfig {
+        DatasetConfig { kind, root: root.into(), labels_kind: None, labels_root: None, split: None, resize: None,
+            crop: None }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -314,6 +334,89 @@ impl Default for EvalConfig {
     }
 }
 
+/// How labels are drawn from the groups (docs/algorithm.md, "Two readings").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Schedule {
+    /// Algorithm 1: G_h until Ma = Me/2, then G_m until Ma = Me.
+    Sequential,
+    /// Section III-B: each batch draws the same number from G_h and G_m.
+    Simultaneous,
+}
+
+/// ADA-MCU's active labelling (Section III-B, Algorithm 1).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ActiveConfig {
+    /// Me as a fraction of all target training pixels (Mt).
+    pub budget: f64,
+    /// Weight of the KL term in the uncertainty score (Eq. 1; paper: 0.5).
+    pub gamma: f64,
+    /// Initial pi_high and the fixed pi_low (paper: not given; our choice).
+    pub pi_high: f64,
+    pub pi_low: f64,
+    /// Decay rate r of pi_high (Algorithm 1: 0.9).
+    pub decay: f64,
+    pub schedule: Schedule,
+    /// Adaptive sampling (AS); false is the paper's "AL w/o AS" row.
+    pub adaptive_sampling: bool,
+    /// Train on pseudo labels from G_l (Eq. 5).
+    pub pseudo_labels: bool,
+    /// Iterations of the ADA-MCU stage.
+    pub iterations: usize,
+}
+
+impl Default for ActiveConfig {
+    fn default() -> Self {
+        ActiveConfig { budget: 0.05, gamma: 0.5, pi_high: 0.9, pi_low: 0.1, decay: 0.9,
+            schedule: Schedule::Sequential, adaptive_sampling: true, pseudo_labels: true, iterations: 40_000 }
+    }
+}
+
+/// Multi-level contrastive units (Section III-C/D, Eqs. 7-11).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ContrastConfig {
+    pub enabled: bool,
+    /// Levels: any of "intra-image", "cross-image", "cross-domain".
+    pub levels: Vec<String>,
+    /// Pixel-to-pixel (Eqs. 9-10) and center-to-center (Eq. 11) InfoNCE.
+    pub p2p: bool,
+    pub c2c: bool,
+    /// Weight the logits by the dynamic category correlation matrix (Eqs. 7-8).
+    pub dccm: bool,
+    /// EMA momentum beta of the DCCM (Eq. 8; not given in the paper: our choice).
+    pub dccm_momentum: f64,
+    /// InfoNCE temperature lambda (peers: 0.1).
+    pub temperature: f64,
+    /// Weight of L_con in the total loss (peers: 0.1).
+    pub weight: f64,
+    /// Anchors per unit and keys per image, sampled uniformly when there are more.
+    pub max_anchors: usize,
+    pub max_keys: usize,
+}
+
+impl Default for ContrastConfig {
+    fn default() -> Self {
+        ContrastConfig { enabled: true, levels: vec!["intra-image".into(), "cross-image".into(), "cross-domain".into()],
+            p2p: true, c2c: true, dccm: true, dccm_momentum: 0.99, temperature: 0.1, weight: 0.1,
+            max_anchors: 256, max_keys: 1024 }
+    }
+}
+
+/// Which rows `adamcu demo` trains (each an ablation preset, see `ablation::apply`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DemoConfig {
+    pub variants: Vec<String>,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        DemoConfig { variants: vec!["al-wo-as".into(), "al-w-as".into(), "full".into()] }
+    }
+}
+
 impl Config {
     /// Reads, expands and validates a config file; returns every problem at once.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
@@ -394,6 +497,9 @@ impl Config {
                 check(set.labels_root.is_some(), &format!("{name}.labels_root"), "(missing)".into(),
                     "the original set's root, whose labels pair with the translated images");
             }
+            if set.kind == DatasetKind::Synthia {
+                check(d.classes == 16, "data.classes", d.classes.to_string(), "16 with a SYNTHIA set (its 16-class protocol)");
+            }
             if let Some(split) = &set.split {
                 check(split == "train" || split == "val", &format!("{name}.split"),
                     format!("{split:?}"), "\"train\" or \"val\"");
@@ -454,14 +560,85 @@ impl Config {
         check(t.aux_weight >= 0.0, "train.aux_weight", t.aux_weight.to_string(), "a number >= 0");
         check(t.log_every >= 1, "train.log_every", t.log_every.to_string(), "at least 1");
 
+        let a = &self.active;
+        check(a.budget > 0.0 && a.budget <= 1.0, "active.budget", a.budget.to_string(), "a fraction in (0, 1]");
+        check(a.gamma >= 0.0, "active.gamma", a.gamma.to_string(), "a number >= 0");
+        check(a.pi_low >= 0.0 && a.pi_low < a.pi_high, "active.pi_low", a.pi_low.to_string(),
+            "a number >= 0 and below active.pi_high");
+        check(a.decay > 0.0 && a.decay < 1.0, "active.decay", a.decay.to_string(), "a rate in (0, 1)");
+
+        let c = &self.contrast;
+        for level in &c.levels {
+            check(matches!(level.as_str(), "intra-image" | "cross-image" | "cross-domain"), "contrast.levels",
+                format!("{level:?}"), "\"intra-image\", \"cross-image\" or \"cross-domain\"");
+        }
+        check((0.0..1.0).contains(&c.dccm_momentum), "contrast.dccm_momentum", c.dccm_momentum.to_string(),
+            "a number in [0, 1)");
+        check(c.temperature > 0.0, "contrast.temperature", c.temperature.to_string(), "a positive number");
+        check(c.weight >= 0.0, "contrast.weight", c.weight.to_string(), "a number >= 0");
+        check(c.max_anchors >= 1, "contrast.max_anchors", c.max_anchors.to_string(), "at least 1");
+        check(c.max_keys >= 2, "contrast.max_keys", c.max_keys.to_string(), "at least 2");
+        for v in &self.demo.variants {
+            check(crate::ablation::PRESETS.contains(&v.as_str()), "demo.variants", format!("{v:?}"),
+                &format!("one of {:?}", crate::ablation::PRESETS));
+        }
+
         let e = &self.eval;
         check((e.input_size[0] == 0) == (e.input_size[1] == 0), "eval.input_size",
             format!("{:?}", e.input_size), "[height, width], both 0 or both positive");
     }
 
+    /// The augmentation of one set: `[augment]` with the set's own resize and crop.
+    pub fn augment_for(&self, set: &DatasetConfig) -> AugmentConfig {
+        AugmentConfig { resize: set.resize.unwrap_or(self.augment.resize), crop: set.crop.unwrap_or(self.augment.crop),
+            ..self.augment.clone() }
+    }
+
+    /// Like `load`, with `key=value` overrides (TOML values, dotted keys) applied first.
+    pub fn load_with_overrides(path: &Path, overrides: &[String]) -> Result<Config, ConfigErrors> {
+        let fail = |errors: Vec<String>| ConfigErrors { file: path.to_path_buf(), errors };
+        let text = std::fs::read_to_string(path).map_err(|e| fail(vec![format!("cannot read the file: {e}")]))?;
+        let mut doc: toml::Table = text.parse().map_err(|e: toml::de::Error| fail(vec![e.to_string()]))?;
+        let mut errors = Vec::new();
+        for o in overrides {
+            let Some((key, value)) = o.split_once('=') else {
+                errors.push(format!("--set {o:?}: expected KEY=VALUE, e.g. active.budget=0.017"));
+                continue;
+            };
+            let value: toml::Value = match format!("v = {value}").parse::<toml::Table>() {
+                Ok(mut t) => t.remove("v").unwrap(),
+                // A bare word is a string.
+                Err(_) => toml::Value::String(value.to_string()),
+            };
+            let parts: Vec<&str> = key.trim().split('.').collect();
+            if let Err(e) = set_dotted(&mut doc, &parts, value) {
+                errors.push(format!("--set {key}: {e}"));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(fail(errors));
+        }
+        Config::from_toml_str(&toml::to_string(&doc).expect("a table serialises")).map_err(fail)
+    }
+
     /// The folder of this run's outputs.
     pub fn run_dir(&self) -> PathBuf {
         self.run.runs_dir.join(&self.run.name)
+    }
+}
+
+/// Sets `parts` (a dotted key) in a TOML table, creating tables on the way.
+fn set_dotted(table: &mut toml::Table, parts: &[&str], value: toml::Value) -> Result<(), String> {
+    match parts {
+        [] => Err("empty key".into()),
+        [last] => {
+            table.insert(last.to_string(), value);
+            Ok(())
+        }
+        [first, rest @ ..] => match table.entry(first.to_string()).or_insert_with(|| toml::Value::Table(Default::default())) {
+            toml::Value::Table(inner) => set_dotted(inner, rest, value),
+            _ => Err(format!("{first} is not a table")),
+        },
     }
 }
 

@@ -3,8 +3,11 @@
 //! The modules follow the pipeline: `data` (loaders), `model`, `train` (losses, optimizer,
 //! evaluation), with `config` shared by all and `doctor` for checking an installation.
 
+pub mod ablation;
+pub mod active;
 pub mod bench;
 pub mod config;
+pub mod contrast;
 pub mod data;
 pub mod demo;
 pub mod doctor;

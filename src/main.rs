@@ -12,6 +12,10 @@ use std::process::ExitCode;
 #[command(name = "adamcu", version, about = "Active domain adaptation for semantic segmentation \
     with multi-level contrastive units (ADA-MCU)")]
 struct Cli {
+    /// Override a config value: KEY=VALUE with a dotted key and a TOML value
+    /// (e.g. --set active.budget=0.017); repeatable.
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,9 +61,14 @@ enum Command {
     Train {
         #[arg(long, default_value = "pipelines/synth.toml")]
         config: PathBuf,
-        /// "source" (source-only pretraining) or "target-supervised" (the upper bound).
+        /// "source" (source-only pretraining), "ada" (ADA-MCU under the budget; start it from
+        /// the source checkpoint with --init) or "target-supervised" (the upper bound).
         #[arg(long, default_value = "source")]
         stage: String,
+        /// For --stage ada: an ablation preset (al-wo-as, al-w-as, mcu-i, mcu-d, p2p, p2p-c2c,
+        /// full); default: the config as written.
+        #[arg(long)]
+        ablation: Option<String>,
         /// Start from this checkpoint's weights.
         #[arg(long)]
         init: Option<PathBuf>,
@@ -134,8 +143,8 @@ enum BenchCommand {
     },
 }
 
-fn load_config(path: &PathBuf) -> Result<Config> {
-    Config::load(path).map_err(|e| anyhow!("{e}"))
+fn load_config(path: &PathBuf, overrides: &[String]) -> Result<Config> {
+    Config::load_with_overrides(path, overrides).map_err(|e| anyhow!("{e}"))
 }
 
 fn configured_sets(config: &Config) -> Vec<(&'static str, &DatasetConfig)> {
@@ -151,14 +160,14 @@ fn pick_set<'a>(config: &'a Config, name: &str) -> Result<&'a DatasetConfig> {
             configured_sets(config).iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")))
 }
 
-fn run(command: Command) -> Result<ExitCode> {
+fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
     match command {
         Command::Doctor { device } => {
             let choice = parse_device(&device)
                 .ok_or_else(|| anyhow!("--device {device:?}: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\""))?;
             adamcu::doctor::run(choice.resolve())?;
         }
-        Command::Config(ConfigCommand::Check { file }) => match Config::load(&file) {
+        Command::Config(ConfigCommand::Check { file }) => match Config::load_with_overrides(&file, overrides) {
             Ok(config) => print!("{}", toml::to_string_pretty(&config)?),
             Err(errors) => {
                 eprint!("{errors}");
@@ -166,14 +175,14 @@ fn run(command: Command) -> Result<ExitCode> {
             }
         },
         Command::Datasets(DatasetsCommand::Synth { config }) => {
-            let config = load_config(&config)?;
+            let config = load_config(&config, overrides)?;
             let started = std::time::Instant::now();
             adamcu::data::synth::generate(&config.synth)?;
             println!("synthetic benchmark ready in {} ({:.1} s)", config.synth.root.display(),
                 started.elapsed().as_secs_f64());
         }
         Command::Datasets(DatasetsCommand::Check { config, set }) => {
-            let config = load_config(&config)?;
+            let config = load_config(&config, overrides)?;
             let sets = match &set {
                 Some(name) => vec![(name.as_str(), pick_set(&config, name)?)],
                 None => configured_sets(&config).into_iter().map(|(n, s)| (n, s)).collect(),
@@ -192,7 +201,7 @@ fn run(command: Command) -> Result<ExitCode> {
             }
         }
         Command::Pack { config, set, out, size } => {
-            let config = load_config(&config)?;
+            let config = load_config(&config, overrides)?;
             let set = pick_set(&config, &set)?;
             let size = size.map(|s| parse_size(&s)).transpose()?;
             let source = adamcu::data::source::SampleSource::open(set, config.data.classes)
@@ -201,26 +210,45 @@ fn run(command: Command) -> Result<ExitCode> {
             println!("packed {n} sample(s) into {}", out.display());
         }
         Command::Demo { config } => {
-            adamcu::demo::run(&load_config(&config)?)?;
+            adamcu::demo::run(&load_config(&config, overrides)?)?;
         }
-        Command::Train { config, stage, init } => {
-            let config = load_config(&config)?;
-            let (stage, iterations) = match stage.as_str() {
-                "source" => (SupervisedStage::Source, config.train.source_iterations),
-                "target-supervised" => (SupervisedStage::TargetSupervised, config.train.target_supervised_iterations),
-                other => bail!("--stage {other:?}: expected \"source\" or \"target-supervised\""),
+        Command::Train { config, stage, init, ablation } => {
+            let mut config = load_config(&config, overrides)?;
+            if let Some(preset) = &ablation {
+                config = adamcu::ablation::apply(&config, preset)?;
+            }
+            let stage = match stage.as_str() {
+                "source" => Some(SupervisedStage::Source),
+                "target-supervised" => Some(SupervisedStage::TargetSupervised),
+                "ada" => None,
+                other => bail!("--stage {other:?}: expected \"source\", \"ada\" or \"target-supervised\""),
             };
             let mut trainer = Trainer::new(&config)?;
             if let Some(init) = init {
                 trainer.load(&init)?;
             }
-            trainer.train_supervised(stage, iterations)?;
-            let path = config.run_dir().join(format!("{}.safetensors", stage.name()));
-            trainer.save(&path, None, serde_json::json!({"stage": stage.name()}))?;
+            let run_dir = config.run_dir();
+            let (path, meta) = match stage {
+                Some(stage) => {
+                    let iterations = match stage {
+                        SupervisedStage::Source => config.train.source_iterations,
+                        SupervisedStage::TargetSupervised => config.train.target_supervised_iterations,
+                    };
+                    trainer.train_supervised(stage, iterations)?;
+                    (run_dir.join(format!("{}.safetensors", stage.name())), serde_json::json!({"stage": stage.name()}))
+                }
+                None => {
+                    let (summary, _) = trainer.train_ada(&run_dir.join("ledger.bin"), config.active.iterations)?;
+                    println!("bought {} of {} pixels ({:.3}% of the target set)", summary.spent, summary.budget,
+                        100.0 * summary.spent as f64 / summary.total_pixels as f64);
+                    (run_dir.join("ada.safetensors"), serde_json::json!({"stage": "ada", "summary": summary}))
+                }
+            };
+            trainer.save(&path, None, meta)?;
             println!("checkpoint: {}", path.display());
         }
         Command::Eval { config, checkpoint, predictions, flip, json } => {
-            let mut config = load_config(&config)?;
+            let mut config = load_config(&config, overrides)?;
             config.eval.flip |= flip;
             let row = match (checkpoint, predictions) {
                 (Some(checkpoint), _) => {
@@ -241,7 +269,7 @@ fn run(command: Command) -> Result<ExitCode> {
             }
         }
         Command::Predict { config, checkpoint, images, out } => {
-            let config = load_config(&config)?;
+            let config = load_config(&config, overrides)?;
             let mut trainer = Trainer::new(&config)?;
             trainer.load(&checkpoint)?;
             let options = EvalOptions { flip: config.eval.flip, input_size: config.eval.input_size };
@@ -270,7 +298,8 @@ fn main() -> ExitCode {
             .unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    match run(Cli::parse().command) {
+    let cli = Cli::parse();
+    match run(cli.command, &cli.overrides) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -79,3 +79,30 @@ fn config_check_prints_the_resolved_config_or_every_error_with_exit_code_2() {
         assert!(stderr.contains(expected), "missing {expected:?} in {stderr}");
     }
 }
+
+#[test]
+fn every_benchmark_config_in_pipelines_is_valid() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir("pipelines").unwrap().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 5, "the paper's four benchmarks and synth.toml");
+    let synthia = Config::load("pipelines/synthia-cityscapes.toml".as_ref()).unwrap();
+    assert_eq!(synthia.data.classes, 16);
+}
+
+#[test]
+fn set_overrides_dotted_keys_and_is_validated_like_the_file() {
+    let path = std::path::Path::new("pipelines/gta5-cityscapes.toml");
+    let config = Config::load_with_overrides(path, &["active.budget=0.017".into(), "run.name=b17".into()]).unwrap();
+    assert_eq!(config.active.budget, 0.017);
+    assert_eq!(config.run.name, "b17");
+    let errors = Config::load_with_overrides(path, &["active.budget=1.5".into()]).unwrap_err();
+    assert_eq!(errors.errors, ["active.budget = 1.5: expected a fraction in (0, 1]"]);
+    let errors = Config::load_with_overrides(path, &["active.budgt=0.1".into()]).unwrap_err();
+    assert_eq!(errors.errors, ["active.budgt: unknown key"]);
+}

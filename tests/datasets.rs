@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 fn set(kind: DatasetKind, root: &Path) -> DatasetConfig {
-    DatasetConfig { kind, root: root.to_path_buf(), labels_kind: None, labels_root: None, split: None }
+    DatasetConfig::at(kind, root)
 }
 
 #[test]
@@ -95,8 +95,7 @@ fn translated_images_pair_with_labels_by_name_and_missing_frames_are_reported() 
     for i in [1, 3, 4, 9] {
         write_rgb(&translated.join(format!("{i:05}.png")), 16, 8, |_, _| [9, 9, 9]);
     }
-    let listing = list(&DatasetConfig { kind: DatasetKind::Translated, root: translated.clone(),
-        labels_kind: Some(DatasetKind::Gta5), labels_root: Some(original.clone()), split: None }).unwrap();
+    let listing = list(&DatasetConfig { labels_kind: Some(DatasetKind::Gta5), labels_root: Some(original.clone()), ..DatasetConfig::at(DatasetKind::Translated, translated.clone()) }).unwrap();
     let ids: Vec<_> = listing.samples.iter().map(|s| s.id.as_str()).collect();
     assert_eq!(ids, ["00001", "00003", "00004"]);
     for s in &listing.samples {
@@ -321,8 +320,7 @@ fn the_synthetic_benchmark_is_deterministic_and_readable_by_the_real_readers() {
     let target = SampleSource::open(&DatasetConfig { split: Some("val".into()),
         ..set(DatasetKind::Cityscapes, &a.target) }, 19).unwrap();
     assert_eq!(target.len(), 2);
-    let translated = list(&DatasetConfig { kind: DatasetKind::Translated, root: a.translated.clone(),
-        labels_kind: Some(DatasetKind::Gta5), labels_root: Some(a.source.clone()), split: None }).unwrap();
+    let translated = list(&DatasetConfig { labels_kind: Some(DatasetKind::Gta5), labels_root: Some(a.source.clone()), ..DatasetConfig::at(DatasetKind::Translated, a.translated.clone()) }).unwrap();
     assert_eq!(translated.samples.len(), 3);
     // Translated frames keep the source's layout but not its exact appearance.
     let map = LabelMap::new(LabelEncoding::CityscapesIds, 19).unwrap();

@@ -80,10 +80,8 @@ fn tiny_config(dir: &std::path::Path) -> Config {
     config.run.runs_dir = dir.join("runs");
     config.augment.crop = [64, 128];
     config.model.tiny_width = 8;
-    config.data.source = Some(DatasetConfig { kind: DatasetKind::Gta5, root: data.join("source"),
-        labels_kind: None, labels_root: None, split: None });
-    config.data.target = Some(DatasetConfig { kind: DatasetKind::Cityscapes, root: data.join("target"),
-        labels_kind: None, labels_root: None, split: Some("train".into()) });
+    config.data.source = Some(DatasetConfig::at(DatasetKind::Gta5, data.join("source")));
+    config.data.target = Some(DatasetConfig { split: Some("train".into()), ..DatasetConfig::at(DatasetKind::Cityscapes, data.join("target")) });
     config.data.target_val = Some(DatasetConfig { split: Some("val".into()), ..config.data.target.clone().unwrap() });
     adamcu::data::synth::generate(&config.synth).unwrap();
     config

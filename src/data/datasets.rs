@@ -150,8 +150,7 @@ fn translated(set: &DatasetConfig) -> Result<Listing, DataError> {
         "a translated set needs labels_kind (the original set)"))?;
     let labels_root = set.labels_root.clone().ok_or_else(|| DataError::new(DataErrorKind::Layout,
         &set.root, "a translated set needs labels_root (the original set's root)"))?;
-    let original = list(&DatasetConfig { kind: labels_kind, root: labels_root, labels_kind: None,
-        labels_root: None, split: None })?;
+    let original = list(&DatasetConfig::at(labels_kind, labels_root))?;
     let image_dir = if set.root.join("images").is_dir() { set.root.join("images") } else { set.root.clone() };
     require_dir(&image_dir, "a folder of translated images")?;
     let translated = png_files(&image_dir)?;

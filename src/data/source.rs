@@ -48,6 +48,18 @@ impl SampleSource {
         }
     }
 
+    /// Width and height of sample `i` without decoding its pixels.
+    pub fn dimensions(&self, i: usize) -> Result<(u32, u32), DataError> {
+        match self {
+            SampleSource::Files { listing, .. } => {
+                let path = &listing.samples[i].image;
+                image::image_dimensions(path).map_err(|e| DataError::new(super::error::DataErrorKind::Corrupt,
+                    path, format!("cannot read the PNG header: {e}")))
+            }
+            SampleSource::Shard(shard) => Ok((shard.entries[i].width, shard.entries[i].height)),
+        }
+    }
+
     /// Frames skipped while listing (a counterpart missing).
     pub fn skipped(&self) -> &[DataError] {
         match self {

@@ -2,6 +2,7 @@
 //! pretraining, Algorithm 1 step 2, and the target-supervised upper bound), checkpoints and
 //! evaluation.
 
+pub mod ada;
 pub mod checkpoint;
 pub mod eval;
 pub mod optimizer;
@@ -89,7 +90,8 @@ impl Trainer {
             SupervisedStage::TargetSupervised => (&c.data.target, "data.target", c.train.batch_target, "target"),
         };
         let source = open_set(set, key, classes)?;
-        let loader = Loader::spawn(source, &c.augment, LoaderOptions { domain, batch_size,
+        let augment = c.augment_for(set.as_ref().expect("open_set checked it"));
+        let loader = Loader::spawn(source, &augment, LoaderOptions { domain, batch_size,
             workers: c.data.workers, capacity: c.data.channel_capacity, seed: c.run.seed,
             on_bad_sample: c.data.on_bad_sample, start_at: 0 });
         let mut optimizer = self.optimizer();

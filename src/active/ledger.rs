@@ -1,0 +1,154 @@
+//! The ledger of bought target labels: one bitset per target training image in original-image
+//! coordinates, in a memory-mapped file in the run directory.
+//!
+//! - Ma (`spent`) is the exact number of set bits; `buy` refuses once Ma = Me, so the budget
+//!   can never be passed, and a pixel already bought is never charged again.
+//! - Bits are written straight into the mapping: a killed process loses nothing (the kernel
+//!   holds the pages); `flush` makes them durable against power loss, at every checkpoint.
+//!
+//! File layout (little-endian): "ADAMCULG" | version u32 | images u32 | budget u64 |
+//! header_len u64 | then per image: id_len u16, id, width u32, height u32 | padding to 8 |
+//! bitsets, each rounded up to whole u64 words.
+
+use anyhow::{bail, Context, Result};
+use memmap2::MmapMut;
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"ADAMCULG";
+const VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerImage {
+    pub id: String,
+    pub width: u32,
+    pub height: u32,
+}
+
+pub struct Ledger {
+    path: PathBuf,
+    map: MmapMut,
+    images: Vec<LedgerImage>,
+    /// Byte offset of each image's bitset.
+    offsets: Vec<usize>,
+    spent: u64,
+    budget: u64,
+    total: u64,
+}
+
+fn header(images: &[LedgerImage], budget: u64) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend_from_slice(MAGIC);
+    h.extend_from_slice(&VERSION.to_le_bytes());
+    h.extend_from_slice(&(images.len() as u32).to_le_bytes());
+    h.extend_from_slice(&budget.to_le_bytes());
+    h.extend_from_slice(&0u64.to_le_bytes()); // header_len, patched below
+    for image in images {
+        h.extend_from_slice(&(image.id.len() as u16).to_le_bytes());
+        h.extend_from_slice(image.id.as_bytes());
+        h.extend_from_slice(&image.width.to_le_bytes());
+        h.extend_from_slice(&image.height.to_le_bytes());
+    }
+    while h.len() % 8 != 0 {
+        h.push(0);
+    }
+    let len = h.len() as u64;
+    h[24..32].copy_from_slice(&len.to_le_bytes());
+    h
+}
+
+fn bitset_bytes(image: &LedgerImage) -> usize {
+    (image.width as usize * image.height as usize).div_ceil(64) * 8
+}
+
+impl Ledger {
+    /// Opens the run's ledger, or creates an empty one. `budget` is Me in pixels. An existing
+    /// ledger must describe the same images and budget: anything else would silently change
+    /// the experiment.
+    pub fn open_or_create(path: &Path, images: &[LedgerImage], budget: u64) -> Result<Ledger> {
+        let header = header(images, budget);
+        let size = header.len() + images.iter().map(bitset_bytes).sum::<usize>();
+        if !path.exists() {
+            // Write the empty ledger whole under a temporary name, then rename it into place.
+            crate::train::checkpoint::write_atomically(path, |temp| {
+                let file = std::fs::File::create(temp)?;
+                file.set_len(size as u64)?;
+                std::io::Write::write_all(&mut &file, &header)?;
+                Ok(())
+            })?;
+        }
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path)
+            .with_context(|| format!("{}: cannot open the ledger", path.display()))?;
+        // SAFETY: the run-directory lock gives this process sole use of the file.
+        let map = unsafe { MmapMut::map_mut(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
+        if map.len() != size || map[..header.len()] != header[..] {
+            let stored_budget = map.get(16..24).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+            bail!("{}: this ledger was made for other target images or another budget (stored budget {:?} \
+                   pixels, configured {budget}); use a new run directory to change the experiment",
+                  path.display(), stored_budget);
+        }
+        let mut offsets = Vec::with_capacity(images.len());
+        let mut at = header.len();
+        for image in images {
+            offsets.push(at);
+            at += bitset_bytes(image);
+        }
+        let spent = map[header.len()..].iter().map(|b| b.count_ones() as u64).sum();
+        let total = images.iter().map(|i| i.width as u64 * i.height as u64).sum();
+        if spent > budget {
+            bail!("{}: {spent} pixels bought, more than the budget {budget}: the ledger is corrupt", path.display());
+        }
+        Ok(Ledger { path: path.to_path_buf(), map, images: images.to_vec(), offsets, spent, budget, total })
+    }
+
+    /// Ma: pixels bought so far.
+    pub fn spent(&self) -> u64 {
+        self.spent
+    }
+    /// Me: the budget in pixels.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+    /// Mt: all target training pixels.
+    pub fn total_pixels(&self) -> u64 {
+        self.total
+    }
+    pub fn remaining(&self) -> u64 {
+        self.budget - self.spent
+    }
+    pub fn images(&self) -> &[LedgerImage] {
+        &self.images
+    }
+
+    fn bit(&self, image: usize, x: u32, y: u32) -> (usize, u8) {
+        let i = y as usize * self.images[image].width as usize + x as usize;
+        (self.offsets[image] + i / 8, 1u8 << (i % 8))
+    }
+
+    pub fn is_bought(&self, image: usize, x: u32, y: u32) -> bool {
+        let (byte, mask) = self.bit(image, x, y);
+        self.map[byte] & mask != 0
+    }
+
+    /// Buys the label of one original-image pixel. Returns true when it was newly bought;
+    /// false when it was already bought or the budget is spent.
+    pub fn buy(&mut self, image: usize, x: u32, y: u32) -> bool {
+        let (byte, mask) = self.bit(image, x, y);
+        if self.map[byte] & mask != 0 || self.spent >= self.budget {
+            return false;
+        }
+        self.map[byte] |= mask;
+        self.spent += 1;
+        true
+    }
+
+    /// Pixels bought in one image.
+    pub fn bought_in(&self, image: usize) -> u64 {
+        let start = self.offsets[image];
+        self.map[start..start + bitset_bytes(&self.images[image])].iter().map(|b| b.count_ones() as u64).sum()
+    }
+
+    /// Makes every bought bit durable (msync).
+    pub fn flush(&self) -> Result<()> {
+        self.map.flush().with_context(|| format!("{}: cannot flush the ledger", self.path.display()))
+    }
+}

@@ -1,0 +1,47 @@
+//! The dynamic category correlation matrix (Eqs. 7-8): R(u,v) = M(u,v) / M(u), the share of
+//! class-u pixels predicted as v (v != u; the diagonal is 0: a correct pixel is not a
+//! confusion), folded into W by an EMA every iteration. Rows of classes absent from the
+//! batch keep their value (M(u) = 0 leaves R(u, .) undefined).
+
+use tch::{Device, Kind, Tensor};
+
+pub struct Dccm {
+    /// W, [C, C] on the device.
+    pub w: Tensor,
+    pub momentum: f64,
+}
+
+impl Dccm {
+    pub fn new(classes: i64, momentum: f64, device: Device) -> Dccm {
+        Dccm { w: Tensor::zeros([classes, classes], (Kind::Float, device)), momentum }
+    }
+
+    /// The batch's error rates R from labels and predictions (1-D, 255 = no label).
+    pub fn error_rates(labels: &Tensor, predictions: &Tensor, classes: i64) -> (Tensor, Tensor) {
+        let valid = labels.ne(255).logical_and(&labels.lt(classes));
+        let l = labels.masked_select(&valid);
+        let p = predictions.masked_select(&valid);
+        let counts = (l * classes + p).bincount::<Tensor>(None, classes * classes)
+            .view([classes, classes]).to_kind(Kind::Float);
+        let totals = counts.sum_dim_intlist([1i64].as_slice(), true, Kind::Float);
+        let eye = Tensor::eye(classes, (Kind::Float, counts.device()));
+        let rates = counts * (1.0 - eye) / totals.clamp_min(1.0);
+        (rates, totals.squeeze_dim(1).gt(0.0))
+    }
+
+    /// Eq. 8 for the rows seen in this batch.
+    pub fn update(&mut self, labels: &Tensor, predictions: &Tensor) {
+        tch::no_grad(|| {
+            let classes = self.w.size()[0];
+            let (rates, seen) = Dccm::error_rates(labels, predictions, classes);
+            let updated = &self.w * self.momentum + rates * (1.0 - self.momentum);
+            self.w = updated.where_self(&seen.unsqueeze(1), &self.w);
+        });
+    }
+
+    /// Logit weights for anchor classes `u` [Na] and key classes `v` [Nk]: 1 + W(u, v)
+    /// (docs/algorithm.md: with W starting at 0, Eq. 10's bare W(u,v) would zero every logit).
+    pub fn weights(&self, u: &Tensor, v: &Tensor) -> Tensor {
+        self.w.index_select(0, u).index_select(1, v) + 1.0
+    }
+}

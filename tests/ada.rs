@@ -1,0 +1,309 @@
+//! ADA-MCU's equations on tiny tensors against hand-computed values, Algorithm 1's budget
+//! control, the ledger, and every loss term reaching the gradient.
+
+mod common;
+
+use adamcu::active::ledger::{Ledger, LedgerImage};
+use adamcu::active::oracle::{Oracle, SealedLabels};
+use adamcu::active::sampling::Sampler;
+use adamcu::active::uncertainty::uncertainty;
+use adamcu::config::{ActiveConfig, Config, ContrastConfig, DatasetConfig, DatasetKind, Schedule};
+use adamcu::contrast::dccm::Dccm;
+use adamcu::contrast::infonce::info_nce;
+use adamcu::contrast::units::{class_centers, contrastive_losses, unit_pairs, DomainBatch};
+use adamcu::data::augment::Geometry;
+use rand::SeedableRng;
+use tch::{Device, Kind, Tensor};
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() < 1e-5
+}
+
+#[test]
+fn uncertainty_normalises_entropy_by_log_c_and_takes_kl_from_main_to_aux() {
+    // main p = softmax([0, ln 3]) = [0.25, 0.75]; aux q = [0.5, 0.5].
+    let main = Tensor::from_slice(&[0.0f32, 3f32.ln()]).view([1, 2, 1, 1]);
+    let aux = Tensor::from_slice(&[0.0f32, 0.0]).view([1, 2, 1, 1]);
+    let entropy = -(0.25f64 * 0.25f64.ln() + 0.75 * 0.75f64.ln()) / 2f64.ln();
+    let kl_p_q = 0.25 * (0.25f64 / 0.5).ln() + 0.75 * (0.75f64 / 0.5).ln();
+    let kl_q_p = 0.5 * (0.5f64 / 0.25).ln() + 0.5 * (0.5f64 / 0.75).ln();
+    let s = uncertainty(&main, &aux, 0.5).double_value(&[0, 0, 0]);
+    assert!(close(s, entropy + 0.5 * kl_p_q), "{s} vs {}", entropy + 0.5 * kl_p_q);
+    assert!(!close(s, entropy + 0.5 * kl_q_p), "KL must be KL(p_main || p_aux)");
+    // Uniform main and equal heads: S = 1 exactly; gamma = 0 leaves the entropy.
+    let uniform = Tensor::zeros([1, 19, 1, 1], (Kind::Float, Device::Cpu));
+    assert!(close(uncertainty(&uniform, &uniform, 0.5).double_value(&[0, 0, 0]), 1.0));
+    assert!(close(uncertainty(&main, &aux, 0.0).double_value(&[0, 0, 0]), entropy));
+}
+
+#[test]
+fn info_nce_with_several_positives_matches_the_hand_computed_value() {
+    // Anchor a = [1, 0], class 0. Keys: k1 = [1, 0] (0), k2 = [0, 1] (0), k3 = [-1, 0] (1).
+    let a = Tensor::from_slice(&[1.0f32, 0.0]).view([1, 2]);
+    let keys = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 1.0, -1.0, 0.0]).view([3, 2]);
+    let (ac, kc) = (Tensor::from_slice(&[0i64]), Tensor::from_slice(&[0i64, 0, 1]));
+    let t = 0.5;
+    let (s1, s2, n) = (1.0 / t, 0.0 / t, -1.0 / t);
+    let term = |s: f64| -(s - (s.exp() + f64::exp(n)).ln());
+    let expected = (term(s1) + term(s2)) / 2.0;
+    let got = info_nce(&a, &ac, &keys, &kc, t, None).unwrap().double_value(&[]);
+    assert!(close(got, expected), "{got} vs {expected}");
+    // Weights scale the logits pairwise (DCCM): weight 2 on the negative only.
+    let w = Tensor::from_slice(&[1.0f32, 1.0, 2.0]).view([1, 3]);
+    let term_w = |s: f64| -(s - (s.exp() + f64::exp(2.0 * n)).ln());
+    let got = info_nce(&a, &ac, &keys, &kc, t, Some(&w)).unwrap().double_value(&[]);
+    assert!(close(got, (term_w(s1) + term_w(s2)) / 2.0));
+    // No negative (or no positive): no loss rather than a meaningless one.
+    assert!(info_nce(&a, &ac, &keys.narrow(0, 0, 2), &kc.narrow(0, 0, 2), t, None).is_none());
+}
+
+#[test]
+fn dccm_is_an_ema_of_per_class_error_rates_and_skips_unseen_classes() {
+    let mut d = Dccm::new(3, 0.9, Device::Cpu);
+    // class 0: 4 pixels, 1 predicted as 1, 1 as 2; class 1: 2 pixels, 1 as 0; class 2 absent.
+    let labels = Tensor::from_slice(&[0i64, 0, 0, 0, 1, 1, 255]);
+    let preds = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 0, 2]);
+    d.update(&labels, &preds);
+    let w = |d: &Dccm, u: i64, v: i64| d.w.double_value(&[u, v]);
+    assert!(close(w(&d, 0, 1), 0.1 * 0.25) && close(w(&d, 0, 2), 0.1 * 0.25) && close(w(&d, 1, 0), 0.1 * 0.5));
+    assert!(close(w(&d, 0, 0), 0.0), "the diagonal is not a confusion");
+    d.update(&Tensor::from_slice(&[0i64, 2]), &Tensor::from_slice(&[1i64, 0]));
+    assert!(close(w(&d, 0, 1), 0.9 * 0.025 + 0.1 * 1.0));
+    assert!(close(w(&d, 1, 0), 0.05), "class 1 absent: its row keeps its value");
+    assert!(close(w(&d, 2, 0), 0.1));
+    let weights = d.weights(&Tensor::from_slice(&[0i64]), &Tensor::from_slice(&[1i64, 0]));
+    assert!(close(weights.double_value(&[0, 0]), 1.0 + w(&d, 0, 1)) && close(weights.double_value(&[0, 1]), 1.0));
+}
+
+#[test]
+fn category_centers_are_normalised_class_means() {
+    let emb = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 1.0, 0.0, -1.0]).view([3, 2]);
+    let (centers, classes) = class_centers(&emb, &Tensor::from_slice(&[0i64, 0, 2]), 4);
+    assert_eq!(Vec::<i64>::try_from(&classes).unwrap(), [0, 2]);
+    let c: Vec<f32> = Vec::try_from(centers.flatten(0, -1)).unwrap();
+    let r = 0.5f32.sqrt();
+    assert!((c[0] - r).abs() < 1e-6 && (c[1] - r).abs() < 1e-6 && c[2].abs() < 1e-6 && (c[3] + 1.0).abs() < 1e-6, "{c:?}");
+}
+
+#[test]
+fn units_pair_images_at_each_level() {
+    assert_eq!(unit_pairs("intra-image", 2, 2), [(0, 0), (1, 1), (2, 2), (3, 3)]);
+    assert_eq!(unit_pairs("cross-image", 2, 2), [(0, 1), (1, 0), (2, 3), (3, 2)]);
+    assert_eq!(unit_pairs("cross-domain", 2, 2), [(0, 2), (1, 3), (2, 0), (3, 1)]);
+}
+
+fn images(n: usize, w: u32, h: u32) -> Vec<LedgerImage> {
+    (0..n).map(|i| LedgerImage { id: format!("img{i}"), width: w, height: h }).collect()
+}
+
+#[test]
+fn the_ledger_never_passes_the_budget_never_charges_twice_and_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.bin");
+    let imgs = images(3, 10, 7);
+    let mut ledger = Ledger::open_or_create(&path, &imgs, 50).unwrap();
+    assert_eq!(ledger.total_pixels(), 210);
+    assert!(ledger.buy(0, 3, 4));
+    assert!(!ledger.buy(0, 3, 4), "already bought: not charged again");
+    assert_eq!(ledger.spent(), 1);
+    for y in 0..7 {
+        for x in 0..10 {
+            ledger.buy(1, x, y);
+        }
+    }
+    assert_eq!(ledger.spent(), 50, "stops at Me exactly");
+    assert!(!ledger.buy(2, 0, 0));
+    drop(ledger);
+    let ledger = Ledger::open_or_create(&path, &imgs, 50).unwrap();
+    assert_eq!(ledger.spent(), 50);
+    assert!(ledger.is_bought(0, 3, 4));
+    assert_eq!(ledger.bought_in(0) + ledger.bought_in(1) + ledger.bought_in(2), 50);
+    // Another budget or other images: refused, not silently reinterpreted.
+    let e = Ledger::open_or_create(&path, &imgs, 60).err().unwrap();
+    assert!(e.to_string().contains("another budget"), "{e}");
+    assert!(Ledger::open_or_create(&path, &images(4, 10, 7), 50).is_err());
+}
+
+#[test]
+fn the_oracle_reveals_only_bought_pixels() {
+    let sealed = SealedLabels::seal(Tensor::from_slice(&[3i64, 4, 5, 6]).view([1, 2, 2]));
+    let bought = Tensor::from_slice(&[true, false, false, true]).view([1, 2, 2]);
+    let revealed: Vec<i64> = Vec::try_from(Oracle::reveal(&sealed, &bought).flatten(0, -1)).unwrap();
+    assert_eq!(revealed, [3, 255, 255, 6]);
+}
+
+fn active(schedule: Schedule, adaptive: bool, budget: f64) -> ActiveConfig {
+    ActiveConfig { budget, pi_high: 0.8, pi_low: 0.2, decay: 0.9, schedule, adaptive_sampling: adaptive,
+        ..ActiveConfig::default() }
+}
+
+/// Scores of a 20x10 crop: a stripe of high (0.95), a stripe of low (0.05), medium elsewhere.
+fn scores() -> Vec<f32> {
+    (0..200).map(|i| match (i % 20) / 5 { 0 => 0.95, 1 => 0.05, _ => 0.5 }).collect()
+}
+
+#[test]
+fn algorithm_1_buys_from_g_h_until_half_the_budget_then_from_g_m_then_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = images(10, 20, 10);
+    let mut ledger = Ledger::open_or_create(&dir.path().join("l.bin"), &imgs, 200).unwrap(); // Me = 10 %
+    let mut sampler = Sampler::new(&active(Schedule::Sequential, true, 0.1), None);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let s = scores();
+    let mut phase_counts = Vec::new();
+    for k in 0..40 {
+        let image = k % 10;
+        let before = ledger.spent();
+        let sel = sampler.select(&s, image, &Geometry::identity(20, 10), &mut ledger, &mut rng);
+        let bought = ledger.spent() - before;
+        assert_eq!(bought, sel.bought_now);
+        assert!(ledger.spent() <= ledger.budget());
+        // Which group this crop's new labels came from.
+        let from_high = (0..200).filter(|&i| sel.labelled[i] && sel.high[i]).count();
+        phase_counts.push((before, bought, from_high));
+        if sampler.config.adaptive_sampling {
+            let pseudo = sel.pseudo.iter().filter(|&&p| p).count();
+            assert!(sel.pseudo.iter().zip(&sel.low).all(|(&p, &l)| !p || l), "pseudo labels come from G_l");
+            assert_eq!(pseudo, (bought as usize).max(10), "adaptive sampling: as many pseudo as labelled");
+        }
+    }
+    // Phase G_h: quota 20 per crop, all from G_h (half of its 50 pixels = 25 available).
+    let (_, first, first_high) = phase_counts[0];
+    assert_eq!((first, first_high), (20, 20));
+    // Exactly Me/2 = 100 from G_h, then G_m until Me = 200, then nothing.
+    assert_eq!(phase_counts.iter().take_while(|c| c.0 < 100).map(|c| c.1).sum::<u64>(), 100);
+    let high_total: u64 = (0..10).map(|i| (0..200u32).filter(|&p| ledger.is_bought(i, p % 20, p / 20)
+        && (p % 20) / 5 == 0).count() as u64).sum();
+    assert_eq!(high_total, 100, "the first half of the budget is G_h");
+    assert_eq!(ledger.spent(), 200, "the whole budget is spent, exactly");
+    assert_eq!(phase_counts.last().unwrap().1, 0);
+    assert_eq!(sampler.thresholds.pi_high, 0.8, "G_h was large enough: no decay");
+}
+
+#[test]
+fn pi_high_decays_when_g_h_cannot_fill_the_quota_and_without_as_all_of_g_l_is_pseudo() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = images(4, 20, 10);
+    let mut ledger = Ledger::open_or_create(&dir.path().join("l.bin"), &imgs, 400).unwrap();
+    let mut sampler = Sampler::new(&active(Schedule::Sequential, false, 0.5), None);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+    let before = sampler.thresholds.pi_high;
+    let sel = sampler.select(&scores(), 0, &Geometry::identity(20, 10), &mut ledger, &mut rng);
+    assert!(close(sampler.thresholds.pi_high, before * 0.9), "quota 100 > half of G_h (25): decay");
+    assert_eq!(sel.bought_now, 25);
+    let pseudo = sel.pseudo.iter().filter(|&&p| p).count();
+    assert_eq!(pseudo, 50, "AL w/o AS: every G_l pixel is pseudo-labelled");
+    // With a lower pi_high the medium pixels (0.5) join G_h after enough decays.
+    for k in 0..20 {
+        sampler.select(&scores(), k % 4, &Geometry::identity(20, 10), &mut ledger, &mut rng);
+    }
+    assert!(sampler.thresholds.pi_high < 0.5);
+    assert!(ledger.spent() <= 400);
+}
+
+#[test]
+fn the_budget_holds_over_many_iterations_and_across_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = images(6, 32, 16);
+    let path = dir.path().join("l.bin");
+    let budget = (0.05 * 6.0 * 512.0f64).round() as u64;
+    let mut total_new = 0;
+    for session in 0..3 {
+        let mut ledger = Ledger::open_or_create(&path, &imgs, budget).unwrap();
+        let mut sampler = Sampler::new(&active(Schedule::Simultaneous, true, 0.05), None);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(session);
+        for k in 0..50u32 {
+            let s: Vec<f32> = (0..16 * 16).map(|i| ((i * 7919 + k * 31) % 100) as f32 / 100.0).collect();
+            let g = Geometry { original_width: 32, original_height: 16, scaled_width: 32, scaled_height: 16,
+                crop_x: k % 16, crop_y: 0, crop_width: 16, crop_height: 16, flipped: k % 2 == 0 };
+            let sel = sampler.select(&s, (k % 6) as usize, &g, &mut ledger, &mut rng);
+            total_new += sel.bought_now;
+            assert!(ledger.spent() <= budget);
+        }
+    }
+    let ledger = Ledger::open_or_create(&path, &imgs, budget).unwrap();
+    let bits: u64 = (0..6).map(|i| ledger.bought_in(i)).sum();
+    assert_eq!(bits, total_new, "every charge is one distinct pixel");
+    assert_eq!(ledger.spent(), budget);
+}
+
+fn tiny_config(dir: &std::path::Path) -> Config {
+    let data = dir.join("synth");
+    let mut config = Config::from_toml_str(&std::fs::read_to_string("pipelines/synth.toml").unwrap()).unwrap();
+    config.synth.root = data.clone();
+    (config.synth.width, config.synth.height) = (64, 32);
+    (config.synth.source_images, config.synth.target_train_images, config.synth.target_val_images) = (4, 4, 2);
+    config.run.runs_dir = dir.join("runs");
+    config.augment.crop = [32, 64];
+    config.model.tiny_width = 8;
+    config.train.batch_source = 2;
+    config.train.batch_target = 2;
+    config.active.budget = 0.2;
+    // An untrained net is uncertain everywhere: thresholds that still give it a G_l.
+    (config.active.pi_low, config.active.pi_high) = (1.2, 2.0);
+    config.data.source = Some(DatasetConfig::at(DatasetKind::Gta5, data.join("source")));
+    config.data.target = Some(DatasetConfig { split: Some("train".into()), ..DatasetConfig::at(DatasetKind::Cityscapes, data.join("target")) });
+    config.data.target_val = Some(DatasetConfig { split: Some("val".into()), ..config.data.target.clone().unwrap() });
+    adamcu::data::synth::generate(&config.synth).unwrap();
+    config
+}
+
+#[test]
+fn every_loss_term_reaches_the_gradient() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(dir.path());
+    let trainer = adamcu::train::Trainer::new(&config).unwrap();
+    let mut state = trainer.new_ada_state(trainer.open_ledger(&dir.path().join("ledger.bin")).unwrap());
+    let source = adamcu::train::open_set(&config.data.source, "s", 19).unwrap();
+    let target = adamcu::train::open_set(&config.data.target, "t", 19).unwrap();
+    let batch = |set: &adamcu::data::source::SampleSource| {
+        let mut augmenter = adamcu::data::augment::Augmenter::new(&config.augment);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let samples: Vec<_> = (0..2).map(|i| set.load_augmented(i, &mut augmenter, &mut rng).unwrap()).collect();
+        let images: Vec<u8> = samples.iter().flat_map(|s| s.image.clone()).collect();
+        let labels: Vec<u8> = samples.iter().flat_map(|s| s.label.clone()).collect();
+        (Tensor::from_slice(&images).view([2, 32, 64, 3]), Tensor::from_slice(&labels).view([2, 32, 64]).to_kind(Kind::Int64),
+         samples.iter().map(|s| s.geometry).collect::<Vec<_>>())
+    };
+    let (si, sl, _) = batch(&source);
+    let (ti, tl, tg) = batch(&target);
+    let names = ["L_seg source", "L_seg target", "L_con p2p", "L_con c2c"];
+    for (term, name) in names.iter().enumerate() {
+        let out = trainer.ada_losses(&mut state, &si, &sl, &ti, &SealedLabels::seal(tl.shallow_clone()), &[0, 1], &tg, 0);
+        let loss = out.terms[term].as_ref().unwrap_or_else(|| panic!("{name} was not computed"));
+        assert!(loss.double_value(&[]) > 0.0, "{name} is zero");
+        for (_, t) in trainer.vs.variables() {
+            let mut g = t.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        loss.backward();
+        let grad = |prefix: &str| -> f64 {
+            trainer.vs.variables().iter().filter(|(n, t)| n.starts_with(prefix) && t.requires_grad())
+                .map(|(_, t)| { let g = t.grad(); if g.defined() { g.abs().sum(Kind::Float).double_value(&[]) } else { 0.0 } })
+                .sum()
+        };
+        let reached = if term >= 2 { grad("projection.") } else { grad("main.") };
+        assert!(reached > 0.0, "{name} gives no gradient to its head");
+        assert!(grad("backbone.") > 0.0, "{name} gives no gradient to the backbone");
+        // The total includes the term (weight > 0): the step uses it.
+        assert!(out.total.double_value(&[]) >= loss.double_value(&[]) * if term >= 2 { config.contrast.weight } else { 1.0 } - 1e-6);
+    }
+}
+
+#[test]
+fn contrastive_losses_need_anchors_and_keys_in_both_domains() {
+    tch::manual_seed(0);
+    let emb = Tensor::randn([2, 8, 4, 4], (Kind::Float, Device::Cpu));
+    let emb = &emb / emb.norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
+    let labels = Tensor::randint(3, [2, 4, 4], (Kind::Int64, Device::Cpu));
+    let batch = |anchors: bool| DomainBatch { embedding: emb.shallow_clone(), labels: labels.shallow_clone(),
+        anchors: Tensor::full([2, 4, 4], anchors as i64, (Kind::Bool, Device::Cpu)),
+        low: Tensor::ones([2, 4, 4], (Kind::Bool, Device::Cpu)), center_classes: labels.shallow_clone() };
+    let config = ContrastConfig::default();
+    let l = contrastive_losses(&batch(true), &batch(true), &config, None, 3);
+    assert!(l.p2p.is_some() && l.c2c.is_some());
+    let l = contrastive_losses(&batch(false), &batch(false), &config, None, 3);
+    assert!(l.p2p.is_none(), "no anchors: no p2p term");
+}
