@@ -51,10 +51,10 @@ impl Normaliser {
         for (image, out) in bytes.chunks_exact(3 * plane).zip(floats.chunks_exact_mut(3 * plane)) {
             let (r, rest) = out.split_at_mut(plane);
             let (g, bl) = rest.split_at_mut(plane);
-            for (i, px) in image.chunks_exact(3).enumerate() {
-                r[i] = self.tables[0][px[0] as usize];
-                g[i] = self.tables[1][px[1] as usize];
-                bl[i] = self.tables[2][px[2] as usize];
+            for (((px, r), g), bl) in image.chunks_exact(3).zip(r.iter_mut()).zip(g.iter_mut()).zip(bl.iter_mut()) {
+                *r = self.tables[0][px[0] as usize];
+                *g = self.tables[1][px[1] as usize];
+                *bl = self.tables[2][px[2] as usize];
             }
         }
         out
