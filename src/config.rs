@@ -40,6 +40,7 @@ pub struct Config {
     pub active: ActiveConfig,
     pub contrast: ContrastConfig,
     pub demo: DemoConfig,
+    pub metrics: MetricsConfig,
 }
 
 impl Default for Config {
@@ -55,6 +56,7 @@ impl Default for Config {
             active: ActiveConfig::default(),
             contrast: ContrastConfig::default(),
             demo: DemoConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -298,6 +300,11 @@ pub struct TrainConfig {
     /// Iterations of the target-supervised upper bound (all target labels).
     pub target_supervised_iterations: usize,
     pub log_every: usize,
+    /// The daemon writes a checkpoint every this many ADA-MCU steps and keeps the last N.
+    pub checkpoint_every: usize,
+    pub keep_checkpoints: usize,
+    /// Evaluate on the target val set every this many steps (0 = only at the end).
+    pub eval_every: usize,
 }
 
 impl Default for TrainConfig {
@@ -314,6 +321,9 @@ impl Default for TrainConfig {
             source_iterations: 20_000,
             target_supervised_iterations: 20_000,
             log_every: 50,
+            checkpoint_every: 1000,
+            keep_checkpoints: 3,
+            eval_every: 0,
         }
     }
 }
@@ -401,6 +411,29 @@ impl Default for ContrastConfig {
         ContrastConfig { enabled: true, levels: vec!["intra-image".into(), "cross-image".into(), "cross-domain".into()],
             p2p: true, c2c: true, dccm: true, dccm_momentum: 0.99, temperature: 0.1, weight: 0.1,
             max_anchors: 256, max_keys: 1024 }
+    }
+}
+
+/// The Prometheus endpoint of the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MetricsConfig {
+    /// Address of `/metrics` ("" = off).
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: "127.0.0.1:9464".into() }
+    }
+}
+
+impl MetricsConfig {
+    pub fn listen_address(&self) -> anyhow::Result<Option<std::net::SocketAddr>> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(self.listen.parse().map_err(|e| anyhow::anyhow!("metrics.listen = {:?}: {e}", self.listen))?))
     }
 }
 
@@ -559,6 +592,10 @@ impl Config {
             "a positive number");
         check(t.aux_weight >= 0.0, "train.aux_weight", t.aux_weight.to_string(), "a number >= 0");
         check(t.log_every >= 1, "train.log_every", t.log_every.to_string(), "at least 1");
+        check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every.to_string(), "at least 1");
+        check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints.to_string(), "at least 1");
+        check(self.metrics.listen.is_empty() || self.metrics.listen.parse::<std::net::SocketAddr>().is_ok(),
+            "metrics.listen", format!("{:?}", self.metrics.listen), "\"host:port\" (e.g. \"127.0.0.1:9464\") or \"\"");
 
         let a = &self.active;
         check(a.budget > 0.0 && a.budget <= 1.0, "active.budget", a.budget.to_string(), "a fraction in (0, 1]");

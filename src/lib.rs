@@ -12,6 +12,7 @@ pub mod data;
 pub mod demo;
 pub mod doctor;
 pub mod model;
+pub mod pipeline;
 pub mod predict;
 pub mod telemetry;
 pub mod train;

@@ -61,10 +61,14 @@ enum Command {
     Train {
         #[arg(long, default_value = "pipelines/synth.toml")]
         config: PathBuf,
-        /// "source" (source-only pretraining), "ada" (ADA-MCU under the budget; start it from
-        /// the source checkpoint with --init) or "target-supervised" (the upper bound).
-        #[arg(long, default_value = "source")]
+        /// "all" (the daemon: source pretraining if the run has none, then ADA-MCU with periodic
+        /// checkpoints; SIGTERM/SIGINT stop it cleanly), "source" (source-only pretraining),
+        /// "ada" (one uninterrupted ADA-MCU pass, start it with --init) or "target-supervised".
+        #[arg(long, default_value = "all")]
         stage: String,
+        /// Go on from the run's newest checkpoint (--stage all).
+        #[arg(long)]
+        resume: bool,
         /// For --stage ada: an ablation preset (al-wo-as, al-w-as, mcu-i, mcu-d, p2p, p2p-c2c,
         /// full); default: the config as written.
         #[arg(long)]
@@ -88,6 +92,11 @@ enum Command {
         /// Also write the row as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// The daemon's status: step, it/s, ETA, budget spent, the bottleneck stage.
+    Status {
+        /// The run directory (runs/<name>).
+        run_dir: PathBuf,
     },
     /// Write colourised masks and overlays for a folder of images.
     Predict {
@@ -212,16 +221,27 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
         Command::Demo { config } => {
             adamcu::demo::run(&load_config(&config, overrides)?)?;
         }
-        Command::Train { config, stage, init, ablation } => {
+        Command::Train { config, stage, init, ablation, resume } => {
             let mut config = load_config(&config, overrides)?;
             if let Some(preset) = &ablation {
                 config = adamcu::ablation::apply(&config, preset)?;
+            }
+            if stage == "all" {
+                let outcome = adamcu::pipeline::daemon::run(&config, adamcu::pipeline::daemon::DaemonOptions { resume, init })?;
+                println!("{}", match outcome {
+                    adamcu::pipeline::daemon::Outcome::Finished => "finished",
+                    adamcu::pipeline::daemon::Outcome::Stopped => "stopped; go on with --resume",
+                });
+                return Ok(ExitCode::SUCCESS);
+            }
+            if resume {
+                bail!("--resume goes with --stage all (the daemon)");
             }
             let stage = match stage.as_str() {
                 "source" => Some(SupervisedStage::Source),
                 "target-supervised" => Some(SupervisedStage::TargetSupervised),
                 "ada" => None,
-                other => bail!("--stage {other:?}: expected \"source\", \"ada\" or \"target-supervised\""),
+                other => bail!("--stage {other:?}: expected \"all\", \"source\", \"ada\" or \"target-supervised\""),
             };
             let mut trainer = Trainer::new(&config)?;
             if let Some(init) = init {
@@ -267,6 +287,12 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_vec_pretty(&row)?)?;
             }
+        }
+        Command::Status { run_dir } => {
+            let status = adamcu::pipeline::status::Status::read(&run_dir)?;
+            let alive = adamcu::pipeline::lock::RunLock::is_held(&run_dir);
+            println!("{} ({}; pid {}, daemon {})", status.line(), status.state, status.pid,
+                if alive { "running" } else { "not running" });
         }
         Command::Predict { config, checkpoint, images, out } => {
             let config = load_config(&config, overrides)?;

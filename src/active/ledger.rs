@@ -5,6 +5,11 @@
 //!   can never be passed, and a pixel already bought is never charged again.
 //! - Bits are written straight into the mapping: a killed process loses nothing (the kernel
 //!   holds the pages); `flush` makes them durable against power loss, at every checkpoint.
+//! - Resuming from a checkpoint replays the steps after it. Pixels bought in those steps
+//!   before the crash are *pending* (in the ledger, not in the checkpoint's snapshot): they
+//!   stay bought and charged, the replay sees them as not yet bought, and when the replay
+//!   buys one again it is not charged twice. A deterministic replay thus ends with the same
+//!   ledger as an uninterrupted run.
 //!
 //! File layout (little-endian): "ADAMCULG" | version u32 | images u32 | budget u64 |
 //! header_len u64 | then per image: id_len u16, id, width u32, height u32 | padding to 8 |
@@ -30,9 +35,14 @@ pub struct Ledger {
     images: Vec<LedgerImage>,
     /// Byte offset of each image's bitset.
     offsets: Vec<usize>,
+    /// Pixels charged (set bits), pending ones included.
     spent: u64,
     budget: u64,
     total: u64,
+    /// Bits bought after the snapshot a resumed run started from (same layout as the map).
+    pending: Vec<u8>,
+    pending_count: u64,
+    bits_start: usize,
 }
 
 fn header(images: &[LedgerImage], budget: u64) -> Vec<u8> {
@@ -97,11 +107,44 @@ impl Ledger {
         if spent > budget {
             bail!("{}: {spent} pixels bought, more than the budget {budget}: the ledger is corrupt", path.display());
         }
-        Ok(Ledger { path: path.to_path_buf(), map, images: images.to_vec(), offsets, spent, budget, total })
+        Ok(Ledger { path: path.to_path_buf(), map, images: images.to_vec(), offsets, spent, budget, total,
+            pending: Vec::new(), pending_count: 0, bits_start: header.len() })
     }
 
-    /// Ma: pixels bought so far.
+    /// Opens the ledger of a run resumed from a checkpoint whose ledger snapshot is `snapshot`.
+    pub fn open_resumed(path: &Path, images: &[LedgerImage], budget: u64, snapshot: &Path) -> Result<Ledger> {
+        let mut ledger = Ledger::open_or_create(path, images, budget)?;
+        let saved = std::fs::read(snapshot).with_context(|| format!("{}: cannot read the ledger snapshot", snapshot.display()))?;
+        if saved.len() != ledger.map.len() || saved[..ledger.bits_start] != ledger.map[..ledger.bits_start] {
+            bail!("{}: snapshot does not belong to the ledger {}", snapshot.display(), path.display());
+        }
+        let start = ledger.bits_start;
+        let mut pending = vec![0u8; ledger.map.len() - start];
+        for (i, p) in pending.iter_mut().enumerate() {
+            let (now, then) = (ledger.map[start + i], saved[start + i]);
+            if then & !now != 0 {
+                bail!("{}: the snapshot holds purchases the ledger lacks: ledger corrupt", path.display());
+            }
+            *p = now & !then;
+        }
+        ledger.pending_count = pending.iter().map(|b| b.count_ones() as u64).sum();
+        ledger.pending = pending;
+        Ok(ledger)
+    }
+
+    /// Writes a copy of the ledger (after a flush) to `path` atomically, for a checkpoint.
+    pub fn snapshot_to(&self, path: &Path) -> Result<()> {
+        self.flush()?;
+        crate::train::checkpoint::write_atomically(path, |temp| Ok(std::fs::write(temp, &self.map[..])?))
+    }
+
+    /// Ma as the run sees it: purchases up to the current step (pending ones excluded).
     pub fn spent(&self) -> u64 {
+        self.spent - self.pending_count
+    }
+
+    /// Pixels charged to the budget, pending ones included (never above Me).
+    pub fn charged(&self) -> u64 {
         self.spent
     }
     /// Me: the budget in pixels.
@@ -113,7 +156,7 @@ impl Ledger {
         self.total
     }
     pub fn remaining(&self) -> u64 {
-        self.budget - self.spent
+        self.budget - self.spent()
     }
     pub fn images(&self) -> &[LedgerImage] {
         &self.images
@@ -124,16 +167,27 @@ impl Ledger {
         (self.offsets[image] + i / 8, 1u8 << (i % 8))
     }
 
-    pub fn is_bought(&self, image: usize, x: u32, y: u32) -> bool {
-        let (byte, mask) = self.bit(image, x, y);
-        self.map[byte] & mask != 0
+    fn is_pending(&self, byte: usize, mask: u8) -> bool {
+        !self.pending.is_empty() && self.pending[byte - self.bits_start] & mask != 0
     }
 
-    /// Buys the label of one original-image pixel. Returns true when it was newly bought;
-    /// false when it was already bought or the budget is spent.
+    /// Whether the pixel is bought as of the current step (pending purchases are not yet).
+    pub fn is_bought(&self, image: usize, x: u32, y: u32) -> bool {
+        let (byte, mask) = self.bit(image, x, y);
+        self.map[byte] & mask != 0 && !self.is_pending(byte, mask)
+    }
+
+    /// Buys the label of one original-image pixel. Returns true when it was newly bought (or
+    /// a pending purchase was replayed, which costs nothing more); false when it was already
+    /// bought or the budget is spent.
     pub fn buy(&mut self, image: usize, x: u32, y: u32) -> bool {
         let (byte, mask) = self.bit(image, x, y);
-        if self.map[byte] & mask != 0 || self.spent >= self.budget {
+        if self.is_pending(byte, mask) {
+            self.pending[byte - self.bits_start] &= !mask;
+            self.pending_count -= 1;
+            return true;
+        }
+        if self.map[byte] & mask != 0 || self.spent() >= self.budget || self.spent >= self.budget {
             return false;
         }
         self.map[byte] |= mask;

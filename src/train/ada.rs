@@ -3,8 +3,11 @@
 //! pseudo labels, builds the multi-level contrastive units, updates the DCCM and takes one
 //! SGD step on L_seg (Eqs. 4-6) + L_con.
 
+use super::checkpoint;
 use super::optimizer::{poly_lr, Sgd};
 use super::{open_set, segmentation_loss, Trainer};
+use crate::telemetry;
+use std::time::Instant;
 use crate::active::ledger::{Ledger, LedgerImage};
 use crate::active::oracle::{Oracle, SealedLabels};
 use crate::active::sampling::{Sampler, Thresholds};
@@ -50,6 +53,8 @@ pub struct AdaState {
 pub struct StepOutput {
     pub total: Tensor,
     pub terms: [Option<Tensor>; 4],
+    /// Target pixels in G_h, G_m and G_l this iteration.
+    pub groups: [u64; 3],
 }
 
 fn nearest(t: &Tensor, h: i64, w: i64) -> Tensor {
@@ -109,6 +114,8 @@ impl Trainer {
             low.extend(sel.low);
         }
         let bt = target_samples.len() as i64;
+        let (n_high, n_low) = (high.iter().filter(|&&v| v).count() as u64, low.iter().filter(|&&v| v).count() as u64);
+        let groups = [n_high, high.len() as u64 - n_high - n_low, n_low];
         let mask = |v: &[bool]| Tensor::from_slice(v).view([bt, h, w]).to_device(self.device);
         let (labelled, pseudo, high, low) = (mask(&labelled), mask(&pseudo), mask(&high), mask(&low));
         let revealed = Oracle::reveal(target_labels, &labelled);
@@ -159,51 +166,162 @@ impl Trainer {
             }
             (p2p, c2c) = (losses.p2p, losses.c2c);
         }
-        StepOutput { total, terms: [Some(loss_source), Some(loss_target), p2p, c2c] }
+        StepOutput { total, terms: [Some(loss_source), Some(loss_target), p2p, c2c], groups }
     }
 
-    /// Runs the ADA-MCU stage from the current weights; the ledger lives at `ledger_path`.
+    /// Runs the ADA-MCU stage from the current weights to the end; the ledger lives at
+    /// `ledger_path` (a fresh run: see `pipeline::daemon` for checkpoints and resume).
     pub fn train_ada(&mut self, ledger_path: &Path, iterations: usize) -> Result<(AdaSummary, AdaState)> {
-        let c = self.config.clone();
-        let mut state = self.new_ada_state(self.open_ledger(ledger_path)?);
-        let options = |domain, batch_size, seed| LoaderOptions { domain, batch_size, workers: c.data.workers,
-            capacity: c.data.channel_capacity, seed, on_bad_sample: c.data.on_bad_sample, start_at: 0 };
-        let source_set = open_set(&c.data.source, "data.source", c.data.classes)?;
-        let target_set = open_set(&c.data.target, "data.target", c.data.classes)?;
-        let (source_augment, target_augment) = (c.augment_for(c.data.source.as_ref().unwrap()),
-            c.augment_for(c.data.target.as_ref().unwrap()));
-        let source = Loader::spawn(source_set, &source_augment, options("source", c.train.batch_source, c.run.seed));
-        let target = Loader::spawn(target_set, &target_augment, options("target", c.train.batch_target,
-            c.run.seed.wrapping_add(1)));
-        let mut optimizer: Sgd = self.optimizer();
-        let mut progress = super::progress::Progress::new("ada-mcu", iterations as u64, c.train.log_every as u64);
-        let mut last = StepLosses::default();
-        for step in 0..iterations {
-            let sb = source.batches.recv().context("source loader stopped")?.map_err(|e| anyhow!("{e}"))?;
-            let tb = target.batches.recv().context("target loader stopped")?.map_err(|e| anyhow!("{e}"))?;
-            let sealed = SealedLabels::seal(tb.labels);
-            let out = self.ada_losses(&mut state, &sb.images, &sb.labels, &tb.images, &sealed, &tb.sample_indices,
-                &tb.geometries, step as u64);
-            optimizer.zero_grad();
-            out.total.backward();
-            let lr = poly_lr(c.train.lr, step as u64, iterations as u64, c.train.poly_power);
-            optimizer.update(lr);
-            let value = |t: &Option<Tensor>| t.as_ref().map_or(0.0, |t| t.double_value(&[]));
-            last = StepLosses { source: value(&out.terms[0]), target: value(&out.terms[1]), p2p: value(&out.terms[2]),
-                c2c: value(&out.terms[3]), total: out.total.double_value(&[]) };
-            anyhow::ensure!(last.total.is_finite(), "ada-mcu: loss is {} at step {step}", last.total);
-            progress.step(last.total, lr);
-            if (step + 1) % c.train.log_every == 0 {
-                tracing::info!("budget {}/{} pixels ({:.2}% of target), pi_high {:.4}, losses {last:?}",
-                    state.ledger.spent(), state.ledger.budget(),
-                    100.0 * state.ledger.spent() as f64 / state.ledger.total_pixels() as f64, state.sampler.thresholds.pi_high);
-            }
+        let state = self.new_ada_state(self.open_ledger(ledger_path)?);
+        let mut run = AdaRun::start(self, state, None, iterations as u64)?;
+        let mut progress = super::progress::Progress::new("ada-mcu", iterations as u64, self.config.train.log_every as u64);
+        while !run.done() {
+            let total = run.step(self)?.total;
+            progress.step(total, poly_lr(self.config.train.lr, run.step, run.iterations, self.config.train.poly_power));
         }
         progress.finish();
-        source.stop();
-        target.stop();
-        state.ledger.flush()?;
-        Ok((AdaSummary { iterations, spent: state.ledger.spent(), budget: state.ledger.budget(),
-            total_pixels: state.ledger.total_pixels(), thresholds: state.sampler.thresholds, last_losses: last }, state))
+        let ledger = &run.state.ledger;
+        tracing::info!("ada-mcu: bought {} of {} pixels ({:.2}% of the target set), pi_high {:.4}",
+            ledger.charged(), ledger.budget(), 100.0 * ledger.charged() as f64 / ledger.total_pixels() as f64,
+            run.state.sampler.thresholds.pi_high);
+        run.finish()
     }
+}
+
+/// Where a resumed run picks up (from a checkpoint).
+pub struct ResumePoint {
+    pub step: u64,
+    pub optimizer: Vec<(String, Tensor)>,
+}
+
+/// A running ADA-MCU stage: its loaders, optimizer and state, one `step` at a time.
+pub struct AdaRun {
+    pub state: AdaState,
+    pub optimizer: Sgd,
+    source: Loader,
+    target: Loader,
+    pub step: u64,
+    pub iterations: u64,
+    pub last: StepLosses,
+    stage: telemetry::Stage,
+    /// Seconds this run's steps spent waiting for batches, and in all (for the bottleneck).
+    pub waited: f64,
+    pub stepped: f64,
+}
+
+impl AdaRun {
+    pub fn start(trainer: &Trainer, state: AdaState, resume: Option<ResumePoint>, iterations: u64) -> Result<AdaRun> {
+        let c = &trainer.config;
+        let mut optimizer = trainer.optimizer();
+        let step = match resume {
+            Some(point) => {
+                optimizer.load_state(&point.optimizer)?;
+                point.step
+            }
+            None => 0,
+        };
+        // The data order resumes too: the loaders skip the samples already drawn.
+        let options = |domain, batch_size: usize, seed| LoaderOptions { domain, batch_size, workers: c.data.workers,
+            capacity: c.data.channel_capacity, seed, on_bad_sample: c.data.on_bad_sample,
+            start_at: step * batch_size as u64 };
+        let (source_cfg, target_cfg) = (c.data.source.as_ref(), c.data.target.as_ref());
+        let source_set = open_set(&c.data.source, "data.source", c.data.classes)?;
+        let target_set = open_set(&c.data.target, "data.target", c.data.classes)?;
+        let source = Loader::spawn(source_set, &c.augment_for(source_cfg.unwrap()),
+            options("source", c.train.batch_source, c.run.seed));
+        let target = Loader::spawn(target_set, &c.augment_for(target_cfg.unwrap()),
+            options("target", c.train.batch_target, c.run.seed.wrapping_add(1)));
+        Ok(AdaRun { state, optimizer, source, target, step, iterations, last: StepLosses::default(),
+            stage: telemetry::Stage::new("train"), waited: 0.0, stepped: 0.0 })
+    }
+
+    pub fn done(&self) -> bool {
+        self.step >= self.iterations
+    }
+
+    /// One iteration: take a batch of each domain, compute the losses, update the model.
+    pub fn step(&mut self, trainer: &Trainer) -> Result<&StepLosses> {
+        let c = &trainer.config;
+        let started = Instant::now();
+        let sb = self.source.batches.recv().context("source loader stopped")?.map_err(|e| anyhow!("{e}"))?;
+        let tb = self.target.batches.recv().context("target loader stopped")?.map_err(|e| anyhow!("{e}"))?;
+        let waited = started.elapsed();
+        self.stage.waited_input(waited);
+        let busy = Instant::now();
+        // Every random draw of the step is seeded by (seed, step): a resumed run replays it.
+        tch::manual_seed((c.run.seed ^ self.step.wrapping_mul(0x9E37_79B9_7F4A_7C15)) as i64);
+        let sealed = SealedLabels::seal(tb.labels);
+        let out = trainer.ada_losses(&mut self.state, &sb.images, &sb.labels, &tb.images, &sealed, &tb.sample_indices,
+            &tb.geometries, self.step);
+        self.optimizer.zero_grad();
+        out.total.backward();
+        let lr = poly_lr(c.train.lr, self.step, self.iterations, c.train.poly_power);
+        self.optimizer.update(lr);
+        let value = |t: &Option<Tensor>| t.as_ref().map_or(0.0, |t| t.double_value(&[]));
+        self.last = StepLosses { source: value(&out.terms[0]), target: value(&out.terms[1]), p2p: value(&out.terms[2]),
+            c2c: value(&out.terms[3]), total: out.total.double_value(&[]) };
+        anyhow::ensure!(self.last.total.is_finite(), "ada-mcu: loss is {} at step {}", self.last.total, self.step);
+        self.stage.busy(busy.elapsed());
+        self.stage.item();
+        self.step += 1;
+        let seconds = started.elapsed().as_secs_f64();
+        (self.waited, self.stepped) = (self.waited + waited.as_secs_f64(), self.stepped + seconds);
+        let l = &self.last;
+        telemetry::step(seconds, lr, &[("source", l.source), ("target", l.target), ("p2p", l.p2p), ("c2c", l.c2c),
+            ("total", l.total)]);
+        telemetry::images("source", sb.ids.len());
+        telemetry::images("target", tb.ids.len());
+        telemetry::channel("source_batches", self.source.batches.len(), c.data.channel_capacity);
+        telemetry::channel("target_batches", self.target.batches.len(), c.data.channel_capacity);
+        let t = self.state.sampler.thresholds;
+        telemetry::groups(out.groups[0], out.groups[1], out.groups[2], t.pi_high, t.pi_low);
+        telemetry::budget(self.state.ledger.spent(), self.state.ledger.budget());
+        Ok(&self.last)
+    }
+
+    /// Writes `step-N.safetensors` (model, optimizer, DCCM, thresholds, step) and the ledger
+    /// snapshot `step-N.ledger`, then prunes old ones.
+    pub fn checkpoint(&self, trainer: &Trainer, rotation: &checkpoint::Rotation) -> Result<std::path::PathBuf> {
+        let started = Instant::now();
+        std::fs::create_dir_all(&rotation.dir)?;
+        // The snapshot first: a checkpoint file never exists without its ledger snapshot.
+        self.state.ledger.snapshot_to(&rotation.path_for(self.step, "ledger"))?;
+        let path = rotation.path_for(self.step, "safetensors");
+        let meta = serde_json::json!({ "stage": "ada", "step": self.step, "iterations": self.iterations,
+            "thresholds": self.state.sampler.thresholds, "spent": self.state.ledger.spent(),
+            "charged": self.state.ledger.charged(), "budget": self.state.ledger.budget() });
+        checkpoint::save(&path, &trainer.vs, Some(&self.optimizer), &[("dccm".into(), self.state.dccm.w.shallow_clone())], &meta)?;
+        rotation.prune()?;
+        telemetry::checkpoint(started.elapsed().as_secs_f64());
+        Ok(path)
+    }
+
+    pub fn finish(self) -> Result<(AdaSummary, AdaState)> {
+        self.source.stop();
+        self.target.stop();
+        self.state.ledger.flush()?;
+        let summary = AdaSummary { iterations: self.step as usize, spent: self.state.ledger.charged(),
+            budget: self.state.ledger.budget(), total_pixels: self.state.ledger.total_pixels(),
+            thresholds: self.state.sampler.thresholds, last_losses: self.last };
+        Ok((summary, self.state))
+    }
+}
+
+/// Restores the model, DCCM and thresholds from an ADA checkpoint and opens the ledger with
+/// the checkpoint's snapshot; returns the state and where the run resumes.
+pub fn resume(trainer: &mut Trainer, checkpoint_path: &Path, ledger_path: &Path) -> Result<(AdaState, ResumePoint)> {
+    let loaded = trainer.load(checkpoint_path)?;
+    let meta = &loaded.meta;
+    let step = meta["step"].as_u64().context("checkpoint lacks its step")?;
+    let thresholds: Thresholds = serde_json::from_value(meta["thresholds"].clone()).context("checkpoint lacks thresholds")?;
+    let fresh = trainer.open_ledger(ledger_path)?;
+    let images = fresh.images().to_vec();
+    let budget = fresh.budget();
+    drop(fresh);
+    let ledger = Ledger::open_resumed(ledger_path, &images, budget, &checkpoint_path.with_extension("ledger"))?;
+    let mut state = trainer.new_ada_state(ledger);
+    state.sampler.thresholds = thresholds;
+    let dccm = loaded.extra.iter().find(|(n, _)| n == "dccm").context("checkpoint lacks the DCCM")?;
+    state.dccm.w = dccm.1.to_device(trainer.device);
+    Ok((state, ResumePoint { step, optimizer: loaded.optimizer }))
 }

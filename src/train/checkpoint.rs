@@ -20,13 +20,17 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
     Ok(())
 }
 
-pub fn save(path: &Path, vs: &VarStore, optimizer: Option<&Sgd>, meta: &serde_json::Value) -> Result<()> {
+/// Saves the model, the optimizer state, `extra` tensors (stage state such as the DCCM, as
+/// `state.<name>`) and `meta`.
+pub fn save(path: &Path, vs: &VarStore, optimizer: Option<&Sgd>, extra: &[(String, Tensor)],
+    meta: &serde_json::Value) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter()
         .map(|(n, t)| (format!("model.{n}"), t.to_device(tch::Device::Cpu)))
         .collect();
     if let Some(opt) = optimizer {
         tensors.extend(opt.state().into_iter().map(|(n, t)| (format!("optim.{n}"), t.to_device(tch::Device::Cpu))));
     }
+    tensors.extend(extra.iter().map(|(n, t)| (format!("state.{n}"), t.to_device(tch::Device::Cpu))));
     let meta_bytes = serde_json::to_vec(meta)?;
     tensors.push(("meta".into(), Tensor::from_slice(&meta_bytes)));
     write_atomically(path, |temp| {
@@ -37,6 +41,7 @@ pub fn save(path: &Path, vs: &VarStore, optimizer: Option<&Sgd>, meta: &serde_js
 pub struct Loaded {
     pub meta: serde_json::Value,
     pub optimizer: Vec<(String, Tensor)>,
+    pub extra: Vec<(String, Tensor)>,
 }
 
 /// Loads a checkpoint into `vs` (every model variable must be present with its shape).
@@ -45,6 +50,7 @@ pub fn load(path: &Path, vs: &mut VarStore) -> Result<Loaded> {
     let variables = vs.variables();
     let mut meta = None;
     let mut optimizer = Vec::new();
+    let mut extra = Vec::new();
     let mut loaded = std::collections::HashSet::new();
     tch::no_grad(|| -> Result<()> {
         for (key, t) in tensors {
@@ -54,6 +60,8 @@ pub fn load(path: &Path, vs: &mut VarStore) -> Result<Loaded> {
                 meta = Some(serde_json::from_slice(&bytes).context("checkpoint metadata is not JSON")?);
             } else if let Some(name) = key.strip_prefix("optim.") {
                 optimizer.push((name.to_string(), t));
+            } else if let Some(name) = key.strip_prefix("state.") {
+                extra.push((name.to_string(), t));
             } else if let Some(name) = key.strip_prefix("model.") {
                 let Some(var) = variables.get(name) else {
                     bail!("{}: checkpoint variable {name} is not in this model (another architecture?)", path.display());
@@ -70,5 +78,44 @@ pub fn load(path: &Path, vs: &mut VarStore) -> Result<Loaded> {
     if let Some(missing) = variables.keys().find(|k| !loaded.contains(*k)) {
         bail!("{}: checkpoint lacks model variable {missing}", path.display());
     }
-    Ok(Loaded { meta: meta.context("checkpoint lacks its metadata")?, optimizer })
+    Ok(Loaded { meta: meta.context("checkpoint lacks its metadata")?, optimizer, extra })
+}
+
+/// Periodic checkpoints of a run: `step-NNNNNNNN.safetensors` (with any companion files that
+/// share the stem, e.g. the ledger snapshot `.ledger`) in one folder; the last `keep` stay.
+pub struct Rotation {
+    pub dir: std::path::PathBuf,
+    pub keep: usize,
+}
+
+impl Rotation {
+    pub fn path_for(&self, step: u64, extension: &str) -> std::path::PathBuf {
+        self.dir.join(format!("step-{step:08}.{extension}"))
+    }
+
+    /// Steps that have a complete checkpoint, oldest first.
+    pub fn steps(&self) -> Vec<u64> {
+        let mut steps: Vec<u64> = std::fs::read_dir(&self.dir).into_iter().flatten().flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.strip_suffix(".safetensors")?.parse().ok())
+            .collect();
+        steps.sort();
+        steps
+    }
+
+    pub fn latest(&self) -> Option<u64> {
+        self.steps().last().copied()
+    }
+
+    /// Removes all but the newest `keep` checkpoints (and their companion files).
+    pub fn prune(&self) -> Result<()> {
+        let steps = self.steps();
+        for &step in steps.iter().take(steps.len().saturating_sub(self.keep)) {
+            for entry in std::fs::read_dir(&self.dir)?.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&format!("step-{step:08}.")) {
+                    std::fs::remove_file(entry.path())?;
+                }
+            }
+        }
+        Ok(())
+    }
 }

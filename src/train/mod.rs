@@ -126,7 +126,7 @@ impl Trainer {
     }
 
     pub fn save(&self, path: &Path, optimizer: Option<&Sgd>, meta: serde_json::Value) -> Result<()> {
-        checkpoint::save(path, &self.vs, optimizer, &meta)
+        checkpoint::save(path, &self.vs, optimizer, &[], &meta)
     }
 
     pub fn load(&mut self, path: &Path) -> Result<checkpoint::Loaded> {

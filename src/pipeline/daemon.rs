@@ -1,0 +1,137 @@
+//! `adamcu train --config F`: the long-lived run. Source pretraining (once, if the run has no
+//! source checkpoint), then ADA-MCU with periodic atomic checkpoints (`checkpoints/`, the last
+//! `train.keep_checkpoints` kept), a status line and file, periodic evaluation, and metrics.
+//! SIGTERM/SIGINT: the step in progress finishes, a checkpoint is written, exit 0.
+//! `--resume` restores model, optimizer state and LR position, DCCM, thresholds, the ledger,
+//! the random streams (seeded per step) and the data order from the newest checkpoint.
+
+use super::control::Control;
+use super::lock::RunLock;
+use super::status::{bottleneck, Status};
+use crate::config::Config;
+use crate::train::ada::{resume, AdaRun};
+use crate::train::checkpoint::Rotation;
+use crate::train::{SupervisedStage, Trainer};
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+pub struct DaemonOptions {
+    pub resume: bool,
+    /// Weights to start ADA-MCU from instead of the run's own source checkpoint.
+    pub init: Option<PathBuf>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Finished,
+    Stopped,
+}
+
+pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
+    let run_dir = config.run_dir();
+    let _lock = RunLock::acquire(&run_dir)?;
+    let control = Control::start(config.metrics.listen_address()?)?;
+    let rotation = Rotation { dir: run_dir.join("checkpoints"), keep: config.train.keep_checkpoints };
+    let ledger_path = run_dir.join("ledger.bin");
+    let mut trainer = Trainer::new(config)?;
+
+    let (state, point) = if options.resume {
+        let step = rotation.latest().with_context(|| format!("--resume: no checkpoint in {}", rotation.dir.display()))?;
+        let path = rotation.path_for(step, "safetensors");
+        tracing::info!("resuming from {}", path.display());
+        let (state, point) = resume(&mut trainer, &path, &ledger_path)?;
+        (state, Some(point))
+    } else {
+        if ledger_path.exists() || rotation.latest().is_some() {
+            bail!("{} already holds a run (ledger or checkpoints): add --resume to go on, or choose another \
+                   run.name", run_dir.display());
+        }
+        match &options.init {
+            Some(init) => {
+                trainer.load(init)?;
+            }
+            None => {
+                let source = run_dir.join("source.safetensors");
+                if source.exists() {
+                    trainer.load(&source)?;
+                } else {
+                    trainer.train_supervised(SupervisedStage::Source, config.train.source_iterations)?;
+                    trainer.save(&source, None, serde_json::json!({"stage": "source"}))?;
+                }
+            }
+        }
+        (trainer.new_ada_state(trainer.open_ledger(&ledger_path)?), None)
+    };
+    let fresh = point.is_none();
+    let mut run = AdaRun::start(&trainer, state, point, config.active.iterations as u64)?;
+    if fresh {
+        // A base checkpoint, so that a kill before the first periodic one can still resume.
+        run.checkpoint(&trainer, &rotation)?;
+    }
+
+    let mut reporter = Reporter { run_dir: run_dir.clone(), since: Instant::now(), step: run.step, waited: run.waited,
+        stepped: run.stepped, rate: 0.0, wait_share: 0.0 };
+    while !run.done() && !control.stop_requested() {
+        run.step(&trainer)?;
+        if run.step % config.train.checkpoint_every as u64 == 0 {
+            run.checkpoint(&trainer, &rotation)?;
+        }
+        if run.step % config.train.log_every as u64 == 0 {
+            reporter.report(&run, "running")?;
+        }
+        if config.train.eval_every > 0 && run.step % config.train.eval_every as u64 == 0 {
+            evaluate(&trainer, &run)?;
+        }
+    }
+    let outcome = if run.done() { Outcome::Finished } else { Outcome::Stopped };
+    let path = run.checkpoint(&trainer, &rotation)?;
+    tracing::info!("checkpoint {}", path.display());
+    reporter.report(&run, if outcome == Outcome::Finished { "finished" } else { "stopped" })?;
+    if outcome == Outcome::Finished {
+        evaluate(&trainer, &run)?;
+    }
+    run.finish()?;
+    Ok(outcome)
+}
+
+/// The log line and status file, with rates over the last log interval.
+struct Reporter {
+    run_dir: PathBuf,
+    since: Instant,
+    step: u64,
+    waited: f64,
+    stepped: f64,
+    rate: f64,
+    wait_share: f64,
+}
+
+impl Reporter {
+    fn report(&mut self, run: &AdaRun, state: &str) -> Result<()> {
+        if run.step > self.step {
+            self.rate = (run.step - self.step) as f64 / self.since.elapsed().as_secs_f64().max(1e-9);
+            self.wait_share = (run.waited - self.waited) / (run.stepped - self.stepped).max(1e-9);
+        }
+        let ledger = &run.state.ledger;
+        let status = Status {
+            pid: std::process::id(), state: state.into(), step: run.step, iterations: run.iterations,
+            iterations_per_second: self.rate, eta_seconds: (run.iterations - run.step) as f64 / self.rate.max(1e-9),
+            budget_spent_pixels: ledger.charged(), budget_limit_pixels: ledger.budget(),
+            labeled_fraction: ledger.charged() as f64 / ledger.total_pixels() as f64,
+            trainer_wait_share: self.wait_share, bottleneck: bottleneck(self.wait_share).into(), loss: run.last.total,
+            updated_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        };
+        tracing::info!("{}", status.line());
+        status.write(&self.run_dir)?;
+        (self.since, self.step, self.waited, self.stepped) = (Instant::now(), run.step, run.waited, run.stepped);
+        Ok(())
+    }
+}
+
+fn evaluate(trainer: &Trainer, run: &AdaRun) -> Result<()> {
+    let ledger = &run.state.ledger;
+    let row = trainer.evaluate(&format!("step {}", run.step), ledger.charged() as f64 / ledger.total_pixels() as f64)?;
+    crate::telemetry::evaluation(row.miou, &row.per_class);
+    tracing::info!("step {}: mIoU {:.1} on the target val set", run.step, row.miou);
+    Ok(())
+}
