@@ -19,7 +19,7 @@ endif
 # Python of the libtorch virtualenv, for the reference scripts in bench/reference/.
 REF_PYTHON := $(abspath $(LIBTORCH)/../../../../bin/python)
 
-.PHONY: build demo test doctor bench-loader
+.PHONY: build demo test test-deps doctor bench-loader
 build:
 	$(CARGO) build --release --locked
 ifneq ($(TARGET_DIR),target)
@@ -33,7 +33,13 @@ doctor: build
 demo: build
 	./target/release/adamcu demo --config $(CONFIG)
 
-test: build
+# The monitoring test runs a real Prometheus server: Debian's `prometheus` package.
+test-deps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: build test-deps
 	$(CARGO) test --release --locked -- --test-threads=2
 
 # Loader throughput against bench/reference/loader_bench.py (PIL + torch) in the same run.

@@ -260,7 +260,6 @@ impl AdaRun {
         let value = |t: &Option<Tensor>| t.as_ref().map_or(0.0, |t| t.double_value(&[]));
         self.last = StepLosses { source: value(&out.terms[0]), target: value(&out.terms[1]), p2p: value(&out.terms[2]),
             c2c: value(&out.terms[3]), total: out.total.double_value(&[]) };
-        anyhow::ensure!(self.last.total.is_finite(), "ada-mcu: loss is {} at step {}", self.last.total, self.step);
         self.stage.busy(busy.elapsed());
         self.stage.item();
         self.step += 1;
@@ -273,6 +272,8 @@ impl AdaRun {
         telemetry::images("target", tb.ids.len());
         telemetry::channel("source_batches", self.source.batches.len(), c.data.channel_capacity);
         telemetry::channel("target_batches", self.target.batches.len(), c.data.channel_capacity);
+        // After the metrics, so that a NaN shows on the dashboard (and fires its alert).
+        anyhow::ensure!(self.last.total.is_finite(), "ada-mcu: loss is {} at step {}", self.last.total, self.step - 1);
         let t = self.state.sampler.thresholds;
         telemetry::groups(out.groups[0], out.groups[1], out.groups[2], t.pi_high, t.pi_low);
         telemetry::budget(self.state.ledger.spent(), self.state.ledger.budget());

@@ -62,3 +62,44 @@ pub fn cityscapes(root: &Path, split: &str, n: usize, w: u32, h: u32) {
         write_label8(&root.join(format!("gtFine/{split}/aachen/{stem}_gtFine_labelIds.png")), w, h, stripes);
     }
 }
+
+/// A tiny daemon config over a synthetic set written under `dir` (64x32 frames).
+pub fn tiny_daemon_config(dir: &Path, name: &str, iterations: usize) -> adamcu::config::Config {
+    use adamcu::config::{Config, DatasetConfig, DatasetKind};
+    let data = dir.join("data");
+    let mut c = Config::from_toml_str(&std::fs::read_to_string("pipelines/synth.toml").unwrap()).unwrap();
+    c.run.name = name.into();
+    c.run.runs_dir = dir.join("runs");
+    c.run.threads = 1; // bit-exact replays after a resume
+    c.synth.root = data.clone();
+    (c.synth.width, c.synth.height) = (64, 32);
+    (c.synth.source_images, c.synth.target_train_images, c.synth.target_val_images) = (6, 6, 2);
+    c.data.source = Some(DatasetConfig::at(DatasetKind::Gta5, data.join("source")));
+    c.data.target = Some(DatasetConfig { split: Some("train".into()), ..DatasetConfig::at(DatasetKind::Cityscapes, data.join("target")) });
+    c.data.target_val = Some(DatasetConfig { split: Some("val".into()), ..DatasetConfig::at(DatasetKind::Cityscapes, data.join("target")) });
+    c.augment.crop = [32, 64];
+    c.model.tiny_width = 8;
+    c.model.aspp_dilations = vec![1, 2];
+    c.model.projection_dim = 16;
+    (c.train.batch_source, c.train.batch_target) = (2, 2);
+    c.train.source_iterations = 10;
+    c.train.log_every = 5;
+    c.train.checkpoint_every = 7;
+    c.train.keep_checkpoints = 2;
+    c.active.budget = 0.1;
+    c.active.iterations = iterations;
+    c.metrics.listen = String::new();
+    adamcu::data::synth::generate(&c.synth).unwrap();
+    c
+}
+
+pub fn write_config(dir: &Path, config: &adamcu::config::Config) -> std::path::PathBuf {
+    let path = dir.join(format!("{}.toml", config.run.name));
+    std::fs::write(&path, toml::to_string(config).unwrap()).unwrap();
+    path
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}

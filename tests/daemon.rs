@@ -1,0 +1,174 @@
+//! The daemon: kill -9 and resume without losing or double-charging a label, SIGTERM, the
+//! run lock, backpressure, loader errors as metrics.
+
+mod common;
+
+use adamcu::active::ledger::Ledger;
+use adamcu::train::checkpoint::Rotation;
+use common::*;
+use rand::{Rng, SeedableRng};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn daemon(config: &Path, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_adamcu")).args(["train", "--config"]).arg(config).args(extra)
+        .stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+fn finish(child: Child) -> (bool, String) {
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn ledger_bits(run_dir: &Path) -> Vec<u8> {
+    std::fs::read(run_dir.join("ledger.bin")).unwrap()
+}
+
+#[test]
+fn kill_9_at_random_points_then_resume_loses_nothing_and_matches_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let iterations = 120;
+    // One source checkpoint for both runs, so they differ only by the kills.
+    let reference = tiny_daemon_config(dir.path(), "uninterrupted", iterations);
+    let reference_path = write_config(dir.path(), &reference);
+    let (ok, log) = finish(daemon(&reference_path, &[]));
+    assert!(ok, "{log}");
+    let source = reference.run_dir().join("source.safetensors");
+
+    let killed = tiny_daemon_config(dir.path(), "killed", iterations);
+    let killed_path = write_config(dir.path(), &killed);
+    let init = source.to_str().unwrap().to_string();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut kills = 0;
+    let mut first = true;
+    loop {
+        let child = if first { daemon(&killed_path, &["--init", &init]) } else { daemon(&killed_path, &["--resume"]) };
+        first = false;
+        let mut child = child;
+        // The random delay counts from the first checkpoint (a fresh run writes one at step 0).
+        let checkpoints = killed.run_dir().join("checkpoints");
+        while std::fs::read_dir(&checkpoints).map_or(true, |d| d.count() == 0) && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let deadline = Instant::now() + Duration::from_millis(rng.gen_range(200..1500));
+        while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if child.try_wait().unwrap().is_some() || kills == 3 {
+            let (ok, log) = finish(child);
+            assert!(ok, "{log}");
+            if log.contains("finished") || adamcu::pipeline::status::Status::read(&killed.run_dir()).unwrap().state == "finished" {
+                break;
+            }
+            continue;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+        // Every checkpoint left behind loads; the ledger never passes the budget and each
+        // charge is one distinct pixel.
+        let rotation = Rotation { dir: killed.run_dir().join("checkpoints"), keep: 2 };
+        for step in rotation.steps() {
+            let mut trainer = adamcu::train::Trainer::new(&killed).unwrap();
+            trainer.load(&rotation.path_for(step, "safetensors")).expect("checkpoint loads");
+            assert!(rotation.path_for(step, "ledger").exists(), "checkpoint {step} has its ledger snapshot");
+        }
+        let trainer = adamcu::train::Trainer::new(&killed).unwrap();
+        let ledger = trainer.open_ledger(&killed.run_dir().join("ledger.bin")).unwrap();
+        let bits: u64 = (0..ledger.images().len()).map(|i| ledger.bought_in(i)).sum();
+        assert_eq!(bits, ledger.charged());
+        assert!(ledger.charged() <= ledger.budget());
+    }
+    assert!(kills >= 1, "the run was never interrupted");
+    // The same pixels were bought as in the uninterrupted run.
+    assert!(ledger_bits(&killed.run_dir()) == ledger_bits(&reference.run_dir()),
+        "ledgers differ after {kills} kill(s) and resumes");
+    let trainer = adamcu::train::Trainer::new(&killed).unwrap();
+    let images = trainer.open_ledger(&killed.run_dir().join("ledger.bin")).unwrap();
+    let ledger = Ledger::open_or_create(&killed.run_dir().join("ledger.bin"), images.images(), images.budget()).unwrap();
+    assert_eq!(ledger.charged(), ledger.budget(), "the whole budget was spent");
+}
+
+#[test]
+fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0_and_the_lock_stops_a_second_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_daemon_config(dir.path(), "term", 100_000);
+    let path = write_config(dir.path(), &config);
+    let child = daemon(&path, &[]);
+    let status = config.run_dir().join("status.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !status.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A second daemon on the same run directory is refused.
+    let (ok, log) = finish(daemon(&path, &["--resume"]));
+    assert!(!ok && log.contains("another daemon"), "{log}");
+
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let started = Instant::now();
+    let (ok, log) = finish(child);
+    assert!(ok, "exit 0 on SIGTERM: {log}");
+    assert!(started.elapsed() < Duration::from_secs(30), "bounded shutdown time");
+    let s = adamcu::pipeline::status::Status::read(&config.run_dir()).unwrap();
+    assert_eq!(s.state, "stopped");
+    let rotation = Rotation { dir: config.run_dir().join("checkpoints"), keep: 2 };
+    assert_eq!(rotation.latest(), Some(s.step), "the final checkpoint is at the step it stopped");
+    assert!(rotation.steps().len() <= 2, "only the last N are kept");
+    // `adamcu status` reads it.
+    let out = Command::new(env!("CARGO_BIN_EXE_adamcu")).arg("status").arg(config.run_dir()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("stopped") && text.contains("bottleneck:") && text.contains("it/s"), "{text}");
+    // And a fresh start on it is refused instead of silently mixing runs.
+    let (ok, log) = finish(daemon(&path, &[]));
+    assert!(!ok && log.contains("--resume"), "{log}");
+}
+
+#[test]
+fn a_slow_consumer_makes_the_loader_block_with_a_bounded_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_daemon_config(dir.path(), "slow", 1);
+    let source = adamcu::train::open_set(&config.data.source, "s", 19).unwrap();
+    let capacity = 3;
+    let loader = adamcu::data::loader::Loader::spawn(source, &config.augment, adamcu::data::loader::LoaderOptions {
+        domain: "source", batch_size: 2, workers: 2, capacity, seed: 0,
+        on_bad_sample: adamcu::config::OnBadSample::Stop, start_at: 0 });
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(loader.batches.len(), capacity, "the channel fills to its capacity and no further");
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(loader.batches.len(), capacity, "the producer is blocked, nothing queued beyond the bound");
+    let first = loader.batches.recv().unwrap().unwrap();
+    assert_eq!(first.sequence, 0, "nothing was dropped");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(loader.batches.len(), capacity, "one taken, one produced");
+    let sequences: Vec<u64> = (0..capacity).map(|_| loader.batches.recv().unwrap().unwrap().sequence).collect();
+    assert_eq!(sequences, [1, 2, 3]);
+    loader.stop();
+}
+
+#[test]
+fn loader_errors_show_up_as_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_daemon_config(dir.path(), "errors", 100_000);
+    let port = free_port();
+    config.metrics.listen = format!("127.0.0.1:{port}");
+    std::fs::write(dir.path().join("data/source/images/00002.png"), b"not a png").unwrap();
+    let path = write_config(dir.path(), &config);
+    let child = daemon(&path, &[]);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut found = String::new();
+    while Instant::now() < deadline {
+        if let Ok(body) = ureq::get(&format!("http://127.0.0.1:{port}/metrics")).call().and_then(|r| Ok(r.into_string()?)) {
+            if let Some(line) = body.lines().find(|l| l.starts_with("adamcu_loader_errors_total{") && l.contains("corrupt")) {
+                found = line.to_string();
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let (ok, log) = finish(child);
+    assert!(ok, "{log}");
+    assert!(found.contains("domain=\"source\""), "no loader error metric: {found:?}");
+    assert!(log.contains("skipping sample") && log.contains("00002.png"), "the skip is logged with its path");
+}
