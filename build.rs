@@ -1,23 +1,48 @@
 // Link-time settings for libtorch (see DEVELOPERS.md):
 // - an rpath to libtorch's lib folder so the binary runs without LD_LIBRARY_PATH;
 // - libtorch_cuda linked with --no-as-needed: nothing references it by symbol, so the linker
-//   would drop it and tch would then report no CUDA device even on a GPU machine.
+//   would drop it and tch would then report no CUDA device even on a GPU machine;
+// - csrc/torch_shim.cpp, the few libtorch calls tch does not expose (bf16 autocast, CUDA
+//   memory peak), compiled against the same headers.
+use std::path::{Path, PathBuf};
+
 fn main() {
-    if let Ok(lib_dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
-        println!("cargo:rustc-link-arg=-Wl,-rpath={lib_dir}");
-        if std::path::Path::new(&lib_dir).join("libtorch_cuda.so").exists() {
-            println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
-        }
-        // The libtorch version this binary is linked against (pip's torch/version.py), for `doctor`.
-        let version_py = std::path::Path::new(&lib_dir).join("../version.py");
-        let version = std::fs::read_to_string(&version_py)
-            .ok()
-            .and_then(|text| {
-                text.lines()
-                    .find_map(|l| l.strip_prefix("__version__ = ").map(|v| v.trim_matches(['\'', '"']).to_string()))
-            })
-            .unwrap_or_else(|| "unknown".into());
-        println!("cargo:rustc-env=ADAMCU_LIBTORCH_VERSION={version}");
-    }
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    println!("cargo:rerun-if-changed=csrc/torch_shim.cpp");
+    let Ok(lib_dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else { return };
+    let lib = Path::new(&lib_dir);
+    println!("cargo:rustc-link-arg=-Wl,-rpath={lib_dir}");
+    let cuda = lib.join("libtorch_cuda.so").exists();
+    if cuda {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+    }
+    // The libtorch version this binary is linked against (pip's torch/version.py), for `doctor`.
+    let version = std::fs::read_to_string(lib.join("../version.py"))
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|l| l.strip_prefix("__version__ = ").map(|v| v.trim_matches(['\'', '"']).to_string()))
+        })
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=ADAMCU_LIBTORCH_VERSION={version}");
+
+    let root = lib.parent().expect("libtorch lib dir has a parent");
+    let mut build = cc::Build::new();
+    build.cpp(true).file("csrc/torch_shim.cpp").std("c++17").flag("-w")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .include(root.join("include")).include(root.join("include/torch/csrc/api/include"));
+    // CUDA runtime headers ship with pip's torch (nvidia/<cuXX>/include, or triton's copy).
+    if let Some(cuda_include) = cuda.then(|| find_cuda_include(root)).flatten() {
+        build.include(cuda_include).define("ADAMCU_CUDA_STATS", None);
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    }
+    build.compile("adamcu_torch_shim");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+}
+
+fn find_cuda_include(torch_root: &Path) -> Option<PathBuf> {
+    let site = torch_root.parent()?;
+    let nvidia = std::fs::read_dir(site.join("nvidia")).into_iter().flatten().flatten().map(|e| e.path().join("include"));
+    nvidia.chain([site.join("triton/backends/nvidia/include")])
+        .find(|p| p.join("cuda_runtime_api.h").exists() && p.join("crt/host_config.h").exists())
 }

@@ -94,3 +94,124 @@ pub fn loader(options: &LoaderBenchOptions) -> Result<()> {
     println!("targets: PNG >= 3x, shard >= 20x the reference");
     Ok(())
 }
+
+pub struct StepBenchOptions {
+    /// Base config (model, optimizer, ADA-MCU settings); pretrained weights are not loaded.
+    pub config: crate::config::Config,
+    pub source_size: (i64, i64),
+    pub target_size: (i64, i64),
+    pub batch: i64,
+    pub iterations: usize,
+    pub warmup: usize,
+    /// Reference script and its Python, run with the same shapes in the same call.
+    pub reference: Option<(PathBuf, PathBuf)>,
+}
+
+struct StepFigures {
+    ms_median: f64,
+    images_per_second: f64,
+    peak_gib: Option<f64>,
+}
+
+/// The real ADA-MCU step on random data (random weights: time and memory only).
+fn time_step(base: &crate::config::Config, variant: &str, bf16_channels_last: bool, o: &StepBenchOptions)
+    -> Result<StepFigures> {
+    use crate::active::ledger::{Ledger, LedgerImage};
+    use crate::data::augment::Geometry;
+    use tch::{Kind, Tensor};
+    let mut config = crate::ablation::apply(base, if variant == "seg" { "al-w-as" } else { "full" })?;
+    config.model.pretrained = None;
+    config.train.precision = if bf16_channels_last { "bf16".into() } else { "fp32".into() };
+    config.train.channels_last = bf16_channels_last;
+    let trainer = crate::train::Trainer::new(&config)?;
+    let device = trainer.device;
+    let cuda_index = match device { tch::Device::Cuda(i) => i, _ => 0 };
+    let dir = tempfile_dir()?;
+    let (ht, wt) = o.target_size;
+    let images: Vec<LedgerImage> = (0..100).map(|i| LedgerImage { id: i.to_string(), width: wt as u32, height: ht as u32 }).collect();
+    let budget = (config.active.budget * 100.0 * (ht * wt) as f64) as u64;
+    let mut state = trainer.new_ada_state(Ledger::open_or_create(&dir.join("ledger.bin"), &images, budget)?);
+    let mut optimizer = trainer.optimizer();
+    let (hs, ws) = o.source_size;
+    let b = o.batch;
+    let bytes = |h, w| Tensor::randint(256, [b, h, w, 3], (Kind::Uint8, device));
+    let labels = |h, w| Tensor::randint(config.data.classes as i64, [b, h, w], (Kind::Int64, device));
+    let (si, sl, ti) = (bytes(hs, ws), labels(hs, ws), bytes(ht, wt));
+    let sealed = crate::active::oracle::SealedLabels::seal(labels(ht, wt));
+    let geometry = vec![Geometry::identity(wt as u32, ht as u32); b as usize];
+    let sync = || if device.is_cuda() { tch::Cuda::synchronize(cuda_index as i64) };
+    let mut times = Vec::new();
+    crate::torch_ext::cuda_reset_peak(cuda_index);
+    for it in 0..o.warmup + o.iterations {
+        sync();
+        let started = Instant::now();
+        let samples: Vec<usize> = (0..b as usize).map(|i| (it * b as usize + i) % 100).collect();
+        let out = trainer.ada_losses(&mut state, &si, &sl, &ti, &sealed, &samples, &geometry, it as u64);
+        optimizer.zero_grad();
+        out.total.backward();
+        optimizer.update(config.train.lr);
+        sync();
+        if it >= o.warmup {
+            times.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let ms_median = times[times.len() / 2];
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(StepFigures { ms_median, images_per_second: (2 * b) as f64 / (ms_median / 1e3),
+        peak_gib: crate::torch_ext::cuda_peak_bytes(cuda_index).map(|b| b as f64 / (1u64 << 30) as f64) })
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("adamcu-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn reference_step(o: &StepBenchOptions, variant: &str, bf16_channels_last: bool, device: &str) -> Result<serde_json::Value> {
+    let (python, script) = o.reference.as_ref().expect("checked by the caller");
+    let mut cmd = Command::new(python);
+    cmd.arg(script).args(["--variant", variant, "--iters", &o.iterations.to_string(), "--warmup", &o.warmup.to_string(),
+        "--source-size", &format!("{}x{}", o.source_size.0, o.source_size.1),
+        "--target-size", &format!("{}x{}", o.target_size.0, o.target_size.1), "--device", device]);
+    if bf16_channels_last {
+        cmd.args(["--amp", "bf16", "--channels-last"]);
+    }
+    let out = cmd.output().with_context(|| format!("running {}", python.display()))?;
+    if !out.status.success() {
+        bail!("reference step failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    Ok(serde_json::from_str(stdout.lines().last().unwrap_or_default())?)
+}
+
+pub fn step(o: &StepBenchOptions) -> Result<()> {
+    let device = crate::config::parse_device(&o.config.run.device).expect("validated").resolve();
+    println!("step benchmark on {device:?} ({}): {} {} {}, source {b}x{}x{}, target {b}x{}x{}; median of {} \
+        iterations after {} warm-up; random weights and data", crate::doctor::LIBTORCH_VERSION, o.config.model.arch,
+        o.config.model.backbone, if o.config.contrast.enabled { "ADA-MCU" } else { "" }, o.source_size.0, o.source_size.1,
+        o.target_size.0, o.target_size.1, o.iterations, o.warmup, b = o.batch);
+    println!("{:<6} {:<10} {:>10} {:>10} {:>10} | {:>14} {:>10}", "step", "precision", "ms/iter", "images/s", "peak GiB",
+        "reference ms", "ref GiB");
+    let dev = if device.is_cuda() { "cuda" } else { "cpu" };
+    for bf16_cl in [false, true] {
+        for variant in ["seg", "full"] {
+            let ours = time_step(&o.config, variant, bf16_cl, o)?;
+            let (ref_ms, ref_gib) = match &o.reference {
+                Some(_) => {
+                    let r = reference_step(o, variant, bf16_cl, dev)?;
+                    (format!("{:.1}", r["ms_per_iter_median"].as_f64().unwrap_or(f64::NAN)),
+                     r["peak_gib"].as_f64().map_or("-".into(), |g| format!("{g:.2}")))
+                }
+                None => ("-".into(), "-".into()),
+            };
+            println!("{variant:<6} {:<10} {:>10.1} {:>10.1} {:>10} | {ref_ms:>14} {ref_gib:>10}",
+                if bf16_cl { "bf16+cl" } else { "fp32" }, ours.ms_median, ours.images_per_second,
+                ours.peak_gib.map_or("-".into(), |g| format!("{g:.2}")));
+        }
+    }
+    if !device.is_cuda() {
+        println!("(on the CPU, bf16 autocast is off: the bf16 rows differ from fp32 by the channels-last layout only)");
+    }
+    Ok(())
+}

@@ -300,6 +300,11 @@ pub struct TrainConfig {
     /// Iterations of the target-supervised upper bound (all target labels).
     pub target_supervised_iterations: usize,
     pub log_every: usize,
+    /// "fp32", or "bf16": the network's forward under CUDA autocast in bf16 (softmax
+    /// statistics, uncertainty and losses stay fp32). No effect on the CPU.
+    pub precision: String,
+    /// Channels-last (NHWC) weights and activations, faster for convolutions on tensor cores.
+    pub channels_last: bool,
     /// The daemon writes a checkpoint every this many ADA-MCU steps and keeps the last N.
     pub checkpoint_every: usize,
     pub keep_checkpoints: usize,
@@ -321,6 +326,8 @@ impl Default for TrainConfig {
             source_iterations: 20_000,
             target_supervised_iterations: 20_000,
             log_every: 50,
+            precision: "fp32".into(),
+            channels_last: false,
             checkpoint_every: 1000,
             keep_checkpoints: 3,
             eval_every: 0,
@@ -592,6 +599,8 @@ impl Config {
             "a positive number");
         check(t.aux_weight >= 0.0, "train.aux_weight", t.aux_weight.to_string(), "a number >= 0");
         check(t.log_every >= 1, "train.log_every", t.log_every.to_string(), "at least 1");
+        check(matches!(t.precision.as_str(), "fp32" | "bf16"), "train.precision", format!("{:?}", t.precision),
+            "\"fp32\" or \"bf16\"");
         check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every.to_string(), "at least 1");
         check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints.to_string(), "at least 1");
         check(self.metrics.listen.is_empty() || self.metrics.listen.parse::<std::net::SocketAddr>().is_ok(),

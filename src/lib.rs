@@ -15,4 +15,5 @@ pub mod model;
 pub mod pipeline;
 pub mod predict;
 pub mod telemetry;
+pub mod torch_ext;
 pub mod train;

@@ -150,6 +150,28 @@ enum BenchCommand {
         #[arg(long, default_value = "bench/reference/loader_bench.py")]
         reference: PathBuf,
     },
+    /// ms/iter, images/s and peak GPU memory of the real training step (seg-only and full
+    /// ADA-MCU; fp32 and bf16 + channels-last), optionally beside bench/reference/ada_mcu_step.py.
+    Step {
+        /// Model and ADA-MCU settings (pretrained weights are not loaded).
+        #[arg(long, default_value = "pipelines/gta5-cityscapes.toml")]
+        config: PathBuf,
+        #[arg(long, default_value = "720x1280")]
+        source_size: String,
+        #[arg(long, default_value = "512x1024")]
+        target_size: String,
+        #[arg(long, default_value_t = 2)]
+        batch: i64,
+        #[arg(long, default_value_t = 20)]
+        iterations: usize,
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Python with torch to run the reference with the same shapes in the same call.
+        #[arg(long)]
+        python: Option<PathBuf>,
+        #[arg(long, default_value = "bench/reference/ada_mcu_step.py")]
+        reference: PathBuf,
+    },
 }
 
 fn load_config(path: &PathBuf, overrides: &[String]) -> Result<Config> {
@@ -301,6 +323,15 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
             let options = EvalOptions { flip: config.eval.flip, input_size: config.eval.input_size };
             let n = adamcu::predict::predict_folder(&trainer, &images, &out, &options)?;
             println!("wrote masks and overlays for {n} image(s) to {}", out.display());
+        }
+        Command::Bench(BenchCommand::Step { config, source_size, target_size, batch, iterations, warmup, python, reference }) => {
+            let config = load_config(&config, overrides)?;
+            let hw = |s: &str| -> Result<(i64, i64)> {
+                let (w, h) = parse_size(s)?;
+                Ok((w as i64, h as i64)) // parse_size reads AxB; here A is the height
+            };
+            adamcu::bench::step(&adamcu::bench::StepBenchOptions { config, source_size: hw(&source_size)?,
+                target_size: hw(&target_size)?, batch, iterations, warmup, reference: python.map(|p| (p, reference)) })?;
         }
         Command::Bench(BenchCommand::Loader { dir, images, python, reference }) => {
             adamcu::bench::loader(&adamcu::bench::LoaderBenchOptions { dir, images, python, reference })?;

@@ -88,12 +88,12 @@ impl Trainer {
         let (xs, xt) = (self.normaliser.to_input(source_images), self.normaliser.to_input(target_images));
         let ns = xs.size()[0];
         let (out_s, out_t) = if xs.size()[1..] == xt.size()[1..] {
-            let out = self.model.forward_t(&Tensor::cat(&[&xs, &xt], 0), true);
+            let out = self.forward(&Tensor::cat(&[&xs, &xt], 0), true);
             let split = |t: &Tensor| (t.narrow(0, 0, ns), t.narrow(0, ns, t.size()[0] - ns));
             let ((ms, mt), (as_, at), (es, et)) = (split(&out.main), split(&out.aux), split(&out.embedding));
             ((ms, as_, es), (mt, at, et))
         } else {
-            let (s, t) = (self.model.forward_t(&xs, true), self.model.forward_t(&xt, true));
+            let (s, t) = (self.forward(&xs, true), self.forward(&xt, true));
             ((s.main, s.aux, s.embedding), (t.main, t.aux, t.embedding))
         };
         let source_labels = source_labels.to_device(self.device);

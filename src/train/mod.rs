@@ -22,6 +22,11 @@ use std::sync::Arc;
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
+/// The same tensor with channels-last (NHWC) strides.
+pub fn channels_last(t: &Tensor) -> Tensor {
+    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
+
 /// Cross-entropy of logits (upsampled to the labels' size) against training ids, 255 ignored.
 pub fn segmentation_loss(logits: &Tensor, labels: &Tensor) -> Tensor {
     let size = labels.size();
@@ -73,7 +78,37 @@ impl Trainer {
             tracing::info!("loaded {n} ImageNet tensors from {}", path.display());
         }
         let normaliser = Normaliser::new(&config.augment, device);
-        Ok(Trainer { config: config.clone(), device, vs, model, normaliser })
+        let trainer = Trainer { config: config.clone(), device, vs, model, normaliser };
+        if config.train.channels_last {
+            trainer.to_channels_last();
+        }
+        crate::torch_ext::set_cuda_autocast_bf16(config.train.precision == "bf16");
+        Ok(trainer)
+    }
+
+    /// Re-lays every 4-D variable out channels-last (NHWC strides, same shape).
+    fn to_channels_last(&self) {
+        tch::no_grad(|| {
+            for (_, mut var) in self.vs.variables() {
+                if var.dim() == 4 {
+                    let nhwc = channels_last(&var);
+                    var.set_data(&nhwc);
+                }
+            }
+        });
+    }
+
+    /// The model's forward pass with the configured precision and memory layout; outputs are
+    /// fp32 so that softmax statistics, uncertainty and losses are computed in fp32.
+    pub fn forward(&self, images: &Tensor, train: bool) -> crate::model::SegOutput {
+        let images = if self.config.train.channels_last { channels_last(images) } else { images.shallow_clone() };
+        let bf16 = self.config.train.precision == "bf16" && self.device.is_cuda();
+        let out = tch::autocast(bf16, || self.model.forward_t(&images, train));
+        if !bf16 {
+            return out;
+        }
+        let f = |t: Tensor| t.to_kind(tch::Kind::Float);
+        crate::model::SegOutput { main: f(out.main), aux: f(out.aux), embedding: f(out.embedding) }
     }
 
     pub fn optimizer(&self) -> Sgd {
@@ -101,7 +136,7 @@ impl Trainer {
             let batch = loader.batches.recv().context("loader stopped")?.map_err(|e| anyhow!("{e}"))?;
             let images = self.normaliser.to_input(&batch.images);
             let labels = batch.labels.to_device(self.device);
-            let out = self.model.forward_t(&images, true);
+            let out = self.forward(&images, true);
             let loss = segmentation_loss(&out.main, &labels) + segmentation_loss(&out.aux, &labels) * c.train.aux_weight;
             optimizer.zero_grad();
             loss.backward();

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The one GPU check (issues 2 and 7), run on the lent GPU machine from the repository root with
+# a binary built on the CPU machine (carry target/release/adamcu). That machine has Python with
+# torch 2.11.0 but no Rust; the binary uses its torch/lib through LD_LIBRARY_PATH.
+#   device tool: run(command="scripts/gpu-check.sh", carry=["target/release/adamcu"])
+set -euo pipefail
+BIN=${ADAMCU_BIN:-target/release/adamcu}
+LD_LIBRARY_PATH="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+
+echo "== adamcu doctor (must report CUDA and pass its smoke check on the GPU)"
+"$BIN" doctor
+
+echo "== training step: adamcu beside bench/reference/ada_mcu_step.py, same shapes, same card"
+# DeepLab v2 ResNet-101, batch 2 source 720x1280 + 2 target 512x1024; seg-only and full
+# ADA-MCU; fp32 and bf16 + channels-last. Targets: our full step <= 1.1x the reference's seg
+# step and <= 0.75x its full step; peak memory <= the reference's.
+"$BIN" bench step --config pipelines/gta5-cityscapes.toml --source-size 720x1280 --target-size 512x1024 \
+  --iterations "${ITERATIONS:-20}" --warmup 5 --python python3

@@ -1,0 +1,33 @@
+//! The benchmarks run on the CPU too (tiny sizes), and the bf16 autocast shim works.
+
+#[test]
+fn the_step_benchmark_runs_every_variant_on_the_cpu() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_adamcu"))
+        .args(["bench", "step", "--config", "pipelines/synth.toml", "--set", "model.tiny_width=8",
+            "--source-size", "32x64", "--target-size", "32x64", "--iterations", "2", "--warmup", "1"])
+        .output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for row in ["seg    fp32", "full   fp32", "seg    bf16+cl", "full   bf16+cl"] {
+        let line = stdout.lines().find(|l| l.starts_with(row)).unwrap_or_else(|| panic!("no {row:?} row in {stdout}"));
+        let ms: f64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+        assert!(ms > 0.0 && ms.is_finite(), "{line}");
+    }
+}
+
+#[test]
+fn the_shim_switches_cuda_autocast_to_bf16_and_back() {
+    adamcu::torch_ext::set_cuda_autocast_bf16(true);
+    assert!(adamcu::torch_ext::cuda_autocast_is_bf16());
+    adamcu::torch_ext::set_cuda_autocast_bf16(false);
+    assert!(!adamcu::torch_ext::cuda_autocast_is_bf16(), "libtorch's default is fp16");
+    assert_eq!(adamcu::torch_ext::cuda_peak_bytes(0), None, "no CUDA here");
+}
+
+#[test]
+fn channels_last_keeps_values_and_changes_strides() {
+    let t = tch::Tensor::arange(2 * 3 * 4 * 5, (tch::Kind::Float, tch::Device::Cpu)).view([2, 3, 4, 5]);
+    let cl = adamcu::train::channels_last(&t);
+    assert!(cl.equal(&t));
+    assert_eq!(cl.stride(), [60, 1, 15, 3]);
+}
