@@ -7,7 +7,7 @@ use adamcu::active::ledger::{Ledger, LedgerImage};
 use adamcu::active::oracle::{Oracle, SealedLabels};
 use adamcu::active::sampling::Sampler;
 use adamcu::active::uncertainty::uncertainty;
-use adamcu::config::{ActiveConfig, Config, ContrastConfig, DatasetConfig, DatasetKind, Schedule};
+use adamcu::config::{ActiveConfig, Config, ContrastConfig, Schedule};
 use adamcu::contrast::dccm::Dccm;
 use adamcu::contrast::infonce::info_nce;
 use adamcu::contrast::units::{class_centers, contrastive_losses, unit_pairs, DomainBatch};
@@ -228,23 +228,12 @@ fn the_budget_holds_over_many_iterations_and_across_resume() {
 }
 
 fn tiny_config(dir: &std::path::Path) -> Config {
-    let data = dir.join("synth");
-    let mut config = Config::from_toml_str(&std::fs::read_to_string("pipelines/synth.toml").unwrap()).unwrap();
-    config.synth.root = data.clone();
-    (config.synth.width, config.synth.height) = (64, 32);
-    (config.synth.source_images, config.synth.target_train_images, config.synth.target_val_images) = (4, 4, 2);
-    config.run.runs_dir = dir.join("runs");
-    config.augment.crop = [32, 64];
-    config.model.tiny_width = 8;
+    let mut config = common::synthetic_config(dir, (64, 32), (4, 4, 2));
     config.train.batch_source = 2;
     config.train.batch_target = 2;
     config.active.budget = 0.2;
     // An untrained net is uncertain everywhere: thresholds that still give it a G_l.
     (config.active.pi_low, config.active.pi_high) = (1.2, 2.0);
-    config.data.source = Some(DatasetConfig::at(DatasetKind::Gta5, data.join("source")));
-    config.data.target = Some(DatasetConfig { split: Some("train".into()), ..DatasetConfig::at(DatasetKind::Cityscapes, data.join("target")) });
-    config.data.target_val = Some(DatasetConfig { split: Some("val".into()), ..config.data.target.clone().unwrap() });
-    adamcu::data::synth::generate(&config.synth).unwrap();
     config
 }
 

@@ -2,7 +2,7 @@
 
 mod common;
 
-use adamcu::config::{Config, DatasetConfig, DatasetKind};
+use adamcu::config::Config;
 use adamcu::train::eval::Confusion;
 use adamcu::train::optimizer::{poly_lr, Sgd};
 use adamcu::train::{SupervisedStage, Trainer};
@@ -69,22 +69,7 @@ fn sgd_matches_pytorch_semantics_and_poly_schedule() {
 }
 
 fn tiny_config(dir: &std::path::Path) -> Config {
-    let data = dir.join("synth");
-    let mut config = Config::from_toml_str(&std::fs::read_to_string("pipelines/synth.toml").unwrap()).unwrap();
-    config.synth.root = data.clone();
-    config.synth.width = 128;
-    config.synth.height = 64;
-    config.synth.source_images = 12;
-    config.synth.target_train_images = 12;
-    config.synth.target_val_images = 6;
-    config.run.runs_dir = dir.join("runs");
-    config.augment.crop = [64, 128];
-    config.model.tiny_width = 8;
-    config.data.source = Some(DatasetConfig::at(DatasetKind::Gta5, data.join("source")));
-    config.data.target = Some(DatasetConfig { split: Some("train".into()), ..DatasetConfig::at(DatasetKind::Cityscapes, data.join("target")) });
-    config.data.target_val = Some(DatasetConfig { split: Some("val".into()), ..config.data.target.clone().unwrap() });
-    adamcu::data::synth::generate(&config.synth).unwrap();
-    config
+    common::synthetic_config(dir, (128, 64), (12, 12, 6))
 }
 
 #[test]

@@ -63,22 +63,31 @@ pub fn cityscapes(root: &Path, split: &str, n: usize, w: u32, h: u32) {
     }
 }
 
-/// A tiny daemon config over a synthetic set written under `dir` (64x32 frames).
-pub fn tiny_daemon_config(dir: &Path, name: &str, iterations: usize) -> adamcu::config::Config {
+/// The embedded default's config over a small synthetic set written under `dir`:
+/// frames of `size` (width, height), `counts` (source, target train, target val) images,
+/// crops of the whole frame, a tiny backbone.
+pub fn synthetic_config(dir: &Path, size: (u32, u32), counts: (usize, usize, usize)) -> adamcu::config::Config {
     use adamcu::config::{Config, DatasetConfig, DatasetKind};
     let data = dir.join("data");
     let mut c = Config::from_toml_str(&std::fs::read_to_string("pipelines/synth.toml").unwrap()).unwrap();
-    c.run.name = name.into();
     c.run.runs_dir = dir.join("runs");
-    c.run.threads = 1; // bit-exact replays after a resume
     c.synth.root = data.clone();
-    (c.synth.width, c.synth.height) = (64, 32);
-    (c.synth.source_images, c.synth.target_train_images, c.synth.target_val_images) = (6, 6, 2);
+    (c.synth.width, c.synth.height) = size;
+    (c.synth.source_images, c.synth.target_train_images, c.synth.target_val_images) = counts;
     c.data.source = Some(DatasetConfig::at(DatasetKind::Gta5, data.join("source")));
     c.data.target = Some(DatasetConfig { split: Some("train".into()), ..DatasetConfig::at(DatasetKind::Cityscapes, data.join("target")) });
     c.data.target_val = Some(DatasetConfig { split: Some("val".into()), ..DatasetConfig::at(DatasetKind::Cityscapes, data.join("target")) });
-    c.augment.crop = [32, 64];
+    c.augment.crop = [size.1, size.0];
     c.model.tiny_width = 8;
+    adamcu::data::synth::generate(&c.synth).unwrap();
+    c
+}
+
+/// A tiny daemon config (64x32 frames, metrics off, checkpoints every 7 steps).
+pub fn tiny_daemon_config(dir: &Path, name: &str, iterations: usize) -> adamcu::config::Config {
+    let mut c = synthetic_config(dir, (64, 32), (6, 6, 2));
+    c.run.name = name.into();
+    c.run.threads = 1; // bit-exact replays after a resume
     c.model.aspp_dilations = vec![1, 2];
     c.model.projection_dim = 16;
     (c.train.batch_source, c.train.batch_target) = (2, 2);
@@ -89,7 +98,6 @@ pub fn tiny_daemon_config(dir: &Path, name: &str, iterations: usize) -> adamcu::
     c.active.budget = 0.1;
     c.active.iterations = iterations;
     c.metrics.listen = String::new();
-    adamcu::data::synth::generate(&c.synth).unwrap();
     c
 }
 
