@@ -30,6 +30,7 @@ pub const EVAL_IOU: &str = "adamcu_eval_iou";
 pub const LOADER_ERRORS: &str = "adamcu_loader_errors_total";
 pub const CHECKPOINT_SECONDS: &str = "adamcu_checkpoint_seconds";
 pub const BUILD_INFO: &str = "adamcu_build_info";
+pub const GPU_MEMORY_PEAK: &str = "adamcu_gpu_memory_peak_bytes";
 
 /// Explicit buckets of the step-time histogram (seconds): CPU steps take 0.05-2 s, GPU ones
 /// 0.02-0.5 s.
@@ -71,6 +72,7 @@ fn describe() {
     describe_gauge!(EVAL_IOU, "IoU (0-1) per class on the target val set at the last evaluation.");
     describe_counter!(LOADER_ERRORS, "Samples a loader could not use, by domain and kind.");
     describe_histogram!(CHECKPOINT_SECONDS, "Seconds to write a checkpoint.");
+    describe_gauge!(GPU_MEMORY_PEAK, "Peak bytes allocated on the CUDA device (CUDA runs only).");
     describe_gauge!(BUILD_INFO, "Always 1; labels give the adamcu and libtorch versions.");
 }
 
@@ -153,4 +155,12 @@ pub fn evaluation(miou_percent: f64, per_class: &[(String, Option<f64>)]) {
 
 pub fn checkpoint(seconds: f64) {
     histogram!(CHECKPOINT_SECONDS).record(seconds);
+}
+
+pub fn gpu_memory(device: tch::Device) {
+    if let tch::Device::Cuda(index) = device {
+        if let Some(bytes) = crate::torch_ext::cuda_peak_bytes(index) {
+            gauge!(GPU_MEMORY_PEAK, "device" => index.to_string()).set(bytes as f64);
+        }
+    }
 }

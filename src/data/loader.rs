@@ -44,6 +44,8 @@ pub struct LoaderOptions {
     pub on_bad_sample: OnBadSample,
     /// Start after this many samples have been drawn (to resume a run's data order).
     pub start_at: u64,
+    /// Page-lock collated batches for this CUDA device, so the copy to it is asynchronous.
+    pub pin_for: Option<tch::Device>,
 }
 
 /// A running loader; dropping it stops its threads.
@@ -147,7 +149,7 @@ fn batcher(source: &SampleSource, workers: Vec<Receiver<(usize, Result<Augmented
             }
         }
         let started = Instant::now();
-        let batch = collate(sequence, source, samples);
+        let batch = collate(sequence, source, samples, options.pin_for);
         stage.busy(started.elapsed());
         let waited = Instant::now();
         if tx.send(Ok(batch)).is_err() {
@@ -159,7 +161,7 @@ fn batcher(source: &SampleSource, workers: Vec<Receiver<(usize, Result<Augmented
     }
 }
 
-fn collate(sequence: u64, source: &SampleSource, samples: Vec<(usize, Augmented)>) -> Batch {
+fn collate(sequence: u64, source: &SampleSource, samples: Vec<(usize, Augmented)>, pin_for: Option<tch::Device>) -> Batch {
     let b = samples.len() as i64;
     let (h, w) = (samples[0].1.geometry.crop_height as i64, samples[0].1.geometry.crop_width as i64);
     let mut images = Vec::with_capacity((b * 3 * h * w) as usize);
@@ -174,7 +176,10 @@ fn collate(sequence: u64, source: &SampleSource, samples: Vec<(usize, Augmented)
         ids.push(source.id(index).to_string());
         geometries.push(s.geometry);
     }
-    let images = Tensor::from_slice(&images).view([b, h, w, 3]);
-    let labels = Tensor::from_slice(&labels).view([b, h, w]).to_kind(Kind::Int64);
+    let mut images = Tensor::from_slice(&images).view([b, h, w, 3]);
+    let mut labels = Tensor::from_slice(&labels).view([b, h, w]).to_kind(Kind::Int64);
+    if let Some(device) = pin_for {
+        (images, labels) = (images.pin_memory(device), labels.pin_memory(device));
+    }
     Batch { sequence, sample_indices, ids, geometries, images, labels }
 }

@@ -223,7 +223,7 @@ impl AdaRun {
         // The data order resumes too: the loaders skip the samples already drawn.
         let options = |domain, batch_size: usize, seed| LoaderOptions { domain, batch_size, workers: c.data.workers,
             capacity: c.data.channel_capacity, seed, on_bad_sample: c.data.on_bad_sample,
-            start_at: step * batch_size as u64 };
+            start_at: step * batch_size as u64, pin_for: trainer.device.is_cuda().then_some(trainer.device) };
         let (source_cfg, target_cfg) = (c.data.source.as_ref(), c.data.target.as_ref());
         let source_set = open_set(&c.data.source, "data.source", c.data.classes)?;
         let target_set = open_set(&c.data.target, "data.target", c.data.classes)?;
@@ -277,6 +277,7 @@ impl AdaRun {
         let t = self.state.sampler.thresholds;
         telemetry::groups(out.groups[0], out.groups[1], out.groups[2], t.pi_high, t.pi_low);
         telemetry::budget(self.state.ledger.spent(), self.state.ledger.budget());
+        telemetry::gpu_memory(trainer.device);
         Ok(&self.last)
     }
 
