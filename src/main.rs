@@ -3,7 +3,7 @@
 use adamcu::config::{parse_device, Config, DatasetConfig};
 use adamcu::train::eval::{markdown_table, EvalOptions, EvalRow};
 use adamcu::train::{SupervisedStage, Trainer};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -156,8 +156,10 @@ enum BenchCommand {
         /// Model and ADA-MCU settings (pretrained weights are not loaded).
         #[arg(long, default_value = "pipelines/gta5-cityscapes.toml")]
         config: PathBuf,
+        /// HEIGHTxWIDTH of the source crops.
         #[arg(long, default_value = "720x1280")]
         source_size: String,
+        /// HEIGHTxWIDTH of the target crops.
         #[arg(long, default_value = "512x1024")]
         target_size: String,
         #[arg(long, default_value_t = 2)]
@@ -216,7 +218,7 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
             let config = load_config(&config, overrides)?;
             let sets = match &set {
                 Some(name) => vec![(name.as_str(), pick_set(&config, name)?)],
-                None => configured_sets(&config).into_iter().map(|(n, s)| (n, s)).collect(),
+                None => configured_sets(&config),
             };
             if sets.is_empty() {
                 bail!("no data sets configured ([data.source], [data.target], [data.target_val])");
@@ -326,12 +328,14 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
         }
         Command::Bench(BenchCommand::Step { config, source_size, target_size, batch, iterations, warmup, python, reference }) => {
             let config = load_config(&config, overrides)?;
-            let hw = |s: &str| -> Result<(i64, i64)> {
-                let (w, h) = parse_size(s)?;
-                Ok((w as i64, h as i64)) // parse_size reads AxB; here A is the height
+            // Sizes are HEIGHTxWIDTH here, as the reference script takes them.
+            let height_width = |s: &str| -> Result<(i64, i64)> {
+                let (height, width) = parse_size(s)?;
+                Ok((height as i64, width as i64))
             };
-            adamcu::bench::step(&adamcu::bench::StepBenchOptions { config, source_size: hw(&source_size)?,
-                target_size: hw(&target_size)?, batch, iterations, warmup, reference: python.map(|p| (p, reference)) })?;
+            adamcu::bench::step(&adamcu::bench::StepBenchOptions { config, source_size: height_width(&source_size)?,
+                target_size: height_width(&target_size)?, batch, iterations, warmup,
+                reference: python.map(|p| (p, reference)) })?;
         }
         Command::Bench(BenchCommand::Loader { dir, images, python, reference }) => {
             adamcu::bench::loader(&adamcu::bench::LoaderBenchOptions { dir, images, python, reference })?;
@@ -340,12 +344,12 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// "AxB" -> (A, B), both positive.
 fn parse_size(text: &str) -> Result<(u32, u32)> {
-    let (w, h) = text.split_once('x').context("expected WIDTHxHEIGHT")?;
     let parse = |v: &str| v.parse::<u32>().ok().filter(|&v| v > 0);
-    match (parse(w), parse(h)) {
-        (Some(w), Some(h)) => Ok((w, h)),
-        _ => bail!("--size {text:?}: expected WIDTHxHEIGHT, e.g. 1024x512"),
+    match text.split_once('x').map(|(a, b)| (parse(a), parse(b))) {
+        Some((Some(a), Some(b))) => Ok((a, b)),
+        _ => bail!("size {text:?}: expected two positive numbers as AxB, e.g. 1024x512"),
     }
 }
 

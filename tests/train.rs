@@ -130,3 +130,32 @@ fn checkpoint_round_trip_gives_identical_outputs_and_next_step() {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
     assert!(leftovers.is_empty());
 }
+
+#[test]
+fn predicted_masks_scored_as_a_folder_match_the_checkpoint_evaluation() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(dir.path());
+    let mut trainer = Trainer::new(&config).unwrap();
+    trainer.train_supervised(SupervisedStage::TargetSupervised, 30).unwrap();
+    let direct = trainer.evaluate("direct", 1.0).unwrap();
+    let images = dir.path().join("data/target/leftImg8bit/val/synthcity");
+    let out = dir.path().join("predictions");
+    let options = adamcu::train::eval::EvalOptions { flip: false, input_size: [0, 0] };
+    assert_eq!(adamcu::predict::predict_folder(&trainer, &images, &out, &options).unwrap(), 6);
+    let first = "synthcity_000000_000001";
+    for suffix in ["", "_color", "_overlay"] {
+        assert!(out.join(format!("{first}{suffix}.png")).exists(), "{first}{suffix}.png");
+    }
+    let labels = adamcu::train::open_set(&config.data.target_val, "v", 19).unwrap();
+    let scored = adamcu::predict::score_folder(&out, &labels, 19).unwrap();
+    let row = adamcu::train::eval::EvalRow::from_confusion("folder", &scored, 1.0);
+    assert!((row.miou - direct.miou).abs() < 1e-9, "{} vs {}", row.miou, direct.miou);
+    // A colour mask uses the Cityscapes palette: road is (128, 64, 128).
+    let colour = image::open(out.join(format!("{first}_color.png"))).unwrap().into_rgb8();
+    let ids = image::open(out.join(format!("{first}.png"))).unwrap().into_luma8();
+    for (id, px) in ids.pixels().zip(colour.pixels()) {
+        if id.0[0] == 0 {
+            assert_eq!(px.0, [128, 64, 128]);
+        }
+    }
+}
