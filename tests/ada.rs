@@ -9,7 +9,7 @@ use adamcu::active::sampling::Sampler;
 use adamcu::active::uncertainty::uncertainty;
 use adamcu::config::{ActiveConfig, Config, ContrastConfig, Schedule};
 use adamcu::contrast::dccm::Dccm;
-use adamcu::contrast::infonce::info_nce;
+use adamcu::contrast::infonce::{info_nce_units, Points};
 use adamcu::contrast::units::{class_centers, contrastive_losses, unit_pairs, DomainBatch};
 use adamcu::data::augment::Geometry;
 use rand::SeedableRng;
@@ -36,6 +36,16 @@ fn uncertainty_normalises_entropy_by_log_c_and_takes_kl_from_main_to_aux() {
     assert!(close(uncertainty(&main, &aux, 0.0).double_value(&[0, 0, 0]), entropy));
 }
 
+/// One unit's InfoNCE through the batched implementation.
+fn info_nce(a: &Tensor, ac: &Tensor, k: &Tensor, kc: &Tensor, t: f64, w: Option<&Tensor>) -> Option<f64> {
+    let all = |c: &Tensor| Tensor::ones(c.size(), (Kind::Bool, Device::Cpu));
+    let (av, kv) = (all(ac), all(kc));
+    let w = w.map(|w| w.unsqueeze(0));
+    let (loss, usable) = info_nce_units(&Points { embeddings: &a.unsqueeze(0), classes: &ac.unsqueeze(0), valid: &av.unsqueeze(0) },
+        &Points { embeddings: &k.unsqueeze(0), classes: &kc.unsqueeze(0), valid: &kv.unsqueeze(0) }, t, w.as_ref());
+    (usable.int64_value(&[0]) != 0).then(|| loss.double_value(&[0]))
+}
+
 #[test]
 fn info_nce_with_several_positives_matches_the_hand_computed_value() {
     // Anchor a = [1, 0], class 0. Keys: k1 = [1, 0] (0), k2 = [0, 1] (0), k3 = [-1, 0] (1).
@@ -46,15 +56,22 @@ fn info_nce_with_several_positives_matches_the_hand_computed_value() {
     let (s1, s2, n) = (1.0 / t, 0.0 / t, -1.0 / t);
     let term = |s: f64| -(s - (s.exp() + f64::exp(n)).ln());
     let expected = (term(s1) + term(s2)) / 2.0;
-    let got = info_nce(&a, &ac, &keys, &kc, t, None).unwrap().double_value(&[]);
+    let got = info_nce(&a, &ac, &keys, &kc, t, None).unwrap();
     assert!(close(got, expected), "{got} vs {expected}");
     // Weights scale the logits pairwise (DCCM): weight 2 on the negative only.
     let w = Tensor::from_slice(&[1.0f32, 1.0, 2.0]).view([1, 3]);
     let term_w = |s: f64| -(s - (s.exp() + f64::exp(2.0 * n)).ln());
-    let got = info_nce(&a, &ac, &keys, &kc, t, Some(&w)).unwrap().double_value(&[]);
+    let got = info_nce(&a, &ac, &keys, &kc, t, Some(&w)).unwrap();
     assert!(close(got, (term_w(s1) + term_w(s2)) / 2.0));
     // No negative (or no positive): no loss rather than a meaningless one.
     assert!(info_nce(&a, &ac, &keys.narrow(0, 0, 2), &kc.narrow(0, 0, 2), t, None).is_none());
+    // Invalid (padding) keys are ignored: padding the negative away leaves no usable anchor.
+    let (loss, usable) = info_nce_units(
+        &Points { embeddings: &a.unsqueeze(0), classes: &ac.unsqueeze(0), valid: &Tensor::from_slice(&[true]).view([1, 1]) },
+        &Points { embeddings: &keys.unsqueeze(0), classes: &kc.unsqueeze(0), valid: &Tensor::from_slice(&[true, true, false]).view([1, 3]) },
+        t, None);
+    assert_eq!(usable.int64_value(&[0]), 0);
+    assert_eq!(loss.double_value(&[0]), 0.0);
 }
 
 #[test]
@@ -71,18 +88,23 @@ fn dccm_is_an_ema_of_per_class_error_rates_and_skips_unseen_classes() {
     assert!(close(w(&d, 0, 1), 0.9 * 0.025 + 0.1 * 1.0));
     assert!(close(w(&d, 1, 0), 0.05), "class 1 absent: its row keeps its value");
     assert!(close(w(&d, 2, 0), 0.1));
-    let weights = d.weights(&Tensor::from_slice(&[0i64]), &Tensor::from_slice(&[1i64, 0]));
-    assert!(close(weights.double_value(&[0, 0]), 1.0 + w(&d, 0, 1)) && close(weights.double_value(&[0, 1]), 1.0));
+    let weights = d.weights_batched(&Tensor::from_slice(&[0i64]).view([1, 1]), &Tensor::from_slice(&[1i64, 0, 255]).view([1, 3]));
+    assert!(close(weights.double_value(&[0, 0, 0]), 1.0 + w(&d, 0, 1)) && close(weights.double_value(&[0, 0, 1]), 1.0));
+    assert!(close(weights.double_value(&[0, 0, 2]), 1.0), "ignore/padding classes weigh 1");
 }
 
 #[test]
 fn category_centers_are_normalised_class_means() {
-    let emb = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 1.0, 0.0, -1.0]).view([3, 2]);
-    let (centers, classes) = class_centers(&emb, &Tensor::from_slice(&[0i64, 0, 2]), 4);
-    assert_eq!(Vec::<i64>::try_from(&classes).unwrap(), [0, 2]);
-    let c: Vec<f32> = Vec::try_from(centers.flatten(0, -1)).unwrap();
+    // One image, four pixels: two of class 0, one of class 2, one outside the mask.
+    let emb = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 1.0, 0.0, -1.0, 5.0, 5.0]).view([1, 4, 2]);
+    let classes = Tensor::from_slice(&[0i64, 0, 2, 1]).view([1, 4]);
+    let mask = Tensor::from_slice(&[true, true, true, false]).view([1, 4]);
+    let c = class_centers(&emb, &classes, &mask, 4);
+    assert_eq!(Vec::<bool>::try_from(c.present.flatten(0, -1)).unwrap(), [true, false, true, false]);
+    let v: Vec<f32> = Vec::try_from(c.centers.flatten(0, -1)).unwrap();
     let r = 0.5f32.sqrt();
-    assert!((c[0] - r).abs() < 1e-6 && (c[1] - r).abs() < 1e-6 && c[2].abs() < 1e-6 && (c[3] + 1.0).abs() < 1e-6, "{c:?}");
+    assert!((v[0] - r).abs() < 1e-6 && (v[1] - r).abs() < 1e-6, "{v:?}");
+    assert!(v[4].abs() < 1e-6 && (v[5] + 1.0).abs() < 1e-6, "{v:?}");
 }
 
 #[test]
@@ -294,5 +316,5 @@ fn contrastive_losses_need_anchors_and_keys_in_both_domains() {
     let l = contrastive_losses(&batch(true), &batch(true), &config, None, 3);
     assert!(l.p2p.is_some() && l.c2c.is_some());
     let l = contrastive_losses(&batch(false), &batch(false), &config, None, 3);
-    assert!(l.p2p.is_none(), "no anchors: no p2p term");
+    assert_eq!(l.p2p.unwrap().double_value(&[]), 0.0, "no anchors: the p2p term is 0");
 }

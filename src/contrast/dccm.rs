@@ -39,9 +39,15 @@ impl Dccm {
         });
     }
 
-    /// Logit weights for anchor classes `u` [Na] and key classes `v` [Nk]: 1 + W(u, v)
-    /// (docs/algorithm.md: with W starting at 0, Eq. 10's bare W(u,v) would zero every logit).
-    pub fn weights(&self, u: &Tensor, v: &Tensor) -> Tensor {
-        self.w.index_select(0, u).index_select(1, v) + 1.0
+    /// Logit weights for anchor classes `u` [U, Na] and key classes `v` [U, Nk] of U units:
+    /// [U, Na, Nk] = 1 + W(u, v) (docs/algorithm.md: with W starting at 0, Eq. 10's bare W(u,v)
+    /// would zero every logit). Classes outside 0..C (padding, ignore) get weight 1.
+    pub fn weights_batched(&self, u: &Tensor, v: &Tensor) -> Tensor {
+        let c = self.w.size()[0];
+        let (units, na, nk) = (u.size()[0], u.size()[1], v.size()[1]);
+        let rows = self.w.index_select(0, &u.clamp(0, c - 1).flatten(0, -1)).view([units, na, c]);
+        let w = rows.gather(2, &v.clamp(0, c - 1).unsqueeze(1).expand([units, na, nk], false), false);
+        let inside = u.lt(c).unsqueeze(2).logical_and(&v.lt(c).unsqueeze(1));
+        w.where_self(&inside, &Tensor::zeros_like(&w)) + 1.0
     }
 }

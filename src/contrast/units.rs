@@ -1,4 +1,5 @@
-//! Anchors, category centers and the contrastive units at three levels.
+//! Anchors, category centers and the contrastive units at three levels, computed for all
+//! units of a batch at once (fixed-size samples with validity masks, no host synchronisation).
 //!
 //! Per image (at the embedding's resolution):
 //! - keys: pixels with a label (source: ground truth; target: bought labels and the sampled
@@ -13,7 +14,7 @@
 //! centers.
 
 use super::dccm::Dccm;
-use super::infonce::info_nce;
+use super::infonce::{info_nce_units, Points};
 use crate::config::ContrastConfig;
 use tch::{Kind, Tensor};
 
@@ -29,61 +30,78 @@ pub struct DomainBatch {
     pub center_classes: Tensor,
 }
 
-struct ImageView {
-    anchor_emb: Tensor,
-    anchor_cls: Tensor,
-    key_emb: Tensor,
-    key_cls: Tensor,
-    anchor_centers: (Tensor, Tensor),
-    category_centers: (Tensor, Tensor),
+/// Fixed-size samples of one domain's images: embeddings [B, N, D], classes and validity [B, N].
+struct Sample {
+    embeddings: Tensor,
+    classes: Tensor,
+    valid: Tensor,
 }
 
-/// Per-class mean of `emb` rows [N, D] by `cls` [N], L2-normalised; only present classes.
-pub fn class_centers(emb: &Tensor, cls: &Tensor, classes: i64) -> (Tensor, Tensor) {
-    let d = emb.size()[1];
-    let sums = Tensor::zeros([classes, d], (emb.kind(), emb.device())).index_add(0, cls, emb);
-    let counts = Tensor::zeros([classes], (Kind::Float, emb.device()))
-        .index_add(0, cls, &Tensor::ones([cls.size()[0]], (Kind::Float, emb.device())));
-    let present = counts.gt(0.0).nonzero().squeeze_dim(1);
-    let centers = sums.index_select(0, &present);
-    let norm = centers.norm_scalaropt_dim(2.0, [1i64].as_slice(), true).clamp_min(1e-12);
-    (centers / norm, present)
-}
-
-fn subsample(indices: Tensor, max: usize) -> Tensor {
-    let n = indices.size()[0];
-    if n as usize <= max {
-        return indices;
+/// Up to `max` pixels per image drawn uniformly from `mask` [B, P] (random keys + top-k).
+fn sample(emb: &Tensor, classes: &Tensor, mask: &Tensor, max: usize) -> Sample {
+    let p = mask.size()[1];
+    let k = (max as i64).min(p);
+    let keys = Tensor::rand(mask.size(), (Kind::Float, mask.device())).where_self(mask, &Tensor::from(-1.0f32).to_device(mask.device()));
+    let (values, index) = keys.topk(k, 1, true, false);
+    let d = emb.size()[2];
+    Sample {
+        embeddings: emb.gather(1, &index.unsqueeze(2).expand([-1, -1, d], false), false),
+        classes: classes.gather(1, &index, false),
+        valid: values.ge(0.0),
     }
-    let keep = Tensor::randperm(n, (Kind::Int64, indices.device())).narrow(0, 0, max as i64);
-    indices.index_select(0, &keep)
 }
 
-fn views(batch: &DomainBatch, config: &ContrastConfig, classes: i64) -> Vec<ImageView> {
+/// Per-class normalised means of `emb` [B, P, D] over `mask` [B, P] by `classes`:
+/// centers [B, C, D], their classes [B, C] (0..C) and presence [B, C].
+pub fn class_centers(emb: &Tensor, classes: &Tensor, mask: &Tensor, n_classes: i64) -> Sample3 {
+    let (b, d) = (emb.size()[0], emb.size()[2]);
+    // Pixels outside the mask go to an extra row C that is dropped.
+    let index = classes.clamp(0, n_classes - 1).where_self(mask, &Tensor::from(n_classes).to_device(emb.device()));
+    let sums = Tensor::zeros([b, n_classes + 1, d], (emb.kind(), emb.device()))
+        .scatter_add(1, &index.unsqueeze(2).expand([-1, -1, d], false), emb)
+        .narrow(1, 0, n_classes);
+    let counts = Tensor::zeros([b, n_classes + 1], (Kind::Float, emb.device()))
+        .scatter_add(1, &index, &Tensor::ones(index.size(), (Kind::Float, emb.device())))
+        .narrow(1, 0, n_classes);
+    let norm = sums.norm_scalaropt_dim(2.0, [2i64].as_slice(), true).clamp_min(1e-12);
+    Sample3 {
+        centers: sums / norm,
+        classes: Tensor::arange(n_classes, (Kind::Int64, emb.device())).unsqueeze(0).expand([b, -1], false),
+        present: counts.gt(0.0),
+    }
+}
+
+/// Category centers of a batch of images.
+pub struct Sample3 {
+    pub centers: Tensor,
+    pub classes: Tensor,
+    pub present: Tensor,
+}
+
+struct DomainViews {
+    anchors: Sample,
+    keys: Sample,
+    anchor_centers: Sample3,
+    category_centers: Sample3,
+}
+
+fn views(batch: &DomainBatch, config: &ContrastConfig, classes: i64) -> DomainViews {
     let size = batch.embedding.size();
     let (b, d) = (size[0], size[1]);
-    (0..b).map(|i| {
-        let emb = batch.embedding.get(i).view([d, -1]).tr();
-        let labels = batch.labels.get(i).flatten(0, -1);
-        let select = |mask: &Tensor, max: usize| subsample(mask.flatten(0, -1).nonzero().squeeze_dim(1), max);
-        let key_mask = labels.ne(255);
-        let key_idx = select(&key_mask, config.max_keys);
-        let anchor_idx = select(&batch.anchors.get(i).logical_and(&key_mask.view_as(&batch.anchors.get(i))), config.max_anchors);
-        let all_keys = key_mask.nonzero().squeeze_dim(1);
-        let low_idx = batch.low.get(i).flatten(0, -1).nonzero().squeeze_dim(1);
-        let center_cls = batch.center_classes.get(i).flatten(0, -1);
-        ImageView {
-            anchor_emb: emb.index_select(0, &anchor_idx),
-            anchor_cls: labels.index_select(0, &anchor_idx),
-            key_emb: emb.index_select(0, &key_idx),
-            key_cls: labels.index_select(0, &key_idx),
-            anchor_centers: class_centers(&emb.index_select(0, &all_keys), &labels.index_select(0, &all_keys), classes),
-            category_centers: class_centers(&emb.index_select(0, &low_idx), &center_cls.index_select(0, &low_idx), classes),
-        }
-    }).collect()
+    let emb = batch.embedding.view([b, d, -1]).transpose(1, 2);
+    let labels = batch.labels.view([b, -1]);
+    let key_mask = labels.ne(255);
+    let anchor_mask = batch.anchors.view([b, -1]).logical_and(&key_mask);
+    DomainViews {
+        anchors: sample(&emb, &labels, &anchor_mask, config.max_anchors),
+        keys: sample(&emb, &labels, &key_mask, config.max_keys),
+        anchor_centers: class_centers(&emb, &labels, &key_mask, classes),
+        category_centers: class_centers(&emb, &batch.center_classes.view([b, -1]), &batch.low.view([b, -1]), classes),
+    }
 }
 
-/// The sum over the configured levels of each level's mean p2p and c2c loss.
+/// The sum over the configured levels of each level's mean p2p and c2c loss (0 when no unit
+/// of a level has a usable anchor).
 pub struct ContrastLosses {
     pub p2p: Option<Tensor>,
     pub c2c: Option<Tensor>,
@@ -103,34 +121,50 @@ pub fn unit_pairs(level: &str, ns: usize, nt: usize) -> Vec<(usize, usize)> {
     }
 }
 
+/// Sum over levels of the mean of `per_unit` over each level's usable units.
+fn sum_of_level_means(per_unit: &Tensor, usable: &Tensor, level_of_unit: &Tensor, levels: i64) -> Tensor {
+    let usable = usable.to_kind(Kind::Float);
+    let device = per_unit.device();
+    let sums = Tensor::zeros([levels], (Kind::Float, device)).index_add(0, level_of_unit, &(per_unit * &usable));
+    let counts = Tensor::zeros([levels], (Kind::Float, device)).index_add(0, level_of_unit, &usable);
+    (sums / counts.clamp_min(1.0)).sum(Kind::Float)
+}
+
 pub fn contrastive_losses(source: &DomainBatch, target: &DomainBatch, config: &ContrastConfig,
     dccm: Option<&Dccm>, classes: i64) -> ContrastLosses {
-    let mut all = views(source, config, classes);
-    let ns = all.len();
-    all.extend(views(target, config, classes));
-    let nt = all.len() - ns;
-    let weights = |u: &Tensor, v: &Tensor| dccm.map(|d| d.weights(u, v));
-    let mut p2p_levels = Vec::new();
-    let mut c2c_levels = Vec::new();
-    for level in &config.levels {
-        let pairs = unit_pairs(level, ns, nt);
-        let mean = |terms: Vec<Tensor>| (!terms.is_empty()).then(|| Tensor::stack(&terms, 0).mean(Kind::Float));
-        if config.p2p {
-            let terms: Vec<Tensor> = pairs.iter().filter_map(|&(a, k)| {
-                let (a, k) = (&all[a], &all[k]);
-                info_nce(&a.anchor_emb, &a.anchor_cls, &k.key_emb, &k.key_cls, config.temperature,
-                    weights(&a.anchor_cls, &k.key_cls).as_ref())
-            }).collect();
-            p2p_levels.extend(mean(terms));
-        }
-        if config.c2c {
-            let terms: Vec<Tensor> = pairs.iter().filter_map(|&(a, k)| {
-                let ((ac, acls), (kc, kcls)) = (&all[a].anchor_centers, &all[k].category_centers);
-                info_nce(ac, acls, kc, kcls, config.temperature, weights(acls, kcls).as_ref())
-            }).collect();
-            c2c_levels.extend(mean(terms));
-        }
+    let (s, t) = (views(source, config, classes), views(target, config, classes));
+    let (ns, nt) = (source.embedding.size()[0] as usize, target.embedding.size()[0] as usize);
+    let cat = |a: &Tensor, b: &Tensor| Tensor::cat(&[a, b], 0);
+    // Every unit of every level, as index tensors into the concatenated images.
+    let pairs: Vec<(i64, i64, i64)> = config.levels.iter().enumerate()
+        .flat_map(|(l, level)| unit_pairs(level, ns, nt).into_iter().map(move |(a, k)| (a as i64, k as i64, l as i64)))
+        .collect();
+    if pairs.is_empty() {
+        return ContrastLosses { p2p: None, c2c: None };
     }
-    let sum = |levels: Vec<Tensor>| (!levels.is_empty()).then(|| Tensor::stack(&levels, 0).sum(Kind::Float));
-    ContrastLosses { p2p: sum(p2p_levels), c2c: sum(c2c_levels) }
+    let device = source.embedding.device();
+    let column = |f: fn(&(i64, i64, i64)) -> i64| Tensor::from_slice(&pairs.iter().map(f).collect::<Vec<_>>()).to_device(device);
+    let (a_idx, k_idx, level) = (column(|p| p.0), column(|p| p.1), column(|p| p.2));
+    let levels = config.levels.len() as i64;
+    let weights = |ac: &Tensor, kc: &Tensor| dccm.map(|d| d.weights_batched(ac, kc));
+    let unit_loss = |anchors: (Tensor, Tensor, Tensor), keys: (Tensor, Tensor, Tensor)| {
+        let (ae, ac, av) = (anchors.0.index_select(0, &a_idx), anchors.1.index_select(0, &a_idx), anchors.2.index_select(0, &a_idx));
+        let (ke, kc, kv) = (keys.0.index_select(0, &k_idx), keys.1.index_select(0, &k_idx), keys.2.index_select(0, &k_idx));
+        let w = weights(&ac, &kc);
+        let (per_unit, usable) = info_nce_units(&Points { embeddings: &ae, classes: &ac, valid: &av },
+            &Points { embeddings: &ke, classes: &kc, valid: &kv }, config.temperature, w.as_ref());
+        sum_of_level_means(&per_unit, &usable, &level, levels)
+    };
+    let p2p = config.p2p.then(|| unit_loss(
+        (cat(&s.anchors.embeddings, &t.anchors.embeddings), cat(&s.anchors.classes, &t.anchors.classes),
+         cat(&s.anchors.valid, &t.anchors.valid)),
+        (cat(&s.keys.embeddings, &t.keys.embeddings), cat(&s.keys.classes, &t.keys.classes),
+         cat(&s.keys.valid, &t.keys.valid))));
+    let c2c = config.c2c.then(|| unit_loss(
+        (cat(&s.anchor_centers.centers, &t.anchor_centers.centers), cat(&s.anchor_centers.classes, &t.anchor_centers.classes),
+         cat(&s.anchor_centers.present, &t.anchor_centers.present)),
+        (cat(&s.category_centers.centers, &t.category_centers.centers),
+         cat(&s.category_centers.classes, &t.category_centers.classes),
+         cat(&s.category_centers.present, &t.category_centers.present))));
+    ContrastLosses { p2p, c2c }
 }
