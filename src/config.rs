@@ -27,7 +27,7 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
     pub run: RunConfig,
@@ -41,24 +41,6 @@ pub struct Config {
     pub contrast: ContrastConfig,
     pub demo: DemoConfig,
     pub metrics: MetricsConfig,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            run: RunConfig::default(),
-            data: DataConfig::default(),
-            synth: SynthConfig::default(),
-            augment: AugmentConfig::default(),
-            model: ModelConfig::default(),
-            train: TrainConfig::default(),
-            eval: EvalConfig::default(),
-            active: ActiveConfig::default(),
-            contrast: ContrastConfig::default(),
-            demo: DemoConfig::default(),
-            metrics: MetricsConfig::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
