@@ -57,14 +57,6 @@ pub struct StepOutput {
     pub groups: [u64; 3],
 }
 
-/// Cross-entropy averaged over the labelled pixels (255 = none), 0 when there are none.
-fn masked_mean_loss(logits: &Tensor, labels: &Tensor) -> Tensor {
-    let size = labels.size();
-    let per_pixel = upsample(logits, size[1], size[2])
-        .cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::None, 255, 0.0);
-    per_pixel.sum(Kind::Float) / labels.ne(255).sum(Kind::Float).clamp_min(1.0)
-}
-
 fn nearest(t: &Tensor, h: i64, w: i64) -> Tensor {
     t.unsqueeze(1).to_kind(Kind::Float).upsample_nearest2d([h, w], None, None).squeeze_dim(1)
 }
@@ -130,8 +122,8 @@ impl Trainer {
         let prediction_t = main_t.detach().argmax(1, false);
         // Eq. 5: the pseudo label is the prediction itself (one-hot; see docs/algorithm.md).
         let train_labels_t = prediction_t.where_self(&pseudo, &revealed);
-        // A crop may have no labelled or pseudo-labelled pixel: the mean is then 0, with no host check.
-        let loss_target = masked_mean_loss(&out_t.0, &train_labels_t) + masked_mean_loss(&out_t.1, &train_labels_t) * c.train.aux_weight;
+        // A crop may have no labelled or pseudo-labelled pixel: the loss is then 0, with no host check.
+        let loss_target = segmentation_loss(&out_t.0, &train_labels_t) + segmentation_loss(&out_t.1, &train_labels_t) * c.train.aux_weight;
 
         // DCCM (Eqs. 7-8) from every pixel whose true label is known this iteration.
         let prediction_s = upsample(&out_s.0, source_labels.size()[1], source_labels.size()[2]).detach().argmax(1, false);

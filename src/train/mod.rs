@@ -27,10 +27,13 @@ pub fn channels_last(t: &Tensor) -> Tensor {
     t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
-/// Cross-entropy of logits (upsampled to the labels' size) against training ids, 255 ignored.
+/// Cross-entropy of logits (upsampled to the labels' size) against training ids, averaged over
+/// the labelled pixels (255 = ignore); 0 when a batch has none, where a plain mean would be NaN.
 pub fn segmentation_loss(logits: &Tensor, labels: &Tensor) -> Tensor {
     let size = labels.size();
-    upsample(logits, size[1], size[2]).cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::Mean, 255, 0.0)
+    let per_pixel = upsample(logits, size[1], size[2])
+        .cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::None, 255, 0.0);
+    per_pixel.sum(tch::Kind::Float) / labels.ne(255).sum(tch::Kind::Float).clamp_min(1.0)
 }
 
 /// Which labelled data a supervised stage trains on.
