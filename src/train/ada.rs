@@ -62,15 +62,20 @@ fn nearest(t: &Tensor, h: i64, w: i64) -> Tensor {
 }
 
 impl Trainer {
-    /// Opens (or creates) the run's ledger for the configured target training set.
-    pub fn open_ledger(&self, path: &Path) -> Result<Ledger> {
+    /// The ledger's images (the configured target training set) and its budget Me in pixels.
+    fn ledger_layout(&self) -> Result<(Vec<LedgerImage>, u64)> {
         let target = open_set(&self.config.data.target, "data.target", self.config.data.classes)?;
         let images = (0..target.len()).map(|i| {
             let (width, height) = target.dimensions(i).map_err(|e| anyhow!("{e}"))?;
             Ok(LedgerImage { id: target.id(i).to_string(), width, height })
         }).collect::<Result<Vec<_>>>()?;
         let total: u64 = images.iter().map(|i| i.width as u64 * i.height as u64).sum();
-        let budget = (self.config.active.budget * total as f64).round() as u64;
+        Ok((images, (self.config.active.budget * total as f64).round() as u64))
+    }
+
+    /// Opens (or creates) the run's ledger for the configured target training set.
+    pub fn open_ledger(&self, path: &Path) -> Result<Ledger> {
+        let (images, budget) = self.ledger_layout()?;
         Ledger::open_or_create(path, &images, budget)
     }
 
@@ -313,10 +318,7 @@ pub fn resume(trainer: &mut Trainer, checkpoint_path: &Path, ledger_path: &Path)
     let meta = &loaded.meta;
     let step = meta["step"].as_u64().context("checkpoint lacks its step")?;
     let thresholds: Thresholds = serde_json::from_value(meta["thresholds"].clone()).context("checkpoint lacks thresholds")?;
-    let fresh = trainer.open_ledger(ledger_path)?;
-    let images = fresh.images().to_vec();
-    let budget = fresh.budget();
-    drop(fresh);
+    let (images, budget) = trainer.ledger_layout()?;
     let ledger = Ledger::open_resumed(ledger_path, &images, budget, &checkpoint_path.with_extension("ledger"))?;
     let mut state = trainer.new_ada_state(ledger);
     state.sampler.thresholds = thresholds;
