@@ -10,6 +10,17 @@ use anyhow::Result;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
+/// Label x prediction counts [C, C] (i64, on the inputs' device) over the pixels whose label
+/// is a training id (255 and anything past C are skipped). Shared by the evaluation and the
+/// DCCM's error rates (Eq. 7).
+pub fn confusion_counts(labels: &Tensor, predictions: &Tensor, classes: i64) -> Tensor {
+    let labels = labels.to_device(predictions.device()).to_kind(Kind::Int64).flatten(0, -1);
+    let predictions = predictions.to_kind(Kind::Int64).flatten(0, -1);
+    let valid = labels.ne(IGNORE as i64).logical_and(&labels.lt(classes));
+    let index = labels.masked_select(&valid) * classes + predictions.masked_select(&valid);
+    index.bincount::<Tensor>(None, classes * classes).view([classes, classes])
+}
+
 #[derive(Debug, Clone)]
 pub struct Confusion {
     pub classes: usize,
@@ -25,11 +36,7 @@ impl Confusion {
     /// Adds predictions and labels (same shape, training ids; label 255 is skipped).
     pub fn add(&mut self, predictions: &Tensor, labels: &Tensor) {
         let k = self.classes as i64;
-        let labels = labels.to_device(predictions.device()).to_kind(Kind::Int64).flatten(0, -1);
-        let predictions = predictions.to_kind(Kind::Int64).flatten(0, -1);
-        let valid = labels.ne(IGNORE as i64).logical_and(&labels.lt(k));
-        let index = labels.masked_select(&valid) * k + predictions.masked_select(&valid);
-        let counts = index.bincount::<Tensor>(None, k * k).to_device(Device::Cpu).to_kind(Kind::Int64);
+        let counts = confusion_counts(labels, predictions, k).to_device(Device::Cpu).to_kind(Kind::Int64);
         let mut host = vec![0i64; (k * k) as usize];
         counts.copy_data(&mut host, (k * k) as usize);
         for (c, h) in self.counts.iter_mut().zip(host) {
