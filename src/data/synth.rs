@@ -355,25 +355,14 @@ fn box_blur(pixels: &[f32], w: usize, h: usize, r: usize) -> Vec<f32> {
     out
 }
 
-fn write_png(image: &impl PngWrite, path: &Path) -> anyhow::Result<()> {
+fn write_png<P>(image: &image::ImageBuffer<P, Vec<u8>>, path: &Path) -> anyhow::Result<()>
+where
+    P: image::PixelWithColorType<Subpixel = u8>,
+{
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    image.write_png(path)
-}
-
-trait PngWrite {
-    fn write_png(&self, path: &Path) -> anyhow::Result<()>;
-}
-impl PngWrite for RgbImage {
-    fn write_png(&self, path: &Path) -> anyhow::Result<()> {
-        self.save(path).map_err(|e| anyhow::anyhow!("{}: cannot write PNG: {e}", path.display()))
-    }
-}
-impl PngWrite for GrayImage {
-    fn write_png(&self, path: &Path) -> anyhow::Result<()> {
-        self.save(path).map_err(|e| anyhow::anyhow!("{}: cannot write PNG: {e}", path.display()))
-    }
+    image.save(path).map_err(|e| anyhow::anyhow!("{}: cannot write PNG: {e}", path.display()))
 }
 
 /// Paths of the generated benchmark below `root`.
