@@ -34,3 +34,4 @@ pub fn cuda_reset_peak(device: usize) {
         unsafe { adamcu_cuda_reset_peak(device as i32) }
     }
 }
+

@@ -219,6 +219,38 @@ fn image_and_label_stay_aligned_through_scale_crop_and_flip() {
 }
 
 #[test]
+fn a_flipped_crop_is_the_mirror_of_the_unflipped_one_at_any_width_and_scale() {
+    // Widths that are not multiples of the vectorised blocks, and scales from 1/4 (labels
+    // gathered one by one) to 2 (runs of repeated label pixels).
+    let (w, h) = (203u32, 61u32);
+    let mut state = 7u32;
+    let mut noise = || { state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223); (state >> 24) as u8 };
+    let rgb: Vec<u8> = (0..w * h * 3).map(|_| noise()).collect();
+    let label: Vec<u8> = (0..w * h).map(|_| noise() % 19).collect();
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    for (crop_w, crop_h, scale) in [(37u32, 19u32, [0.25f32, 0.3]), (53, 23, [0.9, 1.1]), (100, 40, [1.8, 2.0]),
+        (16, 8, [0.5, 1.5])] {
+        let config = AugmentConfig { crop: [crop_h, crop_w], scale, flip: false, ..AugmentConfig::default() };
+        let mut augmenter = Augmenter::new(&config);
+        for _ in 0..5 {
+            let geometry = augmenter.draw_geometry(w, h, &mut rng);
+            let plain = augmenter.apply(&rgb, &label, geometry);
+            let mirrored = augmenter.apply(&rgb, &label, Geometry { flipped: true, ..geometry });
+            for y in 0..crop_h as usize {
+                for x in 0..crop_w as usize {
+                    let (i, j) = (y * crop_w as usize + x, y * crop_w as usize + crop_w as usize - 1 - x);
+                    assert_eq!(mirrored.image[3 * i..3 * i + 3], plain.image[3 * j..3 * j + 3], "pixel {x},{y} of {geometry:?}");
+                    assert_eq!(mirrored.label[i], plain.label[j], "label {x},{y} of {geometry:?}");
+                    let (ox, oy) = geometry.to_original(x as u32, y as u32);
+                    assert_eq!(plain.label[i], label[(oy * w + ox) as usize], "label {x},{y} of {geometry:?}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn the_loader_is_deterministic_for_a_seed_whatever_the_worker_count() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("gta5");
@@ -327,6 +359,21 @@ fn the_synthetic_benchmark_is_deterministic_and_readable_by_the_real_readers() {
     assert_eq!(decode_label(&translated.samples[0].label, &map).unwrap().ids, source.load_full(0).unwrap().1.ids);
     assert_ne!(std::fs::read(&translated.samples[0].image).unwrap(),
         std::fs::read(a.source.join("images/00001.png")).unwrap());
+}
+
+#[test]
+fn the_cpu_normaliser_matches_the_tensor_formula_on_large_images() {
+    use adamcu::data::normalise::Normaliser;
+    let config = AugmentConfig::default();
+    // 2 images of 7x13 pixels: 91 per image, so whole vector blocks and a remainder.
+    let bytes = tch::Tensor::randint(256, [2, 7, 13, 3], (tch::Kind::Uint8, tch::Device::Cpu));
+    let ours = Normaliser::new(&config, tch::Device::Cpu).to_input(&bytes);
+    let mean = tch::Tensor::from_slice(&config.mean).view([1, 3, 1, 1]);
+    let std = tch::Tensor::from_slice(&config.std).view([1, 3, 1, 1]);
+    let expected = (bytes.permute([0, 3, 1, 2]).to_kind(tch::Kind::Float) / 255.0 - mean) / std;
+    assert_eq!(ours.size(), [2, 3, 7, 13]);
+    let max_error = (ours - expected).abs().max().double_value(&[]);
+    assert!(max_error < 1e-5, "max error {max_error}");
 }
 
 #[test]
