@@ -215,12 +215,17 @@ pub fn decode_label(path: &Path, map: &LabelMap) -> Result<Label, DataError> {
     let bytes_per_pixel = channels * if sixteen_bit { 2 } else { 1 };
     let (width, height) = (info.width, info.height);
     let mut ids = Vec::with_capacity((width * height) as usize);
+    let out_of_map = |bad| DataError::new(DataErrorKind::LabelOutOfMap, path,
+        format!("label id {bad} is outside the {:?} map", map.encoding));
     for row in buffer.chunks_exact(info.line_size).take(height as usize) {
+        if bytes_per_pixel == 1 {
+            map.extend_train_ids(&row[..width as usize], &mut ids).map_err(out_of_map)?;
+            continue;
+        }
         // The class id is in the first channel (SYNTHIA: the 16-bit R channel).
         for pixel in row.chunks_exact(bytes_per_pixel).take(width as usize) {
             let stored = if sixteen_bit { u16::from_be_bytes([pixel[0], pixel[1]]) } else { pixel[0] as u16 };
-            let id = map.train_id(stored).map_err(|bad| DataError::new(DataErrorKind::LabelOutOfMap,
-                path, format!("label id {bad} is outside the {:?} map", map.encoding)))?;
+            let id = map.train_id(stored).map_err(out_of_map)?;
             ids.push(id);
         }
     }
