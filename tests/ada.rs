@@ -147,6 +147,37 @@ fn the_ledger_never_passes_the_budget_never_charges_twice_and_survives_reopening
 }
 
 #[test]
+fn a_crops_bought_mask_agrees_with_the_ledger_pixel_by_pixel_pending_purchases_included() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.bin");
+    let imgs = images(2, 13, 9);
+    let mut ledger = Ledger::open_or_create(&path, &imgs, 60).unwrap();
+    for (x, y) in [(0, 0), (12, 8), (5, 3), (6, 3), (7, 4)] {
+        assert!(ledger.buy(1, x, y));
+    }
+    // A checkpoint, then purchases the checkpoint does not know: pending after a resume.
+    let snapshot = dir.path().join("snapshot.bin");
+    ledger.snapshot_to(&snapshot).unwrap();
+    for (x, y) in [(1, 1), (8, 3), (12, 0)] {
+        assert!(ledger.buy(1, x, y));
+    }
+    drop(ledger);
+    let resumed = Ledger::open_resumed(&path, &imgs, 60, &snapshot).unwrap();
+    // An upscaled, mirrored crop: repeated and reversed original columns and rows.
+    let (xs, ys) = ([12u32, 12, 8, 7, 6, 5, 1, 0], [0u32, 0, 1, 3, 3, 4, 8]);
+    let mask = resumed.bought_mask(1, &xs, &ys);
+    let mut seen = 0;
+    for (i, &bought) in mask.iter().enumerate() {
+        let (x, y) = (xs[i % xs.len()], ys[i / xs.len()]);
+        assert_eq!(bought, resumed.is_bought(1, x, y), "crop pixel {i} = original ({x}, {y})");
+        seen += bought as usize;
+    }
+    assert!(seen > 0, "the crop covers bought pixels");
+    assert!(!resumed.is_bought(1, 8, 3), "a purchase after the checkpoint is pending, not bought");
+    assert!(resumed.bought_mask(0, &xs, &ys).iter().all(|&b| !b), "nothing bought in image 0");
+}
+
+#[test]
 fn the_oracle_reveals_only_bought_pixels() {
     let sealed = SealedLabels::seal(Tensor::from_slice(&[3i64, 4, 5, 6]).view([1, 2, 2]));
     let bought = Tensor::from_slice(&[true, false, false, true]).view([1, 2, 2]);

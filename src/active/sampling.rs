@@ -44,10 +44,18 @@ pub struct Sampler {
     pub thresholds: Thresholds,
 }
 
-fn pick<R: Rng>(candidates: &mut Vec<usize>, n: usize, rng: &mut R) -> Vec<usize> {
-    candidates.shuffle(rng);
-    candidates.truncate(n);
-    std::mem::take(candidates)
+/// A uniform random subset of `n` candidates (all of them when there are fewer). A partial
+/// Fisher-Yates shuffle: O(n), not O(candidates), since G_h and G_m can hold most of a crop.
+fn pick<R: Rng>(candidates: &mut [u32], n: usize, rng: &mut R) -> Vec<u32> {
+    candidates.partial_shuffle(rng, n).0.to_vec()
+}
+
+/// The crop pixels (of `n`) for which `member` holds; none when the group is not `wanted`.
+fn members(n: usize, wanted: bool, member: impl Fn(usize) -> bool) -> Vec<u32> {
+    if !wanted {
+        return Vec::new();
+    }
+    (0..n).filter(|&i| member(i)).map(|i| i as u32).collect()
 }
 
 impl Sampler {
@@ -65,18 +73,17 @@ impl Sampler {
     /// `scores`: the crop's S values (row-major, crop_height x crop_width).
     pub fn select<R: Rng>(&mut self, scores: &[f32], image: usize, geometry: &Geometry, ledger: &mut Ledger,
         rng: &mut R) -> CropSelection {
-        let (w, h) = (geometry.crop_width, geometry.crop_height);
-        let n = (w * h) as usize;
+        let (w, h) = (geometry.crop_width as usize, geometry.crop_height as usize);
+        let n = w * h;
         let t = self.thresholds;
-        let originals: Vec<(u32, u32)> = (0..n).map(|i| geometry.to_original(i as u32 % w, i as u32 / w)).collect();
-        let was_bought: Vec<bool> = originals.iter().map(|&(x, y)| ledger.is_bought(image, x, y)).collect();
+        // The crop -> original mapping is separable: one original column per crop column and
+        // one original row per crop row (computed per pixel, it dominated the step's host time).
+        let xs: Vec<u32> = (0..w as u32).map(|x| geometry.to_original(x, 0).0).collect();
+        let ys: Vec<u32> = (0..h as u32).map(|y| geometry.to_original(0, y).1).collect();
+        let original = |i: usize| (xs[i % w], ys[i / w]);
+        let was_bought = ledger.bought_mask(image, &xs, &ys);
         let high: Vec<bool> = scores.iter().map(|&s| s as f64 > t.pi_high).collect();
         let low: Vec<bool> = scores.iter().map(|&s| (s as f64) < t.pi_low).collect();
-        let candidates = |group: &dyn Fn(usize) -> bool| -> Vec<usize> {
-            (0..n).filter(|&i| group(i) && !was_bought[i]).collect()
-        };
-        let mut high_candidates = candidates(&|i| high[i]);
-        let mut medium_candidates = candidates(&|i| !high[i] && !low[i]);
         let quota = (self.config.budget * n as f64).ceil() as usize;
         let half_budget = ledger.budget() / 2;
 
@@ -92,6 +99,9 @@ impl Sampler {
                 Schedule::Simultaneous => (quota.div_ceil(2), quota / 2),
             }
         };
+        // Only the groups drawn from are listed (G_m can hold most of a crop).
+        let mut high_candidates = members(n, from_high > 0, |i| high[i] && !was_bought[i]);
+        let mut medium_candidates = members(n, from_medium > 0, |i| !high[i] && !low[i] && !was_bought[i]);
         // Footnote 3: half of G_h is drawn; a G_h too small for its share lowers pi_high.
         let high_available = high_candidates.len().div_ceil(2);
         if from_high > 0 && high_available < from_high {
@@ -106,16 +116,16 @@ impl Sampler {
 
         let mut bought_now = 0;
         for &i in &buys {
-            let (x, y) = originals[i];
+            let (x, y) = original(i as usize);
             if ledger.buy(image, x, y) {
                 bought_now += 1;
             }
         }
         // Every crop pixel whose original pixel is bought (several crop pixels may share one
         // when the crop is upscaled; they share its label).
-        let labelled: Vec<bool> = originals.iter().map(|&(x, y)| ledger.is_bought(image, x, y)).collect();
+        let labelled = ledger.bought_mask(image, &xs, &ys);
 
-        let mut low_candidates: Vec<usize> = (0..n).filter(|&i| low[i] && !labelled[i]).collect();
+        let mut low_candidates = members(n, self.config.pseudo_labels, |i| low[i] && !labelled[i]);
         let pseudo_count = if self.config.adaptive_sampling {
             // As many as were labelled here; once the budget is spent, Algorithm 1 line 12.
             (bought_now as usize).max(quota.div_ceil(2))
@@ -125,7 +135,7 @@ impl Sampler {
         let mut pseudo = vec![false; n];
         if self.config.pseudo_labels {
             for i in pick(&mut low_candidates, pseudo_count, rng) {
-                pseudo[i] = true;
+                pseudo[i as usize] = true;
             }
         }
         CropSelection { labelled, pseudo, high, low, bought_now }
