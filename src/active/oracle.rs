@@ -18,6 +18,7 @@ pub struct Oracle;
 impl Oracle {
     /// Labels where `bought` is true, 255 elsewhere. `bought`: [B, H, W] bool on the labels' device.
     pub fn reveal(labels: &SealedLabels, bought: &Tensor) -> Tensor {
-        labels.0.to_device(bought.device()).where_self(bought, &Tensor::from(255i64).to_device(bought.device()))
+        crate::torch_ext::labels_on(&labels.0, bought.device())
+            .where_self(bought, &Tensor::from(255i64).to_device(bought.device()))
     }
 }

@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// A collated batch and where each of its samples came from.
 #[derive(Debug)]
@@ -31,7 +31,8 @@ pub struct Batch {
     pub geometries: Vec<Geometry>,
     /// [B, H, W, 3] u8 RGB; `data::normalise::Normaliser` makes the network input on the device.
     pub images: Tensor,
-    /// [B, H, W] i64 training ids, 255 = ignore.
+    /// [B, H, W] u8 training ids, 255 = ignore (`torch_ext::labels_on` makes the i64 labels
+    /// on the device).
     pub labels: Tensor,
 }
 
@@ -177,7 +178,7 @@ fn collate(sequence: u64, source: &SampleSource, samples: Vec<(usize, Augmented)
         geometries.push(s.geometry);
     }
     let mut images = Tensor::from_slice(&images).view([b, h, w, 3]);
-    let mut labels = Tensor::from_slice(&labels).view([b, h, w]).to_kind(Kind::Int64);
+    let mut labels = Tensor::from_slice(&labels).view([b, h, w]);
     if let Some(device) = pin_for {
         (images, labels) = (images.pin_memory(device), labels.pin_memory(device));
     }

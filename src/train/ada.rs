@@ -101,7 +101,7 @@ impl Trainer {
             let (s, t) = (self.forward(&xs, true), self.forward(&xt, true));
             ((s.main, s.aux, s.embedding), (t.main, t.aux, t.embedding))
         };
-        let source_labels = source_labels.to_device(self.device);
+        let source_labels = crate::torch_ext::labels_on(source_labels, self.device);
         let loss_source = segmentation_loss(&out_s.0, &source_labels) + segmentation_loss(&out_s.1, &source_labels) * c.train.aux_weight;
 
         // Score, group and sample the target crops (Eqs. 1-3, Algorithm 1).
@@ -259,9 +259,13 @@ impl AdaRun {
         out.total.backward();
         let lr = poly_lr(c.train.lr, self.step, self.iterations, c.train.poly_power);
         self.optimizer.update(lr);
-        let value = |t: &Option<Tensor>| t.as_ref().map_or(0.0, |t| t.double_value(&[]));
-        self.last = StepLosses { source: value(&out.terms[0]), target: value(&out.terms[1]), p2p: value(&out.terms[2]),
-            c2c: value(&out.terms[3]), total: out.total.double_value(&[]) };
+        // All five values in one device-to-host copy (one synchronisation, not five).
+        let zero = Tensor::zeros([], (Kind::Float, trainer.device));
+        let terms: Vec<Tensor> = out.terms.iter().map(|t| t.as_ref().map_or_else(|| zero.shallow_clone(),
+            |t| t.detach().to_kind(Kind::Float))).chain([out.total.detach().to_kind(Kind::Float)]).collect();
+        let values = Vec::<f32>::try_from(Tensor::stack(&terms, 0).to_device(tch::Device::Cpu)).expect("f32 losses");
+        self.last = StepLosses { source: values[0] as f64, target: values[1] as f64, p2p: values[2] as f64,
+            c2c: values[3] as f64, total: values[4] as f64 };
         self.stage.busy(busy.elapsed());
         self.stage.item();
         self.step += 1;

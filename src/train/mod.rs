@@ -138,7 +138,7 @@ impl Trainer {
         for step in 0..iterations {
             let batch = loader.batches.recv().context("loader stopped")?.map_err(|e| anyhow!("{e}"))?;
             let images = self.normaliser.to_input(&batch.images);
-            let labels = batch.labels.to_device(self.device);
+            let labels = crate::torch_ext::labels_on(&batch.labels, self.device);
             let out = self.forward(&images, true);
             let loss = segmentation_loss(&out.main, &labels) + segmentation_loss(&out.aux, &labels) * c.train.aux_weight;
             optimizer.zero_grad();
