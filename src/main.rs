@@ -354,6 +354,7 @@ fn parse_size(text: &str) -> Result<(u32, u32)> {
 }
 
 fn main() -> ExitCode {
+    adamcu::torch_ext::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| "info".into()))

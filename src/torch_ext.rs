@@ -49,3 +49,19 @@ pub fn cuda_reset_peak(device: usize) {
     }
 }
 
+
+/// Keeps freed heap memory in the process instead of handing it back to the kernel.
+///
+/// Every CPU step (and every loader sample) allocates and frees the same multi-megabyte
+/// buffers: batch, input and activation tensors, crops. Above glibc's mmap threshold each one
+/// is a fresh mapping, page-faulted and zeroed again page by page. Raising the mmap and trim
+/// thresholds lets glibc reuse them (measured on the loader benchmark: 1.88 -> 1.75 ms per
+/// image on the shard path with CPU normalisation). Call before other threads start.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called at start-up, before any other thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
