@@ -19,30 +19,28 @@ pub struct LoaderBenchOptions {
     pub reference: PathBuf,
 }
 
-/// Images per second of one thread over every sample, median of three passes. With
-/// `normalise`, each sample is also turned into the network's float input on the CPU (what a
-/// CPU run does; on CUDA that step runs on the device).
-fn images_per_second(source: &SampleSource, augment: &AugmentConfig, normalise: bool) -> Result<f64> {
-    let mut augmenter = Augmenter::new(augment);
-    let normaliser = Normaliser::new(augment, tch::Device::Cpu);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let mut rates = Vec::new();
-    for _ in 0..3 {
-        let started = Instant::now();
-        for i in 0..source.len() {
-            let sample = source.load_augmented(i, &mut augmenter, &mut rng)?;
-            if normalise {
-                let g = sample.geometry;
-                let bytes = tch::Tensor::from_slice(&sample.image)
-                    .view([1, g.crop_height as i64, g.crop_width as i64, 3]);
-                let _ = std::hint::black_box(normaliser.to_input(&bytes));
-            }
-            std::hint::black_box(sample);
+/// Images per second of one thread over one pass of every sample. With `normalise`, each
+/// sample is also turned into the network's float input on the CPU (what a CPU run does; on
+/// CUDA that step runs on the device).
+fn images_per_second(source: &SampleSource, augmenter: &mut Augmenter, normaliser: &Normaliser,
+    rng: &mut rand_chacha::ChaCha8Rng, normalise: bool) -> Result<f64> {
+    let started = Instant::now();
+    for i in 0..source.len() {
+        let sample = source.load_augmented(i, augmenter, rng)?;
+        if normalise {
+            let g = sample.geometry;
+            let bytes = tch::Tensor::from_slice(&sample.image)
+                .view([1, g.crop_height as i64, g.crop_width as i64, 3]);
+            let _ = std::hint::black_box(normaliser.to_input(&bytes));
         }
-        rates.push(source.len() as f64 / started.elapsed().as_secs_f64());
+        std::hint::black_box(sample);
     }
-    rates.sort_by(f64::total_cmp);
-    Ok(rates[1])
+    Ok(source.len() as f64 / started.elapsed().as_secs_f64())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 fn run_reference(options: &LoaderBenchOptions, make: bool) -> Result<f64> {
@@ -62,33 +60,55 @@ fn run_reference(options: &LoaderBenchOptions, make: bool) -> Result<f64> {
     json["images_per_s"].as_f64().context("reference JSON lacks images_per_s")
 }
 
+/// Interleaved rounds of the loader benchmark.
+const ROUNDS: usize = 5;
+
 pub fn loader(options: &LoaderBenchOptions) -> Result<()> {
     // One core each: the reference pins torch to one thread and runs one process.
     tch::set_num_threads(1);
     let have_frames = options.dir.join("images").is_dir()
         && std::fs::read_dir(options.dir.join("images"))?.count() >= options.images;
-    let reference = run_reference(options, !have_frames)?;
+    if !have_frames {
+        run_reference(options, true)?; // writes the frames (its figure counts as a warm-up)
+    }
 
     let set = DatasetConfig::at(DatasetKind::Gta5, options.dir.clone());
     let augment = AugmentConfig { resize: [0, 0], crop: [512, 1024], scale: [0.5, 1.5], flip: true,
         ..AugmentConfig::default() };
     let files = SampleSource::open(&set, 19).map_err(anyhow::Error::msg)?;
-    let png = images_per_second(&files, &augment, true)?;
-
     let shard_path = options.dir.join("bench.shard");
     crate::data::pack::pack(&files, &shard_path, 19, None)?;
     let shard_set = DatasetConfig { kind: DatasetKind::Shard, root: shard_path, ..set };
     let shard_source = SampleSource::open(&shard_set, 19).map_err(anyhow::Error::msg)?;
-    let shard_loader_only = images_per_second(&shard_source, &augment, false)?;
-    let shard = images_per_second(&shard_source, &augment, true)?;
 
+    // Rounds that interleave the reference and our paths, so that a slow spell of the
+    // machine hits them alike; each figure is the median over the rounds, each ratio the
+    // median of the per-round ratios. One warm-up pass first (maps and checksums the shard).
+    let mut augmenter = Augmenter::new(&augment);
+    let normaliser = Normaliser::new(&augment, tch::Device::Cpu);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    images_per_second(&shard_source, &mut augmenter, &normaliser, &mut rng, true)?;
+    let paths: [(&str, Option<(&SampleSource, bool)>); 4] = [("reference (PIL + torch)", None),
+        ("adamcu PNG", Some((&files, true))), ("adamcu shard", Some((&shard_source, true))),
+        ("adamcu shard, loader only", Some((&shard_source, false)))];
+    let mut rates = vec![Vec::new(); paths.len()];
+    for _ in 0..ROUNDS {
+        for (k, (_, path)) in paths.iter().enumerate() {
+            rates[k].push(match path {
+                None => run_reference(options, false)?,
+                Some((source, normalise)) => images_per_second(source, &mut augmenter, &normaliser, &mut rng, *normalise)?,
+            });
+        }
+    }
     println!("loader benchmark: {} GTA5-layout 1280x720 frames in {}, random scale 0.5-1.5, \
         512x1024 crop, flip, normalise; one core each", files.len(), options.dir.display());
     println!("{:<28} {:>14} {:>10} {:>13}", "path", "images/s/core", "ms/image", "vs reference");
-    for (name, rate) in [("reference (PIL + torch)", reference), ("adamcu PNG", png), ("adamcu shard", shard),
-        ("adamcu shard, loader only", shard_loader_only)] {
-        println!("{name:<28} {rate:>14.1} {:>10.2} {:>12.2}x", 1e3 / rate, rate / reference);
+    for (k, (name, _)) in paths.iter().enumerate() {
+        let rate = median(rates[k].clone());
+        let ratio = median(rates[k].iter().zip(&rates[0]).map(|(ours, reference)| ours / reference).collect());
+        println!("{name:<28} {rate:>14.1} {:>10.2} {ratio:>12.2}x", 1e3 / rate);
     }
+    println!("(medians over {ROUNDS} interleaved rounds; the reference's own figure per round is the median of its 3 passes)");
     println!("(every row but the last includes normalising to float on the CPU, as the reference does; \
         \"loader only\" is the loader thread's share when normalisation runs on the GPU)");
     println!("targets: PNG >= 3x, shard >= 20x the reference");
