@@ -49,7 +49,6 @@ pub fn cuda_reset_peak(device: usize) {
     }
 }
 
-
 /// Keeps freed heap memory in the process instead of handing it back to the kernel.
 ///
 /// Every CPU step (and every loader sample) allocates and frees the same multi-megabyte

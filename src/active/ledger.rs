@@ -178,23 +178,13 @@ impl Ledger {
     }
 
     /// `is_bought` for every pixel of a crop, row-major: crop pixel (x, y) is original pixel
-    /// (`xs[x]`, `ys[y]`). One pass over the crop instead of a lookup call per pixel.
+    /// (`xs[x]`, `ys[y]`).
     pub fn bought_mask(&self, image: usize, xs: &[u32], ys: &[u32]) -> Vec<bool> {
-        let width = self.images[image].width as usize;
-        let start = self.offsets[image];
-        let bits = &self.map[start..start + bitset_bytes(&self.images[image])];
-        let pending = (!self.pending.is_empty())
-            .then(|| &self.pending[start - self.bits_start..start - self.bits_start + bits.len()]);
-        let mut out = Vec::with_capacity(xs.len() * ys.len());
+        let mut mask = Vec::with_capacity(xs.len() * ys.len());
         for &y in ys {
-            let row = y as usize * width;
-            out.extend(xs.iter().map(|&x| {
-                let i = row + x as usize;
-                let (byte, mask) = (i / 8, 1u8 << (i % 8));
-                bits[byte] & mask != 0 && pending.is_none_or(|p| p[byte] & mask == 0)
-            }));
+            mask.extend(xs.iter().map(|&x| self.is_bought(image, x, y)));
         }
-        out
+        mask
     }
 
     /// Buys the label of one original-image pixel. Returns true when it was newly bought (or

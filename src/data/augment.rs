@@ -44,6 +44,16 @@ impl Geometry {
         (map(x, self.crop_x, self.scaled_width, self.original_width),
          map(y, self.crop_y, self.scaled_height, self.original_height))
     }
+
+    /// `to_original` per axis: the mapping is separable, so a crop's original pixels are
+    /// (columns[x], rows[y]), computed once per column and row instead of once per pixel.
+    pub fn original_columns(&self) -> Vec<u32> {
+        (0..self.crop_width).map(|x| self.to_original(x, 0).0).collect()
+    }
+
+    pub fn original_rows(&self) -> Vec<u32> {
+        (0..self.crop_height).map(|y| self.to_original(0, y).1).collect()
+    }
 }
 
 /// One augmented sample: RGB bytes (HWC), training ids, and its geometry. Normalisation to
@@ -155,13 +165,12 @@ fn mirror_rgb_rows(src: &[u8], dst: &mut [u8], width: usize) {
 /// label is exactly the original pixel the ledger will record for it. Output rows that come
 /// from the same original row (upscaling) are copied instead of gathered again.
 fn sample_label(label: &[u8], g: &Geometry) -> Vec<u8> {
-    let row_gather = RowGather::new((0..g.crop_width).map(|x| g.to_original(x, 0).0).collect(),
-        g.original_width as usize);
+    let row_gather = RowGather::new(g.original_columns(), g.original_width as usize);
     let width = g.crop_width as usize;
     let mut out = vec![0u8; width * g.crop_height as usize];
     let mut previous_row = None;
-    for y in 0..g.crop_height as usize {
-        let row = g.to_original(0, y as u32).1 as usize;
+    for (y, row) in g.original_rows().into_iter().enumerate() {
+        let row = row as usize;
         if previous_row == Some(row) {
             out.copy_within((y - 1) * width..y * width, y * width);
         } else {

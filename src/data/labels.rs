@@ -81,16 +81,15 @@ impl LabelMap {
     }
 
     /// Appends the training ids of a row of 8-bit stored ids, or `Err(id)` for the first id
-    /// outside this encoding. One range check per row and a 256-entry table keep the
-    /// per-pixel work to a single lookup (label decoding is on the PNG loader's hot path).
+    /// outside this encoding. One range check per row keeps the per-pixel work to a single
+    /// lookup (label decoding is on the PNG loader's hot path).
     pub fn extend_train_ids(&self, stored: &[u8], out: &mut Vec<u8>) -> Result<(), u16> {
         let largest = stored.iter().copied().max().unwrap_or(0);
         if largest as usize >= self.table.len() {
             let bad = stored.iter().find(|&&v| v as usize >= self.table.len()).expect("the maximum is one");
             return Err(*bad as u16);
         }
-        let table: [u8; 256] = std::array::from_fn(|v| self.table.get(v).copied().unwrap_or(IGNORE));
-        out.extend(stored.iter().map(|&v| table[v as usize]));
+        out.extend(stored.iter().map(|&v| self.table[v as usize]));
         Ok(())
     }
 
