@@ -131,6 +131,9 @@ struct StepFigures {
     ms_median: f64,
     images_per_second: f64,
     peak_gib: Option<f64>,
+    /// Outcome of libtorch's sync check over one step (None: not run, e.g. on the CPU):
+    /// Some(None) when the step never waited for the device, else the error it raised.
+    sync_check: Option<Option<String>>,
 }
 
 /// The real ADA-MCU step on random data (random weights: time and memory only).
@@ -162,14 +165,25 @@ fn time_step(base: &crate::config::Config, variant: &str, bf16_channels_last: bo
     let sync = || if device.is_cuda() { tch::Cuda::synchronize(cuda_index as i64) };
     let mut times = Vec::new();
     crate::torch_ext::cuda_reset_peak(cuda_index);
+    let mut sync_check = None;
     for it in 0..o.warmup + o.iterations {
         sync();
         let started = Instant::now();
         let samples: Vec<usize> = (0..b as usize).map(|i| (it * b as usize + i) % 100).collect();
-        let out = trainer.ada_losses(&mut state, &si, &sl, &ti, &sealed, &samples, &geometry, it as u64);
-        optimizer.zero_grad();
-        out.total.backward();
-        optimizer.update(config.train.lr);
+        // The last warm-up iteration runs under libtorch's sync check: from the batch to the
+        // update, the step must only queue work (CUDA builds; the read at its end is allowed).
+        let checked = it + 1 == o.warmup && crate::torch_ext::set_cuda_sync_check(true);
+        let queued = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let out = trainer.ada_losses(&mut state, &si, &sl, &ti, &sealed, &samples, &geometry);
+            trainer.ada_update(&out, &mut optimizer, config.train.lr);
+            out
+        }));
+        if checked {
+            crate::torch_ext::set_cuda_sync_check(false);
+            sync_check = Some(queued.as_ref().err().map(|e| panic_message(e.as_ref())));
+        }
+        let out = queued.map_err(|e| anyhow::anyhow!("training step failed: {}", panic_message(e.as_ref())))?;
+        trainer.ada_settle(&mut state, &out);
         sync();
         if it >= o.warmup {
             times.push(started.elapsed().as_secs_f64() * 1e3);
@@ -179,7 +193,12 @@ fn time_step(base: &crate::config::Config, variant: &str, bf16_channels_last: bo
     let ms_median = times[times.len() / 2];
     let _ = std::fs::remove_dir_all(&dir);
     Ok(StepFigures { ms_median, images_per_second: (2 * b) as f64 / (ms_median / 1e3),
-        peak_gib: crate::torch_ext::cuda_peak_bytes(cuda_index).map(|b| b as f64 / (1u64 << 30) as f64) })
+        peak_gib: crate::torch_ext::cuda_peak_bytes(cuda_index).map(|b| b as f64 / (1u64 << 30) as f64), sync_check })
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload.downcast_ref::<String>().cloned().or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 fn tempfile_dir() -> Result<PathBuf> {
@@ -214,6 +233,7 @@ pub fn step(o: &StepBenchOptions) -> Result<()> {
     println!("{:<6} {:<10} {:>10} {:>10} {:>10} | {:>14} {:>10}", "step", "precision", "ms/iter", "images/s", "peak GiB",
         "reference ms", "ref GiB");
     let dev = if device.is_cuda() { "cuda" } else { "cpu" };
+    let mut checks = Vec::new();
     for bf16_cl in [false, true] {
         for variant in ["seg", "full"] {
             let ours = time_step(&o.config, variant, bf16_cl, o)?;
@@ -228,7 +248,15 @@ pub fn step(o: &StepBenchOptions) -> Result<()> {
             println!("{variant:<6} {:<10} {:>10.1} {:>10.1} {:>10} | {ref_ms:>14} {ref_gib:>10}",
                 if bf16_cl { "bf16+cl" } else { "fp32" }, ours.ms_median, ours.images_per_second,
                 ours.peak_gib.map_or("-".into(), |g| format!("{g:.2}")));
+            checks.push(match ours.sync_check {
+                None => "not checked (needs CUDA and a warm-up iteration)".to_string(),
+                Some(None) => "none".to_string(),
+                Some(Some(error)) => format!("WAITED: {}", error.lines().next().unwrap_or_default()),
+            });
         }
+    }
+    for (check, row) in checks.iter().zip(["seg fp32", "full fp32", "seg bf16+cl", "full bf16+cl"]) {
+        println!("host waits for the device inside a {row} step (libtorch sync check): {check}");
     }
     if !device.is_cuda() {
         println!("(on the CPU, bf16 autocast is off: the bf16 rows differ from fp32 by the channels-last layout only)");

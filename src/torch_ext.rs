@@ -5,6 +5,7 @@ extern "C" {
     fn adamcu_cuda_autocast_is_bf16() -> i32;
     fn adamcu_cuda_peak_bytes(device: i32) -> i64;
     fn adamcu_cuda_reset_peak(device: i32);
+    fn adamcu_cuda_set_sync_debug(level: i32) -> i32;
 }
 
 /// Copies a host tensor to `device` without making the host wait: from page-locked memory
@@ -13,6 +14,34 @@ extern "C" {
 /// CUDA copies synchronously anyway, so this is always safe.
 pub fn to_device_async(tensor: &tch::Tensor, device: tch::Device) -> tch::Tensor {
     tensor.to_device_(device, tensor.kind(), device.is_cuda(), false)
+}
+
+/// A small tensor built on the host (indices, bitsets) on `device` without a stream
+/// synchronisation: it is page-locked first, so the copy is queued like a kernel (a copy
+/// from pageable memory may make the host wait for the device).
+pub fn upload(tensor: &tch::Tensor, device: tch::Device) -> tch::Tensor {
+    if device.is_cuda() {
+        to_device_async(&tensor.pin_memory(device), device)
+    } else {
+        tensor.shallow_clone()
+    }
+}
+
+/// A uniform random subset of each row's `mask`ed entries ([B, N] bool), drawn on the device
+/// with random keys and top-k: at most `k` positions per row, `count` ([B] i64) per row when
+/// given, fewer where a row has fewer. Returns the positions [B, k] and which are real [B, k].
+pub fn random_subset(mask: &tch::Tensor, k: i64, count: Option<&tch::Tensor>) -> (tch::Tensor, tch::Tensor) {
+    use tch::{Kind, Tensor};
+    let k = k.min(mask.size()[1]);
+    let keys = Tensor::rand(mask.size(), (Kind::Float, mask.device())).where_scalarother(mask, -1.0);
+    // Sorted: the first `count` of the k largest keys are themselves a uniform subset.
+    let (values, positions) = keys.topk(k, 1, true, count.is_some());
+    let mut valid = values.ge(0.0);
+    if let Some(count) = count {
+        let rank = Tensor::arange(k, (Kind::Int64, mask.device())).unsqueeze(0);
+        valid = valid.logical_and(&rank.lt_tensor(&count.unsqueeze(1)));
+    }
+    (positions, valid)
 }
 
 /// Training ids ([B, H, W] u8 from the loaders: 8x fewer bytes to copy) as the i64 labels
@@ -47,6 +76,15 @@ pub fn cuda_reset_peak(device: usize) {
         // SAFETY: as above.
         unsafe { adamcu_cuda_reset_peak(device as i32) }
     }
+}
+
+/// libtorch's CUDA synchronisation check: while on, any operation that makes the host wait
+/// for the device (a blocking copy, `.item()`, `nonzero`, a pageable transfer) raises an error
+/// instead of running. Returns whether it was available (CUDA builds only). For the step
+/// benchmark's check that a training step queues its work without waiting.
+pub fn set_cuda_sync_check(on: bool) -> bool {
+    // SAFETY: sets a process-global libtorch setting (0 = off, 2 = error).
+    unsafe { adamcu_cuda_set_sync_debug(if on { 2 } else { 0 }) != 0 }
 }
 
 /// Keeps freed heap memory in the process instead of handing it back to the kernel.

@@ -5,7 +5,7 @@ mod common;
 
 use adamcu::active::ledger::{Ledger, LedgerImage};
 use adamcu::active::oracle::{Oracle, SealedLabels};
-use adamcu::active::sampling::Sampler;
+use adamcu::active::sampling::{bought_before, BatchSelection, CropPixels, Sampler, Settled};
 use adamcu::active::uncertainty::uncertainty;
 use adamcu::config::{ActiveConfig, Config, ContrastConfig, Schedule};
 use adamcu::contrast::dccm::Dccm;
@@ -147,7 +147,7 @@ fn the_ledger_never_passes_the_budget_never_charges_twice_and_survives_reopening
 }
 
 #[test]
-fn a_crops_bought_mask_agrees_with_the_ledger_pixel_by_pixel_pending_purchases_included() {
+fn the_device_sees_what_the_ledger_shows_bought_pixel_by_pixel_pending_purchases_included() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.bin");
     let imgs = images(2, 13, 9);
@@ -163,18 +163,24 @@ fn a_crops_bought_mask_agrees_with_the_ledger_pixel_by_pixel_pending_purchases_i
     }
     drop(ledger);
     let resumed = Ledger::open_resumed(&path, &imgs, 60, &snapshot).unwrap();
-    // An upscaled, mirrored crop: repeated and reversed original columns and rows.
-    let (xs, ys) = ([12u32, 12, 8, 7, 6, 5, 1, 0], [0u32, 0, 1, 3, 3, 4, 8]);
-    let mask = resumed.bought_mask(1, &xs, &ys);
+    // An upscaled, mirrored crop: repeated and reversed original columns and rows; the same
+    // crop of image 0 beside it in the batch.
+    let (xs, ys) = (vec![12u32, 12, 8, 7, 6, 5, 1, 0], vec![0u32, 0, 1, 3, 3, 4, 8]);
+    let crops = [CropPixels { image: 1, columns: xs.clone(), rows: ys.clone() }, CropPixels { image: 0, columns: xs.clone(), rows: ys.clone() }];
+    let (original, bought) = bought_before(&resumed, &crops, Device::Cpu);
+    let original: Vec<i64> = Vec::try_from(original.flatten(0, -1)).unwrap();
+    let bought: Vec<bool> = Vec::try_from(bought.flatten(0, -1)).unwrap();
+    let n = xs.len() * ys.len();
     let mut seen = 0;
-    for (i, &bought) in mask.iter().enumerate() {
+    for i in 0..n {
         let (x, y) = (xs[i % xs.len()], ys[i / xs.len()]);
-        assert_eq!(bought, resumed.is_bought(1, x, y), "crop pixel {i} = original ({x}, {y})");
-        seen += bought as usize;
+        assert_eq!(original[i], (y * 13 + x) as i64, "crop pixel {i} = original ({x}, {y})");
+        assert_eq!(bought[i], resumed.is_bought(1, x, y), "crop pixel {i} = original ({x}, {y})");
+        seen += bought[i] as usize;
     }
     assert!(seen > 0, "the crop covers bought pixels");
     assert!(!resumed.is_bought(1, 8, 3), "a purchase after the checkpoint is pending, not bought");
-    assert!(resumed.bought_mask(0, &xs, &ys).iter().all(|&b| !b), "nothing bought in image 0");
+    assert!(bought[n..].iter().all(|&b| !b), "nothing bought in image 0");
 }
 
 #[test]
@@ -195,30 +201,47 @@ fn scores() -> Vec<f32> {
     (0..200).map(|i| match (i % 20) / 5 { 0 => 0.95, 1 => 0.05, _ => 0.5 }).collect()
 }
 
+/// One step's draw for a batch of crops (`scores`: each crop's, concatenated), settled.
+fn draw(sampler: &mut Sampler, ledger: &mut Ledger, scores: &[f32], crops: &[(usize, Geometry)]) -> (BatchSelection, Settled) {
+    let (h, w) = (crops[0].1.crop_height as i64, crops[0].1.crop_width as i64);
+    let scores = Tensor::from_slice(scores).view([crops.len() as i64, h, w]);
+    let pixels: Vec<CropPixels> = crops.iter().map(|(image, g)| CropPixels::of(*image, g)).collect();
+    let selection = sampler.select(&scores, &pixels, ledger);
+    let settled = sampler.settle(&selection, ledger);
+    (selection, settled)
+}
+
+fn bools(t: &Tensor) -> Vec<bool> {
+    Vec::try_from(t.flatten(0, -1)).unwrap()
+}
+
 #[test]
 fn algorithm_1_buys_from_g_h_until_half_the_budget_then_from_g_m_then_stops() {
+    tch::manual_seed(1);
     let dir = tempfile::tempdir().unwrap();
     let imgs = images(10, 20, 10);
     let mut ledger = Ledger::open_or_create(&dir.path().join("l.bin"), &imgs, 200).unwrap(); // Me = 10 %
     let mut sampler = Sampler::new(&active(Schedule::Sequential, true, 0.1), None);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let s = scores();
     let mut phase_counts = Vec::new();
     for k in 0..40 {
         let image = k % 10;
         let before = ledger.spent();
-        let sel = sampler.select(&s, image, &Geometry::identity(20, 10), &mut ledger, &mut rng);
+        let (sel, settled) = draw(&mut sampler, &mut ledger, &s, &[(image, Geometry::identity(20, 10))]);
         let bought = ledger.spent() - before;
-        assert_eq!(bought, sel.bought_now);
+        assert_eq!(bought, settled.bought);
         assert!(ledger.spent() <= ledger.budget());
-        // Which group this crop's new labels came from.
-        let from_high = (0..200).filter(|&i| sel.labelled[i] && sel.high[i]).count();
-        phase_counts.push((before, bought, from_high));
-        if sampler.config.adaptive_sampling {
-            let pseudo = sel.pseudo.iter().filter(|&&p| p).count();
-            assert!(sel.pseudo.iter().zip(&sel.low).all(|(&p, &l)| !p || l), "pseudo labels come from G_l");
-            assert_eq!(pseudo, (bought as usize).max(10), "adaptive sampling: as many pseudo as labelled");
+        let (labelled, high, low, pseudo) = (bools(&sel.labelled), bools(&sel.high), bools(&sel.low), bools(&sel.pseudo));
+        for p in 0..200 {
+            assert_eq!(labelled[p], ledger.is_bought(image, p as u32 % 20, p as u32 / 20), "labelled = bought, pixel {p}");
         }
+        assert_eq!(settled.groups, [50, 100, 50]);
+        // Which group this crop's new labels came from.
+        let from_high = (0..200).filter(|&i| labelled[i] && high[i]).count();
+        phase_counts.push((before, bought, from_high));
+        let pseudo_count = pseudo.iter().filter(|&&p| p).count();
+        assert!(pseudo.iter().zip(&low).all(|(&p, &l)| !p || l), "pseudo labels come from G_l");
+        assert_eq!(pseudo_count, (bought as usize).max(10), "adaptive sampling: as many pseudo as labelled");
     }
     // Phase G_h: quota 20 per crop, all from G_h (half of its 50 pixels = 25 available).
     let (_, first, first_high) = phase_counts[0];
@@ -235,23 +258,45 @@ fn algorithm_1_buys_from_g_h_until_half_the_budget_then_from_g_m_then_stops() {
 
 #[test]
 fn pi_high_decays_when_g_h_cannot_fill_the_quota_and_without_as_all_of_g_l_is_pseudo() {
+    tch::manual_seed(2);
     let dir = tempfile::tempdir().unwrap();
     let imgs = images(4, 20, 10);
     let mut ledger = Ledger::open_or_create(&dir.path().join("l.bin"), &imgs, 400).unwrap();
     let mut sampler = Sampler::new(&active(Schedule::Sequential, false, 0.5), None);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
     let before = sampler.thresholds.pi_high;
-    let sel = sampler.select(&scores(), 0, &Geometry::identity(20, 10), &mut ledger, &mut rng);
+    let (sel, settled) = draw(&mut sampler, &mut ledger, &scores(), &[(0, Geometry::identity(20, 10))]);
     assert!(close(sampler.thresholds.pi_high, before * 0.9), "quota 100 > half of G_h (25): decay");
-    assert_eq!(sel.bought_now, 25);
-    let pseudo = sel.pseudo.iter().filter(|&&p| p).count();
+    assert_eq!(settled.bought, 25);
+    let pseudo = bools(&sel.pseudo).iter().filter(|&&p| p).count();
     assert_eq!(pseudo, 50, "AL w/o AS: every G_l pixel is pseudo-labelled");
     // With a lower pi_high the medium pixels (0.5) join G_h after enough decays.
     for k in 0..20 {
-        sampler.select(&scores(), k % 4, &Geometry::identity(20, 10), &mut ledger, &mut rng);
+        draw(&mut sampler, &mut ledger, &scores(), &[(k % 4, Geometry::identity(20, 10))]);
     }
     assert!(sampler.thresholds.pi_high < 0.5);
     assert!(ledger.spent() <= 400);
+}
+
+#[test]
+fn an_upscaled_crop_labels_every_copy_of_a_bought_pixel_and_pays_for_it_once() {
+    tch::manual_seed(3);
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = images(2, 10, 5);
+    let mut ledger = Ledger::open_or_create(&dir.path().join("l.bin"), &imgs, 40).unwrap();
+    let mut sampler = Sampler::new(&active(Schedule::Sequential, true, 0.1), None);
+    // Image 1 at 2x, mirrored: every original pixel shows 4 times in the 20x10 crop.
+    let g = Geometry { original_width: 10, original_height: 5, scaled_width: 20, scaled_height: 10,
+        crop_x: 0, crop_y: 0, crop_width: 20, crop_height: 10, flipped: true };
+    let (xs, ys) = (g.original_columns(), g.original_rows());
+    let (sel, settled) = draw(&mut sampler, &mut ledger, &scores(), &[(1, g)]);
+    assert!(settled.bought > 0);
+    assert_eq!(settled.bought, ledger.spent(), "charged once per original pixel");
+    let labelled = bools(&sel.labelled);
+    let copies = (0..200).filter(|&p| labelled[p]).count() as u64;
+    assert_eq!(copies, 4 * settled.bought, "every copy of a bought pixel is labelled");
+    for p in 0..200 {
+        assert_eq!(labelled[p], ledger.is_bought(1, xs[p % 20], ys[p / 20]), "crop pixel {p}");
+    }
 }
 
 #[test]
@@ -262,15 +307,18 @@ fn the_budget_holds_over_many_iterations_and_across_resume() {
     let budget = (0.05 * 6.0 * 512.0f64).round() as u64;
     let mut total_new = 0;
     for session in 0..3 {
+        tch::manual_seed(session);
         let mut ledger = Ledger::open_or_create(&path, &imgs, budget).unwrap();
         let mut sampler = Sampler::new(&active(Schedule::Simultaneous, true, 0.05), None);
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(session);
-        for k in 0..50u32 {
-            let s: Vec<f32> = (0..16 * 16).map(|i| ((i * 7919 + k * 31) % 100) as f32 / 100.0).collect();
-            let g = Geometry { original_width: 32, original_height: 16, scaled_width: 32, scaled_height: 16,
-                crop_x: k % 16, crop_y: 0, crop_width: 16, crop_height: 16, flipped: k % 2 == 0 };
-            let sel = sampler.select(&s, (k % 6) as usize, &g, &mut ledger, &mut rng);
-            total_new += sel.bought_now;
+        for k in 0..25u32 {
+            // Two crops per step, which may show the same image and overlap.
+            let crop = |k: u32| (k as usize % 6, Geometry { original_width: 32, original_height: 16, scaled_width: 32,
+                scaled_height: 16, crop_x: k % 16, crop_y: 0, crop_width: 16, crop_height: 16, flipped: k % 2 == 0 });
+            let s: Vec<f32> = (0..2 * 16 * 16).map(|i| ((i * 7919 + k * 31) % 100) as f32 / 100.0).collect();
+            let before = ledger.spent();
+            let (_, settled) = draw(&mut sampler, &mut ledger, &s, &[crop(2 * k), crop(k * 3 % 6)]);
+            assert_eq!(ledger.spent() - before, settled.bought);
+            total_new += settled.bought;
             assert!(ledger.spent() <= budget);
         }
     }
@@ -311,7 +359,7 @@ fn every_loss_term_reaches_the_gradient() {
     let (ti, tl, tg) = batch(&target);
     let names = ["L_seg source", "L_seg target", "L_con p2p", "L_con c2c"];
     for (term, name) in names.iter().enumerate() {
-        let out = trainer.ada_losses(&mut state, &si, &sl, &ti, &SealedLabels::seal(tl.shallow_clone()), &[0, 1], &tg, 0);
+        let out = trainer.ada_losses(&mut state, &si, &sl, &ti, &SealedLabels::seal(tl.shallow_clone()), &[0, 1], &tg);
         let loss = out.terms[term].as_ref().unwrap_or_else(|| panic!("{name} was not computed"));
         assert!(loss.double_value(&[]) > 0.0, "{name} is zero");
         for (_, t) in trainer.vs.variables() {

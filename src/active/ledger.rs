@@ -177,14 +177,16 @@ impl Ledger {
         self.map[byte] & mask != 0 && !self.is_pending(byte, mask)
     }
 
-    /// `is_bought` for every pixel of a crop, row-major: crop pixel (x, y) is original pixel
-    /// (`xs[x]`, `ys[y]`).
-    pub fn bought_mask(&self, image: usize, xs: &[u32], ys: &[u32]) -> Vec<bool> {
-        let mut mask = Vec::with_capacity(xs.len() * ys.len());
-        for &y in ys {
-            mask.extend(xs.iter().map(|&x| self.is_bought(image, x, y)));
+    /// `is_bought` for every pixel of one image, as its bitset: bit `y * width + x`, least
+    /// significant bit first (the device sampler reads it there).
+    pub fn bought_bits(&self, image: usize) -> Vec<u8> {
+        let start = self.offsets[image];
+        let bits = &self.map[start..start + bitset_bytes(&self.images[image])];
+        if self.pending.is_empty() {
+            return bits.to_vec();
         }
-        mask
+        let pending = &self.pending[start - self.bits_start..][..bits.len()];
+        bits.iter().zip(pending).map(|(b, p)| b & !p).collect()
     }
 
     /// Buys the label of one original-image pixel. Returns true when it was newly bought (or

@@ -19,6 +19,6 @@ impl Oracle {
     /// Labels where `bought` is true, 255 elsewhere. `bought`: [B, H, W] bool on the labels' device.
     pub fn reveal(labels: &SealedLabels, bought: &Tensor) -> Tensor {
         crate::torch_ext::labels_on(&labels.0, bought.device())
-            .where_self(bought, &Tensor::from(255i64).to_device(bought.device()))
+            .where_scalarother(bought, 255i64)
     }
 }

@@ -1,4 +1,5 @@
-//! Pixel groups and Algorithm 1's budget control, with adaptive sampling (Section III-B).
+//! Pixel groups and Algorithm 1's budget control, with adaptive sampling (Section III-B),
+//! drawn on the device.
 //!
 //! Per target crop, pixels fall in G_h (S > pi_high), G_l (S < pi_low) or G_m (between).
 //! Each crop may buy up to `quota = ceil(budget * crop pixels)` labels, so the budget is
@@ -11,13 +12,19 @@
 //! (Algorithm 1 line 7: lowering pi_high is how the annotation rate is controlled).
 //! Adaptive sampling draws as many pseudo-labelled pixels from G_l as were labelled; without
 //! it ("AL w/o AS") all labels come from G_h and every G_l pixel is pseudo-labelled.
+//!
+//! A step never waits for the device: `select` fixes each crop's caps on the host from the
+//! ledger as the step starts (so Ma <= Me holds whatever the device draws), uploads the
+//! ledger's bits for the crops' images, and queues the grouping and the draws (random keys,
+//! top-k) as a few batched device ops. `settle`, after the step's update, reads one small
+//! report back, records the purchases in the ledger and applies the pi_high decay.
 
 use super::ledger::Ledger;
 use crate::config::{ActiveConfig, Schedule};
 use crate::data::augment::Geometry;
-use rand::seq::SliceRandom;
-use rand::Rng;
+use crate::torch_ext::{random_subset, upload};
 use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
 
 /// What changes over a run and must survive a resume.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -26,17 +33,54 @@ pub struct Thresholds {
     pub pi_low: f64,
 }
 
-/// One crop's groups and picks (indices into the crop, row-major).
-#[derive(Debug, Default, Clone)]
-pub struct CropSelection {
-    /// Every pixel whose label is known: bought now or earlier (the ledger is reused).
-    pub labelled: Vec<bool>,
-    /// Pixels trained on with the model's own prediction as the label (Eq. 5).
-    pub pseudo: Vec<bool>,
-    /// Pixels of G_h and G_l (G_m is the rest).
-    pub high: Vec<bool>,
-    pub low: Vec<bool>,
-    pub bought_now: u64,
+/// Which original-image pixels a crop shows: crop pixel (x, y) is pixel
+/// (`columns[x]`, `rows[y]`) of target image `image`.
+#[derive(Debug, Clone)]
+pub struct CropPixels {
+    pub image: usize,
+    pub columns: Vec<u32>,
+    pub rows: Vec<u32>,
+}
+
+impl CropPixels {
+    pub fn of(image: usize, geometry: &Geometry) -> CropPixels {
+        CropPixels { image, columns: geometry.original_columns(), rows: geometry.original_rows() }
+    }
+}
+
+/// How many labels a crop may buy this step, fixed on the host before the draw.
+#[derive(Debug, Clone, Copy)]
+struct CropPlan {
+    image: usize,
+    /// What Algorithm 1 asks of G_h (before the budget caps): a G_h too small for it decays pi_high.
+    wanted_high: i64,
+    cap_high: i64,
+    cap_medium: i64,
+}
+
+/// One step's draw, queued on the device. The masks feed the losses; `Sampler::settle`
+/// records the purchases in the ledger once the step is done.
+pub struct BatchSelection {
+    /// [B, H, W] bool: labels known (bought now or earlier: the ledger is reused), pixels
+    /// trained on their own prediction (Eq. 5), G_h and G_l (G_m is the rest).
+    pub labelled: Tensor,
+    pub pseudo: Tensor,
+    pub high: Tensor,
+    pub low: Tensor,
+    /// [B, 3 + picks] i64: G_h candidates (not yet bought), |G_h|, |G_l|, then the original
+    /// pixel index (y * width + x) of each purchase, -1 where none.
+    report: Tensor,
+    plans: Vec<CropPlan>,
+    crop_pixels: u64,
+}
+
+/// What a step's draw did, once recorded in the ledger.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Settled {
+    /// Pixels newly charged to the budget (a pixel shown twice is charged once).
+    pub bought: u64,
+    /// Pixels of the batch in G_h, G_m and G_l.
+    pub groups: [u64; 3],
 }
 
 pub struct Sampler {
@@ -44,18 +88,27 @@ pub struct Sampler {
     pub thresholds: Thresholds,
 }
 
-/// A uniform random subset of `n` candidates (all of them when there are fewer). A partial
-/// Fisher-Yates shuffle: O(n), not O(candidates), since G_h and G_m can hold most of a crop.
-fn pick<R: Rng>(candidates: &mut [u32], n: usize, rng: &mut R) -> Vec<u32> {
-    candidates.partial_shuffle(rng, n).0.to_vec()
-}
-
-/// The crop pixels (of `n`) for which `member` holds; none when the group is not `wanted`.
-fn members(n: usize, wanted: bool, member: impl Fn(usize) -> bool) -> Vec<u32> {
-    if !wanted {
-        return Vec::new();
+/// For each crop pixel, [B, N]: its original-image pixel index (y * width + x) and whether
+/// the ledger shows it bought (as of the current step: pending purchases are not yet).
+pub fn bought_before(ledger: &Ledger, crops: &[CropPixels], device: Device) -> (Tensor, Tensor) {
+    let b = crops.len() as i64;
+    let i64s = |values: Vec<i64>| upload(&Tensor::from_slice(&values), device);
+    let columns = i64s(crops.iter().flat_map(|c| c.columns.iter().map(|&x| x as i64)).collect()).view([b, 1, -1]);
+    let rows = i64s(crops.iter().flat_map(|c| c.rows.iter().map(|&y| y as i64)).collect()).view([b, -1, 1]);
+    let widths = i64s(crops.iter().map(|c| ledger.images()[c.image].width as i64).collect()).view([b, 1, 1]);
+    let original = (rows * widths + columns).view([b, -1]);
+    // The crops' images' bitsets, one after the other; each crop reads from its own.
+    let mut bits = Vec::new();
+    let mut starts = Vec::with_capacity(crops.len());
+    for crop in crops {
+        starts.push(bits.len() as i64);
+        bits.extend(ledger.bought_bits(crop.image));
     }
-    (0..n).filter(|&i| member(i)).map(|i| i as u32).collect()
+    let bits = upload(&Tensor::from_slice(&bits), device);
+    let byte = i64s(starts).view([b, 1]) + original.bitwise_right_shift_tensor_scalar(3);
+    let bought = bits.index_select(0, &byte.flatten(0, -1)).view([b, -1]).to_kind(Kind::Int64)
+        .bitwise_right_shift(&original.bitwise_and(7)).bitwise_and(1).ne(0);
+    (original, bought)
 }
 
 impl Sampler {
@@ -69,73 +122,145 @@ impl Sampler {
         self.thresholds.pi_high = (self.thresholds.pi_high * self.config.decay).max(self.thresholds.pi_low);
     }
 
-    /// Groups one crop, buys labels through the ledger and picks pseudo labels.
-    /// `scores`: the crop's S values (row-major, crop_height x crop_width).
-    pub fn select<R: Rng>(&mut self, scores: &[f32], image: usize, geometry: &Geometry, ledger: &mut Ledger,
-        rng: &mut R) -> CropSelection {
-        let (w, h) = (geometry.crop_width as usize, geometry.crop_height as usize);
-        let n = w * h;
-        let t = self.thresholds;
-        // Per axis (computed per pixel, the mapping dominated the step's host time).
-        let (xs, ys) = (geometry.original_columns(), geometry.original_rows());
-        let original = |i: usize| (xs[i % w], ys[i / w]);
-        let was_bought = ledger.bought_mask(image, &xs, &ys);
-        let high: Vec<bool> = scores.iter().map(|&s| s as f64 > t.pi_high).collect();
-        let low: Vec<bool> = scores.iter().map(|&s| (s as f64) < t.pi_low).collect();
-        let quota = (self.config.budget * n as f64).ceil() as usize;
-        let half_budget = ledger.budget() / 2;
-
-        // How many to draw from G_h and G_m in this crop.
-        let (from_high, from_medium) = if ledger.remaining() == 0 {
-            (0, 0)
-        } else if !self.config.adaptive_sampling {
-            (quota, 0)
-        } else {
-            match self.config.schedule {
-                Schedule::Sequential if ledger.spent() < half_budget => (quota, 0),
-                Schedule::Sequential => (0, quota),
-                Schedule::Simultaneous => (quota.div_ceil(2), quota / 2),
-            }
-        };
-        // Only the groups drawn from are listed (G_m can hold most of a crop).
-        let mut high_candidates = members(n, from_high > 0, |i| high[i] && !was_bought[i]);
-        let mut medium_candidates = members(n, from_medium > 0, |i| !high[i] && !low[i] && !was_bought[i]);
-        // Footnote 3: half of G_h is drawn; a G_h too small for its share lowers pi_high.
-        let high_available = high_candidates.len().div_ceil(2);
-        if from_high > 0 && high_available < from_high {
-            self.decay();
-        }
-        let mut buys = pick(&mut high_candidates, from_high.min(high_available), rng);
-        // In the sequential schedule the G_h phase stops at exactly Me/2.
-        if self.config.adaptive_sampling && self.config.schedule == Schedule::Sequential && ledger.spent() < half_budget {
-            buys.truncate((half_budget - ledger.spent()) as usize);
-        }
-        buys.extend(pick(&mut medium_candidates, from_medium, rng));
-
-        let mut bought_now = 0;
-        for &i in &buys {
-            let (x, y) = original(i as usize);
-            if ledger.buy(image, x, y) {
-                bought_now += 1;
-            }
-        }
-        // Every crop pixel whose original pixel is bought (several crop pixels may share one
-        // when the crop is upscaled; they share its label).
-        let labelled = ledger.bought_mask(image, &xs, &ys);
-
-        let mut low_candidates = members(n, self.config.pseudo_labels, |i| low[i] && !labelled[i]);
-        let pseudo_count = if self.config.adaptive_sampling {
-            // As many as were labelled here; once the budget is spent, Algorithm 1 line 12.
-            (bought_now as usize).max(quota.div_ceil(2))
-        } else {
-            low_candidates.len()
-        };
-        let mut pseudo = vec![false; n];
-        if self.config.pseudo_labels {
-            for i in pick(&mut low_candidates, pseudo_count, rng) {
-                pseudo[i as usize] = true;
-            }
-        }
-        CropSelection { labelled, pseudo, high, low, bought_now }
+    /// Labels a crop of `pixels` pixels may buy.
+    fn quota(&self, pixels: i64) -> i64 {
+        (self.config.budget * pixels as f64).ceil() as i64
     }
+
+    /// Each crop's caps from the ledger as the step starts. Crops are served in order and
+    /// their caps together never pass what is left of the budget (or of the G_h phase).
+    fn plan(&self, images: &[usize], pixels: i64, ledger: &Ledger) -> Vec<CropPlan> {
+        let quota = self.quota(pixels);
+        let (spent, half_budget) = (ledger.spent() as i64, ledger.budget() as i64 / 2);
+        let sequential_high_phase = self.config.adaptive_sampling && self.config.schedule == Schedule::Sequential
+            && spent < half_budget;
+        let mut left = ledger.remaining() as i64;
+        let mut high_phase_left = half_budget - spent;
+        images.iter().map(|&image| {
+            let (wanted_high, wanted_medium) = if left == 0 {
+                (0, 0)
+            } else if !self.config.adaptive_sampling {
+                (quota, 0)
+            } else {
+                match self.config.schedule {
+                    Schedule::Sequential if spent < half_budget => (quota, 0),
+                    Schedule::Sequential => (0, quota),
+                    Schedule::Simultaneous => ((quota + 1) / 2, quota / 2),
+                }
+            };
+            let mut cap_high = wanted_high.min(left);
+            // In the sequential schedule the G_h phase stops at exactly Me/2.
+            if sequential_high_phase {
+                cap_high = cap_high.min(high_phase_left);
+                high_phase_left -= cap_high;
+            }
+            left -= cap_high;
+            let cap_medium = wanted_medium.min(left);
+            left -= cap_medium;
+            CropPlan { image, wanted_high, cap_high, cap_medium }
+        }).collect()
+    }
+
+    /// Groups a batch of crops by their scores ([B, H, W] f32, on the device), and queues the
+    /// purchases and the pseudo labels. Nothing is read back: see `settle`.
+    pub fn select(&self, scores: &Tensor, crops: &[CropPixels], ledger: &Ledger) -> BatchSelection {
+        let device = scores.device();
+        let size = scores.size();
+        let (b, pixels) = (size[0], size[1] * size[2]);
+        let scores = scores.view([b, pixels]);
+        let t = self.thresholds;
+        let (high, low) = (scores.gt(t.pi_high), scores.lt(t.pi_low));
+        let plans = self.plan(&crops.iter().map(|c| c.image).collect::<Vec<_>>(), pixels, ledger);
+        let caps = |cap: fn(&CropPlan) -> i64| {
+            (upload(&Tensor::from_slice(&plans.iter().map(cap).collect::<Vec<_>>()), device),
+             plans.iter().map(cap).max().unwrap_or(0))
+        };
+        let (original, was_bought) = bought_before(ledger, crops, device);
+        let not_bought = was_bought.logical_not();
+
+        // Footnote 3: half of G_h (its pixels not bought yet) is drawn from.
+        let candidates_high = high.logical_and(&not_bought);
+        let available_high = candidates_high.sum_dim_intlist([1i64].as_slice(), false, Kind::Int64);
+        let (cap_high, max_high) = caps(|p| p.cap_high);
+        let take_high = cap_high.minimum(&(&available_high + 1).floor_divide_scalar(2));
+        let (from_high, high_valid) = random_subset(&candidates_high, max_high, Some(&take_high));
+        let candidates_medium = high.logical_or(&low).logical_not().logical_and(&not_bought);
+        let (cap_medium, max_medium) = caps(|p| p.cap_medium);
+        let (from_medium, medium_valid) = random_subset(&candidates_medium, max_medium, Some(&cap_medium));
+        let picks = Tensor::cat(&[from_high, from_medium], 1);
+        let bought = original.gather(1, &picks, false)
+            .where_scalarother(&Tensor::cat(&[high_valid, medium_valid], 1), -1);
+        let (bought_now, shown_bought) = shows_any(&original, &bought);
+        let labelled = was_bought.logical_or(&shown_bought);
+
+        let candidates_low = low.logical_and(&labelled.logical_not());
+        let pseudo = if !self.config.pseudo_labels {
+            candidates_low.zeros_like()
+        } else if self.config.adaptive_sampling {
+            // As many as were labelled here; once the budget is spent, Algorithm 1 line 12.
+            let at_least = (self.quota(pixels) + 1) / 2;
+            let most = plans.iter().map(|p| p.cap_high + p.cap_medium).max().unwrap_or(0).max(at_least);
+            let (picks, valid) = random_subset(&candidates_low, most, Some(&bought_now.clamp_min(at_least)));
+            positions_mask(&picks, &valid, pixels)
+        } else {
+            candidates_low
+        };
+        let count = |m: &Tensor| m.sum_dim_intlist([1i64].as_slice(), true, Kind::Int64);
+        let report = Tensor::cat(&[available_high.unsqueeze(1), count(&high), count(&low), bought], 1);
+        let crop = |m: Tensor| m.view(size.as_slice());
+        BatchSelection { labelled: crop(labelled), pseudo: crop(pseudo), high: crop(high), low: crop(low), report,
+            plans, crop_pixels: pixels as u64 }
+    }
+
+    /// Reads a step's draw back (the step's one wait for the device, after its update),
+    /// records the purchases in the ledger and lowers pi_high where G_h fell short.
+    pub fn settle(&mut self, selection: &BatchSelection, ledger: &mut Ledger) -> Settled {
+        let report = Vec::<i64>::try_from(selection.report.to_device(Device::Cpu).flatten(0, -1)).expect("i64 report");
+        let mut settled = Settled::default();
+        if selection.plans.is_empty() {
+            return settled;
+        }
+        for (plan, row) in selection.plans.iter().zip(report.chunks(report.len() / selection.plans.len())) {
+            let (available_high, high, low) = (row[0], row[1] as u64, row[2] as u64);
+            if plan.wanted_high > 0 && (available_high + 1) / 2 < plan.wanted_high {
+                self.decay();
+            }
+            let width = ledger.images()[plan.image].width as i64;
+            for &pixel in row[3..].iter().filter(|&&p| p >= 0) {
+                if ledger.buy(plan.image, (pixel % width) as u32, (pixel / width) as u32) {
+                    settled.bought += 1;
+                }
+            }
+            settled.groups[0] += high;
+            settled.groups[1] += selection.crop_pixels - high - low;
+            settled.groups[2] += low;
+        }
+        settled
+    }
+}
+
+/// Per crop, which pixels show an original pixel listed in `bought` ([B, K] original
+/// indices, -1 for none; `original`: [B, N] as from `bought_before`): an upscaled crop shows
+/// one original pixel several times and every copy gets its label. Also returns how many
+/// distinct original pixels each crop bought ([B] i64).
+fn shows_any(original: &Tensor, bought: &Tensor) -> (Tensor, Tensor) {
+    let (b, k) = (bought.size()[0], bought.size()[1]);
+    if k == 0 {
+        return (Tensor::zeros([b], (Kind::Int64, bought.device())), original.zeros_like().to_kind(Kind::Bool));
+    }
+    let (sorted, _) = bought.sort(1, false);
+    let real = sorted.ge(0);
+    let first_of_its_value = real.narrow(1, 1, k - 1).logical_and(&sorted.narrow(1, 1, k - 1).ne_tensor(&sorted.narrow(1, 0, k - 1)));
+    let distinct = Tensor::cat(&[real.narrow(1, 0, 1), first_of_its_value], 1).sum_dim_intlist([1i64].as_slice(), false, Kind::Int64);
+    let at = original.searchsorted(&sorted, false, false, "left", None::<Tensor>).clamp_max(k - 1);
+    (distinct, sorted.gather(1, &at, false).eq_tensor(original))
+}
+
+/// A [B, N] mask, true at the valid `positions` ([B, K]).
+fn positions_mask(positions: &Tensor, valid: &Tensor, n: i64) -> Tensor {
+    let b = positions.size()[0];
+    // Invalid positions write to an extra column that is dropped.
+    Tensor::zeros([b, n + 1], (Kind::Bool, positions.device()))
+        .scatter_value(1, &positions.where_scalarother(valid, n), 1)
+        .narrow(1, 0, n)
 }

@@ -40,14 +40,12 @@ struct Sample {
 /// Up to `max` pixels per image drawn uniformly from `mask` [B, P] (random keys + top-k).
 fn sample(emb: &Tensor, classes: &Tensor, mask: &Tensor, max: usize) -> Sample {
     let p = mask.size()[1];
-    let k = (max as i64).min(p);
-    let keys = Tensor::rand(mask.size(), (Kind::Float, mask.device())).where_self(mask, &Tensor::from(-1.0f32).to_device(mask.device()));
-    let (values, index) = keys.topk(k, 1, true, false);
+    let (index, valid) = crate::torch_ext::random_subset(mask, (max as i64).min(p), None);
     let d = emb.size()[2];
     Sample {
         embeddings: emb.gather(1, &index.unsqueeze(2).expand([-1, -1, d], false), false),
         classes: classes.gather(1, &index, false),
-        valid: values.ge(0.0),
+        valid,
     }
 }
 
@@ -56,7 +54,7 @@ fn sample(emb: &Tensor, classes: &Tensor, mask: &Tensor, max: usize) -> Sample {
 pub fn class_centers(emb: &Tensor, classes: &Tensor, mask: &Tensor, n_classes: i64) -> Sample3 {
     let (b, d) = (emb.size()[0], emb.size()[2]);
     // Pixels outside the mask go to an extra row C that is dropped.
-    let index = classes.clamp(0, n_classes - 1).where_self(mask, &Tensor::from(n_classes).to_device(emb.device()));
+    let index = classes.clamp(0, n_classes - 1).where_scalarother(mask, n_classes);
     let sums = Tensor::zeros([b, n_classes + 1, d], (emb.kind(), emb.device()))
         .scatter_add(1, &index.unsqueeze(2).expand([-1, -1, d], false), emb)
         .narrow(1, 0, n_classes);
@@ -143,7 +141,7 @@ pub fn contrastive_losses(source: &DomainBatch, target: &DomainBatch, config: &C
         return ContrastLosses { p2p: None, c2c: None };
     }
     let device = source.embedding.device();
-    let column = |f: fn(&(i64, i64, i64)) -> i64| Tensor::from_slice(&pairs.iter().map(f).collect::<Vec<_>>()).to_device(device);
+    let column = |f: fn(&(i64, i64, i64)) -> i64| crate::torch_ext::upload(&Tensor::from_slice(&pairs.iter().map(f).collect::<Vec<_>>()), device);
     let (a_idx, k_idx, level) = (column(|p| p.0), column(|p| p.1), column(|p| p.2));
     let levels = config.levels.len() as i64;
     let weights = |ac: &Tensor, kc: &Tensor| dccm.map(|d| d.weights_batched(ac, kc));

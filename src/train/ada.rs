@@ -10,14 +10,13 @@ use crate::telemetry;
 use std::time::Instant;
 use crate::active::ledger::{Ledger, LedgerImage};
 use crate::active::oracle::{Oracle, SealedLabels};
-use crate::active::sampling::{Sampler, Thresholds};
+use crate::active::sampling::{BatchSelection, CropPixels, Sampler, Settled, Thresholds};
 use crate::active::uncertainty::uncertainty;
 use crate::contrast::dccm::Dccm;
 use crate::contrast::units::{contrastive_losses, DomainBatch};
 use crate::data::loader::{Loader, LoaderOptions};
 use crate::model::deeplab::upsample;
 use anyhow::{anyhow, Context, Result};
-use rand::SeedableRng;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
@@ -53,8 +52,8 @@ pub struct AdaState {
 pub struct StepOutput {
     pub total: Tensor,
     pub terms: [Option<Tensor>; 4],
-    /// Target pixels in G_h, G_m and G_l this iteration.
-    pub groups: [u64; 3],
+    /// The target draw, recorded in the ledger by `Trainer::ada_update` after the step.
+    pub selection: BatchSelection,
 }
 
 fn nearest(t: &Tensor, h: i64, w: i64) -> Tensor {
@@ -87,7 +86,7 @@ impl Trainer {
     /// The forward pass and every loss of one ADA-MCU iteration.
     pub fn ada_losses(&self, state: &mut AdaState, source_images: &Tensor, source_labels: &Tensor,
         target_images: &Tensor, target_labels: &SealedLabels, target_samples: &[usize],
-        target_geometry: &[crate::data::augment::Geometry], iteration: u64) -> StepOutput {
+        target_geometry: &[crate::data::augment::Geometry]) -> StepOutput {
         let c = &self.config;
         let classes = c.data.classes as i64;
         let (xs, xt) = (self.normaliser.to_input(source_images), self.normaliser.to_input(target_images));
@@ -104,29 +103,17 @@ impl Trainer {
         let source_labels = crate::torch_ext::labels_on(source_labels, self.device);
         let loss_source = segmentation_loss(&out_s.0, &source_labels) + segmentation_loss(&out_s.1, &source_labels) * c.train.aux_weight;
 
-        // Score, group and sample the target crops (Eqs. 1-3, Algorithm 1).
+        // Score, group and sample the target crops (Eqs. 1-3, Algorithm 1), on the device.
         let (h, w) = (xt.size()[2], xt.size()[3]);
         let (main_t, aux_t) = (upsample(&out_t.0, h, w), upsample(&out_t.1, h, w));
-        let scores = uncertainty(&main_t, &aux_t, c.active.gamma).to_device(tch::Device::Cpu);
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c.run.seed ^ iteration.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let (mut labelled, mut pseudo, mut high, mut low) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (b, (&image, geometry)) in target_samples.iter().zip(target_geometry).enumerate() {
-            let crop_scores: Vec<f32> = Vec::try_from(scores.get(b as i64).flatten(0, -1)).expect("f32 scores");
-            let sel = state.sampler.select(&crop_scores, image, geometry, &mut state.ledger, &mut rng);
-            labelled.extend(sel.labelled);
-            pseudo.extend(sel.pseudo);
-            high.extend(sel.high);
-            low.extend(sel.low);
-        }
-        let bt = target_samples.len() as i64;
-        let (n_high, n_low) = (high.iter().filter(|&&v| v).count() as u64, low.iter().filter(|&&v| v).count() as u64);
-        let groups = [n_high, high.len() as u64 - n_high - n_low, n_low];
-        let mask = |v: &[bool]| Tensor::from_slice(v).view([bt, h, w]).to_device(self.device);
-        let (labelled, pseudo, high, low) = (mask(&labelled), mask(&pseudo), mask(&high), mask(&low));
-        let revealed = Oracle::reveal(target_labels, &labelled);
+        let scores = uncertainty(&main_t, &aux_t, c.active.gamma);
+        let crops: Vec<CropPixels> = target_samples.iter().zip(target_geometry).map(|(&i, g)| CropPixels::of(i, g)).collect();
+        let selection = state.sampler.select(&scores, &crops, &state.ledger);
+        let (labelled, pseudo) = (&selection.labelled, &selection.pseudo);
+        let revealed = Oracle::reveal(target_labels, labelled);
         let prediction_t = main_t.detach().argmax(1, false);
         // Eq. 5: the pseudo label is the prediction itself (one-hot; see docs/algorithm.md).
-        let train_labels_t = prediction_t.where_self(&pseudo, &revealed);
+        let train_labels_t = prediction_t.where_self(pseudo, &revealed);
         // A crop may have no labelled or pseudo-labelled pixel: the loss is then 0, with no host check.
         let loss_target = segmentation_loss(&out_t.0, &train_labels_t) + segmentation_loss(&out_t.1, &train_labels_t) * c.train.aux_weight;
 
@@ -153,11 +140,11 @@ impl Trainer {
                 center_classes: labels_s.clamp_max(classes - 1),
                 labels: labels_s,
             };
-            let bought_high = down(&labelled.logical_and(&high)).ne(0);
+            let bought_high = down(&labelled.logical_and(&selection.high)).ne(0);
             let target = DomainBatch {
                 embedding: out_t.2.shallow_clone(),
                 anchors: bought_high.logical_and(&pred_t.ne_tensor(&labels_t)),
-                low: down(&low).ne(0),
+                low: down(&selection.low).ne(0),
                 center_classes: pred_t,
                 labels: labels_t,
             };
@@ -168,7 +155,28 @@ impl Trainer {
             }
             (p2p, c2c) = (losses.p2p, losses.c2c);
         }
-        StepOutput { total, terms: [Some(loss_source), Some(loss_target), p2p, c2c], groups }
+        StepOutput { total, terms: [Some(loss_source), Some(loss_target), p2p, c2c], selection }
+    }
+
+    /// The backward pass and the SGD update at `lr`: queued on the device, nothing read back.
+    pub fn ada_update(&self, out: &StepOutput, optimizer: &mut Sgd, lr: f64) {
+        optimizer.zero_grad();
+        out.total.backward();
+        optimizer.update(lr);
+    }
+
+    /// The end of an iteration and its one wait for the device: reads the loss values and
+    /// records the step's target draw in the ledger.
+    pub fn ada_settle(&self, state: &mut AdaState, out: &StepOutput) -> (StepLosses, Settled) {
+        // All five values in one device-to-host copy.
+        let zero = Tensor::zeros([], (Kind::Float, self.device));
+        let terms: Vec<Tensor> = out.terms.iter().map(|t| t.as_ref().map_or_else(|| zero.shallow_clone(),
+            |t| t.detach().to_kind(Kind::Float))).chain([out.total.detach().to_kind(Kind::Float)]).collect();
+        let values = Vec::<f32>::try_from(Tensor::stack(&terms, 0).to_device(tch::Device::Cpu)).expect("f32 losses");
+        let settled = state.sampler.settle(&out.selection, &mut state.ledger);
+        let losses = StepLosses { source: values[0] as f64, target: values[1] as f64, p2p: values[2] as f64,
+            c2c: values[3] as f64, total: values[4] as f64 };
+        (losses, settled)
     }
 
     /// Runs the ADA-MCU stage from the current weights to the end; the ledger lives at
@@ -254,18 +262,11 @@ impl AdaRun {
         tch::manual_seed((c.run.seed ^ self.step.wrapping_mul(0x9E37_79B9_7F4A_7C15)) as i64);
         let sealed = SealedLabels::seal(tb.labels);
         let out = trainer.ada_losses(&mut self.state, &sb.images, &sb.labels, &tb.images, &sealed, &tb.sample_indices,
-            &tb.geometries, self.step);
-        self.optimizer.zero_grad();
-        out.total.backward();
+            &tb.geometries);
         let lr = poly_lr(c.train.lr, self.step, self.iterations, c.train.poly_power);
-        self.optimizer.update(lr);
-        // All five values in one device-to-host copy (one synchronisation, not five).
-        let zero = Tensor::zeros([], (Kind::Float, trainer.device));
-        let terms: Vec<Tensor> = out.terms.iter().map(|t| t.as_ref().map_or_else(|| zero.shallow_clone(),
-            |t| t.detach().to_kind(Kind::Float))).chain([out.total.detach().to_kind(Kind::Float)]).collect();
-        let values = Vec::<f32>::try_from(Tensor::stack(&terms, 0).to_device(tch::Device::Cpu)).expect("f32 losses");
-        self.last = StepLosses { source: values[0] as f64, target: values[1] as f64, p2p: values[2] as f64,
-            c2c: values[3] as f64, total: values[4] as f64 };
+        trainer.ada_update(&out, &mut self.optimizer, lr);
+        let (losses, settled) = trainer.ada_settle(&mut self.state, &out);
+        self.last = losses;
         self.stage.busy(busy.elapsed());
         self.stage.item();
         self.step += 1;
@@ -281,7 +282,7 @@ impl AdaRun {
         // After the metrics, so that a NaN shows on the dashboard (and fires its alert).
         anyhow::ensure!(self.last.total.is_finite(), "ada-mcu: loss is {} at step {}", self.last.total, self.step - 1);
         let t = self.state.sampler.thresholds;
-        telemetry::groups(out.groups[0], out.groups[1], out.groups[2], t.pi_high, t.pi_low);
+        telemetry::groups(settled.groups[0], settled.groups[1], settled.groups[2], t.pi_high, t.pi_low);
         telemetry::budget(self.state.ledger.spent(), self.state.ledger.budget());
         telemetry::gpu_memory(trainer.device);
         Ok(&self.last)
