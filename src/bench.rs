@@ -29,9 +29,7 @@ fn images_per_second(source: &SampleSource, augmenter: &mut Augmenter, normalise
         let sample = source.load_augmented(i, augmenter, rng)?;
         if normalise {
             let g = sample.geometry;
-            let bytes = tch::Tensor::from_slice(&sample.image)
-                .view([1, g.crop_height as i64, g.crop_width as i64, 3]);
-            let _ = std::hint::black_box(normaliser.to_input(&bytes));
+            let _ = std::hint::black_box(normaliser.bytes_to_input(&sample.image, 1, g.crop_height as i64, g.crop_width as i64));
         }
         std::hint::black_box(sample);
     }

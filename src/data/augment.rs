@@ -113,22 +113,25 @@ impl Augmenter {
         Augmented { image, label: sample_label(label, &g), geometry }
     }
 
-    /// Resamples the crop window to `out_w` x `out_h` into the resizer's scratch image, then
-    /// copies it out (mirrored when `flipped`: the mirror costs nothing extra in the copy).
+    /// Resamples the crop window to `out_w` x `out_h`: straight into the returned buffer, or,
+    /// when `flipped`, into the scratch image and then copied out mirrored.
     #[allow(clippy::too_many_arguments)]
     fn resample(&mut self, rgb: &[u8], w: u32, h: u32, out_w: u32, out_h: u32,
         window: (f64, f64, f64, f64), flipped: bool) -> Vec<u8> {
         let src = ImageRef::new(w, h, rgb, PixelType::U8x3).expect("buffer matches its size");
+        let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(self.image_filter))
+            .crop(window.0, window.1, window.2, window.3);
+        if !flipped {
+            // Straight into the sample's own buffer.
+            let mut image = Image::new(out_w, out_h, PixelType::U8x3);
+            self.resizer.resize(&src, &mut image, &options).expect("same pixel types");
+            return image.into_vec();
+        }
         if self.scratch.width() != out_w || self.scratch.height() != out_h {
             self.scratch = Image::new(out_w, out_h, PixelType::U8x3);
         }
-        let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(self.image_filter))
-            .crop(window.0, window.1, window.2, window.3);
         self.resizer.resize(&src, &mut self.scratch, &options).expect("same pixel types");
         let resampled = self.scratch.buffer();
-        if !flipped {
-            return resampled.to_vec();
-        }
         let mut image = vec![0u8; resampled.len()];
         mirror_rgb_rows(resampled, &mut image, out_w as usize);
         image

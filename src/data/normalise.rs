@@ -41,15 +41,19 @@ impl Normaliser {
         let images = images.to_device(Device::Cpu).contiguous();
         assert_eq!(images.kind(), Kind::Uint8, "loader images are bytes");
         let size = images.size();
-        let (b, h, w) = (size[0], size[1], size[2]);
-        let plane = (h * w) as usize;
-        let out = Tensor::empty([b, 3, h, w], (Kind::Float, Device::Cpu));
-        // SAFETY: both tensors are contiguous CPU tensors of the stated kinds and sizes, and
-        // `out` is fresh, so the slices are valid and do not alias.
-        let (bytes, floats) = unsafe {
-            (std::slice::from_raw_parts(images.data_ptr() as *const u8, 3 * plane * b as usize),
-             std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, 3 * plane * b as usize))
-        };
+        // SAFETY: a contiguous CPU u8 tensor of the stated size.
+        let bytes = unsafe { std::slice::from_raw_parts(images.data_ptr() as *const u8, images.numel()) };
+        self.bytes_to_input(bytes, size[0], size[1], size[2])
+    }
+
+    /// `to_input` on the CPU straight from a loader's HWC bytes (`batch` images of
+    /// `height` x `width`), without first copying them into a tensor.
+    pub fn bytes_to_input(&self, bytes: &[u8], batch: i64, height: i64, width: i64) -> Tensor {
+        let plane = (height * width) as usize;
+        assert_eq!(bytes.len(), 3 * plane * batch as usize, "{batch} RGB images of {width}x{height}");
+        let out = Tensor::empty([batch, 3, height, width], (Kind::Float, Device::Cpu));
+        // SAFETY: `out` is a fresh contiguous CPU f32 tensor of this many elements.
+        let floats = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, bytes.len()) };
         for (image, out) in bytes.chunks_exact(3 * plane).zip(floats.chunks_exact_mut(3 * plane)) {
             hwc_bytes_to_chw_floats(image, out, self.scale_values, self.shift_values);
         }
