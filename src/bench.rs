@@ -170,7 +170,7 @@ fn time_step(base: &crate::config::Config, variant: &str, bf16_channels_last: bo
         let samples: Vec<usize> = (0..b as usize).map(|i| (it * b as usize + i) % 100).collect();
         // The last warm-up iteration runs under libtorch's sync check: from the batch to the
         // update, the step must only queue work (CUDA builds; the read at its end is allowed).
-        let checked = it + 1 == o.warmup && crate::torch_ext::set_cuda_sync_check(true);
+        let checked = it + 1 == o.warmup && device.is_cuda() && crate::torch_ext::set_cuda_sync_check(true);
         let queued = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let out = trainer.ada_losses(&mut state, &si, &sl, &ti, &sealed, &samples, &geometry);
             trainer.ada_update(&out, &mut optimizer, config.train.lr);

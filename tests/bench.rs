@@ -13,6 +13,10 @@ fn the_step_benchmark_runs_every_variant_on_the_cpu() {
         let ms: f64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
         assert!(ms > 0.0 && ms.is_finite(), "{line}");
     }
+    // The sync check needs CUDA: on the CPU it must say so rather than report a pass.
+    let checks: Vec<&str> = stdout.lines().filter(|l| l.starts_with("host waits for the device")).collect();
+    assert_eq!(checks.len(), 4, "{stdout}");
+    assert!(checks.iter().all(|l| l.ends_with("not checked (needs CUDA and a warm-up iteration)")), "{stdout}");
 }
 
 #[test]
