@@ -1,8 +1,14 @@
 // What tch does not expose, built against the same libtorch headers as tch itself:
 // - the autocast dtype: tch's autocast is fp16 on CUDA; ADA-MCU trains in bf16;
 // - the CUDA caching allocator's peak, for the step benchmark's memory figure;
-// - libtorch's synchronisation check (torch.cuda.set_sync_debug_mode), for the same benchmark.
+// - libtorch's synchronisation check (torch.cuda.set_sync_debug_mode), for the same benchmark;
+// - the SGD step as multi-tensor (foreach) kernels and gradients cleared to none, as
+//   torch.optim.SGD does on CUDA: a few launches per step instead of several per parameter.
+#include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/core/grad_mode.h>
+#include <cstring>
+#include <vector>
 #ifdef ADAMCU_CUDA_STATS
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -45,4 +51,46 @@ extern "C" int adamcu_cuda_set_sync_debug(int level) {
   (void)level;
   return 0;
 #endif
+}
+
+// Handles in tch are `at::Tensor*` (torch-sys's torch_api.h).
+static std::vector<at::Tensor> tensors(at::Tensor** handles, int n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (int i = 0; i < n; ++i) out.push_back(*handles[i]);
+  return out;
+}
+
+// p -= lr * buf, buf = momentum * buf + (grad + weight_decay * p), for every parameter (all
+// with a gradient; buffers as large as their parameter, zero before the first step, which
+// equals PyTorch's first-step copy of the gradient). Returns 0, or 1 with `error` filled.
+extern "C" int adamcu_sgd_foreach(at::Tensor** params, at::Tensor** buffers, int n, double lr, double momentum,
+                                  double weight_decay, char* error, int error_len) {
+  try {
+    at::NoGradGuard no_grad;
+    auto p = tensors(params, n);
+    auto b = tensors(buffers, n);
+    std::vector<at::Tensor> g;
+    g.reserve(n);
+    for (auto& t : p) g.push_back(t.grad());
+    auto d = weight_decay != 0 ? at::_foreach_add(g, p, weight_decay) : g;
+    if (momentum != 0) {
+      at::_foreach_mul_(b, momentum);
+      at::_foreach_add_(b, d);
+      at::_foreach_add_(p, b, -lr);
+    } else {
+      at::_foreach_add_(p, d, -lr);
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    std::strncpy(error, e.what(), error_len - 1);
+    error[error_len - 1] = 0;
+    return 1;
+  }
+}
+
+// Drops the gradients (set to none): the next backward writes fresh ones instead of adding
+// into zero-filled tensors, one memset kernel per parameter fewer.
+extern "C" void adamcu_clear_grads(at::Tensor** params, int n) {
+  for (int i = 0; i < n; ++i) params[i]->mutable_grad().reset();
 }

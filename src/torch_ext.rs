@@ -6,6 +6,41 @@ extern "C" {
     fn adamcu_cuda_peak_bytes(device: i32) -> i64;
     fn adamcu_cuda_reset_peak(device: i32);
     fn adamcu_cuda_set_sync_debug(level: i32) -> i32;
+    fn adamcu_sgd_foreach(params: *const *mut torch_sys::C_tensor, buffers: *const *mut torch_sys::C_tensor, n: i32,
+        lr: f64, momentum: f64, weight_decay: f64, error: *mut std::ffi::c_char, error_len: i32) -> i32;
+    fn adamcu_clear_grads(params: *const *mut torch_sys::C_tensor, n: i32);
+}
+
+fn handles(tensors: &[&tch::Tensor]) -> Vec<*mut torch_sys::C_tensor> {
+    tensors.iter().map(|t| t.as_ptr() as *mut _).collect()
+}
+
+/// One SGD step (PyTorch's semantics: `buf = momentum * buf + grad + weight_decay * p`,
+/// `p -= lr * buf`) for parameters that all have a gradient, with their momentum buffers
+/// (zero before the first step), as libtorch's multi-tensor kernels.
+pub fn sgd_foreach(params: &[&tch::Tensor], buffers: &[&tch::Tensor], lr: f64, momentum: f64, weight_decay: f64)
+    -> Result<(), String> {
+    assert_eq!(params.len(), buffers.len(), "one momentum buffer per parameter");
+    let (p, b) = (handles(params), handles(buffers));
+    let mut error = [0 as std::ffi::c_char; 512];
+    // SAFETY: the handles point to live tensors for the duration of the call; the shim
+    // copies them into at::Tensor values and writes at most `error.len()` bytes of message.
+    let failed = unsafe {
+        adamcu_sgd_foreach(p.as_ptr(), b.as_ptr(), p.len() as i32, lr, momentum, weight_decay, error.as_mut_ptr(),
+            error.len() as i32)
+    };
+    if failed == 0 {
+        return Ok(());
+    }
+    // SAFETY: the shim wrote a NUL-terminated message.
+    Err(unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) }.to_string_lossy().into_owned())
+}
+
+/// Sets the gradients of `params` to none (as `zero_grad(set_to_none=True)`).
+pub fn clear_grads(params: &[&tch::Tensor]) {
+    let p = handles(params);
+    // SAFETY: the handles point to live tensors for the duration of the call.
+    unsafe { adamcu_clear_grads(p.as_ptr(), p.len() as i32) }
 }
 
 /// Copies a host tensor to `device` without making the host wait: from page-locked memory

@@ -63,6 +63,15 @@ fn sgd_matches_pytorch_semantics_and_poly_schedule() {
     // second step: buf = 0.9 * 2.1 + 2.1 * 0.979 = 1.89 + 2.0559 = 3.9459; w0 = 0.979 - 0.039459
     assert!((w.double_value(&[0]) - (0.979 - 0.039459)).abs() < 1e-6);
     assert_eq!(sgd.step, 2);
+    sgd.zero_grad();
+    assert!(!w.grad().defined() && !h.grad().defined(), "gradients are set to none");
+    // Without momentum: plain (decayed) gradient steps, no buffers kept.
+    let mut plain = Sgd::new(&vs, 0.0, 0.0, 10.0);
+    let before = h.double_value(&[0]);
+    (&h * 3.0).sum(Kind::Float).backward();
+    plain.update(0.01);
+    assert!((h.double_value(&[0]) - (before - 0.1 * 3.0)).abs() < 1e-6);
+    assert!(plain.state().iter().all(|(n, _)| !n.starts_with("momentum.")));
     assert_eq!(poly_lr(1.0, 0, 100, 0.9), 1.0);
     assert!((poly_lr(1.0, 50, 100, 0.9) - 0.5f64.powf(0.9)).abs() < 1e-12);
     assert_eq!(poly_lr(1.0, 100, 100, 0.9), 0.0);

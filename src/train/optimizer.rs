@@ -39,39 +39,34 @@ impl Sgd {
         self.params.get(name).map(|(_, m)| *m)
     }
 
+    /// Drops every gradient (set to none): the next backward writes fresh ones.
     pub fn zero_grad(&mut self) {
-        for (t, _) in self.params.values_mut() {
-            let mut grad = t.grad();
-            if grad.defined() {
-                let _ = grad.detach_().zero_();
-            }
-        }
+        let params: Vec<&Tensor> = self.params.values().map(|(t, _)| t).collect();
+        crate::torch_ext::clear_grads(&params);
     }
 
-    /// One update with base learning rate `lr`.
+    /// One update with base learning rate `lr`: per learning-rate group, a few multi-tensor
+    /// kernels over the parameters that have a gradient.
     pub fn update(&mut self, lr: f64) {
-        tch::no_grad(|| {
-            for (name, (param, mult)) in &self.params {
-                let grad = param.grad();
-                if !grad.defined() {
-                    continue;
-                }
-                let d = if self.weight_decay != 0.0 { &grad + param * self.weight_decay } else { grad };
-                let direction = match self.buffers.get_mut(name) {
-                    Some(buffer) if self.momentum != 0.0 => {
-                        let _ = buffer.g_mul_scalar_(self.momentum).g_add_(&d);
-                        buffer.shallow_clone()
-                    }
-                    _ if self.momentum != 0.0 => {
-                        let buffer = d.detach().copy();
-                        self.buffers.insert(name.clone(), buffer.shallow_clone());
-                        buffer
-                    }
-                    _ => d,
-                };
-                let _ = param.shallow_clone().g_add_(&(direction * (-lr * mult)));
+        let mut groups: BTreeMap<u64, (Vec<Tensor>, Vec<Tensor>, f64)> = BTreeMap::new();
+        for (name, (param, mult)) in &self.params {
+            if !param.grad().defined() {
+                continue;
             }
-        });
+            // Zero before the first step: momentum * 0 + d is PyTorch's first-step copy of d.
+            // Without momentum there are no buffers (the kernel ignores them).
+            let buffer = if self.momentum == 0.0 { param } else {
+                self.buffers.entry(name.clone()).or_insert_with(|| param.zeros_like().detach())
+            };
+            let group = groups.entry(mult.to_bits()).or_insert_with(|| (Vec::new(), Vec::new(), *mult));
+            group.0.push(param.shallow_clone());
+            group.1.push(buffer.shallow_clone());
+        }
+        for (params, buffers, mult) in groups.values() {
+            let (p, b): (Vec<&Tensor>, Vec<&Tensor>) = (params.iter().collect(), buffers.iter().collect());
+            crate::torch_ext::sgd_foreach(&p, &b, lr * mult, self.momentum, self.weight_decay)
+                .unwrap_or_else(|e| panic!("SGD step: {e}"));
+        }
         self.step += 1;
     }
 
