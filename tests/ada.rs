@@ -278,6 +278,45 @@ fn pi_high_decays_when_g_h_cannot_fill_the_quota_and_without_as_all_of_g_l_is_ps
 }
 
 #[test]
+fn the_device_draws_a_uniform_subset_of_the_candidates() {
+    tch::manual_seed(4);
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = images(1, 20, 10);
+    let ledger = Ledger::open_or_create(&dir.path().join("l.bin"), &imgs, 100).unwrap();
+    // Every pixel in G_h: quota 10 of the 100 available (half of G_h) per draw.
+    let sampler = Sampler::new(&active(Schedule::Sequential, true, 0.05), None);
+    let scores = Tensor::full([1, 10, 20], 0.95, (Kind::Float, Device::Cpu));
+    let crop = [CropPixels::of(0, &Geometry::identity(20, 10))];
+    let mut counts = [0u32; 200];
+    for _ in 0..2000 {
+        let labelled = bools(&sampler.select(&scores, &crop, &ledger).labelled);
+        assert_eq!(labelled.iter().filter(|&&l| l).count(), 10);
+        for (c, &l) in counts.iter_mut().zip(&labelled) {
+            *c += l as u32;
+        }
+    }
+    // 100 expected per pixel (binomial sd ~9.7): every pixel within 4 sd, and no drift by position.
+    assert!(counts.iter().all(|&c| (60..=140).contains(&c)), "{counts:?}");
+    let (first, second): (u32, u32) = (counts[..100].iter().sum(), counts[100..].iter().sum());
+    assert!(first.abs_diff(second) < 600, "first half {first}, second half {second}");
+    // Fewer taken than the draw's width: 12 pixels in G_h, half of them (6) bought of the
+    // 10 drawn; each should be bought half of the time (sd ~22 in 2000 draws).
+    let high: Vec<usize> = (0..12).map(|i| i * 16 + 3).collect();
+    let mut values = vec![0.5f32; 200];
+    high.iter().for_each(|&i| values[i] = 0.95);
+    let scores = Tensor::from_slice(&values).view([1, 10, 20]);
+    let mut counts = [0u32; 200];
+    for _ in 0..2000 {
+        let labelled = bools(&sampler.select(&scores, &crop, &ledger).labelled);
+        for (c, &l) in counts.iter_mut().zip(&labelled) {
+            *c += l as u32;
+        }
+    }
+    assert!(high.iter().all(|&i| (910..=1090).contains(&counts[i])), "{:?}", high.iter().map(|&i| counts[i]).collect::<Vec<_>>());
+    assert_eq!(counts.iter().sum::<u32>(), 6 * 2000, "only G_h pixels, 6 per draw");
+}
+
+#[test]
 fn an_upscaled_crop_labels_every_copy_of_a_bought_pixel_and_pays_for_it_once() {
     tch::manual_seed(3);
     let dir = tempfile::tempdir().unwrap();
