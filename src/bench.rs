@@ -171,14 +171,18 @@ fn time_step(base: &crate::config::Config, variant: &str, bf16_channels_last: bo
         // The last warm-up iteration runs under libtorch's sync check: from the batch to the
         // update, the step must only queue work (CUDA builds; the read at its end is allowed).
         let checked = it + 1 == o.warmup && device.is_cuda() && crate::torch_ext::set_cuda_sync_check(true);
-        let queued = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut queue = || std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let out = trainer.ada_losses(&mut state, &si, &sl, &ti, &sealed, &samples, &geometry);
             trainer.ada_update(&out, &mut optimizer, config.train.lr);
             out
         }));
+        let mut queued = queue();
         if checked {
             crate::torch_ext::set_cuda_sync_check(false);
             sync_check = Some(queued.as_ref().err().map(|e| panic_message(e.as_ref())));
+            if queued.is_err() {
+                queued = queue(); // the check stopped the step at its first wait: run it whole
+            }
         }
         let out = queued.map_err(|e| anyhow::anyhow!("training step failed: {}", panic_message(e.as_ref())))?;
         trainer.ada_settle(&mut state, &out);

@@ -52,7 +52,7 @@ pub struct AdaState {
 pub struct StepOutput {
     pub total: Tensor,
     pub terms: [Option<Tensor>; 4],
-    /// The target draw, recorded in the ledger by `Trainer::ada_update` after the step.
+    /// The target draw, recorded in the ledger by `Trainer::ada_settle` after the update.
     pub selection: BatchSelection,
 }
 
