@@ -191,5 +191,9 @@ impl SegNet {
 
 /// Bilinear upsampling of logits to a label's size.
 pub fn upsample(logits: &Tensor, height: i64, width: i64) -> Tensor {
+    // At the same size bilinear (align_corners = false) is the identity: no copy.
+    if logits.size()[2..] == [height, width] {
+        return logits.shallow_clone();
+    }
     logits.upsample_bilinear2d([height, width], false, None, None)
 }

@@ -115,7 +115,8 @@ impl Trainer {
         // Eq. 5: the pseudo label is the prediction itself (one-hot; see docs/algorithm.md).
         let train_labels_t = prediction_t.where_self(pseudo, &revealed);
         // A crop may have no labelled or pseudo-labelled pixel: the loss is then 0, with no host check.
-        let loss_target = segmentation_loss(&out_t.0, &train_labels_t) + segmentation_loss(&out_t.1, &train_labels_t) * c.train.aux_weight;
+        // On the logits already upsampled for the scores (one copy at crop size per head, not two).
+        let loss_target = segmentation_loss(&main_t, &train_labels_t) + segmentation_loss(&aux_t, &train_labels_t) * c.train.aux_weight;
 
         // DCCM (Eqs. 7-8) from every pixel whose true label is known this iteration.
         let prediction_s = upsample(&out_s.0, source_labels.size()[1], source_labels.size()[2]).detach().argmax(1, false);
