@@ -20,8 +20,9 @@ pub struct LoaderBenchOptions {
 }
 
 /// Images per second of one thread over one pass of every sample. With `normalise`, each
-/// sample is also turned into the network's float input on the CPU (what a CPU run does; on
-/// CUDA that step runs on the device).
+/// sample is also turned into what the network and its loss take, on the CPU, as the
+/// reference does: float input and i64 labels (what a CPU run does; on CUDA it runs on the
+/// device).
 fn images_per_second(source: &SampleSource, augmenter: &mut Augmenter, normaliser: &Normaliser,
     rng: &mut rand_chacha::ChaCha8Rng, normalise: bool) -> Result<f64> {
     let started = Instant::now();
@@ -30,6 +31,7 @@ fn images_per_second(source: &SampleSource, augmenter: &mut Augmenter, normalise
         if normalise {
             let g = sample.geometry;
             let _ = std::hint::black_box(normaliser.bytes_to_input(&sample.image, 1, g.crop_height as i64, g.crop_width as i64));
+            let _ = std::hint::black_box(tch::Tensor::from_slice(&sample.label).to_kind(tch::Kind::Int64));
         }
         std::hint::black_box(sample);
     }
@@ -107,8 +109,8 @@ pub fn loader(options: &LoaderBenchOptions) -> Result<()> {
         println!("{name:<28} {rate:>14.1} {:>10.2} {ratio:>12.2}x", 1e3 / rate);
     }
     println!("(medians over {ROUNDS} interleaved rounds; the reference's own figure per round is the median of its 3 passes)");
-    println!("(every row but the last includes normalising to float on the CPU, as the reference does; \
-        \"loader only\" is the loader thread's share when normalisation runs on the GPU)");
+    println!("(every row but the last includes normalising images to float and widening labels to i64 on the CPU, \
+        as the reference does; \"loader only\" is the loader thread's share when both run on the GPU)");
     println!("targets: PNG >= 3x, shard >= 20x the reference");
     Ok(())
 }
