@@ -2,6 +2,8 @@
 // - the autocast dtype: tch's autocast is fp16 on CUDA; ADA-MCU trains in bf16;
 // - the CUDA caching allocator's peak, for the step benchmark's memory figure;
 // - libtorch's synchronisation check (torch.cuda.set_sync_debug_mode), for the same benchmark;
+// - page-locking without tch's device argument, which libtorch deprecates with a warning on
+//   every call;
 // - the SGD step as multi-tensor (foreach) kernels and gradients cleared to none, as
 //   torch.optim.SGD does on CUDA: a few launches per step instead of several per parameter.
 #include <ATen/ATen.h>
@@ -93,4 +95,16 @@ extern "C" int adamcu_sgd_foreach(at::Tensor** params, at::Tensor** buffers, int
 // into zero-filled tensors, one memset kernel per parameter fewer.
 extern "C" void adamcu_clear_grads(at::Tensor** params, int n) {
   for (int i = 0; i < n; ++i) params[i]->mutable_grad().reset();
+}
+
+// A page-locked copy of a CPU tensor for fast, asynchronous copies to the accelerator, or
+// nullptr with `error` filled.
+extern "C" at::Tensor* adamcu_pin_memory(at::Tensor* tensor, char* error, int error_len) {
+  try {
+    return new at::Tensor(tensor->pin_memory());
+  } catch (const std::exception& e) {
+    std::strncpy(error, e.what(), error_len - 1);
+    error[error_len - 1] = 0;
+    return nullptr;
+  }
 }

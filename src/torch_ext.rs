@@ -9,6 +9,23 @@ extern "C" {
     fn adamcu_sgd_foreach(params: *const *mut torch_sys::C_tensor, buffers: *const *mut torch_sys::C_tensor, n: i32,
         lr: f64, momentum: f64, weight_decay: f64, error: *mut std::ffi::c_char, error_len: i32) -> i32;
     fn adamcu_clear_grads(params: *const *mut torch_sys::C_tensor, n: i32);
+    fn adamcu_pin_memory(tensor: *const torch_sys::C_tensor, error: *mut std::ffi::c_char, error_len: i32)
+        -> *mut torch_sys::C_tensor;
+}
+
+/// A page-locked copy of a CPU tensor (CUDA only), so that copies to the device can be
+/// queued without the host waiting. tch's `pin_memory(device)` passes a device argument that
+/// libtorch deprecates with a warning on every call: a daemon's log would fill with them.
+pub fn pinned(tensor: &tch::Tensor) -> tch::Tensor {
+    let mut error = [0 as std::ffi::c_char; 512];
+    // SAFETY: the handle points to a live tensor; the shim returns a new owned handle (or
+    // null after writing a NUL-terminated message of at most `error.len()` bytes).
+    let handle = unsafe { adamcu_pin_memory(tensor.as_ptr(), error.as_mut_ptr(), error.len() as i32) };
+    assert!(!handle.is_null(), "cannot page-lock a tensor: {}",
+        // SAFETY: as above.
+        unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) }.to_string_lossy());
+    // SAFETY: a fresh handle from the shim, owned by the returned tensor.
+    unsafe { tch::Tensor::from_ptr(handle) }
 }
 
 fn handles(tensors: &[&tch::Tensor]) -> Vec<*mut torch_sys::C_tensor> {
@@ -56,7 +73,7 @@ pub fn to_device_async(tensor: &tch::Tensor, device: tch::Device) -> tch::Tensor
 /// from pageable memory may make the host wait for the device).
 pub fn upload(tensor: &tch::Tensor, device: tch::Device) -> tch::Tensor {
     if device.is_cuda() {
-        to_device_async(&tensor.pin_memory(device), device)
+        to_device_async(&pinned(tensor), device)
     } else {
         tensor.shallow_clone()
     }

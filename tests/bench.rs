@@ -35,3 +35,17 @@ fn channels_last_keeps_values_and_changes_strides() {
     assert!(cl.equal(&t));
     assert_eq!(cl.stride(), [60, 1, 15, 3]);
 }
+
+#[test]
+fn pinning_goes_through_the_shim_and_says_why_when_it_cannot() {
+    let t = tch::Tensor::arange(6, (tch::Kind::Float, tch::Device::Cpu));
+    if tch::Cuda::is_available() {
+        let p = adamcu::torch_ext::pinned(&t);
+        assert!(p.is_pinned(tch::Device::Cuda(0)));
+        assert_eq!(Vec::<f32>::try_from(&p).unwrap(), [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+    } else {
+        let e = std::panic::catch_unwind(|| adamcu::torch_ext::pinned(&t)).unwrap_err();
+        let message = e.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(message.starts_with("cannot page-lock a tensor: "), "{message}");
+    }
+}

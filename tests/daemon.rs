@@ -132,7 +132,7 @@ fn a_slow_consumer_makes_the_loader_block_with_a_bounded_queue() {
     let capacity = 3;
     let loader = adamcu::data::loader::Loader::spawn(source, &config.augment, adamcu::data::loader::LoaderOptions {
         domain: "source", batch_size: 2, workers: 2, capacity, seed: 0,
-        on_bad_sample: adamcu::config::OnBadSample::Stop, start_at: 0, pin_for: None });
+        on_bad_sample: adamcu::config::OnBadSample::Stop, start_at: 0, pinned: false });
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(loader.batches.len(), capacity, "the channel fills to its capacity and no further");
     std::thread::sleep(Duration::from_millis(400));

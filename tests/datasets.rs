@@ -166,7 +166,7 @@ fn the_loader_skips_or_stops_on_a_bad_sample_as_configured() {
     let source = Arc::new(SampleSource::open(&set(DatasetKind::Gta5, &root), 19).unwrap());
     let augment = AugmentConfig { crop: [16, 16], ..AugmentConfig::default() };
     let options = |policy| LoaderOptions { domain: "source", batch_size: 2, workers: 2, capacity: 2, seed: 1,
-        on_bad_sample: policy, start_at: 0, pin_for: None };
+        on_bad_sample: policy, start_at: 0, pinned: false };
 
     let loader = Loader::spawn(source.clone(), &augment, options(OnBadSample::Skip));
     for _ in 0..4 {
@@ -259,7 +259,7 @@ fn the_loader_is_deterministic_for_a_seed_whatever_the_worker_count() {
     let augment = AugmentConfig { crop: [16, 16], ..AugmentConfig::default() };
     let run = |workers, seed| {
         let loader = Loader::spawn(source.clone(), &augment, LoaderOptions { domain: "source", batch_size: 3,
-            workers, capacity: 2, seed, on_bad_sample: OnBadSample::Stop, start_at: 0, pin_for: None });
+            workers, capacity: 2, seed, on_bad_sample: OnBadSample::Stop, start_at: 0, pinned: false });
         let batches: Vec<_> = (0..4).map(|_| loader.batches.recv().unwrap().unwrap()).collect();
         loader.stop();
         batches

@@ -45,8 +45,8 @@ pub struct LoaderOptions {
     pub on_bad_sample: OnBadSample,
     /// Start after this many samples have been drawn (to resume a run's data order).
     pub start_at: u64,
-    /// Page-lock collated batches for this CUDA device, so the copy to it is asynchronous.
-    pub pin_for: Option<tch::Device>,
+    /// Page-lock collated batches (for a CUDA run), so the copy to the device is asynchronous.
+    pub pinned: bool,
 }
 
 /// A running loader; dropping it stops its threads.
@@ -150,7 +150,7 @@ fn batcher(source: &SampleSource, workers: Vec<Receiver<(usize, Result<Augmented
             }
         }
         let started = Instant::now();
-        let batch = collate(sequence, source, samples, options.pin_for);
+        let batch = collate(sequence, source, samples, options.pinned);
         stage.busy(started.elapsed());
         let waited = Instant::now();
         if tx.send(Ok(batch)).is_err() {
@@ -162,7 +162,7 @@ fn batcher(source: &SampleSource, workers: Vec<Receiver<(usize, Result<Augmented
     }
 }
 
-fn collate(sequence: u64, source: &SampleSource, samples: Vec<(usize, Augmented)>, pin_for: Option<tch::Device>) -> Batch {
+fn collate(sequence: u64, source: &SampleSource, samples: Vec<(usize, Augmented)>, pinned: bool) -> Batch {
     let b = samples.len() as i64;
     let (h, w) = (samples[0].1.geometry.crop_height as i64, samples[0].1.geometry.crop_width as i64);
     let mut images = Vec::with_capacity((b * 3 * h * w) as usize);
@@ -179,8 +179,8 @@ fn collate(sequence: u64, source: &SampleSource, samples: Vec<(usize, Augmented)
     }
     let mut images = Tensor::from_slice(&images).view([b, h, w, 3]);
     let mut labels = Tensor::from_slice(&labels).view([b, h, w]);
-    if let Some(device) = pin_for {
-        (images, labels) = (images.pin_memory(device), labels.pin_memory(device));
+    if pinned {
+        (images, labels) = (crate::torch_ext::pinned(&images), crate::torch_ext::pinned(&labels));
     }
     Batch { sequence, sample_indices, ids, geometries, images, labels }
 }

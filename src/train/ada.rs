@@ -234,7 +234,7 @@ impl AdaRun {
         // The data order resumes too: the loaders skip the samples already drawn.
         let options = |domain, batch_size: usize, seed| LoaderOptions { domain, batch_size, workers: c.data.workers,
             capacity: c.data.channel_capacity, seed, on_bad_sample: c.data.on_bad_sample,
-            start_at: step * batch_size as u64, pin_for: trainer.device.is_cuda().then_some(trainer.device) };
+            start_at: step * batch_size as u64, pinned: trainer.device.is_cuda() };
         let (source_cfg, target_cfg) = (c.data.source.as_ref(), c.data.target.as_ref());
         let source_set = open_set(&c.data.source, "data.source", c.data.classes)?;
         let target_set = open_set(&c.data.target, "data.target", c.data.classes)?;

@@ -131,7 +131,7 @@ impl Trainer {
         let augment = c.augment_for(set.as_ref().expect("open_set checked it"));
         let loader = Loader::spawn(source, &augment, LoaderOptions { domain, batch_size,
             workers: c.data.workers, capacity: c.data.channel_capacity, seed: c.run.seed,
-            on_bad_sample: c.data.on_bad_sample, start_at: 0, pin_for: self.device.is_cuda().then_some(self.device) });
+            on_bad_sample: c.data.on_bad_sample, start_at: 0, pinned: self.device.is_cuda() });
         let mut optimizer = self.optimizer();
         let mut progress = progress::Progress::new(stage.name(), iterations as u64, c.train.log_every as u64);
         let mut losses = Vec::with_capacity(iterations);
