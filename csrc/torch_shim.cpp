@@ -20,6 +20,22 @@ extern "C" void adamcu_set_cuda_autocast_bf16(int enable) {
   at::autocast::set_autocast_dtype(at::kCUDA, enable ? at::kBFloat16 : at::kHalf);
 }
 
+// An autocast region on CUDA through the current API (tch's goes through at::autocast's
+// deprecated is_enabled/set_enabled, which warn on every call). Returns the previous state.
+extern "C" int adamcu_cuda_autocast_enter(int enabled) {
+  bool previous = at::autocast::is_autocast_enabled(at::kCUDA);
+  at::autocast::set_autocast_enabled(at::kCUDA, enabled != 0);
+  at::autocast::increment_nesting();
+  return previous;
+}
+
+extern "C" void adamcu_cuda_autocast_exit(int previous) {
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  at::autocast::set_autocast_enabled(at::kCUDA, previous != 0);
+}
+
+extern "C" int adamcu_cuda_autocast_is_enabled() { return at::autocast::is_autocast_enabled(at::kCUDA); }
+
 extern "C" int adamcu_cuda_autocast_is_bf16() {
   return at::autocast::get_autocast_dtype(at::kCUDA) == at::kBFloat16;
 }

@@ -3,6 +3,9 @@
 extern "C" {
     fn adamcu_set_cuda_autocast_bf16(enable: i32);
     fn adamcu_cuda_autocast_is_bf16() -> i32;
+    fn adamcu_cuda_autocast_enter(enabled: i32) -> i32;
+    fn adamcu_cuda_autocast_exit(previous: i32);
+    fn adamcu_cuda_autocast_is_enabled() -> i32;
     fn adamcu_cuda_peak_bytes(device: i32) -> i64;
     fn adamcu_cuda_reset_peak(device: i32);
     fn adamcu_cuda_set_sync_debug(level: i32) -> i32;
@@ -106,6 +109,29 @@ pub fn labels_on(labels: &tch::Tensor, device: tch::Device) -> tch::Tensor {
 pub fn set_cuda_autocast_bf16(enable: bool) {
     // SAFETY: sets a process-global libtorch setting; no pointers cross the boundary.
     unsafe { adamcu_set_cuda_autocast_bf16(enable as i32) }
+}
+
+/// Runs `f` under CUDA autocast (in the dtype `set_cuda_autocast_bf16` chose). tch's
+/// `autocast` uses libtorch's deprecated calls, which log a warning each time: several per
+/// training step.
+pub fn cuda_autocast<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: sets and restores process-global libtorch settings around `f`.
+    let previous = unsafe { adamcu_cuda_autocast_enter(1) };
+    struct Restore(i32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: as above; runs even if `f` panics.
+            unsafe { adamcu_cuda_autocast_exit(self.0) }
+        }
+    }
+    let _restore = Restore(previous);
+    f()
+}
+
+/// Whether the calling thread is inside a CUDA autocast region.
+pub fn cuda_autocast_is_enabled() -> bool {
+    // SAFETY: reads a libtorch setting.
+    unsafe { adamcu_cuda_autocast_is_enabled() != 0 }
 }
 
 pub fn cuda_autocast_is_bf16() -> bool {

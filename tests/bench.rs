@@ -29,6 +29,20 @@ fn the_shim_switches_cuda_autocast_to_bf16_and_back() {
 }
 
 #[test]
+fn the_cuda_autocast_region_nests_and_is_restored_even_after_a_panic() {
+    use adamcu::torch_ext::{cuda_autocast, cuda_autocast_is_enabled};
+    assert!(!cuda_autocast_is_enabled());
+    cuda_autocast(|| {
+        assert!(cuda_autocast_is_enabled());
+        cuda_autocast(|| assert!(cuda_autocast_is_enabled()));
+        assert!(cuda_autocast_is_enabled(), "the inner region restores the outer one");
+    });
+    assert!(!cuda_autocast_is_enabled());
+    let _ = std::panic::catch_unwind(|| cuda_autocast(|| panic!("inside")));
+    assert!(!cuda_autocast_is_enabled(), "restored after a panic");
+}
+
+#[test]
 fn channels_last_keeps_values_and_changes_strides() {
     let t = tch::Tensor::arange(2 * 3 * 4 * 5, (tch::Kind::Float, tch::Device::Cpu)).view([2, 3, 4, 5]);
     let cl = adamcu::train::channels_last(&t);

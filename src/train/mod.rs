@@ -106,10 +106,10 @@ impl Trainer {
     pub fn forward(&self, images: &Tensor, train: bool) -> crate::model::SegOutput {
         let images = if self.config.train.channels_last { channels_last(images) } else { images.shallow_clone() };
         let bf16 = self.config.train.precision == "bf16" && self.device.is_cuda();
-        let out = tch::autocast(bf16, || self.model.forward_t(&images, train));
         if !bf16 {
-            return out;
+            return self.model.forward_t(&images, train);
         }
+        let out = crate::torch_ext::cuda_autocast(|| self.model.forward_t(&images, train));
         let f = |t: Tensor| t.to_kind(tch::Kind::Float);
         crate::model::SegOutput { main: f(out.main), aux: f(out.aux), embedding: f(out.embedding) }
     }
