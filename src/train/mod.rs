@@ -86,6 +86,11 @@ impl Trainer {
             trainer.to_channels_last();
         }
         crate::torch_ext::set_cuda_autocast_bf16(config.train.precision == "bf16");
+        if device.is_cuda() {
+            // Crops have fixed sizes: let cuDNN time its algorithms once per shape and keep
+            // the fastest (torch.backends.cudnn.benchmark, as the reference sets it).
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
         Ok(trainer)
     }
 
