@@ -2,8 +2,8 @@
 // - an rpath to libtorch's lib folder so the binary runs without LD_LIBRARY_PATH;
 // - libtorch_cuda linked with --no-as-needed: nothing references it by symbol, so the linker
 //   would drop it and tch would then report no CUDA device even on a GPU machine;
-// - csrc/torch_shim.cpp, the few libtorch calls tch does not expose (bf16 autocast, CUDA
-//   memory peak), compiled against the same headers.
+// - csrc/torch_shim.cpp, the few libtorch calls tch does not expose or reaches only through
+//   deprecated ones (listed at its top), compiled against the same headers.
 use std::path::{Path, PathBuf};
 
 fn main() {

@@ -71,6 +71,12 @@ extern "C" int adamcu_cuda_set_sync_debug(int level) {
 #endif
 }
 
+// Copies an exception's message into a caller's buffer (NUL-terminated, truncated to fit).
+static void report(const std::exception& e, char* error, int error_len) {
+  std::strncpy(error, e.what(), error_len - 1);
+  error[error_len - 1] = 0;
+}
+
 // Handles in tch are `at::Tensor*` (torch-sys's torch_api.h).
 static std::vector<at::Tensor> tensors(at::Tensor** handles, int n) {
   std::vector<at::Tensor> out;
@@ -101,8 +107,7 @@ extern "C" int adamcu_sgd_foreach(at::Tensor** params, at::Tensor** buffers, int
     }
     return 0;
   } catch (const std::exception& e) {
-    std::strncpy(error, e.what(), error_len - 1);
-    error[error_len - 1] = 0;
+    report(e, error, error_len);
     return 1;
   }
 }
@@ -119,8 +124,7 @@ extern "C" at::Tensor* adamcu_pin_memory(at::Tensor* tensor, char* error, int er
   try {
     return new at::Tensor(tensor->pin_memory());
   } catch (const std::exception& e) {
-    std::strncpy(error, e.what(), error_len - 1);
-    error[error_len - 1] = 0;
+    report(e, error, error_len);
     return nullptr;
   }
 }

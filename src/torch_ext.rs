@@ -16,19 +16,26 @@ extern "C" {
         -> *mut torch_sys::C_tensor;
 }
 
+/// Calls a shim function that may fail, giving it a buffer for libtorch's error message.
+fn with_error_buffer<T>(call: impl FnOnce(*mut std::ffi::c_char, i32) -> Option<T>) -> Result<T, String> {
+    let mut error = [0 as std::ffi::c_char; 512];
+    // The shim writes a NUL-terminated message of at most `error.len()` bytes before failing.
+    call(error.as_mut_ptr(), error.len() as i32)
+        // SAFETY: the buffer holds a NUL-terminated string (zeroed, or written by the shim).
+        .ok_or_else(|| unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) }.to_string_lossy().into_owned())
+}
+
 /// A page-locked copy of a CPU tensor (CUDA only), so that copies to the device can be
 /// queued without the host waiting. tch's `pin_memory(device)` passes a device argument that
 /// libtorch deprecates with a warning on every call: a daemon's log would fill with them.
 pub fn pinned(tensor: &tch::Tensor) -> tch::Tensor {
-    let mut error = [0 as std::ffi::c_char; 512];
-    // SAFETY: the handle points to a live tensor; the shim returns a new owned handle (or
-    // null after writing a NUL-terminated message of at most `error.len()` bytes).
-    let handle = unsafe { adamcu_pin_memory(tensor.as_ptr(), error.as_mut_ptr(), error.len() as i32) };
-    assert!(!handle.is_null(), "cannot page-lock a tensor: {}",
-        // SAFETY: as above.
-        unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) }.to_string_lossy());
-    // SAFETY: a fresh handle from the shim, owned by the returned tensor.
-    unsafe { tch::Tensor::from_ptr(handle) }
+    with_error_buffer(|error, len| {
+        // SAFETY: the handle points to a live tensor; the shim returns a new owned handle, or
+        // null after writing its message.
+        let handle = unsafe { adamcu_pin_memory(tensor.as_ptr(), error, len) };
+        // SAFETY: a fresh handle from the shim, owned by the returned tensor.
+        (!handle.is_null()).then(|| unsafe { tch::Tensor::from_ptr(handle) })
+    }).unwrap_or_else(|e| panic!("cannot page-lock a tensor: {e}"))
 }
 
 fn handles(tensors: &[&tch::Tensor]) -> Vec<*mut torch_sys::C_tensor> {
@@ -42,18 +49,14 @@ pub fn sgd_foreach(params: &[&tch::Tensor], buffers: &[&tch::Tensor], lr: f64, m
     -> Result<(), String> {
     assert_eq!(params.len(), buffers.len(), "one momentum buffer per parameter");
     let (p, b) = (handles(params), handles(buffers));
-    let mut error = [0 as std::ffi::c_char; 512];
-    // SAFETY: the handles point to live tensors for the duration of the call; the shim
-    // copies them into at::Tensor values and writes at most `error.len()` bytes of message.
-    let failed = unsafe {
-        adamcu_sgd_foreach(p.as_ptr(), b.as_ptr(), p.len() as i32, lr, momentum, weight_decay, error.as_mut_ptr(),
-            error.len() as i32)
-    };
-    if failed == 0 {
-        return Ok(());
-    }
-    // SAFETY: the shim wrote a NUL-terminated message.
-    Err(unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) }.to_string_lossy().into_owned())
+    with_error_buffer(|error, len| {
+        // SAFETY: the handles point to live tensors for the duration of the call; the shim
+        // copies them into at::Tensor values and writes its message on failure.
+        let failed = unsafe {
+            adamcu_sgd_foreach(p.as_ptr(), b.as_ptr(), p.len() as i32, lr, momentum, weight_decay, error, len)
+        };
+        (failed == 0).then_some(())
+    })
 }
 
 /// Sets the gradients of `params` to none (as `zero_grad(set_to_none=True)`).
