@@ -100,8 +100,8 @@ fn category_centers_are_normalised_class_means() {
     let classes = Tensor::from_slice(&[0i64, 0, 2, 1]).view([1, 4]);
     let mask = Tensor::from_slice(&[true, true, true, false]).view([1, 4]);
     let c = class_centers(&emb, &classes, &mask, 4);
-    assert_eq!(Vec::<bool>::try_from(c.present.flatten(0, -1)).unwrap(), [true, false, true, false]);
-    let v: Vec<f32> = Vec::try_from(c.centers.flatten(0, -1)).unwrap();
+    assert_eq!(Vec::<bool>::try_from(c.valid.flatten(0, -1)).unwrap(), [true, false, true, false]);
+    let v: Vec<f32> = Vec::try_from(c.embeddings.flatten(0, -1)).unwrap();
     let r = 0.5f32.sqrt();
     assert!((v[0] - r).abs() < 1e-6 && (v[1] - r).abs() < 1e-6, "{v:?}");
     assert!(v[4].abs() < 1e-6 && (v[5] + 1.0).abs() < 1e-6, "{v:?}");

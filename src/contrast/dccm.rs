@@ -44,6 +44,6 @@ impl Dccm {
         let rows = self.w.index_select(0, &u.clamp(0, c - 1).flatten(0, -1)).view([units, na, c]);
         let w = rows.gather(2, &v.clamp(0, c - 1).unsqueeze(1).expand([units, na, nk], false), false);
         let inside = u.lt(c).unsqueeze(2).logical_and(&v.lt(c).unsqueeze(1));
-        w.where_self(&inside, &Tensor::zeros_like(&w)) + 1.0
+        w.where_scalarother(&inside, 0.0) + 1.0
     }
 }

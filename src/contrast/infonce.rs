@@ -29,13 +29,12 @@ pub fn info_nce_units(anchors: &Points, keys: &Points, temperature: f64, weights
     let same = anchors.classes.unsqueeze(2).eq_tensor(&keys.classes.unsqueeze(1));
     let positive = same.logical_and(&pair_valid);
     let negative = same.logical_not().logical_and(&pair_valid);
-    let masked = Tensor::full([1], MASKED, (Kind::Float, logits.device()));
-    let negative_lse = logits.where_self(&negative, &masked).logsumexp([2i64].as_slice(), true);
+    let negative_lse = logits.where_scalarother(&negative, MASKED).logsumexp([2i64].as_slice(), true);
     // log(e^s / (e^s + sum_N e^n)) = s - logaddexp(s, logsumexp_N)
     let log_prob = &logits - logits.logaddexp(&negative_lse);
     let positives = positive.sum_dim_intlist([2i64].as_slice(), false, Kind::Float);
     let usable = positives.gt(0.0).logical_and(&negative.any_dim(2, false));
-    let per_anchor = -log_prob.where_self(&positive, &Tensor::zeros_like(&log_prob))
+    let per_anchor = -log_prob.where_scalarother(&positive, 0.0)
         .sum_dim_intlist([2i64].as_slice(), false, Kind::Float) / positives.clamp_min(1.0);
     let usable_f = usable.to_kind(Kind::Float);
     let per_unit = (per_anchor * &usable_f).sum_dim_intlist([1i64].as_slice(), false, Kind::Float)

@@ -30,11 +30,31 @@ pub struct DomainBatch {
     pub center_classes: Tensor,
 }
 
-/// Fixed-size samples of one domain's images: embeddings [B, N, D], classes and validity [B, N].
-struct Sample {
-    embeddings: Tensor,
-    classes: Tensor,
-    valid: Tensor,
+/// Fixed-size points of a batch of images (or units): embeddings [B, N, D], classes [B, N]
+/// and which are real [B, N]. Pixel samples and class centers alike.
+pub struct Sample {
+    pub embeddings: Tensor,
+    pub classes: Tensor,
+    pub valid: Tensor,
+}
+
+impl Sample {
+    /// The points of `self`'s images followed by those of `other`'s.
+    fn cat(&self, other: &Sample) -> Sample {
+        let cat = |a: &Tensor, b: &Tensor| Tensor::cat(&[a, b], 0);
+        Sample { embeddings: cat(&self.embeddings, &other.embeddings), classes: cat(&self.classes, &other.classes),
+            valid: cat(&self.valid, &other.valid) }
+    }
+
+    /// The points of the images at `index` ([U]), one row per unit.
+    fn select(&self, index: &Tensor) -> Sample {
+        Sample { embeddings: self.embeddings.index_select(0, index), classes: self.classes.index_select(0, index),
+            valid: self.valid.index_select(0, index) }
+    }
+
+    fn points(&self) -> Points<'_> {
+        Points { embeddings: &self.embeddings, classes: &self.classes, valid: &self.valid }
+    }
 }
 
 /// Up to `max` pixels per image drawn uniformly from `mask` [B, P] (random keys + top-k).
@@ -50,8 +70,8 @@ fn sample(emb: &Tensor, classes: &Tensor, mask: &Tensor, max: usize) -> Sample {
 }
 
 /// Per-class normalised means of `emb` [B, P, D] over `mask` [B, P] by `classes`:
-/// centers [B, C, D], their classes [B, C] (0..C) and presence [B, C].
-pub fn class_centers(emb: &Tensor, classes: &Tensor, mask: &Tensor, n_classes: i64) -> Sample3 {
+/// centers [B, C, D], their classes [B, C] (0..C) and which classes are present [B, C].
+pub fn class_centers(emb: &Tensor, classes: &Tensor, mask: &Tensor, n_classes: i64) -> Sample {
     let (b, d) = (emb.size()[0], emb.size()[2]);
     // Pixels outside the mask go to an extra row C that is dropped.
     let index = classes.clamp(0, n_classes - 1).where_scalarother(mask, n_classes);
@@ -62,25 +82,18 @@ pub fn class_centers(emb: &Tensor, classes: &Tensor, mask: &Tensor, n_classes: i
         .scatter_add(1, &index, &Tensor::ones(index.size(), (Kind::Float, emb.device())))
         .narrow(1, 0, n_classes);
     let norm = sums.norm_scalaropt_dim(2.0, [2i64].as_slice(), true).clamp_min(1e-12);
-    Sample3 {
-        centers: sums / norm,
+    Sample {
+        embeddings: sums / norm,
         classes: Tensor::arange(n_classes, (Kind::Int64, emb.device())).unsqueeze(0).expand([b, -1], false),
-        present: counts.gt(0.0),
+        valid: counts.gt(0.0),
     }
-}
-
-/// Category centers of a batch of images.
-pub struct Sample3 {
-    pub centers: Tensor,
-    pub classes: Tensor,
-    pub present: Tensor,
 }
 
 struct DomainViews {
     anchors: Sample,
     keys: Sample,
-    anchor_centers: Sample3,
-    category_centers: Sample3,
+    anchor_centers: Sample,
+    category_centers: Sample,
 }
 
 fn views(batch: &DomainBatch, config: &ContrastConfig, classes: i64) -> DomainViews {
@@ -132,7 +145,6 @@ pub fn contrastive_losses(source: &DomainBatch, target: &DomainBatch, config: &C
     dccm: Option<&Dccm>, classes: i64) -> ContrastLosses {
     let (s, t) = (views(source, config, classes), views(target, config, classes));
     let (ns, nt) = (source.embedding.size()[0] as usize, target.embedding.size()[0] as usize);
-    let cat = |a: &Tensor, b: &Tensor| Tensor::cat(&[a, b], 0);
     // Every unit of every level, as index tensors into the concatenated images.
     let pairs: Vec<(i64, i64, i64)> = config.levels.iter().enumerate()
         .flat_map(|(l, level)| unit_pairs(level, ns, nt).into_iter().map(move |(a, k)| (a as i64, k as i64, l as i64)))
@@ -144,25 +156,14 @@ pub fn contrastive_losses(source: &DomainBatch, target: &DomainBatch, config: &C
     let column = |f: fn(&(i64, i64, i64)) -> i64| crate::torch_ext::upload(&Tensor::from_slice(&pairs.iter().map(f).collect::<Vec<_>>()), device);
     let (a_idx, k_idx, level) = (column(|p| p.0), column(|p| p.1), column(|p| p.2));
     let levels = config.levels.len() as i64;
-    let weights = |ac: &Tensor, kc: &Tensor| dccm.map(|d| d.weights_batched(ac, kc));
-    let unit_loss = |anchors: (Tensor, Tensor, Tensor), keys: (Tensor, Tensor, Tensor)| {
-        let (ae, ac, av) = (anchors.0.index_select(0, &a_idx), anchors.1.index_select(0, &a_idx), anchors.2.index_select(0, &a_idx));
-        let (ke, kc, kv) = (keys.0.index_select(0, &k_idx), keys.1.index_select(0, &k_idx), keys.2.index_select(0, &k_idx));
-        let w = weights(&ac, &kc);
-        let (per_unit, usable) = info_nce_units(&Points { embeddings: &ae, classes: &ac, valid: &av },
-            &Points { embeddings: &ke, classes: &kc, valid: &kv }, config.temperature, w.as_ref());
+    let unit_loss = |anchors: Sample, keys: Sample| {
+        let (anchors, keys) = (anchors.select(&a_idx), keys.select(&k_idx));
+        let w = dccm.map(|d| d.weights_batched(&anchors.classes, &keys.classes));
+        let (per_unit, usable) = info_nce_units(&anchors.points(), &keys.points(), config.temperature, w.as_ref());
         sum_of_level_means(&per_unit, &usable, &level, levels)
     };
-    let p2p = config.p2p.then(|| unit_loss(
-        (cat(&s.anchors.embeddings, &t.anchors.embeddings), cat(&s.anchors.classes, &t.anchors.classes),
-         cat(&s.anchors.valid, &t.anchors.valid)),
-        (cat(&s.keys.embeddings, &t.keys.embeddings), cat(&s.keys.classes, &t.keys.classes),
-         cat(&s.keys.valid, &t.keys.valid))));
-    let c2c = config.c2c.then(|| unit_loss(
-        (cat(&s.anchor_centers.centers, &t.anchor_centers.centers), cat(&s.anchor_centers.classes, &t.anchor_centers.classes),
-         cat(&s.anchor_centers.present, &t.anchor_centers.present)),
-        (cat(&s.category_centers.centers, &t.category_centers.centers),
-         cat(&s.category_centers.classes, &t.category_centers.classes),
-         cat(&s.category_centers.present, &t.category_centers.present))));
+    let p2p = config.p2p.then(|| unit_loss(s.anchors.cat(&t.anchors), s.keys.cat(&t.keys)));
+    let c2c = config.c2c.then(|| unit_loss(s.anchor_centers.cat(&t.anchor_centers),
+        s.category_centers.cat(&t.category_centers)));
     ContrastLosses { p2p, c2c }
 }
