@@ -31,7 +31,7 @@ fn images_per_second(source: &SampleSource, augmenter: &mut Augmenter, normalise
         if normalise {
             let g = sample.geometry;
             let _ = std::hint::black_box(normaliser.bytes_to_input(&sample.image, 1, g.crop_height as i64, g.crop_width as i64));
-            let _ = std::hint::black_box(tch::Tensor::from_slice(&sample.label).to_kind(tch::Kind::Int64));
+            let _ = std::hint::black_box(crate::torch_ext::labels_on(&tch::Tensor::from_slice(&sample.label), tch::Device::Cpu));
         }
         std::hint::black_box(sample);
     }

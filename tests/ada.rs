@@ -287,14 +287,19 @@ fn the_device_draws_a_uniform_subset_of_the_candidates() {
     let sampler = Sampler::new(&active(Schedule::Sequential, true, 0.05), None);
     let scores = Tensor::full([1, 10, 20], 0.95, (Kind::Float, Device::Cpu));
     let crop = [CropPixels::of(0, &Geometry::identity(20, 10))];
-    let mut counts = [0u32; 200];
-    for _ in 0..2000 {
-        let labelled = bools(&sampler.select(&scores, &crop, &ledger).labelled);
-        assert_eq!(labelled.iter().filter(|&&l| l).count(), 10);
-        for (c, &l) in counts.iter_mut().zip(&labelled) {
-            *c += l as u32;
+    // How often each pixel is labelled over 2000 draws (the ledger unchanged: none settled).
+    let counts_over_draws = |scores: &Tensor, per_draw: usize| {
+        let mut counts = [0u32; 200];
+        for _ in 0..2000 {
+            let labelled = bools(&sampler.select(scores, &crop, &ledger).labelled);
+            assert_eq!(labelled.iter().filter(|&&l| l).count(), per_draw);
+            for (c, &l) in counts.iter_mut().zip(&labelled) {
+                *c += l as u32;
+            }
         }
-    }
+        counts
+    };
+    let counts = counts_over_draws(&scores, 10);
     // 100 expected per pixel (binomial sd ~9.7): every pixel within 4 sd, and no drift by position.
     assert!(counts.iter().all(|&c| (60..=140).contains(&c)), "{counts:?}");
     let (first, second): (u32, u32) = (counts[..100].iter().sum(), counts[100..].iter().sum());
@@ -304,14 +309,7 @@ fn the_device_draws_a_uniform_subset_of_the_candidates() {
     let high: Vec<usize> = (0..12).map(|i| i * 16 + 3).collect();
     let mut values = vec![0.5f32; 200];
     high.iter().for_each(|&i| values[i] = 0.95);
-    let scores = Tensor::from_slice(&values).view([1, 10, 20]);
-    let mut counts = [0u32; 200];
-    for _ in 0..2000 {
-        let labelled = bools(&sampler.select(&scores, &crop, &ledger).labelled);
-        for (c, &l) in counts.iter_mut().zip(&labelled) {
-            *c += l as u32;
-        }
-    }
+    let counts = counts_over_draws(&Tensor::from_slice(&values).view([1, 10, 20]), 6);
     assert!(high.iter().all(|&i| (910..=1090).contains(&counts[i])), "{:?}", high.iter().map(|&i| counts[i]).collect::<Vec<_>>());
     assert_eq!(counts.iter().sum::<u32>(), 6 * 2000, "only G_h pixels, 6 per draw");
 }
