@@ -144,6 +144,10 @@ fn time_step(base: &crate::config::Config, variant: &str, bf16_channels_last: bo
     use tch::{Kind, Tensor};
     let mut config = crate::ablation::apply(base, if variant == "seg" { "al-w-as" } else { "full" })?;
     config.model.pretrained = None;
+    // As the reference (a torchvision ResNet in training mode, affine frozen): BatchNorm on the
+    // batch's statistics. The stored ones of an untrained ResNet-101 make it diverge at once,
+    // and the step of a diverged network (NaN scores, empty groups) is not a real step.
+    config.model.bn_stats = "batch".into();
     config.train.precision = if bf16_channels_last { "bf16".into() } else { "fp32".into() };
     config.train.channels_last = bf16_channels_last;
     let trainer = crate::train::Trainer::new(&config)?;
@@ -187,7 +191,10 @@ fn time_step(base: &crate::config::Config, variant: &str, bf16_channels_last: bo
             }
         }
         let out = queued.map_err(|e| anyhow::anyhow!("training step failed: {}", panic_message(e.as_ref())))?;
-        trainer.ada_settle(&mut state, &out);
+        let (losses, _) = trainer.ada_settle(&mut state, &out);
+        if !losses.total.is_finite() {
+            bail!("the {variant} step diverged at iteration {it} (loss {}): its timings would not be a real step's", losses.total);
+        }
         sync();
         if it >= o.warmup {
             times.push(started.elapsed().as_secs_f64() * 1e3);
@@ -231,7 +238,7 @@ fn reference_step(o: &StepBenchOptions, variant: &str, bf16_channels_last: bool,
 pub fn step(o: &StepBenchOptions) -> Result<()> {
     let device = crate::config::parse_device(&o.config.run.device).expect("validated").resolve();
     println!("step benchmark on {device:?} ({}): {} {} {}, source {b}x{}x{}, target {b}x{}x{}; median of {} \
-        iterations after {} warm-up; random weights and data", crate::doctor::LIBTORCH_VERSION, o.config.model.arch,
+        iterations after {} warm-up; random weights and data, BatchNorm on batch statistics as the reference", crate::doctor::LIBTORCH_VERSION, o.config.model.arch,
         o.config.model.backbone, if o.config.contrast.enabled { "ADA-MCU" } else { "" }, o.source_size.0, o.source_size.1,
         o.target_size.0, o.target_size.1, o.iterations, o.warmup, b = o.batch);
     println!("{:<6} {:<10} {:>10} {:>10} {:>10} | {:>14} {:>10}", "step", "precision", "ms/iter", "images/s", "peak GiB",

@@ -20,6 +20,20 @@ fn the_step_benchmark_runs_every_variant_on_the_cpu() {
 }
 
 #[test]
+fn the_step_benchmark_of_the_papers_network_runs_a_real_step() {
+    // Random weights: on the stored BatchNorm statistics of an untrained ResNet-101 (the paper
+    // config's "frozen") the loss is NaN from the second step, and the bench refuses to time
+    // a diverged step. It uses batch statistics, as the reference does.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_adamcu"))
+        .args(["bench", "step", "--config", "pipelines/gta5-cityscapes.toml", "--source-size", "32x64",
+            "--target-size", "32x64", "--iterations", "2", "--warmup", "1"])
+        .output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("BatchNorm on batch statistics as the reference"), "{stdout}");
+}
+
+#[test]
 fn the_shim_switches_cuda_autocast_to_bf16_and_back() {
     adamcu::torch_ext::set_cuda_autocast_bf16(true);
     assert!(adamcu::torch_ext::cuda_autocast_is_bf16());

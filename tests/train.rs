@@ -168,3 +168,22 @@ fn predicted_masks_scored_as_a_folder_match_the_checkpoint_evaluation() {
         }
     }
 }
+
+#[test]
+fn resnet101_on_untrained_frozen_statistics_diverges_and_the_error_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::synthetic_config(dir.path(), (64, 32), (4, 4, 2));
+    config.model.backbone = "resnet101".into();
+    config.model.bn_stats = "frozen".into();
+    config.model.pretrained = None;
+    config.train.lr = 2.5e-4; // the paper's
+    (config.train.batch_source, config.run.threads) = (2, 2);
+    let mut trainer = Trainer::new(&config).unwrap();
+    let error = trainer.train_supervised(SupervisedStage::Source, 6).unwrap_err().to_string();
+    assert!(error.starts_with("source stage: loss is "), "{error}");
+    assert!(error.contains("model.bn_stats = \"frozen\" without model.pretrained"), "{error}");
+    // The remedy the message gives: the same network on batch statistics trains.
+    config.model.bn_stats = "batch".into();
+    let losses = Trainer::new(&config).unwrap().train_supervised(SupervisedStage::Source, 6).unwrap();
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+}

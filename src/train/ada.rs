@@ -281,7 +281,8 @@ impl AdaRun {
         telemetry::channel("source_batches", self.source.batches.len(), c.data.channel_capacity);
         telemetry::channel("target_batches", self.target.batches.len(), c.data.channel_capacity);
         // After the metrics, so that a NaN shows on the dashboard (and fires its alert).
-        anyhow::ensure!(self.last.total.is_finite(), "ada-mcu: loss is {} at step {}", self.last.total, self.step - 1);
+        anyhow::ensure!(self.last.total.is_finite(), "ada-mcu: loss is {} at step {}{}", self.last.total, self.step - 1,
+            trainer.divergence_hint());
         let t = self.state.sampler.thresholds;
         telemetry::groups(settled.groups[0], settled.groups[1], settled.groups[2], t.pi_high, t.pi_low);
         telemetry::budget(self.state.ledger.spent(), self.state.ledger.budget());

@@ -119,6 +119,21 @@ impl Trainer {
         crate::model::SegOutput { main: f(out.main), aux: f(out.aux), embedding: f(out.embedding) }
     }
 
+    /// Why a loss may have diverged, when the config makes it likely: BatchNorm on stored
+    /// statistics ("frozen", right for ImageNet weights) without pretrained weights keeps those
+    /// of an untrained network (mean 0, variance 1), and a deep ResNet's activations then grow
+    /// block after block until the loss overflows (seen: ResNet-101, NaN by the second step).
+    pub fn divergence_hint(&self) -> &'static str {
+        let m = &self.config.model;
+        if m.bn_stats == "frozen" && m.pretrained.is_none() {
+            " (model.bn_stats = \"frozen\" without model.pretrained keeps an untrained network's BatchNorm \
+            statistics, on which deep backbones diverge: set model.pretrained, or model.bn_stats = \"batch\" \
+            to train from scratch)"
+        } else {
+            ""
+        }
+    }
+
     pub fn optimizer(&self) -> Sgd {
         let t = &self.config.train;
         Sgd::new(&self.vs, t.momentum, t.weight_decay, t.head_lr_mult)
@@ -151,7 +166,8 @@ impl Trainer {
             let lr = poly_lr(c.train.lr, step as u64, iterations as u64, c.train.poly_power);
             optimizer.update(lr);
             let value = loss.double_value(&[]);
-            anyhow::ensure!(value.is_finite(), "{} stage: loss is {value} at step {step}", stage.name());
+            anyhow::ensure!(value.is_finite(), "{} stage: loss is {value} at step {step}{}", stage.name(),
+                self.divergence_hint());
             losses.push(value);
             progress.step(value, lr);
         }
