@@ -187,3 +187,13 @@ fn resnet101_on_untrained_frozen_statistics_diverges_and_the_error_says_why() {
     let losses = Trainer::new(&config).unwrap().train_supervised(SupervisedStage::Source, 6).unwrap();
     assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
 }
+
+#[test]
+fn a_missing_imagenet_file_is_reported_with_its_key_and_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::synthetic_config(dir.path(), (64, 32), (2, 2, 1));
+    config.model.pretrained = Some(dir.path().join("resnet-imagenet.safetensors"));
+    let error = format!("{:#}", Trainer::new(&config).err().expect("no weights file"));
+    assert!(error.starts_with("model.pretrained = ") && error.contains("resnet-imagenet.safetensors")
+        && error.contains("No such file"), "{error}");
+}

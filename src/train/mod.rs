@@ -77,7 +77,9 @@ impl Trainer {
         let mut vs = VarStore::new(device);
         let model = SegNet::new(&vs.root(), &config.model, config.data.classes)?;
         if let Some(path) = &config.model.pretrained {
-            let n = crate::model::weights::load_torchvision_backbone(&mut vs, path)?;
+            let n = crate::model::weights::load_torchvision_backbone(&mut vs, path).with_context(|| format!(
+                "model.pretrained = {:?}: the ImageNet backbone (a torchvision ResNet exported to safetensors, \
+                src/model/weights.rs shows how)", path.display().to_string()))?;
             tracing::info!("loaded {n} ImageNet tensors from {}", path.display());
         }
         let normaliser = Normaliser::new(&config.augment, device);
