@@ -3,7 +3,7 @@
 // - the CUDA caching allocator's peak, for the step benchmark's memory figure;
 // - libtorch's synchronisation check (torch.cuda.set_sync_debug_mode), for the same benchmark;
 // - page-locking without tch's device argument, which libtorch deprecates with a warning on
-//   every call;
+//   every call, and page-locked allocation (tch has no pinned_memory option);
 // - the SGD step as multi-tensor (foreach) kernels and gradients cleared to none, as
 //   torch.optim.SGD does on CUDA: a few launches per step instead of several per parameter.
 #include <ATen/ATen.h>
@@ -116,6 +116,19 @@ extern "C" int adamcu_sgd_foreach(at::Tensor** params, at::Tensor** buffers, int
 // into zero-filled tensors, one memset kernel per parameter fewer.
 extern "C" void adamcu_clear_grads(at::Tensor** params, int n) {
   for (int i = 0; i < n; ++i) params[i]->mutable_grad().reset();
+}
+
+// A new, uninitialised, page-locked CPU tensor of `sizes` with the dtype of `like`, or nullptr
+// with `error` filled: the loader collates a batch straight into it.
+extern "C" at::Tensor* adamcu_empty_pinned(const int64_t* sizes, int ndim, at::Tensor* like, char* error,
+                                           int error_len) {
+  try {
+    auto options = at::TensorOptions().dtype(like->scalar_type()).pinned_memory(true);
+    return new at::Tensor(at::empty(at::IntArrayRef(sizes, ndim), options));
+  } catch (const std::exception& e) {
+    report(e, error, error_len);
+    return nullptr;
+  }
 }
 
 // A page-locked copy of a CPU tensor for fast, asynchronous copies to the accelerator, or

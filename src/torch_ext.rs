@@ -14,6 +14,8 @@ extern "C" {
     fn adamcu_clear_grads(params: *const *mut torch_sys::C_tensor, n: i32);
     fn adamcu_pin_memory(tensor: *const torch_sys::C_tensor, error: *mut std::ffi::c_char, error_len: i32)
         -> *mut torch_sys::C_tensor;
+    fn adamcu_empty_pinned(sizes: *const i64, ndim: i32, like: *const torch_sys::C_tensor, error: *mut std::ffi::c_char,
+        error_len: i32) -> *mut torch_sys::C_tensor;
 }
 
 /// Calls a shim function that may fail, giving it a buffer for libtorch's error message.
@@ -33,6 +35,21 @@ pub fn pinned(tensor: &tch::Tensor) -> tch::Tensor {
         // SAFETY: the handle points to a live tensor; the shim returns a new owned handle, or
         // null after writing its message.
         let handle = unsafe { adamcu_pin_memory(tensor.as_ptr(), error, len) };
+        // SAFETY: a fresh handle from the shim, owned by the returned tensor.
+        (!handle.is_null()).then(|| unsafe { tch::Tensor::from_ptr(handle) })
+    }).unwrap_or_else(|e| panic!("cannot page-lock a tensor: {e}"))
+}
+
+/// A new, uninitialised, page-locked CPU tensor (for asynchronous copies to the accelerator
+/// without first copying into it). Panics with libtorch's reason where memory cannot be
+/// page-locked (no CUDA).
+pub fn empty_pinned(size: &[i64], kind: tch::Kind) -> tch::Tensor {
+    // Carries the dtype across (tch does not expose its dtype codes).
+    let like = tch::Tensor::empty([0], (kind, tch::Device::Cpu));
+    with_error_buffer(|error, len| {
+        // SAFETY: `size` and `like` outlive the call; the shim returns a new owned handle, or
+        // null after writing its message.
+        let handle = unsafe { adamcu_empty_pinned(size.as_ptr(), size.len() as i32, like.as_ptr(), error, len) };
         // SAFETY: a fresh handle from the shim, owned by the returned tensor.
         (!handle.is_null()).then(|| unsafe { tch::Tensor::from_ptr(handle) })
     }).unwrap_or_else(|e| panic!("cannot page-lock a tensor: {e}"))

@@ -76,4 +76,15 @@ fn pinning_goes_through_the_shim_and_says_why_when_it_cannot() {
         let message = e.downcast_ref::<String>().cloned().unwrap_or_default();
         assert!(message.starts_with("cannot page-lock a tensor: "), "{message}");
     }
+    // A page-locked allocation (the loader collates CUDA batches into one).
+    let allocate = || adamcu::torch_ext::empty_pinned(&[2, 3, 4], tch::Kind::Uint8);
+    if tch::Cuda::is_available() {
+        let p = allocate();
+        assert!(p.is_pinned(tch::Device::Cuda(0)));
+        assert_eq!((p.size(), p.kind(), p.device()), (vec![2, 3, 4], tch::Kind::Uint8, tch::Device::Cpu));
+    } else {
+        let e = std::panic::catch_unwind(allocate).unwrap_err();
+        let message = e.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(message.starts_with("cannot page-lock a tensor: "), "{message}");
+    }
 }

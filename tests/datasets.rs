@@ -251,6 +251,31 @@ fn a_flipped_crop_is_the_mirror_of_the_unflipped_one_at_any_width_and_scale() {
 }
 
 #[test]
+fn each_batch_holds_its_samples_augmented_by_their_geometries_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("gta5");
+    gta5(&root, 5, 40, 20);
+    let source = Arc::new(SampleSource::open(&set(DatasetKind::Gta5, &root), 19).unwrap());
+    let augment = AugmentConfig { crop: [12, 16], scale: [0.8, 1.4], flip: true, ..AugmentConfig::default() };
+    let loader = Loader::spawn(source.clone(), &augment, LoaderOptions { domain: "source", batch_size: 3,
+        workers: 2, capacity: 2, seed: 4, on_bad_sample: OnBadSample::Stop, start_at: 0, pinned: false });
+    let mut augmenter = Augmenter::new(&augment);
+    for _ in 0..3 {
+        let batch = loader.batches.recv().unwrap().unwrap();
+        assert_eq!((batch.images.size(), batch.labels.size()), (vec![3, 12, 16, 3], vec![3, 12, 16]));
+        for (k, (&index, geometry)) in batch.sample_indices.iter().zip(&batch.geometries).enumerate() {
+            let (rgb, label) = source.load_full(index).unwrap();
+            let expected = augmenter.apply(&rgb.pixels, &label.ids, *geometry);
+            let k = k as i64;
+            assert!(Vec::<u8>::try_from(batch.images.get(k).flatten(0, -1)).unwrap() == expected.image, "image {k}");
+            assert!(Vec::<u8>::try_from(batch.labels.get(k).flatten(0, -1)).unwrap() == expected.label, "labels {k}");
+            assert_eq!(batch.ids[k as usize], source.id(index));
+        }
+    }
+    loader.stop();
+}
+
+#[test]
 fn the_loader_is_deterministic_for_a_seed_whatever_the_worker_count() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("gta5");

@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 /// A collated batch and where each of its samples came from.
 #[derive(Debug)]
@@ -165,22 +165,25 @@ fn batcher(source: &SampleSource, workers: Vec<Receiver<(usize, Result<Augmented
 fn collate(sequence: u64, source: &SampleSource, samples: Vec<(usize, Augmented)>, pinned: bool) -> Batch {
     let b = samples.len() as i64;
     let (h, w) = (samples[0].1.geometry.crop_height as i64, samples[0].1.geometry.crop_width as i64);
-    let mut images = Vec::with_capacity((b * 3 * h * w) as usize);
-    let mut labels = Vec::with_capacity((b * h * w) as usize);
+    // Allocated where the batch will be read from (page-locked for a CUDA trainer) and filled
+    // in place: one copy of each sample.
+    let new = |size: &[i64]| if pinned { crate::torch_ext::empty_pinned(size, Kind::Uint8) }
+        else { Tensor::empty(size, (Kind::Uint8, Device::Cpu)) };
+    let (images, labels) = (new(&[b, h, w, 3]), new(&[b, h, w]));
+    // SAFETY: fresh contiguous CPU u8 tensors of these many elements, not shared yet.
+    let (image_bytes, label_bytes) = unsafe { (
+        std::slice::from_raw_parts_mut(images.data_ptr() as *mut u8, (b * h * w * 3) as usize),
+        std::slice::from_raw_parts_mut(labels.data_ptr() as *mut u8, (b * h * w) as usize)) };
     let mut sample_indices = Vec::new();
     let mut ids = Vec::new();
     let mut geometries = Vec::new();
-    for (index, s) in samples {
-        images.extend_from_slice(&s.image);
-        labels.extend_from_slice(&s.label);
+    let (image_len, label_len) = ((h * w * 3) as usize, (h * w) as usize);
+    for (k, (index, s)) in samples.into_iter().enumerate() {
+        image_bytes[k * image_len..(k + 1) * image_len].copy_from_slice(&s.image);
+        label_bytes[k * label_len..(k + 1) * label_len].copy_from_slice(&s.label);
         sample_indices.push(index);
         ids.push(source.id(index).to_string());
         geometries.push(s.geometry);
-    }
-    let mut images = Tensor::from_slice(&images).view([b, h, w, 3]);
-    let mut labels = Tensor::from_slice(&labels).view([b, h, w]);
-    if pinned {
-        (images, labels) = (crate::torch_ext::pinned(&images), crate::torch_ext::pinned(&labels));
     }
     Batch { sequence, sample_indices, ids, geometries, images, labels }
 }
