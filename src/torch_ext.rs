@@ -27,17 +27,22 @@ fn with_error_buffer<T>(call: impl FnOnce(*mut std::ffi::c_char, i32) -> Option<
         .ok_or_else(|| unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) }.to_string_lossy().into_owned())
 }
 
+/// A tensor a shim call returns as a new owned handle, or null after writing its message
+/// (page-locking, the only such calls, fails without CUDA).
+fn shim_tensor(call: impl FnOnce(*mut std::ffi::c_char, i32) -> *mut torch_sys::C_tensor) -> tch::Tensor {
+    with_error_buffer(|error, len| {
+        let handle = call(error, len);
+        // SAFETY: a fresh handle from the shim, owned by the returned tensor.
+        (!handle.is_null()).then(|| unsafe { tch::Tensor::from_ptr(handle) })
+    }).unwrap_or_else(|e| panic!("cannot page-lock a tensor: {e}"))
+}
+
 /// A page-locked copy of a CPU tensor (CUDA only), so that copies to the device can be
 /// queued without the host waiting. tch's `pin_memory(device)` passes a device argument that
 /// libtorch deprecates with a warning on every call: a daemon's log would fill with them.
 pub fn pinned(tensor: &tch::Tensor) -> tch::Tensor {
-    with_error_buffer(|error, len| {
-        // SAFETY: the handle points to a live tensor; the shim returns a new owned handle, or
-        // null after writing its message.
-        let handle = unsafe { adamcu_pin_memory(tensor.as_ptr(), error, len) };
-        // SAFETY: a fresh handle from the shim, owned by the returned tensor.
-        (!handle.is_null()).then(|| unsafe { tch::Tensor::from_ptr(handle) })
-    }).unwrap_or_else(|e| panic!("cannot page-lock a tensor: {e}"))
+    // SAFETY: the handle points to a live tensor for the duration of the call.
+    shim_tensor(|error, len| unsafe { adamcu_pin_memory(tensor.as_ptr(), error, len) })
 }
 
 /// A new, uninitialised, page-locked CPU tensor (for asynchronous copies to the accelerator
@@ -46,13 +51,8 @@ pub fn pinned(tensor: &tch::Tensor) -> tch::Tensor {
 pub fn empty_pinned(size: &[i64], kind: tch::Kind) -> tch::Tensor {
     // Carries the dtype across (tch does not expose its dtype codes).
     let like = tch::Tensor::empty([0], (kind, tch::Device::Cpu));
-    with_error_buffer(|error, len| {
-        // SAFETY: `size` and `like` outlive the call; the shim returns a new owned handle, or
-        // null after writing its message.
-        let handle = unsafe { adamcu_empty_pinned(size.as_ptr(), size.len() as i32, like.as_ptr(), error, len) };
-        // SAFETY: a fresh handle from the shim, owned by the returned tensor.
-        (!handle.is_null()).then(|| unsafe { tch::Tensor::from_ptr(handle) })
-    }).unwrap_or_else(|e| panic!("cannot page-lock a tensor: {e}"))
+    // SAFETY: `size` and `like` outlive the call.
+    shim_tensor(|error, len| unsafe { adamcu_empty_pinned(size.as_ptr(), size.len() as i32, like.as_ptr(), error, len) })
 }
 
 fn handles(tensors: &[&tch::Tensor]) -> Vec<*mut torch_sys::C_tensor> {
