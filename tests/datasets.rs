@@ -18,6 +18,19 @@ fn set(kind: DatasetKind, root: &Path) -> DatasetConfig {
     DatasetConfig::at(kind, root)
 }
 
+/// Five 40x20 frames in the GTA5 layout under `dir`, opened as a sample source.
+fn five_gta5_frames(dir: &Path) -> Arc<SampleSource> {
+    let root = dir.join("gta5");
+    gta5(&root, 5, 40, 20);
+    Arc::new(SampleSource::open(&set(DatasetKind::Gta5, &root), 19).unwrap())
+}
+
+/// A loader of batches of 3 from `source` that stops at a bad sample.
+fn batches_of_three(source: &Arc<SampleSource>, augment: &AugmentConfig, workers: usize, seed: u64) -> Loader {
+    Loader::spawn(source.clone(), augment, LoaderOptions { domain: "source", batch_size: 3, workers, capacity: 2, seed,
+        on_bad_sample: OnBadSample::Stop, start_at: 0, pinned: false })
+}
+
 #[test]
 fn label_maps_match_the_published_tables() {
     // peers.md: GTA5 / Cityscapes label ids -> 19 train ids.
@@ -253,12 +266,9 @@ fn a_flipped_crop_is_the_mirror_of_the_unflipped_one_at_any_width_and_scale() {
 #[test]
 fn each_batch_holds_its_samples_augmented_by_their_geometries_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("gta5");
-    gta5(&root, 5, 40, 20);
-    let source = Arc::new(SampleSource::open(&set(DatasetKind::Gta5, &root), 19).unwrap());
+    let source = five_gta5_frames(dir.path());
     let augment = AugmentConfig { crop: [12, 16], scale: [0.8, 1.4], flip: true, ..AugmentConfig::default() };
-    let loader = Loader::spawn(source.clone(), &augment, LoaderOptions { domain: "source", batch_size: 3,
-        workers: 2, capacity: 2, seed: 4, on_bad_sample: OnBadSample::Stop, start_at: 0, pinned: false });
+    let loader = batches_of_three(&source, &augment, 2, 4);
     let mut augmenter = Augmenter::new(&augment);
     for _ in 0..3 {
         let batch = loader.batches.recv().unwrap().unwrap();
@@ -278,13 +288,10 @@ fn each_batch_holds_its_samples_augmented_by_their_geometries_in_order() {
 #[test]
 fn the_loader_is_deterministic_for_a_seed_whatever_the_worker_count() {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("gta5");
-    gta5(&root, 5, 40, 20);
-    let source = Arc::new(SampleSource::open(&set(DatasetKind::Gta5, &root), 19).unwrap());
+    let source = five_gta5_frames(dir.path());
     let augment = AugmentConfig { crop: [16, 16], ..AugmentConfig::default() };
     let run = |workers, seed| {
-        let loader = Loader::spawn(source.clone(), &augment, LoaderOptions { domain: "source", batch_size: 3,
-            workers, capacity: 2, seed, on_bad_sample: OnBadSample::Stop, start_at: 0, pinned: false });
+        let loader = batches_of_three(&source, &augment, workers, seed);
         let batches: Vec<_> = (0..4).map(|_| loader.batches.recv().unwrap().unwrap()).collect();
         loader.stop();
         batches
