@@ -23,10 +23,9 @@ pub struct LoaderBenchOptions {
 const PASSES: usize = 3;
 
 /// Images per second of one thread: the median of `PASSES` passes over every sample, the
-/// reference's own method. With `normalise`, each
-/// sample is also turned into what the network and its loss take, on the CPU, as the
-/// reference does: float input and i64 labels (what a CPU run does; on CUDA it runs on the
-/// device).
+/// reference's own method. With `normalise`, each sample is also turned into what the
+/// network and its loss take, on the CPU, as the reference does: float input and i64 labels
+/// (what a CPU run does; on CUDA it runs on the device).
 fn images_per_second(source: &SampleSource, augmenter: &mut Augmenter, normaliser: &Normaliser,
     rng: &mut rand_chacha::ChaCha8Rng, normalise: bool) -> Result<f64> {
     let mut rates = Vec::with_capacity(PASSES);
@@ -247,7 +246,8 @@ fn reference_step(o: &StepBenchOptions, variant: &str, bf16_channels_last: bool,
 pub fn step(o: &StepBenchOptions) -> Result<()> {
     let device = crate::config::parse_device(&o.config.run.device).expect("validated").resolve();
     println!("step benchmark on {device:?} ({}): {} {} {}, source {b}x{}x{}, target {b}x{}x{}; median of {} \
-        iterations after {} warm-up; random weights and data, BatchNorm on batch statistics as the reference", crate::doctor::LIBTORCH_VERSION, o.config.model.arch,
+        iterations after {} warm-up; random weights and data, BatchNorm on batch statistics as the reference",
+        crate::doctor::LIBTORCH_VERSION, o.config.model.arch,
         o.config.model.backbone, if o.config.contrast.enabled { "ADA-MCU" } else { "" }, o.source_size.0, o.source_size.1,
         o.target_size.0, o.target_size.1, o.iterations, o.warmup, b = o.batch);
     println!("{:<6} {:<10} {:>10} {:>10} {:>10} | {:>14} {:>10}", "step", "precision", "ms/iter", "images/s", "peak GiB",
