@@ -143,7 +143,7 @@ impl Sampler {
                 (quota, 0)
             } else {
                 match self.config.schedule {
-                    Schedule::Sequential if spent < half_budget => (quota, 0),
+                    Schedule::Sequential if sequential_high_phase => (quota, 0),
                     Schedule::Sequential => (0, quota),
                     Schedule::Simultaneous => ((quota + 1) / 2, quota / 2),
                 }
