@@ -83,6 +83,30 @@ pub fn clear_grads(params: &[&tch::Tensor]) {
     unsafe { adamcu_clear_grads(p.as_ptr(), p.len() as i32) }
 }
 
+/// What `cpu_data` and `cpu_data_mut` rely on to view a tensor's storage as a `[T]`.
+fn check_cpu_elements<T: tch::kind::Element>(tensor: &tch::Tensor) {
+    assert!(tensor.device() == tch::Device::Cpu && tensor.is_contiguous() && tensor.kind() == T::KIND,
+        "expected a contiguous CPU tensor of {:?}, got {:?} on {:?}", T::KIND, tensor.kind(), tensor.device());
+}
+
+/// The elements of a contiguous CPU tensor of kind `T`, to fill it in place.
+///
+/// # Safety
+/// Nothing else may read or write the tensor's storage (a shallow clone, a view) while the
+/// slice lives: for a tensor the caller has just created.
+pub unsafe fn cpu_data_mut<T: tch::kind::Element>(tensor: &mut tch::Tensor) -> &mut [T] {
+    check_cpu_elements::<T>(tensor);
+    // SAFETY: checked above: `numel` elements of `T` at `data_ptr`; exclusive by the contract.
+    unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut T, tensor.numel()) }
+}
+
+/// The elements of a contiguous CPU tensor of kind `T`.
+pub fn cpu_data<T: tch::kind::Element>(tensor: &tch::Tensor) -> &[T] {
+    check_cpu_elements::<T>(tensor);
+    // SAFETY: checked above: `numel` elements of `T` at `data_ptr`, alive while `tensor` is.
+    unsafe { std::slice::from_raw_parts(tensor.data_ptr() as *const T, tensor.numel()) }
+}
+
 /// Copies a host tensor to `device` without making the host wait: from page-locked memory
 /// (the loaders pin their batches) the copy is queued on the stream like a kernel, where
 /// tch's `to_device` would synchronise the whole device at every step. From pageable memory

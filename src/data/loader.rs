@@ -169,18 +169,17 @@ fn collate(sequence: u64, source: &SampleSource, samples: Vec<(usize, Augmented)
     // in place: one copy of each sample.
     let new = |size: &[i64]| if pinned { crate::torch_ext::empty_pinned(size, Kind::Uint8) }
         else { Tensor::empty(size, (Kind::Uint8, Device::Cpu)) };
-    let (images, labels) = (new(&[b, h, w, 3]), new(&[b, h, w]));
-    // SAFETY: fresh contiguous CPU u8 tensors of these many elements, not shared yet.
-    let (image_bytes, label_bytes) = unsafe { (
-        std::slice::from_raw_parts_mut(images.data_ptr() as *mut u8, (b * h * w * 3) as usize),
-        std::slice::from_raw_parts_mut(labels.data_ptr() as *mut u8, (b * h * w) as usize)) };
+    let (mut images, mut labels) = (new(&[b, h, w, 3]), new(&[b, h, w]));
+    // SAFETY: both tensors were just created here and are not shared yet.
+    let (image_bytes, label_bytes) = unsafe {
+        (crate::torch_ext::cpu_data_mut::<u8>(&mut images), crate::torch_ext::cpu_data_mut::<u8>(&mut labels)) };
     let mut sample_indices = Vec::new();
     let mut ids = Vec::new();
     let mut geometries = Vec::new();
-    let (image_len, label_len) = ((h * w * 3) as usize, (h * w) as usize);
-    for (k, (index, s)) in samples.into_iter().enumerate() {
-        image_bytes[k * image_len..(k + 1) * image_len].copy_from_slice(&s.image);
-        label_bytes[k * label_len..(k + 1) * label_len].copy_from_slice(&s.label);
+    let per_sample = image_bytes.chunks_exact_mut((h * w * 3) as usize).zip(label_bytes.chunks_exact_mut((h * w) as usize));
+    for ((index, s), (image, label)) in samples.into_iter().zip(per_sample) {
+        image.copy_from_slice(&s.image);
+        label.copy_from_slice(&s.label);
         sample_indices.push(index);
         ids.push(source.id(index).to_string());
         geometries.push(s.geometry);

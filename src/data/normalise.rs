@@ -39,11 +39,8 @@ impl Normaliser {
             return (images * &self.scale + &self.shift).contiguous();
         }
         let images = images.to_device(Device::Cpu).contiguous();
-        assert_eq!(images.kind(), Kind::Uint8, "loader images are bytes");
         let size = images.size();
-        // SAFETY: a contiguous CPU u8 tensor of the stated size.
-        let bytes = unsafe { std::slice::from_raw_parts(images.data_ptr() as *const u8, images.numel()) };
-        self.bytes_to_input(bytes, size[0], size[1], size[2])
+        self.bytes_to_input(crate::torch_ext::cpu_data::<u8>(&images), size[0], size[1], size[2])
     }
 
     /// `to_input` on the CPU straight from a loader's HWC bytes (`batch` images of
@@ -51,9 +48,9 @@ impl Normaliser {
     pub fn bytes_to_input(&self, bytes: &[u8], batch: i64, height: i64, width: i64) -> Tensor {
         let plane = (height * width) as usize;
         assert_eq!(bytes.len(), 3 * plane * batch as usize, "{batch} RGB images of {width}x{height}");
-        let out = Tensor::empty([batch, 3, height, width], (Kind::Float, Device::Cpu));
-        // SAFETY: `out` is a fresh contiguous CPU f32 tensor of this many elements.
-        let floats = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, bytes.len()) };
+        let mut out = Tensor::empty([batch, 3, height, width], (Kind::Float, Device::Cpu));
+        // SAFETY: `out` was just created here and is not shared yet.
+        let floats = unsafe { crate::torch_ext::cpu_data_mut::<f32>(&mut out) };
         for (image, out) in bytes.chunks_exact(3 * plane).zip(floats.chunks_exact_mut(3 * plane)) {
             hwc_bytes_to_chw_floats(image, out, self.scale_values, self.shift_values);
         }
