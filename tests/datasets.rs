@@ -264,6 +264,40 @@ fn a_flipped_crop_is_the_mirror_of_the_unflipped_one_at_any_width_and_scale() {
 }
 
 #[test]
+fn an_upscaled_crop_matches_one_fast_image_resize_call_on_its_window() {
+    // Upscaled rows go through two crate calls (horizontal pass first, on the source rows the
+    // vertical filter reaches); the result must be the crate's own one-call resample of the
+    // same window, up to the rounding of the intermediate, including windows at the edges.
+    use fast_image_resize::{images::{Image, ImageRef}, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+    let (w, h) = (203u32, 61u32);
+    let mut state = 11u32;
+    let mut noise = || { state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223); (state >> 24) as u8 };
+    let rgb: Vec<u8> = (0..w * h * 3).map(|_| noise()).collect();
+    let label = vec![0u8; (w * h) as usize];
+    let (crop_w, crop_h) = (120u32, 50u32);
+    let mut resizer = Resizer::new();
+    let mut checked = 0;
+    for (scale, crop_y) in [(1.3f64, 0u32), (1.3, 29), (2.0, 0), (2.0, 72), (1.7, 33), (1.1, 11)] {
+        let (scaled_w, scaled_h) = ((w as f64 * scale) as u32, (h as f64 * scale) as u32);
+        let geometry = Geometry { original_width: w, original_height: h, scaled_width: scaled_w,
+            scaled_height: scaled_h, crop_x: scaled_w - crop_w - 3, crop_y: crop_y.min(scaled_h - crop_h),
+            crop_width: crop_w, crop_height: crop_h, flipped: false };
+        let window = geometry.window_in_original();
+        assert!(window.3 < crop_h as f64, "the rows of {geometry:?} are upscaled");
+        let ours = Augmenter::new(&AugmentConfig::default()).apply(&rgb, &label, geometry).image;
+        let mut expected = Image::new(crop_w, crop_h, PixelType::U8x3);
+        let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
+            .crop(window.0, window.1, window.2, window.3);
+        resizer.resize(&ImageRef::new(w, h, &rgb, PixelType::U8x3).unwrap(), &mut expected, &options).unwrap();
+        for (i, (a, b)) in ours.iter().zip(expected.buffer()).enumerate() {
+            assert!(a.abs_diff(*b) <= 1, "byte {i} of {geometry:?}: {a} vs {b}");
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 6);
+}
+
+#[test]
 fn each_batch_holds_its_samples_augmented_by_their_geometries_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let source = five_gta5_frames(dir.path());

@@ -3,7 +3,8 @@
 //! Scaling follows the usual rule (and the reference loader): the image is resized to
 //! `max(crop, size * s)` per axis, then a crop window is drawn. Only the source region under
 //! the crop window is resampled (fast_image_resize's crop option): the result equals resizing
-//! the whole image and cropping, at a fraction of the work. Images use a convolution filter;
+//! the whole image and cropping (up to the rounding of the crate's intermediate), at a
+//! fraction of the work. Images use a convolution filter;
 //! labels are picked nearest-neighbour through `Geometry::to_original`, the same mapping the
 //! ledger uses, so a label and the pixel it is charged to can never disagree.
 
@@ -45,6 +46,17 @@ impl Geometry {
          map(y, self.crop_y, self.scaled_height, self.original_height))
     }
 
+    /// The crop window in original-image coordinates: (left, top, width, height).
+    pub fn window_in_original(&self) -> (f64, f64, f64, f64) {
+        let sx = self.original_width as f64 / self.scaled_width as f64;
+        let sy = self.original_height as f64 / self.scaled_height as f64;
+        let (left, top) = (self.crop_x as f64 * sx, self.crop_y as f64 * sy);
+        // min(): the products can overshoot the image edge by a rounding error, which the
+        // resizer rejects.
+        (left, top, (self.crop_width as f64 * sx).min(self.original_width as f64 - left),
+            (self.crop_height as f64 * sy).min(self.original_height as f64 - top))
+    }
+
     /// `to_original` per axis: the mapping is separable, so a crop's original pixels are
     /// (columns[x], rows[y]), computed once per column and row instead of once per pixel.
     pub fn original_columns(&self) -> Vec<u32> {
@@ -66,19 +78,24 @@ pub struct Augmented {
     pub geometry: Geometry,
 }
 
+/// The image filter, and its support radius in fast_image_resize (source pixels either side of
+/// a sample when upscaling): the rows a horizontal-first resample needs around its window.
+const IMAGE_FILTER: FilterType = FilterType::Bilinear;
+const IMAGE_FILTER_SUPPORT: f64 = 1.0;
+
 /// Per-thread augmentation state (the resizer keeps scratch buffers between calls).
 pub struct Augmenter {
     config: AugmentConfig,
     resizer: Resizer,
-    image_filter: FilterType,
-    /// The resampled crop before it is copied out (kept to avoid a fresh allocation per sample).
-    scratch: Image<'static>,
+    /// The source rows under an upscaled crop, resampled to the crop's width (kept to avoid a
+    /// fresh allocation per sample; it only grows).
+    resampled_rows: Vec<u8>,
 }
 
 impl Augmenter {
     pub fn new(config: &AugmentConfig) -> Augmenter {
-        Augmenter { config: config.clone(), resizer: Resizer::new(), image_filter: FilterType::Bilinear,
-            scratch: Image::new(1, 1, PixelType::U8x3) }
+        Augmenter { config: config.clone(), resizer: Resizer::new(),
+            resampled_rows: Vec::new() }
     }
 
     /// Draws the random geometry for an image of `width` x `height`.
@@ -98,91 +115,114 @@ impl Augmenter {
 
     /// Applies `geometry` to an RGB image and its label map (both `width` x `height`).
     pub fn apply(&mut self, rgb: &[u8], label: &[u8], geometry: Geometry) -> Augmented {
-        let g = geometry;
-        let (w, h) = (g.original_width, g.original_height);
-        // The crop window in original-image coordinates.
-        let sx = w as f64 / g.scaled_width as f64;
-        let sy = h as f64 / g.scaled_height as f64;
-        let (left, top) = (g.crop_x as f64 * sx, g.crop_y as f64 * sy);
-        // min(): the products can overshoot the image edge by a rounding error, which the
-        // resizer rejects.
-        let window = (left, top, (g.crop_width as f64 * sx).min(w as f64 - left),
-            (g.crop_height as f64 * sy).min(h as f64 - top));
-
-        let image = self.resample(rgb, w, h, g.crop_width, g.crop_height, window, g.flipped);
-        Augmented { image, label: sample_label(label, &g), geometry }
+        Augmented { image: self.resample(rgb, &geometry), label: sample_label(label, &geometry), geometry }
     }
 
-    /// Resamples the crop window to `out_w` x `out_h`: straight into the returned buffer, or,
-    /// when `flipped`, into the scratch image and then copied out mirrored.
-    #[allow(clippy::too_many_arguments)]
-    fn resample(&mut self, rgb: &[u8], w: u32, h: u32, out_w: u32, out_h: u32,
-        window: (f64, f64, f64, f64), flipped: bool) -> Vec<u8> {
+    /// Resamples the crop window of an RGB image to the crop's size, mirrored in place when
+    /// the crop is flipped.
+    ///
+    /// fast_image_resize runs the vertical pass first for u8 images, so its horizontal pass,
+    /// which costs about three times more per pixel, makes all of the crop's rows. When the
+    /// crop upscales rows (fewer source rows than crop rows), resampling the source rows under
+    /// the window horizontally first and then vertically makes fewer of those costly pixels.
+    fn resample(&mut self, rgb: &[u8], g: &Geometry) -> Vec<u8> {
+        let (w, h, out_w, out_h) = (g.original_width, g.original_height, g.crop_width, g.crop_height);
         let src = ImageRef::new(w, h, rgb, PixelType::U8x3).expect("buffer matches its size");
-        let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(self.image_filter))
-            .crop(window.0, window.1, window.2, window.3);
-        if !flipped {
-            // Straight into the sample's own buffer.
-            let mut image = Image::new(out_w, out_h, PixelType::U8x3);
-            self.resizer.resize(&src, &mut image, &options).expect("same pixel types");
-            return image.into_vec();
+        let options = |(left, top, width, height)| ResizeOptions::new()
+            .resize_alg(ResizeAlg::Convolution(IMAGE_FILTER)).crop(left, top, width, height);
+        let mut image = Image::new(out_w, out_h, PixelType::U8x3);
+        let window = g.window_in_original();
+        let (left, top, width, height) = window;
+        if height < out_h as f64 {
+            // Every source row the vertical filter reaches, whole rows so that the first call
+            // makes no vertical pass and the second no horizontal one.
+            let first = (top - IMAGE_FILTER_SUPPORT).floor().max(0.0);
+            let end = (top + height + IMAGE_FILTER_SUPPORT).ceil().min(h as f64);
+            let rows = (end - first) as u32;
+            let bytes = 3 * (out_w * rows) as usize;
+            if self.resampled_rows.len() < bytes {
+                self.resampled_rows.resize(bytes, 0);
+            }
+            let mut resampled_rows = Image::from_slice_u8(out_w, rows, &mut self.resampled_rows[..bytes], PixelType::U8x3)
+                .expect("buffer matches its size");
+            self.resizer.resize(&src, &mut resampled_rows, &options((left, first, width, rows as f64)))
+                .expect("window inside the image");
+            let top = top - first;
+            self.resizer.resize(&resampled_rows, &mut image,
+                &options((0.0, top, out_w as f64, height.min(rows as f64 - top)))).expect("window inside the rows");
+        } else {
+            self.resizer.resize(&src, &mut image, &options(window)).expect("window inside the image");
         }
-        if self.scratch.width() != out_w || self.scratch.height() != out_h {
-            self.scratch = Image::new(out_w, out_h, PixelType::U8x3);
+        let mut image = image.into_vec();
+        if g.flipped {
+            mirror_rgb_rows_in_place(&mut image, out_w as usize);
         }
-        self.resizer.resize(&src, &mut self.scratch, &options).expect("same pixel types");
-        let resampled = self.scratch.buffer();
-        let mut image = vec![0u8; resampled.len()];
-        mirror_rgb_rows(resampled, &mut image, out_w as usize);
         image
     }
 }
 
-/// Copies an HWC RGB image with each row mirrored. Whole blocks of pixels go through a
-/// fixed-size reversal the compiler turns into byte shuffles; the few pixels left over at
-/// the end of a row that is not a multiple of the block go one by one.
+/// Mirrors each row of an HWC RGB image in place. Whole blocks of pixels from both ends of a
+/// row go through a fixed-size reversal the compiler turns into byte shuffles, and swap places;
+/// the fewer than two blocks left in the middle are swapped pixel by pixel.
 #[multiversion::multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
-fn mirror_rgb_rows(src: &[u8], dst: &mut [u8], width: usize) {
+fn mirror_rgb_rows_in_place(image: &mut [u8], width: usize) {
     const BLOCK: usize = 16;
-    let blocks = width / BLOCK;
-    for (src, dst) in src.chunks_exact(width * 3).zip(dst.chunks_exact_mut(width * 3)) {
-        // Destination block i holds source pixels [width - 16(i+1), width - 16i) reversed.
-        let (dst_blocks, dst_tail) = dst.as_chunks_mut::<{ 3 * BLOCK }>();
-        for (i, d) in dst_blocks.iter_mut().enumerate() {
-            let start = 3 * (width - BLOCK * (i + 1));
-            let s: &[u8; 3 * BLOCK] = src[start..start + 3 * BLOCK].try_into().unwrap();
-            for p in 0..BLOCK {
-                for c in 0..3 {
-                    d[3 * p + c] = s[3 * (BLOCK - 1 - p) + c];
-                }
-            }
+    fn reversed(pixels: &[u8]) -> [u8; 3 * BLOCK] {
+        let pixels: &[u8; 3 * BLOCK] = pixels.try_into().unwrap();
+        std::array::from_fn(|i| pixels[3 * (BLOCK - 1 - i / 3) + i % 3])
+    }
+    for row in image.chunks_exact_mut(3 * width) {
+        // Pixels [left, right) are still to be mirrored.
+        let (mut left, mut right) = (0, width);
+        while right - left >= 2 * BLOCK {
+            let (head, tail) = row.split_at_mut(3 * (right - BLOCK));
+            let (head, tail) = (&mut head[3 * left..3 * (left + BLOCK)], &mut tail[..3 * BLOCK]);
+            let (new_head, new_tail) = (reversed(tail), reversed(head));
+            head.copy_from_slice(&new_head);
+            tail.copy_from_slice(&new_tail);
+            left += BLOCK;
+            right -= BLOCK;
         }
-        let left = width - blocks * BLOCK;
-        for (p, d) in dst_tail.as_chunks_mut::<3>().0.iter_mut().enumerate() {
-            d.copy_from_slice(&src[3 * (left - 1 - p)..3 * (left - p)]);
+        while right - left >= 2 {
+            let (head, tail) = row.split_at_mut(3 * (right - 1));
+            head[3 * left..3 * left + 3].swap_with_slice(&mut tail[..3]);
+            left += 1;
+            right -= 1;
         }
     }
 }
 
 /// Nearest-neighbour labels taken through `Geometry::to_original` itself, so each training
 /// label is exactly the original pixel the ledger will record for it. Output rows that come
-/// from the same original row (upscaling) are copied instead of gathered again.
+/// from the same original row (upscaling) are copied instead of gathered again. The next
+/// original row is prefetched while one is gathered: a shard's labels come cold from the page
+/// cache, and waiting for them was most of the gather's time.
 fn sample_label(label: &[u8], g: &Geometry) -> Vec<u8> {
     let row_gather = RowGather::new(g.original_columns(), g.original_width as usize);
-    let width = g.crop_width as usize;
+    let (width, original_width) = (g.crop_width as usize, g.original_width as usize);
+    let original_row = |row: u32| &label[row as usize * original_width..(row as usize + 1) * original_width];
+    let rows = g.original_rows();
     let mut out = vec![0u8; width * g.crop_height as usize];
-    let mut previous_row = None;
-    for (y, row) in g.original_rows().into_iter().enumerate() {
-        let row = row as usize;
-        if previous_row == Some(row) {
+    for (y, &row) in rows.iter().enumerate() {
+        if let Some(&next) = rows.get(y + 1) {
+            prefetch(original_row(next));
+        }
+        if y > 0 && rows[y - 1] == row {
             out.copy_within((y - 1) * width..y * width, y * width);
         } else {
-            let source = &label[row * g.original_width as usize..(row + 1) * g.original_width as usize];
-            row_gather.gather(source, &mut out[y * width..(y + 1) * width]);
+            row_gather.gather(original_row(row), &mut out[y * width..(y + 1) * width]);
         }
-        previous_row = Some(row);
     }
     out
+}
+
+/// Asks the CPU to start bringing `bytes` into its caches (a hint: it neither waits nor faults).
+fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes.chunks(64) {
+        // SAFETY: a prefetch only hints the cache; SSE is part of every x86_64 CPU.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr() as *const i8) };
+    }
 }
 
 /// `out[i] = row[xs[i]]` for every row of a crop (the same `xs` each time), planned once per
