@@ -4,6 +4,7 @@
 //! 1. serde builds the typed config; keys serde does not know are collected (not fatal yet);
 //! 2. `validate` checks every value and reports each problem as
 //!    `key = value: expected ...`.
+//!
 //! `${VAR}` and `${VAR:-default}` are expanded in path values.
 
 use serde::{Deserialize, Serialize};
@@ -317,7 +318,7 @@ impl Default for TrainConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct EvalConfig {
     /// Average the predictions of the image and its horizontal flip.
@@ -327,11 +328,6 @@ pub struct EvalConfig {
     pub input_size: [u32; 2],
 }
 
-impl Default for EvalConfig {
-    fn default() -> Self {
-        EvalConfig { flip: false, input_size: [0, 0] }
-    }
-}
 
 /// How labels are drawn from the groups (docs/algorithm.md, "Two readings").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -445,7 +441,7 @@ impl Config {
         let fail = |errors: Vec<String>| ConfigErrors { file: path.to_path_buf(), errors };
         let text = std::fs::read_to_string(path)
             .map_err(|e| fail(vec![format!("cannot read the file: {e}")]))?;
-        Config::from_toml_str(&text).map_err(|errors| fail(errors))
+        Config::from_toml_str(&text).map_err(fail)
     }
 
     pub fn from_toml_str(text: &str) -> Result<Config, Vec<String>> {
@@ -529,9 +525,9 @@ impl Config {
         }
 
         let s = &self.synth;
-        check(s.width >= 64 && s.width % 8 == 0, "synth.width", s.width.to_string(),
+        check(s.width >= 64 && s.width.is_multiple_of(8), "synth.width", s.width.to_string(),
             "a multiple of 8, at least 64");
-        check(s.height >= 32 && s.height % 8 == 0, "synth.height", s.height.to_string(),
+        check(s.height >= 32 && s.height.is_multiple_of(8), "synth.height", s.height.to_string(),
             "a multiple of 8, at least 32");
         check(s.source_images >= 1, "synth.source_images", s.source_images.to_string(), "at least 1");
         check(s.target_train_images >= 1, "synth.target_train_images",

@@ -176,7 +176,7 @@ enum BenchCommand {
     },
 }
 
-fn load_config(path: &PathBuf, overrides: &[String]) -> Result<Config> {
+fn load_config(path: &std::path::Path, overrides: &[String]) -> Result<Config> {
     Config::load_with_overrides(path, overrides).map_err(|e| anyhow!("{e}"))
 }
 

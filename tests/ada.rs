@@ -232,8 +232,8 @@ fn algorithm_1_buys_from_g_h_until_half_the_budget_then_from_g_m_then_stops() {
         assert_eq!(bought, settled.bought);
         assert!(ledger.spent() <= ledger.budget());
         let (labelled, high, low, pseudo) = (bools(&sel.labelled), bools(&sel.high), bools(&sel.low), bools(&sel.pseudo));
-        for p in 0..200 {
-            assert_eq!(labelled[p], ledger.is_bought(image, p as u32 % 20, p as u32 / 20), "labelled = bought, pixel {p}");
+        for (p, &labelled) in labelled.iter().enumerate() {
+            assert_eq!(labelled, ledger.is_bought(image, p as u32 % 20, p as u32 / 20), "labelled = bought, pixel {p}");
         }
         assert_eq!(settled.groups, [50, 100, 50]);
         // Which group this crop's new labels came from.
@@ -350,7 +350,7 @@ fn the_budget_holds_over_many_iterations_and_across_resume() {
         for k in 0..25u32 {
             // Two crops per step, which may show the same image and overlap.
             let crop = |k: u32| (k as usize % 6, Geometry { original_width: 32, original_height: 16, scaled_width: 32,
-                scaled_height: 16, crop_x: k % 16, crop_y: 0, crop_width: 16, crop_height: 16, flipped: k % 2 == 0 });
+                scaled_height: 16, crop_x: k % 16, crop_y: 0, crop_width: 16, crop_height: 16, flipped: k.is_multiple_of(2) });
             let s: Vec<f32> = (0..2 * 16 * 16).map(|i| ((i * 7919 + k * 31) % 100) as f32 / 100.0).collect();
             let before = ledger.spent();
             let (_, settled) = draw(&mut sampler, &mut ledger, &s, &[crop(2 * k), crop(k * 3 % 6)]);

@@ -158,7 +158,7 @@ fn loader_errors_show_up_as_metrics() {
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut found = String::new();
     while Instant::now() < deadline {
-        if let Ok(body) = ureq::get(&format!("http://127.0.0.1:{port}/metrics")).call().and_then(|r| Ok(r.into_string()?)) {
+        if let Some(body) = ureq::get(&format!("http://127.0.0.1:{port}/metrics")).call().ok().and_then(|r| r.into_string().ok()) {
             if let Some(line) = body.lines().find(|l| l.starts_with("adamcu_loader_errors_total{") && l.contains("corrupt")) {
                 found = line.to_string();
                 break;

@@ -8,6 +8,7 @@
 //! - "sequential" (Algorithm 1): half of G_h, drawn uniformly, until Ma = Me/2 (footnote 3),
 //!   then G_m uniformly until Ma = Me, then pseudo labels only;
 //! - "simultaneous" (Section III-B): each crop draws the same number from G_h and G_m.
+//!
 //! In both, pi_high decays by r whenever half of G_h is too small to fill its share
 //! (Algorithm 1 line 7: lowering pi_high is how the annotation rate is controlled).
 //! Adaptive sampling draws as many pseudo-labelled pixels from G_l as were labelled; without

@@ -8,6 +8,7 @@
 //! - anchor centers: per-class means of the image's keys ("class-wise anchors", Eq. 11);
 //! - category centers: per-class means of the image's G_l pixels (Section III-B.1), classed by
 //!   the ground truth (source) or the prediction (target).
+//!
 //! A unit pairs an anchor image A with a key image K: the same image (intra-image), another
 //! image of the same domain (cross-image) or an image of the other domain (cross-domain).
 //! p2p contrasts A's anchors with K's keys; c2c contrasts A's anchor centers with K's category

@@ -84,6 +84,7 @@ impl Trainer {
     }
 
     /// The forward pass and every loss of one ADA-MCU iteration.
+    #[allow(clippy::too_many_arguments)]
     pub fn ada_losses(&self, state: &mut AdaState, source_images: &Tensor, source_labels: &Tensor,
         target_images: &Tensor, target_labels: &SealedLabels, target_samples: &[usize],
         target_geometry: &[crate::data::augment::Geometry]) -> StepOutput {

@@ -37,7 +37,7 @@ impl Progress {
                 bar.set_message(format!("loss {:.4} lr {lr:.2e}", self.recent_loss));
                 bar.inc(1);
             }
-            None if self.done % self.every == 0 || self.done == self.total => {
+            None if self.done.is_multiple_of(self.every) || self.done == self.total => {
                 let elapsed = self.started.elapsed().as_secs_f64();
                 let rate = self.done as f64 / elapsed.max(1e-9);
                 let eta = (self.total - self.done) as f64 / rate.max(1e-9);
