@@ -328,7 +328,6 @@ pub struct EvalConfig {
     pub input_size: [u32; 2],
 }
 
-
 /// How labels are drawn from the groups (docs/algorithm.md, "Two readings").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
