@@ -204,7 +204,8 @@ fn sample_label(label: &[u8], g: &Geometry) -> Vec<u8> {
     let rows = g.original_rows();
     let mut out = vec![0u8; width * g.crop_height as usize];
     for (y, &row) in rows.iter().enumerate() {
-        if let Some(&next) = rows.get(y + 1) {
+        // A repeated row (upscaling) is already in cache: only a new one is worth the hint.
+        if let Some(&next) = rows.get(y + 1).filter(|&&next| next != row) {
             prefetch(original_row(next));
         }
         if y > 0 && rows[y - 1] == row {
