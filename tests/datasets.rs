@@ -293,6 +293,49 @@ fn an_upscaled_crop_matches_one_fast_image_resize_call_on_its_window() {
     }
 }
 
+#[test]
+fn a_column_major_crop_matches_one_fast_image_resize_call_on_its_window() {
+    // Shards store images column by column and resample them in three steps (vertical pass on
+    // the columns, transpose, vertical pass); the crop must be the crate's one-call resample
+    // of the row-major image's window, up to the rounding of the intermediate: downscaled,
+    // upscaled and mixed windows, at the edges, mirrored or not.
+    use fast_image_resize::{images::{Image, ImageRef}, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+    let (w, h) = (203u32, 61u32);
+    let mut noise = noise_bytes(13);
+    let rgb: Vec<u8> = (0..w * h * 3).map(|_| noise()).collect();
+    // Column by column, written out here rather than with the crate's transpose.
+    let columns: Vec<u8> = (0..w).flat_map(|x| (0..h).map(move |y| (x, y)))
+        .flat_map(|(x, y)| rgb[3 * (y * w + x) as usize..3 * (y * w + x) as usize + 3].to_vec()).collect();
+    let label = vec![0u8; (w * h) as usize];
+    let mut resizer = Resizer::new();
+    let mut augmenter = Augmenter::new(&AugmentConfig::default());
+    for ((crop_w, crop_h), (scale_x, scale_y), (crop_x, crop_y), flipped) in [((120u32, 50u32), (0.62f64, 0.83f64),
+        (0u32, 0u32), false), ((120, 50), (0.62, 0.83), (6, 0), true), ((120, 50), (1.3, 1.3), (0, 29), false),
+        ((120, 50), (2.0, 2.0), (286, 72), true), ((120, 50), (1.7, 0.9), (33, 4), false),
+        ((120, 50), (0.8, 1.5), (41, 41), true), ((40, 20), (0.3, 0.5), (7, 5), false), ((40, 20), (0.4, 0.45), (21, 7), true),
+        ((40, 12), (0.25, 0.25), (21, 1), false)] {
+        let (scaled_w, scaled_h) = (crop_w.max((w as f64 * scale_x) as u32), crop_h.max((h as f64 * scale_y) as u32));
+        let geometry = Geometry { original_width: w, original_height: h, scaled_width: scaled_w,
+            scaled_height: scaled_h, crop_x: crop_x.min(scaled_w - crop_w), crop_y: crop_y.min(scaled_h - crop_h),
+            crop_width: crop_w, crop_height: crop_h, flipped };
+        let window = geometry.window_in_original();
+        let ours = augmenter.apply_column_major(&columns, &label, geometry).image;
+        let mut expected = Image::new(crop_w, crop_h, PixelType::U8x3);
+        let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
+            .crop(window.0, window.1, window.2, window.3);
+        resizer.resize(&ImageRef::new(w, h, &rgb, PixelType::U8x3).unwrap(), &mut expected, &options).unwrap();
+        assert_eq!(ours.len(), expected.buffer().len(), "bytes of the crop of {geometry:?}");
+        for (i, pixel) in ours.chunks_exact(3).enumerate() {
+            let (x, y) = (i % crop_w as usize, i / crop_w as usize);
+            let source_x = if flipped { crop_w as usize - 1 - x } else { x };
+            let j = 3 * (y * crop_w as usize + source_x);
+            for (c, (a, b)) in pixel.iter().zip(&expected.buffer()[j..j + 3]).enumerate() {
+                assert!(a.abs_diff(*b) <= 1, "pixel {x},{y} channel {c} of {geometry:?}: {a} vs {b}");
+            }
+        }
+    }
+}
+
 /// A seeded stream of bytes with no structure (an LCG's high byte), so that a pixel taken
 /// from the wrong row or column shows.
 fn noise_bytes(seed: u32) -> impl FnMut() -> u8 {
@@ -390,6 +433,15 @@ fn shards_round_trip_and_detect_corruption_and_truncation() {
         std::fs::write(&p, &broken).unwrap();
         assert!(Shard::open(&p).is_err());
     }
+    // A version 1 shard (images row by row, valid checksums): refused with the fix.
+    let mut old = bytes.clone();
+    old[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let header_crc = crc32fast::hash(&old[..44]);
+    old[44..48].copy_from_slice(&header_crc.to_le_bytes());
+    let p = dir.path().join("version1.shard");
+    std::fs::write(&p, &old).unwrap();
+    let e = Shard::open(&p).err().expect("version 1 refused");
+    assert!(e.to_string().contains("pack the data set again") && e.path == p, "{e}");
 }
 
 fn tree_bytes(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {

@@ -79,7 +79,8 @@ pub struct Augmented {
 }
 
 /// The image filter, and its support radius in fast_image_resize (source pixels either side of
-/// a sample when upscaling): the rows a horizontal-first resample needs around its window.
+/// a sample at scale 1 and above; downscaling widens it): the rows a two-call resample needs
+/// around its window.
 const IMAGE_FILTER: FilterType = FilterType::Bilinear;
 const IMAGE_FILTER_SUPPORT: f64 = 1.0;
 
@@ -87,15 +88,17 @@ const IMAGE_FILTER_SUPPORT: f64 = 1.0;
 pub struct Augmenter {
     config: AugmentConfig,
     resizer: Resizer,
-    /// The source rows under an upscaled crop, resampled to the crop's width (kept to avoid a
-    /// fresh allocation per sample; it only grows).
+    /// Scratch for two-call resamples: the source rows under a crop, resampled to the crop's
+    /// width, and (column-major sources) the same before they are transposed.
     resampled_rows: Vec<u8>,
+    resampled_columns: Vec<u8>,
 }
 
 impl Augmenter {
     pub fn new(config: &AugmentConfig) -> Augmenter {
         Augmenter { config: config.clone(), resizer: Resizer::new(),
-            resampled_rows: Vec::new() }
+            resampled_rows: Vec::new(),
+            resampled_columns: Vec::new() }
     }
 
     /// Draws the random geometry for an image of `width` x `height`.
@@ -113,13 +116,21 @@ impl Augmenter {
             scaled_height: scaled_h, crop_x, crop_y, crop_width: crop_w, crop_height: crop_h, flipped }
     }
 
-    /// Applies `geometry` to an RGB image and its label map (both `width` x `height`).
+    /// Applies `geometry` to an RGB image (row by row, as decoded) and its label map (both
+    /// `width` x `height`).
     pub fn apply(&mut self, rgb: &[u8], label: &[u8], geometry: Geometry) -> Augmented {
         Augmented { image: self.resample(rgb, &geometry), label: sample_label(label, &geometry), geometry }
     }
 
-    /// Resamples the crop window of an RGB image to the crop's size, mirrored in place when
-    /// the crop is flipped.
+    /// `apply` for an image stored column by column (a shard's layout, see `shard`); the
+    /// label map is row by row as always. The result is the same crop, row by row.
+    pub fn apply_column_major(&mut self, columns: &[u8], label: &[u8], geometry: Geometry) -> Augmented {
+        Augmented { image: self.resample_column_major(columns, &geometry), label: sample_label(label, &geometry),
+            geometry }
+    }
+
+    /// Resamples the crop window of a row-major RGB image to the crop's size, mirrored in
+    /// place when the crop is flipped.
     ///
     /// fast_image_resize runs the vertical pass first for u8 images, so its horizontal pass,
     /// which costs about three times more per pixel, makes all of the crop's rows. When the
@@ -128,36 +139,95 @@ impl Augmenter {
     fn resample(&mut self, rgb: &[u8], g: &Geometry) -> Vec<u8> {
         let (w, h, out_w, out_h) = (g.original_width, g.original_height, g.crop_width, g.crop_height);
         let src = ImageRef::new(w, h, rgb, PixelType::U8x3).expect("buffer matches its size");
-        let options = |(left, top, width, height)| ResizeOptions::new()
-            .resize_alg(ResizeAlg::Convolution(IMAGE_FILTER)).crop(left, top, width, height);
-        let mut image = Image::new(out_w, out_h, PixelType::U8x3);
         let window = g.window_in_original();
-        let (left, top, width, height) = window;
-        if height < out_h as f64 {
-            // Every source row the vertical filter reaches, whole rows so that the first call
-            // makes no vertical pass and the second no horizontal one.
-            let first = (top - IMAGE_FILTER_SUPPORT).floor().max(0.0);
-            let end = (top + height + IMAGE_FILTER_SUPPORT).ceil().min(h as f64);
-            let rows = (end - first) as u32;
-            let bytes = 3 * (out_w * rows) as usize;
-            if self.resampled_rows.len() < bytes {
-                self.resampled_rows.resize(bytes, 0);
-            }
-            let mut resampled_rows = Image::from_slice_u8(out_w, rows, &mut self.resampled_rows[..bytes], PixelType::U8x3)
+        let mut image = Image::new(out_w, out_h, PixelType::U8x3);
+        if window.3 < out_h as f64 {
+            let rows = SourceRows::under(window, h, out_h);
+            let buffer = grown(&mut self.resampled_rows, 3 * (out_w * rows.count) as usize);
+            let mut resampled_rows = Image::from_slice_u8(out_w, rows.count, buffer, PixelType::U8x3)
                 .expect("buffer matches its size");
-            self.resizer.resize(&src, &mut resampled_rows, &options((left, first, width, rows as f64)))
-                .expect("window inside the image");
-            let top = top - first;
-            self.resizer.resize(&resampled_rows, &mut image,
-                &options((0.0, top, out_w as f64, height.min(rows as f64 - top)))).expect("window inside the rows");
+            // Whole rows, so that this call makes no vertical pass.
+            self.resizer.resize(&src, &mut resampled_rows, &crop_options((window.0, rows.first as f64, window.2,
+                rows.count as f64))).expect("window inside the image");
+            rows.resample_vertically(&mut self.resizer, &resampled_rows, window, &mut image);
         } else {
-            self.resizer.resize(&src, &mut image, &options(window)).expect("window inside the image");
+            self.resizer.resize(&src, &mut image, &crop_options(window)).expect("window inside the image");
         }
-        let mut image = image.into_vec();
-        if g.flipped {
-            mirror_rgb_rows_in_place(&mut image, out_w as usize);
-        }
-        image
+        finish(image, g.flipped)
+    }
+
+    /// Resamples the crop window of a column-major RGB image. A column-major image's columns
+    /// are rows to the resizer, so the horizontal resampling is a vertical pass, three times
+    /// cheaper per pixel than the crate's horizontal one: the source rows under the window
+    /// are made at the crop's width by a vertical pass on the columns, transposed (cheaper
+    /// still) and resampled vertically to the crop's height.
+    fn resample_column_major(&mut self, columns: &[u8], g: &Geometry) -> Vec<u8> {
+        let (w, h, out_w, out_h) = (g.original_width, g.original_height, g.crop_width, g.crop_height);
+        let src = ImageRef::new(h, w, columns, PixelType::U8x3).expect("buffer matches its size");
+        let window = g.window_in_original();
+        let rows = SourceRows::under(window, h, out_h);
+        let bytes = 3 * (out_w * rows.count) as usize;
+        let buffer = grown(&mut self.resampled_columns, bytes);
+        let mut resampled_columns = Image::from_slice_u8(rows.count, out_w, buffer, PixelType::U8x3)
+            .expect("buffer matches its size");
+        // Whole source rows (the columns' x), so that this call makes only a vertical pass.
+        self.resizer.resize(&src, &mut resampled_columns, &crop_options((rows.first as f64, window.0,
+            rows.count as f64, window.2))).expect("window inside the image");
+        let resampled_rows = grown(&mut self.resampled_rows, bytes);
+        crate::data::shard::transpose_rgb(resampled_columns.buffer(), resampled_rows, rows.count, out_w);
+        let resampled_rows = ImageRef::new(out_w, rows.count, resampled_rows, PixelType::U8x3)
+            .expect("buffer matches its size");
+        let mut image = Image::new(out_w, out_h, PixelType::U8x3);
+        rows.resample_vertically(&mut self.resizer, &resampled_rows, window, &mut image);
+        finish(image, g.flipped)
+    }
+}
+
+fn crop_options((left, top, width, height): (f64, f64, f64, f64)) -> ResizeOptions {
+    ResizeOptions::new().resize_alg(ResizeAlg::Convolution(IMAGE_FILTER)).crop(left, top, width, height)
+}
+
+/// `buffer[..len]`, grown first if it is shorter (scratch kept between samples: it only grows).
+fn grown(buffer: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buffer.len() < len {
+        buffer.resize(len, 0);
+    }
+    &mut buffer[..len]
+}
+
+/// The image row by row, mirrored in place when the crop is flipped.
+fn finish(image: Image, flipped: bool) -> Vec<u8> {
+    let width = image.width() as usize;
+    let mut image = image.into_vec();
+    if flipped {
+        mirror_rgb_rows_in_place(&mut image, width);
+    }
+    image
+}
+
+/// The source rows a crop window's vertical filter reaches.
+struct SourceRows {
+    first: u32,
+    count: u32,
+}
+
+impl SourceRows {
+    fn under((_, top, _, height): (f64, f64, f64, f64), image_height: u32, out_height: u32) -> SourceRows {
+        // The crate widens the filter by the downscale factor (antialiasing).
+        let radius = IMAGE_FILTER_SUPPORT * (height / out_height as f64).max(1.0);
+        let first = (top - radius).floor().max(0.0);
+        let end = (top + height + radius).ceil().min(image_height as f64);
+        SourceRows { first: first as u32, count: (end - first) as u32 }
+    }
+
+    /// The crop from these rows, already at the crop's width: a vertical pass only. The
+    /// filter's reach is inside them, so the result is the one-call resample of the window.
+    fn resample_vertically(&self, resizer: &mut Resizer, rows: &impl fast_image_resize::IntoImageView,
+        window: (f64, f64, f64, f64), image: &mut Image) {
+        let top = window.1 - self.first as f64;
+        let width = image.width() as f64;
+        resizer.resize(rows, image, &crop_options((0.0, top, width, window.3.min(self.count as f64 - top))))
+            .expect("window inside the rows");
     }
 }
 

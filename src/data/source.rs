@@ -73,9 +73,11 @@ impl SampleSource {
         match self {
             SampleSource::Files { listing, map } => datasets::decode_sample(&listing.samples[i], map),
             SampleSource::Shard(shard) => {
-                let (rgb, label) = shard.sample(i)?;
+                let (columns, label) = shard.sample(i)?;
                 let e = &shard.entries[i];
-                Ok((Rgb { width: e.width, height: e.height, pixels: rgb.to_vec() },
+                let mut pixels = vec![0; columns.len()];
+                super::shard::transpose_rgb(columns, &mut pixels, e.height, e.width);
+                Ok((Rgb { width: e.width, height: e.height, pixels },
                     Label { width: e.width, height: e.height, ids: label.to_vec() }))
             }
         }
@@ -84,19 +86,17 @@ impl SampleSource {
     /// Sample `i` with a random geometry drawn from `rng`.
     pub fn load_augmented(&self, i: usize, augmenter: &mut Augmenter, rng: &mut impl Rng)
         -> Result<Augmented, DataError> {
-        let augment = |augmenter: &mut Augmenter, rgb: &[u8], label: &[u8], w, h, rng: &mut _| {
-            let geometry: Geometry = augmenter.draw_geometry(w, h, rng);
-            augmenter.apply(rgb, label, geometry)
-        };
         match self {
             SampleSource::Files { .. } => {
                 let (rgb, label) = self.load_full(i)?;
-                Ok(augment(augmenter, &rgb.pixels, &label.ids, rgb.width, rgb.height, rng))
+                let geometry: Geometry = augmenter.draw_geometry(rgb.width, rgb.height, rng);
+                Ok(augmenter.apply(&rgb.pixels, &label.ids, geometry))
             }
             SampleSource::Shard(shard) => {
-                let (rgb, label) = shard.sample(i)?;
+                let (columns, label) = shard.sample(i)?;
                 let e = &shard.entries[i];
-                Ok(augment(augmenter, rgb, label, e.width, e.height, rng))
+                let geometry: Geometry = augmenter.draw_geometry(e.width, e.height, rng);
+                Ok(augmenter.apply_column_major(columns, label, geometry))
             }
         }
     }
