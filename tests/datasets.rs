@@ -403,6 +403,20 @@ fn shards_round_trip_and_detect_corruption_and_truncation() {
         assert_eq!(files.id(i), shard.id(i));
         assert_eq!((a.0.pixels, a.1.ids), (b.0.pixels, b.1.ids));
     }
+    // The same draws give the same crops from the files and from the shard (its images are
+    // resampled column by column: each path is within 1 of the crate's one-call resample).
+    use rand::SeedableRng;
+    let augment = AugmentConfig { crop: [8, 16], scale: [0.6, 1.6], flip: true, ..AugmentConfig::default() };
+    let mut augmenter = Augmenter::new(&augment);
+    let (mut rng_files, mut rng_shard) = (rand_chacha::ChaCha8Rng::seed_from_u64(4), rand_chacha::ChaCha8Rng::seed_from_u64(4));
+    for i in (0..3).cycle().take(12) {
+        let from_files = files.load_augmented(i, &mut augmenter, &mut rng_files).unwrap();
+        let from_shard = shard.load_augmented(i, &mut augmenter, &mut rng_shard).unwrap();
+        assert_eq!((from_files.geometry, &from_files.label), (from_shard.geometry, &from_shard.label));
+        assert_eq!(from_files.image.len(), from_shard.image.len());
+        assert!(from_files.image.iter().zip(&from_shard.image).all(|(a, b)| a.abs_diff(*b) <= 2),
+            "crop of sample {i}, {:?}", from_files.geometry);
+    }
     let resized = dir.path().join("small.shard");
     adamcu::data::pack::pack(&files, &resized, 19, Some((12, 6))).unwrap();
     let (rgb, label) = Shard::open(&resized).unwrap().sample(0).map(|(r, l)| (r.to_vec(), l.to_vec())).unwrap();
