@@ -174,7 +174,7 @@ impl Augmenter {
         self.resizer.resize(&src, &mut resampled_columns, &crop_options((rows.first as f64, window.0,
             rows.count as f64, window.2))).expect("window inside the image");
         let resampled_rows = grown(&mut self.resampled_rows, bytes);
-        crate::data::shard::transpose_rgb(resampled_columns.buffer(), resampled_rows, rows.count, out_w);
+        transpose_rgb(resampled_columns.buffer(), resampled_rows, rows.count, out_w);
         let resampled_rows = ImageRef::new(out_w, rows.count, resampled_rows, PixelType::U8x3)
             .expect("buffer matches its size");
         let mut image = Image::new(out_w, out_h, PixelType::U8x3);
@@ -229,6 +229,12 @@ impl SourceRows {
         resizer.resize(rows, image, &crop_options((0.0, top, width, window.3.min(self.count as f64 - top))))
             .expect("window inside the rows");
     }
+}
+
+/// Transposes the RGB pixels of an image `width` pixels wide and `height` high: `from` holds
+/// them row by row and `to` gets them column by column, or (width and height swapped) back.
+pub fn transpose_rgb(from: &[u8], to: &mut [u8], width: u32, height: u32) {
+    transpose::transpose(from.as_chunks::<3>().0, to.as_chunks_mut::<3>().0, width as usize, height as usize);
 }
 
 /// Mirrors each row of an HWC RGB image in place. Whole blocks of pixels from both ends of a

@@ -18,6 +18,7 @@
 //! Every offset is checked against the file size when opening and every blob's checksum the
 //! first time it is read, so a truncated or corrupt shard gives an error, never wrong pixels.
 
+use super::augment::transpose_rgb;
 use super::error::{DataError, DataErrorKind};
 use memmap2::Mmap;
 use std::io::{Seek, SeekFrom, Write};
@@ -232,10 +233,4 @@ impl Shard {
     pub fn path(&self) -> &Path {
         &self.path
     }
-}
-
-/// Transposes the RGB pixels of an image `width` pixels wide and `height` high: `from` holds
-/// them row by row and `to` gets them column by column, or (width and height swapped) back.
-pub fn transpose_rgb(from: &[u8], to: &mut [u8], width: u32, height: u32) {
-    transpose::transpose(from.as_chunks::<3>().0, to.as_chunks_mut::<3>().0, width as usize, height as usize);
 }

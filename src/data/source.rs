@@ -76,7 +76,7 @@ impl SampleSource {
                 let (columns, label) = shard.sample(i)?;
                 let e = &shard.entries[i];
                 let mut pixels = vec![0; columns.len()];
-                super::shard::transpose_rgb(columns, &mut pixels, e.height, e.width);
+                super::augment::transpose_rgb(columns, &mut pixels, e.height, e.width);
                 Ok((Rgb { width: e.width, height: e.height, pixels },
                     Label { width: e.width, height: e.height, ids: label.to_vec() }))
             }
