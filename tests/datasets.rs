@@ -267,13 +267,11 @@ fn an_upscaled_crop_matches_one_fast_image_resize_call_on_its_window() {
     // Upscaled rows go through two crate calls (horizontal pass first, on the source rows the
     // vertical filter reaches); the result must be the crate's own one-call resample of the
     // same window, up to the rounding of the intermediate, including windows at the edges.
-    use fast_image_resize::{images::{Image, ImageRef}, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
     let (w, h) = (203u32, 61u32);
     let mut noise = noise_bytes(11);
     let rgb: Vec<u8> = (0..w * h * 3).map(|_| noise()).collect();
     let label = vec![0u8; (w * h) as usize];
     let (crop_w, crop_h) = (120u32, 50u32);
-    let mut resizer = Resizer::new();
     for (scale, crop_y) in [(1.3f64, 0u32), (1.3, 29), (2.0, 0), (2.0, 72), (1.7, 33), (1.1, 11)] {
         let (scaled_w, scaled_h) = ((w as f64 * scale) as u32, (h as f64 * scale) as u32);
         let geometry = Geometry { original_width: w, original_height: h, scaled_width: scaled_w,
@@ -282,12 +280,9 @@ fn an_upscaled_crop_matches_one_fast_image_resize_call_on_its_window() {
         let window = geometry.window_in_original();
         assert!(window.3 < crop_h as f64, "the rows of {geometry:?} are upscaled");
         let ours = Augmenter::new(&AugmentConfig::default()).apply(&rgb, &label, geometry).image;
-        let mut expected = Image::new(crop_w, crop_h, PixelType::U8x3);
-        let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
-            .crop(window.0, window.1, window.2, window.3);
-        resizer.resize(&ImageRef::new(w, h, &rgb, PixelType::U8x3).unwrap(), &mut expected, &options).unwrap();
-        assert_eq!(ours.len(), expected.buffer().len(), "bytes of the crop of {geometry:?}");
-        for (i, (a, b)) in ours.iter().zip(expected.buffer()).enumerate() {
+        let expected = one_call_crop(&rgb, &geometry);
+        assert_eq!(ours.len(), expected.len(), "bytes of the crop of {geometry:?}");
+        for (i, (a, b)) in ours.iter().zip(&expected).enumerate() {
             assert!(a.abs_diff(*b) <= 1, "byte {i} of {geometry:?}: {a} vs {b}");
         }
     }
@@ -299,7 +294,6 @@ fn a_column_major_crop_matches_one_fast_image_resize_call_on_its_window() {
     // the columns, transpose, vertical pass); the crop must be the crate's one-call resample
     // of the row-major image's window, up to the rounding of the intermediate: downscaled,
     // upscaled and mixed windows, at the edges, mirrored or not.
-    use fast_image_resize::{images::{Image, ImageRef}, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
     let (w, h) = (203u32, 61u32);
     let mut noise = noise_bytes(13);
     let rgb: Vec<u8> = (0..w * h * 3).map(|_| noise()).collect();
@@ -307,7 +301,6 @@ fn a_column_major_crop_matches_one_fast_image_resize_call_on_its_window() {
     let columns: Vec<u8> = (0..w).flat_map(|x| (0..h).map(move |y| (x, y)))
         .flat_map(|(x, y)| rgb[3 * (y * w + x) as usize..3 * (y * w + x) as usize + 3].to_vec()).collect();
     let label = vec![0u8; (w * h) as usize];
-    let mut resizer = Resizer::new();
     let mut augmenter = Augmenter::new(&AugmentConfig::default());
     for ((crop_w, crop_h), (scale_x, scale_y), (crop_x, crop_y), flipped) in [((120u32, 50u32), (0.62f64, 0.83f64),
         (0u32, 0u32), false), ((120, 50), (0.62, 0.83), (6, 0), true), ((120, 50), (1.3, 1.3), (0, 29), false),
@@ -318,22 +311,31 @@ fn a_column_major_crop_matches_one_fast_image_resize_call_on_its_window() {
         let geometry = Geometry { original_width: w, original_height: h, scaled_width: scaled_w,
             scaled_height: scaled_h, crop_x: crop_x.min(scaled_w - crop_w), crop_y: crop_y.min(scaled_h - crop_h),
             crop_width: crop_w, crop_height: crop_h, flipped };
-        let window = geometry.window_in_original();
         let ours = augmenter.apply_column_major(&columns, &label, geometry).image;
-        let mut expected = Image::new(crop_w, crop_h, PixelType::U8x3);
-        let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
-            .crop(window.0, window.1, window.2, window.3);
-        resizer.resize(&ImageRef::new(w, h, &rgb, PixelType::U8x3).unwrap(), &mut expected, &options).unwrap();
-        assert_eq!(ours.len(), expected.buffer().len(), "bytes of the crop of {geometry:?}");
+        let expected = one_call_crop(&rgb, &geometry);
+        assert_eq!(ours.len(), expected.len(), "bytes of the crop of {geometry:?}");
         for (i, pixel) in ours.chunks_exact(3).enumerate() {
             let (x, y) = (i % crop_w as usize, i / crop_w as usize);
             let source_x = if flipped { crop_w as usize - 1 - x } else { x };
             let j = 3 * (y * crop_w as usize + source_x);
-            for (c, (a, b)) in pixel.iter().zip(&expected.buffer()[j..j + 3]).enumerate() {
+            for (c, (a, b)) in pixel.iter().zip(&expected[j..j + 3]).enumerate() {
                 assert!(a.abs_diff(*b) <= 1, "pixel {x},{y} channel {c} of {geometry:?}: {a} vs {b}");
             }
         }
     }
+}
+
+/// The oracle of the crop tests: fast_image_resize's own one-call bilinear resample of the
+/// crop window of a row-major RGB image, unmirrored.
+fn one_call_crop(rgb: &[u8], g: &Geometry) -> Vec<u8> {
+    use fast_image_resize::{images::{Image, ImageRef}, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+    let (left, top, width, height) = g.window_in_original();
+    let mut crop = Image::new(g.crop_width, g.crop_height, PixelType::U8x3);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
+        .crop(left, top, width, height);
+    let image = ImageRef::new(g.original_width, g.original_height, rgb, PixelType::U8x3).unwrap();
+    Resizer::new().resize(&image, &mut crop, &options).unwrap();
+    crop.into_vec()
 }
 
 /// A seeded stream of bytes with no structure (an LCG's high byte), so that a pixel taken
