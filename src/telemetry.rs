@@ -2,6 +2,11 @@
 //! Prometheus exporter, and the helpers stages use to report items, busy time and time
 //! blocked on their channels.
 //!
+//! The standard process metrics (`process_resident_memory_bytes`, `process_open_fds`,
+//! `process_threads`, `process_cpu_seconds_total`, ...; unprefixed, as every Prometheus client
+//! names them) come from the `metrics-process` crate, refreshed by `report_process_metrics`:
+//! a daemon that runs for days shows its memory and file handles over time.
+//!
 //! Busy and wait times are histograms in seconds: `metrics` counters are integers, and a
 //! histogram's `_sum` is the exact total seconds (`rate(..._sum)` is the busy/wait ratio).
 
@@ -38,6 +43,9 @@ pub const STEP_BUCKETS: [f64; 14] = [0.01, 0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.
 /// Buckets of the per-item busy and wait histograms and of checkpoint durations.
 pub const DURATION_BUCKETS: [f64; 12] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
 
+/// How often the process metrics are read from /proc: under a typical scrape interval.
+pub const PROCESS_METRICS_EVERY: Duration = Duration::from_secs(5);
+
 /// Starts the Prometheus endpoint on `address` (serves `/metrics`) and records build info.
 pub fn install_exporter(address: SocketAddr) -> anyhow::Result<()> {
     PrometheusBuilder::new()
@@ -49,6 +57,18 @@ pub fn install_exporter(address: SocketAddr) -> anyhow::Result<()> {
     describe();
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "libtorch" => crate::doctor::LIBTORCH_VERSION).set(1.0);
     Ok(())
+}
+
+/// Refreshes the process metrics every `PROCESS_METRICS_EVERY`, for ever (a task on the
+/// control plane's runtime; the first reading is taken at once).
+pub async fn report_process_metrics() {
+    let collector = metrics_process::Collector::default();
+    collector.describe();
+    let mut every = tokio::time::interval(PROCESS_METRICS_EVERY);
+    loop {
+        every.tick().await;
+        collector.collect();
+    }
 }
 
 /// Help texts (`# HELP`), one per metric.

@@ -1,7 +1,7 @@
 //! A real Prometheus server (Debian's `prometheus`) scrapes a running daemon; every PromQL
 //! expression of the Grafana dashboard, every recording rule and every alert's signal must
 //! return data, every alert rule must evaluate cleanly, and `promtool check metrics` must
-//! accept the endpoint's output.
+//! accept the endpoint's output. The alerts' own unit test (`promtool test rules`) runs too.
 
 mod common;
 
@@ -108,11 +108,19 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_and_rule_expression_returns
         serde_json::from_str(&get(&format!("http://127.0.0.1:{prom_port}/api/v1/rules")).unwrap()).unwrap();
     let all: Vec<&serde_json::Value> = rules_api["data"]["groups"].as_array().unwrap().iter()
         .flat_map(|g| g["rules"].as_array().unwrap()).collect();
-    assert_eq!(all.len(), 6);
+    assert_eq!(all.len(), 8);
     for rule in all {
         assert_eq!(rule["health"], "ok", "{rule}");
         if rule["type"] == "alerting" {
             assert_eq!(rule["state"], "inactive", "{rule}");
         }
     }
+}
+
+#[test]
+fn the_alert_rules_pass_their_promtool_unit_test() {
+    let out = Command::new("promtool").args(["test", "rules", "monitoring/prometheus/alerts.test.yml"]).output()
+        .expect("promtool, from Debian's prometheus package (make test installs it)");
+    assert!(out.status.success(), "promtool test rules: {}{}", String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr));
 }

@@ -1,6 +1,7 @@
 //! The control plane, on a tokio runtime of its own: SIGTERM / SIGINT ask the training loop
 //! to stop (it finishes the step, writes a checkpoint and exits 0); a second signal exits at
-//! once. The Prometheus endpoint is started here too.
+//! once. The Prometheus endpoint is started here too, and the process metrics are refreshed
+//! on this runtime.
 
 use anyhow::{Context, Result};
 use std::net::SocketAddr;
@@ -32,6 +33,9 @@ impl Control {
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
+                if metrics.is_some() {
+                    tokio::spawn(crate::telemetry::report_process_metrics());
+                }
                 loop {
                     tokio::select! {
                         _ = term.recv() => {}
