@@ -91,7 +91,8 @@ fn describe() {
     describe_gauge!(EVAL_MIOU, "Mean IoU (0-1) on the target val set at the last evaluation.");
     describe_gauge!(EVAL_IOU, "IoU (0-1) per class on the target val set at the last evaluation.");
     describe_counter!(LOADER_ERRORS, "Samples a loader could not use, by domain and kind.");
-    describe_histogram!(CHECKPOINT_SECONDS, "Seconds to write a checkpoint.");
+    describe_histogram!(CHECKPOINT_SECONDS, "Seconds to write a checkpoint (on the writer thread; the pause it \
+        costs training is adamcu_stage_wait_seconds{stage=\"train\",side=\"output\"}).");
     describe_gauge!(GPU_MEMORY_PEAK, "Peak bytes allocated on the CUDA device (CUDA runs only).");
     describe_gauge!(BUILD_INFO, "Always 1; labels give the adamcu and libtorch versions.");
 }

@@ -115,6 +115,14 @@ pub fn to_device_async(tensor: &tch::Tensor, device: tch::Device) -> tch::Tensor
     tensor.to_device_(device, tensor.kind(), device.is_cuda(), false)
 }
 
+/// A host copy that owns its storage, detached from autograd: training may change the
+/// original in place while the copy is written elsewhere (`to_device(Cpu)` on a CPU tensor
+/// returns the tensor itself; from CUDA it copies after the queued work, synchronously).
+pub fn owned_host_copy(tensor: &tch::Tensor) -> tch::Tensor {
+    let tensor = tensor.detach();
+    if tensor.device() == tch::Device::Cpu { tensor.copy() } else { tensor.to_device(tch::Device::Cpu) }
+}
+
 /// A small tensor built on the host (indices, bitsets) on `device` without a stream
 /// synchronisation: it is page-locked first, so the copy is queued like a kernel (a copy
 /// from pageable memory may make the host wait for the device).

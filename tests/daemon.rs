@@ -1,10 +1,13 @@
 //! The daemon: kill -9 and resume without losing or double-charging a label, SIGTERM, the
-//! run lock, backpressure, loader errors as metrics.
+//! run lock, backpressure, loader errors as metrics, the checkpoint writer.
 
 mod common;
 
 use adamcu::active::ledger::Ledger;
+use adamcu::pipeline::writer::CheckpointWriter;
+use adamcu::train::ada::AdaRun;
 use adamcu::train::checkpoint::Rotation;
+use adamcu::train::Trainer;
 use common::*;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
@@ -171,4 +174,66 @@ fn loader_errors_show_up_as_metrics() {
     assert!(ok, "{log}");
     assert!(found.contains("domain=\"source\""), "no loader error metric: {found:?}");
     assert!(log.contains("skipping sample") && log.contains("00002.png"), "the skip is logged with its path");
+}
+
+/// A tiny run's ADA-MCU stage, started from random weights, for the checkpoint writer's tests.
+fn ada_run(dir: &Path, name: &str) -> (adamcu::config::Config, Trainer, AdaRun) {
+    let config = tiny_daemon_config(dir, name, 1000);
+    let trainer = Trainer::new(&config).unwrap();
+    let state = trainer.new_ada_state(trainer.open_ledger(&config.run_dir().join("ledger.bin")).unwrap());
+    let run = AdaRun::start(&trainer, state, None, 1000).unwrap();
+    (config, trainer, run)
+}
+
+#[test]
+fn a_checkpoint_written_while_training_goes_on_holds_the_state_of_its_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, trainer, mut run) = ada_run(dir.path(), "writer");
+    for _ in 0..3 {
+        run.step(&trainer).unwrap();
+    }
+    let captured = run.capture_checkpoint(&trainer);
+    let weights: Vec<(String, tch::Tensor)> = trainer.vs.variables().into_iter().map(|(n, t)| (n, t.copy())).collect();
+    let charged = run.state.ledger.charged();
+    // Training goes on: weights, momentum and the ledger change in place before the write.
+    for _ in 0..3 {
+        run.step(&trainer).unwrap();
+    }
+    assert!(weights.iter().any(|(n, t)| !t.equal(&trainer.vs.variables()[n])), "the weights changed");
+    assert!(run.state.ledger.charged() > charged, "labels were bought after the capture");
+    let rotation = Rotation { dir: config.run_dir().join("checkpoints"), keep: 2 };
+    let mut writer = CheckpointWriter::start(rotation.clone()).unwrap();
+    writer.submit(captured).unwrap();
+    writer.finish().unwrap();
+
+    let mut fresh = Trainer::new(&config).unwrap();
+    let loaded = fresh.load(&rotation.path_for(3, "safetensors")).unwrap();
+    assert_eq!(loaded.meta["step"], 3);
+    for (name, t) in &weights {
+        assert!(t.equal(&fresh.vs.variables()[name]), "{name} is not its value at step 3");
+    }
+    // The snapshot is the ledger of step 3: resumed from it, the later purchases are pending.
+    let (images, budget) = (run.state.ledger.images().to_vec(), run.state.ledger.budget());
+    let resumed = Ledger::open_resumed(&config.run_dir().join("ledger.bin"), &images, budget,
+        &rotation.path_for(3, "ledger")).unwrap();
+    assert_eq!(resumed.spent(), charged);
+    assert_eq!(loaded.meta["charged"], charged);
+}
+
+#[test]
+fn a_failed_checkpoint_write_comes_back_to_the_trainer_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, trainer, run) = ada_run(dir.path(), "unwritable");
+    // The checkpoint folder cannot be made: a file stands where a folder would be.
+    let blocked = dir.path().join("blocked");
+    std::fs::write(&blocked, b"").unwrap();
+    let rotation = Rotation { dir: blocked.join("checkpoints"), keep: 2 };
+    let mut writer = CheckpointWriter::start(rotation.clone()).unwrap();
+    writer.submit(run.capture_checkpoint(&trainer)).unwrap();
+    let error = writer.submit(run.capture_checkpoint(&trainer)).unwrap_err();
+    assert!(format!("{error:#}").contains("writing the checkpoint of step 0"), "{error:#}");
+    let mut writer = CheckpointWriter::start(rotation).unwrap();
+    writer.submit(run.capture_checkpoint(&trainer)).unwrap();
+    let error = writer.finish().unwrap_err();
+    assert!(format!("{error:#}").contains("writing the checkpoint of step 0"), "{error:#}");
 }

@@ -4,7 +4,8 @@
 //! - Ma (`spent`) is the exact number of set bits; `buy` refuses once Ma = Me, so the budget
 //!   can never be passed, and a pixel already bought is never charged again.
 //! - Bits are written straight into the mapping: a killed process loses nothing (the kernel
-//!   holds the pages); `flush` makes them durable against power loss, at every checkpoint.
+//!   holds the pages); they are made durable against power loss at every checkpoint (before
+//!   its snapshot is written) and at the end of a run.
 //! - Resuming from a checkpoint replays the steps after it. Pixels bought in those steps
 //!   before the crash are *pending* (in the ledger, not in the checkpoint's snapshot): they
 //!   stay bought and charged, the replay sees them as not yet bought, and when the replay
@@ -27,6 +28,25 @@ pub struct LedgerImage {
     pub id: String,
     pub width: u32,
     pub height: u32,
+}
+
+/// A copy of the ledger's file at one step, the companion of that step's checkpoint.
+pub struct LedgerSnapshot {
+    ledger_path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+impl LedgerSnapshot {
+    /// Makes the ledger durable, then writes the copy to `path` atomically. The ledger only
+    /// gains bits, so once synced it holds every bit of the copy: a power loss can never leave
+    /// a snapshot that knows purchases the ledger lost (`open_resumed` refuses that as
+    /// corruption). fsync through a second handle writes back the mapping's dirty pages too:
+    /// on Linux they live in the same page cache.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        std::fs::File::open(&self.ledger_path).and_then(|f| f.sync_all())
+            .with_context(|| format!("{}: cannot flush the ledger", self.ledger_path.display()))?;
+        crate::train::checkpoint::write_atomically(path, |temp| Ok(std::fs::write(temp, &self.bytes)?))
+    }
 }
 
 pub struct Ledger {
@@ -132,10 +152,15 @@ impl Ledger {
         Ok(ledger)
     }
 
-    /// Writes a copy of the ledger (after a flush) to `path` atomically, for a checkpoint.
+    /// The ledger as it is now, for a checkpoint: a copy, so that purchases can go on while
+    /// it is written.
+    pub fn snapshot(&self) -> LedgerSnapshot {
+        LedgerSnapshot { ledger_path: self.path.clone(), bytes: self.map[..].to_vec() }
+    }
+
+    /// Writes the ledger's snapshot to `path` (`snapshot`, then `LedgerSnapshot::write`).
     pub fn snapshot_to(&self, path: &Path) -> Result<()> {
-        self.flush()?;
-        crate::train::checkpoint::write_atomically(path, |temp| Ok(std::fs::write(temp, &self.map[..])?))
+        self.snapshot().write(path)
     }
 
     /// Ma as the run sees it: purchases up to the current step (pending ones excluded).

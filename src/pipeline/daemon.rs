@@ -1,6 +1,7 @@
 //! `adamcu train --config F`: the long-lived run. Source pretraining (once, if the run has no
 //! source checkpoint), then ADA-MCU with periodic atomic checkpoints (`checkpoints/`, the last
-//! `train.keep_checkpoints` kept), a status line and file, periodic evaluation, and metrics.
+//! `train.keep_checkpoints` kept; `writer::CheckpointWriter` writes them while training goes
+//! on), a status line and file, periodic evaluation, and metrics.
 //! SIGTERM/SIGINT: the step in progress finishes, a checkpoint is written, exit 0.
 //! `--resume` restores model, optimizer state and LR position, DCCM, thresholds, the ledger,
 //! the random streams (seeded per step) and the data order from the newest checkpoint.
@@ -8,6 +9,7 @@
 use super::control::Control;
 use super::lock::RunLock;
 use super::status::{bottleneck, Status};
+use super::writer::CheckpointWriter;
 use crate::config::Config;
 use crate::train::ada::{resume, AdaRun};
 use crate::train::checkpoint::Rotation;
@@ -66,16 +68,18 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
     let fresh = point.is_none();
     let mut run = AdaRun::start(&trainer, state, point, config.active.iterations as u64)?;
     if fresh {
-        // A base checkpoint, so that a kill before the first periodic one can still resume.
-        run.checkpoint(&trainer, &rotation)?;
+        // A base checkpoint, on disk before the first step, so that a kill before the first
+        // periodic one can still resume.
+        run.capture_checkpoint(&trainer).write(&rotation)?;
     }
+    let mut writer = CheckpointWriter::start(rotation.clone())?;
 
     let mut reporter = Reporter { run_dir: run_dir.clone(), since: Instant::now(), step: run.step, waited: run.waited,
         stepped: run.stepped, rate: 0.0, wait_share: 0.0 };
     while !run.done() && !control.stop_requested() {
         run.step(&trainer)?;
         if run.step % config.train.checkpoint_every as u64 == 0 {
-            run.checkpoint(&trainer, &rotation)?;
+            run.checkpoint(&trainer, &mut writer)?;
         }
         if run.step % config.train.log_every as u64 == 0 {
             reporter.report(&run, "running")?;
@@ -85,8 +89,9 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
         }
     }
     let outcome = if run.done() { Outcome::Finished } else { Outcome::Stopped };
-    let path = run.checkpoint(&trainer, &rotation)?;
-    tracing::info!("checkpoint {}", path.display());
+    run.checkpoint(&trainer, &mut writer)?;
+    writer.finish()?;
+    tracing::info!("checkpoint {}", rotation.path_for(run.step, "safetensors").display());
     reporter.report(&run, if outcome == Outcome::Finished { "finished" } else { "stopped" })?;
     if outcome == Outcome::Finished {
         evaluate(&trainer, &run)?;

@@ -8,7 +8,7 @@ use super::optimizer::{poly_lr, Sgd};
 use super::{open_set, segmentation_loss, Trainer};
 use crate::telemetry;
 use std::time::Instant;
-use crate::active::ledger::{Ledger, LedgerImage};
+use crate::active::ledger::{Ledger, LedgerImage, LedgerSnapshot};
 use crate::active::oracle::{Oracle, SealedLabels};
 use crate::active::sampling::{BatchSelection, CropPixels, Sampler, Settled, Thresholds};
 use crate::active::uncertainty::uncertainty;
@@ -16,6 +16,7 @@ use crate::contrast::dccm::Dccm;
 use crate::contrast::units::{contrastive_losses, DomainBatch};
 use crate::data::loader::{Loader, LoaderOptions};
 use crate::model::deeplab::upsample;
+use crate::pipeline::writer::CheckpointWriter;
 use anyhow::{anyhow, Context, Result};
 use std::path::Path;
 use tch::{Kind, Tensor};
@@ -206,6 +207,30 @@ pub struct ResumePoint {
     pub optimizer: Vec<(String, Tensor)>,
 }
 
+/// One ADA-MCU checkpoint captured at a step (`AdaRun::capture_checkpoint`), to be written
+/// as `step-N.ledger` and `step-N.safetensors`.
+pub struct AdaCheckpoint {
+    pub step: u64,
+    ledger: LedgerSnapshot,
+    model: checkpoint::Captured,
+}
+
+impl AdaCheckpoint {
+    /// Writes the ledger snapshot, then the checkpoint (so a checkpoint file never exists
+    /// without its snapshot), then prunes the old ones. Seconds at the paper's scale: the
+    /// daemon runs it on its writer thread.
+    pub fn write(&self, rotation: &checkpoint::Rotation) -> Result<std::path::PathBuf> {
+        let started = Instant::now();
+        std::fs::create_dir_all(&rotation.dir)?;
+        self.ledger.write(&rotation.path_for(self.step, "ledger"))?;
+        let path = rotation.path_for(self.step, "safetensors");
+        self.model.write(&path)?;
+        rotation.prune()?;
+        telemetry::checkpoint(started.elapsed().as_secs_f64());
+        Ok(path)
+    }
+}
+
 /// A running ADA-MCU stage: its loaders, optimizer and state, one `step` at a time.
 pub struct AdaRun {
     pub state: AdaState,
@@ -291,21 +316,26 @@ impl AdaRun {
         Ok(&self.last)
     }
 
-    /// Writes `step-N.safetensors` (model, optimizer, DCCM, thresholds, step) and the ledger
-    /// snapshot `step-N.ledger`, then prunes old ones.
-    pub fn checkpoint(&self, trainer: &Trainer, rotation: &checkpoint::Rotation) -> Result<std::path::PathBuf> {
-        let started = Instant::now();
-        std::fs::create_dir_all(&rotation.dir)?;
-        // The snapshot first: a checkpoint file never exists without its ledger snapshot.
-        self.state.ledger.snapshot_to(&rotation.path_for(self.step, "ledger"))?;
-        let path = rotation.path_for(self.step, "safetensors");
+    /// Captures this step's checkpoint: model, optimizer, DCCM, thresholds, step and the
+    /// ledger's bits, all copied, so that it can be written while training goes on.
+    pub fn capture_checkpoint(&self, trainer: &Trainer) -> AdaCheckpoint {
+        let ledger = &self.state.ledger;
         let meta = serde_json::json!({ "stage": "ada", "step": self.step, "iterations": self.iterations,
-            "thresholds": self.state.sampler.thresholds, "spent": self.state.ledger.spent(),
-            "charged": self.state.ledger.charged(), "budget": self.state.ledger.budget() });
-        checkpoint::save(&path, &trainer.vs, Some(&self.optimizer), &[("dccm".into(), self.state.dccm.w.shallow_clone())], &meta)?;
-        rotation.prune()?;
-        telemetry::checkpoint(started.elapsed().as_secs_f64());
-        Ok(path)
+            "thresholds": self.state.sampler.thresholds, "spent": ledger.spent(),
+            "charged": ledger.charged(), "budget": ledger.budget() });
+        let model = checkpoint::capture(&trainer.vs, Some(&self.optimizer),
+            &[("dccm".into(), self.state.dccm.w.shallow_clone())], &meta);
+        AdaCheckpoint { step: self.step, ledger: ledger.snapshot(), model }
+    }
+
+    /// Captures this step's checkpoint and hands it to the writer thread. The pause it costs
+    /// the trainer (the copies, and waiting while the writer is still busy with the previous
+    /// checkpoint) is recorded as the train stage's output wait.
+    pub fn checkpoint(&self, trainer: &Trainer, writer: &mut CheckpointWriter) -> Result<()> {
+        let started = Instant::now();
+        writer.submit(self.capture_checkpoint(trainer))?;
+        self.stage.waited_output(started.elapsed());
+        Ok(())
     }
 
     pub fn finish(self) -> Result<(AdaSummary, AdaState)> {

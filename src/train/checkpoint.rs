@@ -3,6 +3,7 @@
 //! renamed, so a crash leaves either the old checkpoint or the new one, never a torn one.
 
 use super::optimizer::Sgd;
+use crate::torch_ext::owned_host_copy;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use tch::nn::VarStore;
@@ -20,22 +21,40 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
     Ok(())
 }
 
-/// Saves the model, the optimizer state, `extra` tensors (stage state such as the DCCM, as
+/// A checkpoint's tensors and metadata copied off the live model at one step: the variables
+/// and momentum buffers change in place as training goes on, so a checkpoint that is written
+/// while it does (the daemon's writer thread) must own its copies.
+pub struct Captured {
+    tensors: Vec<(String, Tensor)>,
+}
+
+/// Captures the model, the optimizer state, `extra` tensors (stage state such as the DCCM, as
 /// `state.<name>`) and `meta`.
+pub fn capture(vs: &VarStore, optimizer: Option<&Sgd>, extra: &[(String, Tensor)], meta: &serde_json::Value) -> Captured {
+    let copy = |name: String, t: &Tensor| (name, owned_host_copy(t));
+    let mut tensors: Vec<(String, Tensor)> = vs.variables().iter().map(|(n, t)| copy(format!("model.{n}"), t)).collect();
+    if let Some(opt) = optimizer {
+        tensors.extend(opt.state().iter().map(|(n, t)| copy(format!("optim.{n}"), t)));
+    }
+    tensors.extend(extra.iter().map(|(n, t)| copy(format!("state.{n}"), t)));
+    let meta_bytes = serde_json::to_vec(meta).expect("JSON values serialise");
+    tensors.push(("meta".into(), Tensor::from_slice(&meta_bytes)));
+    Captured { tensors }
+}
+
+impl Captured {
+    /// Writes the checkpoint to `path` atomically.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        write_atomically(path, |temp| {
+            Tensor::write_safetensors(&self.tensors, temp).with_context(|| format!("writing {}", temp.display()))
+        })
+    }
+}
+
+/// Saves the model, the optimizer state, `extra` tensors and `meta` (`capture`, then `write`).
 pub fn save(path: &Path, vs: &VarStore, optimizer: Option<&Sgd>, extra: &[(String, Tensor)],
     meta: &serde_json::Value) -> Result<()> {
-    let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter()
-        .map(|(n, t)| (format!("model.{n}"), t.to_device(tch::Device::Cpu)))
-        .collect();
-    if let Some(opt) = optimizer {
-        tensors.extend(opt.state().into_iter().map(|(n, t)| (format!("optim.{n}"), t.to_device(tch::Device::Cpu))));
-    }
-    tensors.extend(extra.iter().map(|(n, t)| (format!("state.{n}"), t.to_device(tch::Device::Cpu))));
-    let meta_bytes = serde_json::to_vec(meta)?;
-    tensors.push(("meta".into(), Tensor::from_slice(&meta_bytes)));
-    write_atomically(path, |temp| {
-        Tensor::write_safetensors(&tensors, temp).with_context(|| format!("writing {}", temp.display()))
-    })
+    capture(vs, optimizer, extra, meta).write(path)
 }
 
 pub struct Loaded {
@@ -83,6 +102,7 @@ pub fn load(path: &Path, vs: &mut VarStore) -> Result<Loaded> {
 
 /// Periodic checkpoints of a run: `step-NNNNNNNN.safetensors` (with any companion files that
 /// share the stem, e.g. the ledger snapshot `.ledger`) in one folder; the last `keep` stay.
+#[derive(Clone)]
 pub struct Rotation {
     pub dir: std::path::PathBuf,
     pub keep: usize,
@@ -106,10 +126,13 @@ impl Rotation {
         self.steps().last().copied()
     }
 
-    /// Removes all but the newest `keep` checkpoints (and their companion files).
+    /// Removes all but the newest `keep` checkpoints (and their companion files). The
+    /// `.safetensors` file goes first: a checkpoint a kill leaves half-removed is one that
+    /// `steps` no longer lists, never one that lacks its ledger snapshot.
     pub fn prune(&self) -> Result<()> {
         let steps = self.steps();
         for &step in steps.iter().take(steps.len().saturating_sub(self.keep)) {
+            std::fs::remove_file(self.path_for(step, "safetensors"))?;
             for entry in std::fs::read_dir(&self.dir)?.flatten() {
                 if entry.file_name().to_string_lossy().starts_with(&format!("step-{step:08}.")) {
                     std::fs::remove_file(entry.path())?;
