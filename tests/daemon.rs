@@ -223,7 +223,7 @@ fn a_checkpoint_written_while_training_goes_on_holds_the_state_of_its_step() {
 #[test]
 fn a_failed_checkpoint_write_comes_back_to_the_trainer_with_its_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, trainer, run) = ada_run(dir.path(), "unwritable");
+    let (_, trainer, mut run) = ada_run(dir.path(), "unwritable");
     // The checkpoint folder cannot be made: a file stands where a folder would be.
     let blocked = dir.path().join("blocked");
     std::fs::write(&blocked, b"").unwrap();
@@ -236,4 +236,31 @@ fn a_failed_checkpoint_write_comes_back_to_the_trainer_with_its_reason() {
     writer.submit(run.capture_checkpoint(&trainer)).unwrap();
     let error = writer.finish().unwrap_err();
     assert!(format!("{error:#}").contains("writing the checkpoint of step 0"), "{error:#}");
+}
+
+#[test]
+fn a_ledger_unchanged_since_the_last_checkpoint_is_not_copied_again() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, trainer, mut run) = ada_run(dir.path(), "unchanged");
+    let rotation = Rotation { dir: config.run_dir().join("checkpoints"), keep: 3 };
+    let inode = |step: u64| std::fs::metadata(rotation.path_for(step, "ledger")).unwrap().ino();
+    run.step(&trainer).unwrap();
+    run.capture_checkpoint(&trainer).write(&rotation).unwrap();
+    // Nothing bought in between (here: no step): the same file under the new name.
+    run.step = 2;
+    run.capture_checkpoint(&trainer).write(&rotation).unwrap();
+    assert_eq!(inode(2), inode(1));
+    // A step that buys labels: a fresh copy, holding exactly the ledger as it is.
+    let charged = run.state.ledger.charged();
+    run.step(&trainer).unwrap();
+    assert!(run.state.ledger.charged() > charged, "the step bought labels");
+    run.capture_checkpoint(&trainer).write(&rotation).unwrap();
+    assert_ne!(inode(3), inode(2));
+    let (images, budget) = (run.state.ledger.images().to_vec(), run.state.ledger.budget());
+    for (step, expected) in [(2, charged), (3, run.state.ledger.charged())] {
+        let resumed = Ledger::open_resumed(&config.run_dir().join("ledger.bin"), &images, budget,
+            &rotation.path_for(step, "ledger")).unwrap();
+        assert_eq!(resumed.spent(), expected, "snapshot of step {step}");
+    }
 }

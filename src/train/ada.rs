@@ -211,8 +211,17 @@ pub struct ResumePoint {
 /// as `step-N.ledger` and `step-N.safetensors`.
 pub struct AdaCheckpoint {
     pub step: u64,
-    ledger: LedgerSnapshot,
+    ledger: LedgerCopy,
     model: checkpoint::Captured,
+}
+
+/// The ledger's part of a checkpoint.
+enum LedgerCopy {
+    Taken(LedgerSnapshot),
+    /// No label was bought since the snapshot of this step (the ledger only gains bits, and
+    /// the count charged did not move): its file serves again. Once the budget is spent, most
+    /// of a run's checkpoints are like this, and a copy of Cityscapes' ledger is 780 MB.
+    SameAs(u64),
 }
 
 impl AdaCheckpoint {
@@ -222,7 +231,15 @@ impl AdaCheckpoint {
     pub fn write(&self, rotation: &checkpoint::Rotation) -> Result<std::path::PathBuf> {
         let started = Instant::now();
         std::fs::create_dir_all(&rotation.dir)?;
-        self.ledger.write(&rotation.path_for(self.step, "ledger"))?;
+        let ledger_path = rotation.path_for(self.step, "ledger");
+        match &self.ledger {
+            LedgerCopy::Taken(snapshot) => snapshot.write(&ledger_path)?,
+            // A second name for the earlier file (it is still there: pruning comes after).
+            LedgerCopy::SameAs(step) => checkpoint::write_atomically(&ledger_path, |temp| {
+                let _ = std::fs::remove_file(temp); // left by an earlier attempt
+                Ok(std::fs::hard_link(rotation.path_for(*step, "ledger"), temp)?)
+            })?,
+        }
         let path = rotation.path_for(self.step, "safetensors");
         self.model.write(&path)?;
         rotation.prune()?;
@@ -244,6 +261,8 @@ pub struct AdaRun {
     /// Seconds this run's steps spent waiting for batches, and in all (for the bottleneck).
     pub waited: f64,
     pub stepped: f64,
+    /// Pixels charged when this run last captured the ledger, and at which step.
+    last_snapshot: Option<(u64, u64)>,
 }
 
 impl AdaRun {
@@ -269,7 +288,7 @@ impl AdaRun {
         let target = Loader::spawn(target_set, &c.augment_for(target_cfg.unwrap()),
             options("target", c.train.batch_target, c.run.seed.wrapping_add(1)));
         Ok(AdaRun { state, optimizer, source, target, step, iterations, last: StepLosses::default(),
-            stage: telemetry::Stage::new("train"), waited: 0.0, stepped: 0.0 })
+            stage: telemetry::Stage::new("train"), waited: 0.0, stepped: 0.0, last_snapshot: None })
     }
 
     pub fn done(&self) -> bool {
@@ -318,20 +337,25 @@ impl AdaRun {
 
     /// Captures this step's checkpoint: model, optimizer, DCCM, thresholds, step and the
     /// ledger's bits, all copied, so that it can be written while training goes on.
-    pub fn capture_checkpoint(&self, trainer: &Trainer) -> AdaCheckpoint {
+    pub fn capture_checkpoint(&mut self, trainer: &Trainer) -> AdaCheckpoint {
         let ledger = &self.state.ledger;
         let meta = serde_json::json!({ "stage": "ada", "step": self.step, "iterations": self.iterations,
             "thresholds": self.state.sampler.thresholds, "spent": ledger.spent(),
             "charged": ledger.charged(), "budget": ledger.budget() });
         let model = checkpoint::capture(&trainer.vs, Some(&self.optimizer),
             &[("dccm".into(), self.state.dccm.w.shallow_clone())], &meta);
-        AdaCheckpoint { step: self.step, ledger: ledger.snapshot(), model }
+        let ledger_copy = match self.last_snapshot {
+            Some((charged, step)) if charged == ledger.charged() => LedgerCopy::SameAs(step),
+            _ => LedgerCopy::Taken(ledger.snapshot()),
+        };
+        self.last_snapshot = Some((ledger.charged(), self.step));
+        AdaCheckpoint { step: self.step, ledger: ledger_copy, model }
     }
 
     /// Captures this step's checkpoint and hands it to the writer thread. The pause it costs
     /// the trainer (the copies, and waiting while the writer is still busy with the previous
     /// checkpoint) is recorded as the train stage's output wait.
-    pub fn checkpoint(&self, trainer: &Trainer, writer: &mut CheckpointWriter) -> Result<()> {
+    pub fn checkpoint(&mut self, trainer: &Trainer, writer: &mut CheckpointWriter) -> Result<()> {
         let started = Instant::now();
         writer.submit(self.capture_checkpoint(trainer))?;
         self.stage.waited_output(started.elapsed());
