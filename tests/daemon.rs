@@ -98,6 +98,11 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0_and_the_lock_stops_
     let dir = tempfile::tempdir().unwrap();
     let config = tiny_daemon_config(dir.path(), "term", 100_000);
     let path = write_config(dir.path(), &config);
+    // What a kill in the middle of a checkpoint write leaves (of a step this run never
+    // checkpoints, so no write of its own replaces it): removed when a daemon starts.
+    let unfinished = config.run_dir().join("checkpoints/.step-00000003.ledger.tmp");
+    std::fs::create_dir_all(unfinished.parent().unwrap()).unwrap();
+    std::fs::write(&unfinished, b"half a snapshot").unwrap();
     let child = daemon(&path, &[]);
     let status = config.run_dir().join("status.json");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -118,6 +123,7 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0_and_the_lock_stops_
     let rotation = Rotation { dir: config.run_dir().join("checkpoints"), keep: 2 };
     assert_eq!(rotation.latest(), Some(s.step), "the final checkpoint is at the step it stopped");
     assert!(rotation.steps().len() <= 2, "only the last N are kept");
+    assert!(!unfinished.exists(), "the interrupted write's temporary file was removed");
     // `adamcu status` reads it.
     let out = Command::new(env!("CARGO_BIN_EXE_adamcu")).arg("status").arg(config.run_dir()).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

@@ -35,6 +35,7 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
     let _lock = RunLock::acquire(&run_dir)?;
     let control = Control::start(config.metrics.listen_address()?)?;
     let rotation = Rotation { dir: run_dir.join("checkpoints"), keep: config.train.keep_checkpoints };
+    rotation.remove_unfinished()?;
     let ledger_path = run_dir.join("ledger.bin");
     let mut trainer = Trainer::new(config)?;
 

@@ -126,6 +126,19 @@ impl Rotation {
         self.steps().last().copied()
     }
 
+    /// Removes the temporary files of writes a kill or a crash cut short (up to a whole
+    /// ledger snapshot each). Only for the run's one daemon, at its start: it holds the lock.
+    pub fn remove_unfinished(&self) -> Result<()> {
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".step-") && name.ends_with(".tmp") {
+                std::fs::remove_file(entry.path()).with_context(|| format!("removing {}", entry.path().display()))?;
+                tracing::info!("removed {}, left by an interrupted checkpoint", entry.path().display());
+            }
+        }
+        Ok(())
+    }
+
     /// Removes all but the newest `keep` checkpoints (and their companion files). The
     /// `.safetensors` file goes first: a checkpoint a kill leaves half-removed is one that
     /// `steps` no longer lists, never one that lacks its ledger snapshot.
