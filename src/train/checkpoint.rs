@@ -131,6 +131,7 @@ impl Rotation {
     pub fn remove_unfinished(&self) -> Result<()> {
         for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
+            // `write_atomically`'s temporary name for a `step-N.*` file.
             if name.starts_with(".step-") && name.ends_with(".tmp") {
                 std::fs::remove_file(entry.path()).with_context(|| format!("removing {}", entry.path().display()))?;
                 tracing::info!("removed {}, left by an interrupted checkpoint", entry.path().display());
