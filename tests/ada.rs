@@ -157,7 +157,7 @@ fn the_device_sees_what_the_ledger_shows_bought_pixel_by_pixel_pending_purchases
     }
     // A checkpoint, then purchases the checkpoint does not know: pending after a resume.
     let snapshot = dir.path().join("snapshot.bin");
-    ledger.snapshot_to(&snapshot).unwrap();
+    ledger.snapshot().write(&snapshot).unwrap();
     for (x, y) in [(1, 1), (8, 3), (12, 0)] {
         assert!(ledger.buy(1, x, y));
     }

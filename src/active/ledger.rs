@@ -158,11 +158,6 @@ impl Ledger {
         LedgerSnapshot { ledger_path: self.path.clone(), bytes: self.map[..].to_vec() }
     }
 
-    /// Writes the ledger's snapshot to `path` (`snapshot`, then `LedgerSnapshot::write`).
-    pub fn snapshot_to(&self, path: &Path) -> Result<()> {
-        self.snapshot().write(path)
-    }
-
     /// Ma as the run sees it: purchases up to the current step (pending ones excluded).
     pub fn spent(&self) -> u64 {
         self.spent - self.pending_count

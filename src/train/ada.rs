@@ -230,7 +230,6 @@ impl AdaCheckpoint {
     /// daemon runs it on its writer thread.
     pub fn write(&self, rotation: &checkpoint::Rotation) -> Result<std::path::PathBuf> {
         let started = Instant::now();
-        std::fs::create_dir_all(&rotation.dir)?;
         let ledger_path = rotation.path_for(self.step, "ledger");
         match &self.ledger {
             LedgerCopy::Taken(snapshot) => snapshot.write(&ledger_path)?,
