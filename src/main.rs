@@ -1,6 +1,7 @@
 //! The `adamcu` command line: one subcommand per job; the work lives in the library.
 
 use adamcu::config::{parse_device, Config, DatasetConfig};
+use adamcu::train::ada::ConfigChanges;
 use adamcu::train::eval::{markdown_table, EvalOptions, EvalRow};
 use adamcu::train::{SupervisedStage, Trainer};
 use anyhow::{anyhow, bail, Result};
@@ -66,9 +67,13 @@ enum Command {
         /// "ada" (one uninterrupted ADA-MCU pass, start it with --init) or "target-supervised".
         #[arg(long, default_value = "all")]
         stage: String,
-        /// Go on from the run's newest checkpoint (--stage all).
+        /// Go on from the run's newest checkpoint (--stage all). Refused when the config changed
+        /// a key that alters the experiment since that checkpoint (the error lists them).
         #[arg(long)]
         resume: bool,
+        /// With --resume: go on even though such keys changed (each is logged as a warning).
+        #[arg(long, requires = "resume")]
+        accept_config_changes: bool,
         /// For --stage ada: an ablation preset (al-wo-as, al-w-as, mcu-i, mcu-d, p2p, p2p-c2c,
         /// full); default: the config as written.
         #[arg(long)]
@@ -245,13 +250,15 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
         Command::Demo { config } => {
             adamcu::demo::run(&load_config(&config, overrides)?)?;
         }
-        Command::Train { config, stage, init, ablation, resume } => {
+        Command::Train { config, stage, init, ablation, resume, accept_config_changes } => {
             let mut config = load_config(&config, overrides)?;
             if let Some(preset) = &ablation {
                 config = adamcu::ablation::apply(&config, preset)?;
             }
             if stage == "all" {
-                let outcome = adamcu::pipeline::daemon::run(&config, adamcu::pipeline::daemon::DaemonOptions { resume, init })?;
+                let config_changes = if accept_config_changes { ConfigChanges::Accept } else { ConfigChanges::Refuse };
+                let options = adamcu::pipeline::daemon::DaemonOptions { resume, init, config_changes };
+                let outcome = adamcu::pipeline::daemon::run(&config, options)?;
                 println!("{}", match outcome {
                     adamcu::pipeline::daemon::Outcome::Finished => "finished",
                     adamcu::pipeline::daemon::Outcome::Stopped => "stopped; go on with --resume",

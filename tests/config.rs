@@ -106,3 +106,31 @@ fn set_overrides_dotted_keys_and_is_validated_like_the_file() {
     let errors = Config::load_with_overrides(path, &["active.budgt=0.1".into()]).unwrap_err();
     assert_eq!(errors.errors, ["active.budgt: unknown key"]);
 }
+
+#[test]
+fn changes_since_a_recorded_config_name_each_key_and_whether_it_alters_the_experiment() {
+    let path = std::path::Path::new("pipelines/gta5-cityscapes.toml");
+    // A budget that serde_json's default float parsing reads back one unit in the last place off.
+    let budget = "active.budget=0.10726684331893921".to_string();
+    let base = Config::load_with_overrides(path, std::slice::from_ref(&budget)).unwrap();
+    // Read back from JSON text, as a checkpoint's copy is: no spurious differences.
+    let recorded: serde_json::Value = serde_json::from_slice(&serde_json::to_vec(&base.recorded()).unwrap()).unwrap();
+    assert_eq!(base.changes_since(&recorded), []);
+
+    let changed = Config::load_with_overrides(path, &[budget, "contrast.temperature=0.2".into(),
+        "train.log_every=7".into(), "data.target.root=/elsewhere".into(), "augment.crop=[256, 512]".into()]).unwrap();
+    let changes: Vec<(String, bool)> =
+        changed.changes_since(&recorded).iter().map(|c| (c.key.clone(), c.changes_experiment())).collect();
+    assert_eq!(changes, [("augment.crop".to_string(), true), ("contrast.temperature".into(), true),
+        ("data.target.root".into(), false), ("train.log_every".into(), false)]);
+    let temperature = changed.changes_since(&recorded).into_iter().find(|c| c.key == "contrast.temperature").unwrap();
+    assert_eq!(temperature.to_string(), "contrast.temperature: was 0.1, now 0.2");
+
+    // A data set configured on one side only: each of its keys, absent (null) on the other.
+    let mut without_val = base.clone();
+    without_val.data.target_val = None;
+    let changes = without_val.changes_since(&recorded);
+    assert!(changes.iter().any(|c| c.key == "data.target_val.kind" && c.now.is_null() && c.changes_experiment()),
+        "{changes:?}");
+    assert!(changes.iter().any(|c| c.key == "data.target_val.root" && !c.changes_experiment()), "{changes:?}");
+}

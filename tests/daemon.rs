@@ -270,3 +270,32 @@ fn a_ledger_unchanged_since_the_last_checkpoint_is_not_copied_again() {
         assert_eq!(resumed.spent(), expected, "snapshot of step {step}");
     }
 }
+
+#[test]
+fn a_resume_that_would_change_the_experiment_is_refused_unless_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_daemon_config(dir.path(), "changed", 7);
+    let path = write_config(dir.path(), &config);
+    let (ok, log) = finish(daemon(&path, &[]));
+    assert!(ok, "{log}");
+    let step = || adamcu::pipeline::status::Status::read(&config.run_dir()).unwrap().step;
+    assert_eq!(step(), 7);
+
+    // Changed keys that alter what the run computes: refused, each named with both values.
+    let (ok, log) = finish(daemon(&path, &["--resume", "--set", "contrast.temperature=0.2", "--set", "active.iterations=14"]));
+    assert!(!ok, "{log}");
+    assert!(log.contains("active.iterations: was 7, now 14") && log.contains("contrast.temperature: was 0.1, now 0.2")
+        && log.contains("--accept-config-changes"), "{log}");
+    assert_eq!(step(), 7, "nothing ran");
+
+    // Where it reports and how the loaders are staffed leave the experiment as it was.
+    let (ok, log) = finish(daemon(&path, &["--resume", "--set", "train.log_every=3", "--set", "data.workers=2"]));
+    assert!(ok && log.contains("resume: train.log_every: was 5, now 3"), "{log}");
+
+    // Accepted, the run goes on with the new values, and its checkpoints record them.
+    let (ok, log) = finish(daemon(&path, &["--resume", "--accept-config-changes", "--set", "active.iterations=14"]));
+    assert!(ok && log.contains("changed experiment") && log.contains("active.iterations: was 7, now 14"), "{log}");
+    assert_eq!(step(), 14);
+    let (ok, log) = finish(daemon(&path, &["--resume", "--set", "active.iterations=14"]));
+    assert!(ok && !log.contains("changed experiment"), "{log}");
+}

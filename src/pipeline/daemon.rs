@@ -11,7 +11,7 @@ use super::lock::RunLock;
 use super::status::{bottleneck, Status};
 use super::writer::CheckpointWriter;
 use crate::config::Config;
-use crate::train::ada::{resume, AdaRun};
+use crate::train::ada::{resume, AdaRun, ConfigChanges};
 use crate::train::checkpoint::Rotation;
 use crate::train::{SupervisedStage, Trainer};
 use anyhow::{bail, Context, Result};
@@ -22,6 +22,8 @@ pub struct DaemonOptions {
     pub resume: bool,
     /// Weights to start ADA-MCU from instead of the run's own source checkpoint.
     pub init: Option<PathBuf>,
+    /// With `resume`: what to do when the config changed the experiment since the checkpoint.
+    pub config_changes: ConfigChanges,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -43,7 +45,7 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
         let step = rotation.latest().with_context(|| format!("--resume: no checkpoint in {}", rotation.dir.display()))?;
         let path = rotation.path_for(step, "safetensors");
         tracing::info!("resuming from {}", path.display());
-        let (state, point) = resume(&mut trainer, &path, &ledger_path)?;
+        let (state, point) = resume(&mut trainer, &path, &ledger_path, options.config_changes)?;
         (state, Some(point))
     } else {
         if ledger_path.exists() || rotation.latest().is_some() {

@@ -12,12 +12,13 @@ use crate::active::ledger::{Ledger, LedgerImage, LedgerSnapshot};
 use crate::active::oracle::{Oracle, SealedLabels};
 use crate::active::sampling::{BatchSelection, CropPixels, Sampler, Settled, Thresholds};
 use crate::active::uncertainty::uncertainty;
+use crate::config::{Config, ConfigChange};
 use crate::contrast::dccm::Dccm;
 use crate::contrast::units::{contrastive_losses, DomainBatch};
 use crate::data::loader::{Loader, LoaderOptions};
 use crate::model::deeplab::upsample;
 use crate::pipeline::writer::CheckpointWriter;
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
 use tch::{Kind, Tensor};
 
@@ -201,6 +202,38 @@ impl Trainer {
     }
 }
 
+/// What a resumed run does when its config differs from the checkpoint's in a key that changes
+/// the experiment (`ConfigChange::changes_experiment`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigChanges {
+    /// Refuse to go on, naming each such key: a run silently changed halfway reports numbers
+    /// that belong to no config.
+    Refuse,
+    /// Go on with the new values, each logged as a warning (the next checkpoints record them).
+    Accept,
+}
+
+/// Compares the current config with the one `checkpoint` recorded; logs changes that leave
+/// the experiment as it was and refuses (or, accepted, warns of) the others.
+fn check_config(config: &Config, recorded: &serde_json::Value, checkpoint: &Path, policy: ConfigChanges) -> Result<()> {
+    let (experiment, operational): (Vec<ConfigChange>, Vec<ConfigChange>) =
+        config.changes_since(recorded).into_iter().partition(ConfigChange::changes_experiment);
+    for change in &operational {
+        tracing::info!("resume: {change}");
+    }
+    if experiment.is_empty() {
+        return Ok(());
+    }
+    let listed: String = experiment.iter().map(|c| format!("\n  {c}")).collect();
+    if policy == ConfigChanges::Accept {
+        tracing::warn!("resume: going on with a changed experiment (--accept-config-changes):{listed}");
+        return Ok(());
+    }
+    bail!("{}: the config differs from the one this run was started with, in keys that change the experiment:\
+           {listed}\nset them back (config file or --set), or add --accept-config-changes to go on with the \
+           new values (active.budget and the target set stay fixed by the run's ledger)", checkpoint.display())
+}
+
 /// Where a resumed run picks up (from a checkpoint).
 pub struct ResumePoint {
     pub step: u64,
@@ -340,7 +373,7 @@ impl AdaRun {
         let ledger = &self.state.ledger;
         let meta = serde_json::json!({ "stage": "ada", "step": self.step, "iterations": self.iterations,
             "thresholds": self.state.sampler.thresholds, "spent": ledger.spent(),
-            "charged": ledger.charged(), "budget": ledger.budget() });
+            "charged": ledger.charged(), "budget": ledger.budget(), "config": trainer.config.recorded() });
         let model = checkpoint::capture(&trainer.vs, Some(&self.optimizer),
             &[("dccm".into(), self.state.dccm.w.shallow_clone())], &meta);
         let ledger_copy = match self.last_snapshot {
@@ -374,9 +407,15 @@ impl AdaRun {
 
 /// Restores the model, DCCM and thresholds from an ADA checkpoint and opens the ledger with
 /// the checkpoint's snapshot; returns the state and where the run resumes.
-pub fn resume(trainer: &mut Trainer, checkpoint_path: &Path, ledger_path: &Path) -> Result<(AdaState, ResumePoint)> {
+pub fn resume(trainer: &mut Trainer, checkpoint_path: &Path, ledger_path: &Path, config_changes: ConfigChanges)
+    -> Result<(AdaState, ResumePoint)> {
     let loaded = trainer.load(checkpoint_path)?;
     let meta = &loaded.meta;
+    match meta.get("config") {
+        Some(recorded) => check_config(&trainer.config, recorded, checkpoint_path, config_changes)?,
+        None => tracing::warn!("{}: records no config (written by an older adamcu); resuming without checking \
+            that the experiment is unchanged", checkpoint_path.display()),
+    }
     let step = meta["step"].as_u64().context("checkpoint lacks its step")?;
     let thresholds: Thresholds = serde_json::from_value(meta["thresholds"].clone()).context("checkpoint lacks thresholds")?;
     let (images, budget) = trainer.ledger_layout()?;
