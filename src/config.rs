@@ -426,11 +426,14 @@ impl MetricsConfig {
 #[serde(default)]
 pub struct DemoConfig {
     pub variants: Vec<String>,
+    /// Runs of the whole table, with seeds `run.seed`, `run.seed + 1`, ...; with more than one
+    /// the table gives means and the mIoU's standard deviation over them.
+    pub repeats: usize,
 }
 
 impl Default for DemoConfig {
     fn default() -> Self {
-        DemoConfig { variants: vec!["al-wo-as".into(), "al-w-as".into(), "full".into()] }
+        DemoConfig { variants: vec!["al-wo-as".into(), "al-w-as".into(), "full".into()], repeats: 1 }
     }
 }
 
@@ -605,6 +608,7 @@ impl Config {
             check(crate::ablation::PRESETS.contains(&v.as_str()), "demo.variants", format!("{v:?}"),
                 &format!("one of {:?}", crate::ablation::PRESETS));
         }
+        check(self.demo.repeats >= 1, "demo.repeats", self.demo.repeats.to_string(), "at least 1");
 
         let e = &self.eval;
         check((e.input_size[0] == 0) == (e.input_size[1] == 0), "eval.input_size",

@@ -87,6 +87,9 @@ pub struct EvalRow {
     pub per_class: Vec<(String, Option<f64>)>,
     /// Fraction of the target training pixels whose labels were used.
     pub target_labeled_fraction: f64,
+    /// Sample standard deviation of `miou` over seeds (a row averaged by `EvalRow::mean`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub miou_std: Option<f64>,
 }
 
 impl EvalRow {
@@ -99,8 +102,37 @@ impl EvalRow {
             100.0 * confusion.miou(Some(&keep))
         });
         EvalRow { name: name.to_string(), miou: 100.0 * confusion.miou(None), miou13, per_class,
-            target_labeled_fraction }
+            target_labeled_fraction, miou_std: None }
     }
+
+    /// The same method's rows from runs with different seeds, averaged: each value is the mean
+    /// over the runs that have it, and `miou_std` the spread of the mIoU (with two runs or more).
+    pub fn mean(runs: &[EvalRow]) -> EvalRow {
+        let first = &runs[0];
+        let miou: Vec<f64> = runs.iter().map(|r| r.miou).collect();
+        let per_class = first.per_class.iter().enumerate()
+            .map(|(c, (name, _))| (name.clone(), mean_of(runs.iter().filter_map(|r| r.per_class[c].1))))
+            .collect();
+        EvalRow {
+            name: first.name.clone(),
+            miou: mean_of(miou.iter().copied()).expect("at least one run"),
+            miou13: mean_of(runs.iter().filter_map(|r| r.miou13)),
+            per_class,
+            target_labeled_fraction: mean_of(runs.iter().map(|r| r.target_labeled_fraction)).expect("at least one run"),
+            miou_std: (runs.len() > 1).then(|| sample_std(&miou)),
+        }
+    }
+}
+
+fn mean_of(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// Standard deviation with Bessel's correction (n - 1), the usual "± std over seeds".
+fn sample_std(values: &[f64]) -> f64 {
+    let mean = values.iter().sum::<f64>() / values.len() as f64;
+    (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (values.len() - 1) as f64).sqrt()
 }
 
 /// A Markdown table in the paper's layout: one row per method, one column per class, mIoU last.
@@ -124,7 +156,10 @@ pub fn markdown_table(rows: &[EvalRow]) -> String {
                 None => out.push_str(" - |"),
             }
         }
-        out.push_str(&format!(" **{:.1}** |", row.miou));
+        match row.miou_std {
+            Some(std) => out.push_str(&format!(" **{:.1}** ± {std:.1} |", row.miou)),
+            None => out.push_str(&format!(" **{:.1}** |", row.miou)),
+        }
         if let Some(m) = row.miou13 {
             out.push_str(&format!(" **{m:.1}** |"));
         }

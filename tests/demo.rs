@@ -1,0 +1,48 @@
+//! `adamcu demo`, the main job, end to end on a tiny synthetic benchmark: the table of the
+//! paper's Table VI layout, the report, and the spread over seeds.
+
+mod common;
+
+use std::process::Command;
+
+#[test]
+fn the_demo_prints_the_table_and_with_two_seeds_their_mean_and_spread() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::tiny_daemon_config(dir.path(), "demo", 12);
+    config.train.target_supervised_iterations = 10;
+    config.demo.variants = vec!["al-wo-as".into(), "full".into()];
+    config.demo.repeats = 2;
+    config.run.seed = 5;
+    let path = common::write_config(dir.path(), &config);
+    let out = Command::new(env!("CARGO_BIN_EXE_adamcu")).args(["demo", "--config"]).arg(&path).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+
+    // One table row per method, in the paper's order, each mIoU with its spread over the seeds.
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| method")).collect();
+    let names: Vec<&str> = rows.iter().map(|l| l.split('|').nth(1).unwrap().trim()).collect();
+    assert_eq!(names, ["source-only", "AL w/o AS", "full model (DCCM)", "target-supervised"], "{stdout}");
+    assert!(rows.iter().all(|l| l.contains(" ± ")), "{stdout}");
+    assert!(stdout.contains("mean over seeds [5, 6]") && stdout.contains("closes"), "{stdout}");
+
+    // Each seed is a run of its own, in its own folder, and the seed changes the results.
+    let run_dir = config.run_dir();
+    for seed in [5, 6] {
+        assert!(run_dir.join(format!("seed-{seed}/full/ledger.bin")).exists());
+        assert!(run_dir.join(format!("seed-{seed}/target-supervised.safetensors")).exists());
+    }
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(run_dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["seeds"], serde_json::json!([5, 6]));
+    assert_eq!(report["config"]["demo"]["repeats"], 2, "the report records its config");
+    let miou = |seed: usize, row: usize| report["per_seed"][seed]["rows"][row]["miou"].as_f64().unwrap();
+    assert!((0..4).any(|row| miou(0, row) != miou(1, row)), "both seeds gave the same results: {report}");
+    // The table's values are the mean and the sample standard deviation of the two runs.
+    for row in 0..4 {
+        let (a, b) = (miou(0, row), miou(1, row));
+        let mean = report["rows"][row]["miou"].as_f64().unwrap();
+        let std = report["rows"][row]["miou_std"].as_f64().unwrap();
+        assert!((mean - (a + b) / 2.0).abs() < 1e-9 && (std - (a - b).abs() / 2f64.sqrt()).abs() < 1e-9,
+            "row {row}: {a} and {b} gave {mean} ± {std}");
+        assert!(stdout.contains(&format!("**{mean:.1}** ± {std:.1}")), "{stdout}");
+    }
+}
