@@ -686,6 +686,7 @@ const KEYS_RESUME_MAY_CHANGE: &[&str] = &[
     "data.target_val.root", "data.target_val.labels_root",
     "model.pretrained", "train.channels_last",
     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
+    "train.target_supervised_iterations",
     "metrics", "demo", "synth",
 ];
 
