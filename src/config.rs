@@ -700,12 +700,32 @@ pub struct ConfigChange {
     pub now: serde_json::Value,
 }
 
+/// Keys (besides `KEYS_RESUME_MAY_CHANGE`) that source-only pretraining does not read: the
+/// target side, the active-learning and contrastive settings, evaluation.
+const KEYS_AFTER_SOURCE_STAGE: &[&str] = &[
+    "data.target", "data.target_val", "train.batch_target", "active", "contrast", "eval",
+];
+
 impl ConfigChange {
     /// Whether the change alters what the run computes (anything not in
     /// `KEYS_RESUME_MAY_CHANGE`).
     pub fn changes_experiment(&self) -> bool {
-        !KEYS_RESUME_MAY_CHANGE.iter().any(|k| self.key == *k || self.key.starts_with(&format!("{k}.")))
+        !self.is_under(KEYS_RESUME_MAY_CHANGE)
     }
+
+    /// Whether the change alters what source-only pretraining computes.
+    pub fn changes_source_stage(&self) -> bool {
+        self.changes_experiment() && !self.is_under(KEYS_AFTER_SOURCE_STAGE)
+    }
+
+    fn is_under(&self, keys: &[&str]) -> bool {
+        keys.iter().any(|k| self.key == *k || self.key.starts_with(&format!("{k}.")))
+    }
+}
+
+/// Changes one per line, each indented, for an error message or a log line.
+pub fn listed(changes: &[ConfigChange]) -> String {
+    changes.iter().map(|c| format!("\n  {c}")).collect()
 }
 
 impl fmt::Display for ConfigChange {

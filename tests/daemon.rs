@@ -299,3 +299,25 @@ fn a_resume_that_would_change_the_experiment_is_refused_unless_accepted() {
     let (ok, log) = finish(daemon(&path, &["--resume", "--set", "active.iterations=14"]));
     assert!(ok && !log.contains("changed experiment"), "{log}");
 }
+
+#[test]
+fn the_runs_source_checkpoint_is_reused_only_if_pretraining_would_be_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_daemon_config(dir.path(), "reuse", 7);
+    let path = write_config(dir.path(), &config);
+    let out = Command::new(env!("CARGO_BIN_EXE_adamcu")).args(["train", "--stage", "source", "--config"]).arg(&path)
+        .output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let source = config.run_dir().join("source.safetensors");
+    let pretrained = std::fs::read(&source).unwrap();
+
+    // A longer pretraining schedule would give another source model: refused, named.
+    let (ok, log) = finish(daemon(&path, &["--set", "train.source_iterations=11", "--set", "augment.flip=false"]));
+    assert!(!ok && log.contains("train.source_iterations: was 10, now 11") && log.contains("augment.flip: was true, now false")
+        && log.contains("--init"), "{log}");
+    // Settings that only ADA-MCU reads leave it as it was: reused, not retrained.
+    let (ok, log) = finish(daemon(&path, &["--set", "active.budget=0.05", "--set", "contrast.temperature=0.2"]));
+    assert!(ok, "{log}");
+    assert!(std::fs::read(&source).unwrap() == pretrained, "the source checkpoint was retrained");
+    assert_eq!(adamcu::pipeline::status::Status::read(&config.run_dir()).unwrap().state, "finished");
+}

@@ -10,12 +10,12 @@ use super::control::Control;
 use super::lock::RunLock;
 use super::status::{bottleneck, Status};
 use super::writer::CheckpointWriter;
-use crate::config::Config;
+use crate::config::{listed, Config, ConfigChange};
 use crate::train::ada::{resume, AdaRun, ConfigChanges};
 use crate::train::checkpoint::Rotation;
 use crate::train::{SupervisedStage, Trainer};
 use anyhow::{bail, Context, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 pub struct DaemonOptions {
@@ -59,7 +59,8 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
             None => {
                 let source = run_dir.join("source.safetensors");
                 if source.exists() {
-                    trainer.load(&source)?;
+                    let loaded = trainer.load(&source)?;
+                    check_source_config(config, &loaded.meta, &source)?;
                 } else {
                     trainer.train_supervised(SupervisedStage::Source, config.train.source_iterations)?;
                     trainer.save(&source, None, serde_json::json!({"stage": "source"}))?;
@@ -101,6 +102,23 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
     }
     run.finish()?;
     Ok(outcome)
+}
+
+/// A run's own source checkpoint is reused only if pretraining would compute the same thing
+/// now: a changed seed, source set, augmentation, network or pretraining schedule is refused.
+fn check_source_config(config: &Config, meta: &serde_json::Value, source: &Path) -> Result<()> {
+    let Some(recorded) = meta.get("config") else {
+        tracing::warn!("{}: records no config (written by an older adamcu); reusing it unchecked", source.display());
+        return Ok(());
+    };
+    let changed: Vec<ConfigChange> =
+        config.changes_since(recorded).into_iter().filter(ConfigChange::changes_source_stage).collect();
+    if !changed.is_empty() {
+        bail!("{}: this run's source checkpoint was pretrained with other settings:{}\nset them back, remove the \
+               file to pretrain again, or start from it regardless with --init {}",
+              source.display(), listed(&changed), source.display());
+    }
+    Ok(())
 }
 
 /// The log line and status file, with rates over the last log interval.

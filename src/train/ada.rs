@@ -224,7 +224,7 @@ fn check_config(config: &Config, recorded: &serde_json::Value, checkpoint: &Path
     if experiment.is_empty() {
         return Ok(());
     }
-    let listed: String = experiment.iter().map(|c| format!("\n  {c}")).collect();
+    let listed = crate::config::listed(&experiment);
     if policy == ConfigChanges::Accept {
         tracing::warn!("resume: going on with a changed experiment (--accept-config-changes):{listed}");
         return Ok(());

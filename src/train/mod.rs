@@ -186,7 +186,9 @@ impl Trainer {
         Ok(EvalRow::from_confusion(name, &confusion, labeled_fraction))
     }
 
-    pub fn save(&self, path: &Path, optimizer: Option<&Sgd>, meta: serde_json::Value) -> Result<()> {
+    /// Saves the model with `meta` (a JSON object) and the resolved config under `meta.config`.
+    pub fn save(&self, path: &Path, optimizer: Option<&Sgd>, mut meta: serde_json::Value) -> Result<()> {
+        meta["config"] = self.config.recorded();
         checkpoint::save(path, &self.vs, optimizer, &[], &meta)
     }
 
