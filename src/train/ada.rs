@@ -12,7 +12,7 @@ use crate::active::ledger::{Ledger, LedgerImage, LedgerSnapshot};
 use crate::active::oracle::{Oracle, SealedLabels};
 use crate::active::sampling::{BatchSelection, CropPixels, Sampler, Settled, Thresholds};
 use crate::active::uncertainty::uncertainty;
-use crate::config::{Config, ConfigChange};
+use crate::config::{listed, Config, ConfigChange};
 use crate::contrast::dccm::Dccm;
 use crate::contrast::units::{contrastive_losses, DomainBatch};
 use crate::data::loader::{Loader, LoaderOptions};
@@ -224,13 +224,13 @@ fn check_config(config: &Config, recorded: &serde_json::Value, checkpoint: &Path
     if experiment.is_empty() {
         return Ok(());
     }
-    let listed = crate::config::listed(&experiment);
+    let changes = listed(&experiment);
     if policy == ConfigChanges::Accept {
-        tracing::warn!("resume: going on with a changed experiment (--accept-config-changes):{listed}");
+        tracing::warn!("resume: going on with a changed experiment (--accept-config-changes):{changes}");
         return Ok(());
     }
     bail!("{}: the config differs from the one this run was started with, in keys that change the experiment:\
-           {listed}\nset them back (config file or --set), or add --accept-config-changes to go on with the \
+           {changes}\nset them back (config file or --set), or add --accept-config-changes to go on with the \
            new values (active.budget and the target set stay fixed by the run's ledger)", checkpoint.display())
 }
 
