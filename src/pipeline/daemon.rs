@@ -60,7 +60,7 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
                 let source = run_dir.join("source.safetensors");
                 if source.exists() {
                     let loaded = trainer.load(&source)?;
-                    check_source_config(config, &loaded.meta, &source)?;
+                    check_source_config(loaded.config_changes(config, &source), &source)?;
                 } else {
                     trainer.train_supervised(SupervisedStage::Source, config.train.source_iterations)?;
                     trainer.save(&source, None, serde_json::json!({"stage": "source"}))?;
@@ -106,13 +106,8 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
 
 /// A run's own source checkpoint is reused only if pretraining would compute the same thing
 /// now: a changed seed, source set, augmentation, network or pretraining schedule is refused.
-fn check_source_config(config: &Config, meta: &serde_json::Value, source: &Path) -> Result<()> {
-    let Some(recorded) = meta.get("config") else {
-        tracing::warn!("{}: records no config (written by an older adamcu); reusing it unchecked", source.display());
-        return Ok(());
-    };
-    let changed: Vec<ConfigChange> =
-        config.changes_since(recorded).into_iter().filter(ConfigChange::changes_source_stage).collect();
+fn check_source_config(changes: Vec<ConfigChange>, source: &Path) -> Result<()> {
+    let changed: Vec<ConfigChange> = changes.into_iter().filter(ConfigChange::changes_source_stage).collect();
     if !changed.is_empty() {
         bail!("{}: this run's source checkpoint was pretrained with other settings:{}\nset them back, remove the \
                file to pretrain again, or start from it regardless with --init {}",

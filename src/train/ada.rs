@@ -12,7 +12,7 @@ use crate::active::ledger::{Ledger, LedgerImage, LedgerSnapshot};
 use crate::active::oracle::{Oracle, SealedLabels};
 use crate::active::sampling::{BatchSelection, CropPixels, Sampler, Settled, Thresholds};
 use crate::active::uncertainty::uncertainty;
-use crate::config::{listed, Config, ConfigChange};
+use crate::config::{listed, ConfigChange};
 use crate::contrast::dccm::Dccm;
 use crate::contrast::units::{contrastive_losses, DomainBatch};
 use crate::data::loader::{Loader, LoaderOptions};
@@ -213,11 +213,11 @@ pub enum ConfigChanges {
     Accept,
 }
 
-/// Compares the current config with the one `checkpoint` recorded; logs changes that leave
-/// the experiment as it was and refuses (or, accepted, warns of) the others.
-fn check_config(config: &Config, recorded: &serde_json::Value, checkpoint: &Path, policy: ConfigChanges) -> Result<()> {
+/// Of the config's changes since `checkpoint`: logs those that leave the experiment as it was
+/// and refuses (or, accepted, warns of) the others.
+fn check_config(changes: Vec<ConfigChange>, checkpoint: &Path, policy: ConfigChanges) -> Result<()> {
     let (experiment, operational): (Vec<ConfigChange>, Vec<ConfigChange>) =
-        config.changes_since(recorded).into_iter().partition(ConfigChange::changes_experiment);
+        changes.into_iter().partition(ConfigChange::changes_experiment);
     for change in &operational {
         tracing::info!("resume: {change}");
     }
@@ -373,9 +373,8 @@ impl AdaRun {
         let ledger = &self.state.ledger;
         let meta = serde_json::json!({ "stage": "ada", "step": self.step, "iterations": self.iterations,
             "thresholds": self.state.sampler.thresholds, "spent": ledger.spent(),
-            "charged": ledger.charged(), "budget": ledger.budget(), "config": trainer.config.recorded() });
-        let model = checkpoint::capture(&trainer.vs, Some(&self.optimizer),
-            &[("dccm".into(), self.state.dccm.w.shallow_clone())], &meta);
+            "charged": ledger.charged(), "budget": ledger.budget() });
+        let model = trainer.capture(Some(&self.optimizer), &[("dccm".into(), self.state.dccm.w.shallow_clone())], meta);
         let ledger_copy = match self.last_snapshot {
             Some((charged, step)) if charged == ledger.charged() => LedgerCopy::SameAs(step),
             _ => LedgerCopy::Taken(ledger.snapshot()),
@@ -410,12 +409,8 @@ impl AdaRun {
 pub fn resume(trainer: &mut Trainer, checkpoint_path: &Path, ledger_path: &Path, config_changes: ConfigChanges)
     -> Result<(AdaState, ResumePoint)> {
     let loaded = trainer.load(checkpoint_path)?;
+    check_config(loaded.config_changes(&trainer.config, checkpoint_path), checkpoint_path, config_changes)?;
     let meta = &loaded.meta;
-    match meta.get("config") {
-        Some(recorded) => check_config(&trainer.config, recorded, checkpoint_path, config_changes)?,
-        None => tracing::warn!("{}: records no config (written by an older adamcu); resuming without checking \
-            that the experiment is unchanged", checkpoint_path.display()),
-    }
     let step = meta["step"].as_u64().context("checkpoint lacks its step")?;
     let thresholds: Thresholds = serde_json::from_value(meta["thresholds"].clone()).context("checkpoint lacks thresholds")?;
     let (images, budget) = trainer.ledger_layout()?;

@@ -3,6 +3,7 @@
 //! renamed, so a crash leaves either the old checkpoint or the new one, never a torn one.
 
 use super::optimizer::Sgd;
+use crate::config::{Config, ConfigChange};
 use crate::torch_ext::owned_host_copy;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -51,16 +52,24 @@ impl Captured {
     }
 }
 
-/// Saves the model, the optimizer state, `extra` tensors and `meta` (`capture`, then `write`).
-pub fn save(path: &Path, vs: &VarStore, optimizer: Option<&Sgd>, extra: &[(String, Tensor)],
-    meta: &serde_json::Value) -> Result<()> {
-    capture(vs, optimizer, extra, meta).write(path)
-}
-
 pub struct Loaded {
     pub meta: serde_json::Value,
     pub optimizer: Vec<(String, Tensor)>,
     pub extra: Vec<(String, Tensor)>,
+}
+
+impl Loaded {
+    /// What differs between the config this checkpoint (at `path`) recorded and `config`;
+    /// nothing, with a warning, for a checkpoint that records none.
+    pub fn config_changes(&self, config: &Config, path: &Path) -> Vec<ConfigChange> {
+        match self.meta.get("config") {
+            Some(recorded) => config.changes_since(recorded),
+            None => {
+                tracing::warn!("{}: records no config (written by an older adamcu); it is used unchecked", path.display());
+                Vec::new()
+            }
+        }
+    }
 }
 
 /// Loads a checkpoint into `vs` (every model variable must be present with its shape).

@@ -186,10 +186,17 @@ impl Trainer {
         Ok(EvalRow::from_confusion(name, &confusion, labeled_fraction))
     }
 
-    /// Saves the model with `meta` (a JSON object) and the resolved config under `meta.config`.
-    pub fn save(&self, path: &Path, optimizer: Option<&Sgd>, mut meta: serde_json::Value) -> Result<()> {
+    /// The model, `optimizer`'s state, `extra` tensors and `meta` (a JSON object) copied for a
+    /// checkpoint, with the resolved config recorded under `meta.config`.
+    pub fn capture(&self, optimizer: Option<&Sgd>, extra: &[(String, Tensor)], mut meta: serde_json::Value)
+        -> checkpoint::Captured {
         meta["config"] = self.config.recorded();
-        checkpoint::save(path, &self.vs, optimizer, &[], &meta)
+        checkpoint::capture(&self.vs, optimizer, extra, &meta)
+    }
+
+    /// Saves the model with `meta` and the config (`capture`, then write).
+    pub fn save(&self, path: &Path, optimizer: Option<&Sgd>, meta: serde_json::Value) -> Result<()> {
+        self.capture(optimizer, &[], meta).write(path)
     }
 
     pub fn load(&mut self, path: &Path) -> Result<checkpoint::Loaded> {
