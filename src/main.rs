@@ -78,7 +78,8 @@ enum Command {
         /// full); default: the config as written.
         #[arg(long)]
         ablation: Option<String>,
-        /// Start from this checkpoint's weights.
+        /// Start from these weights: an adamcu checkpoint, or a peer's whole DeepLab v2 in
+        /// ADVENT's naming (.pth or .safetensors, e.g. a source-only warm-up model).
         #[arg(long)]
         init: Option<PathBuf>,
     },
@@ -276,7 +277,7 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
             };
             let mut trainer = Trainer::new(&config)?;
             if let Some(init) = init {
-                trainer.load(&init)?;
+                trainer.init_from(&init)?;
             }
             let run_dir = config.run_dir();
             let (path, meta) = match stage {

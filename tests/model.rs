@@ -1,6 +1,7 @@
 //! Model shapes and strides, gradients into every head, torchvision weight names.
 
 use adamcu::config::ModelConfig;
+use adamcu::model::weights::Layout;
 use adamcu::model::SegNet;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -88,7 +89,7 @@ fn torchvision_weight_names_map_onto_the_backbone_and_load() {
     let keys = torchvision_resnet_keys([3, 4, 23, 3]);
     let mut mapped = 0;
     for key in &keys {
-        match adamcu::model::weights::backbone_name(key) {
+        match Layout::Torchvision.our_name(key) {
             Some(name) => {
                 assert!(variables.contains_key(&name), "{key} -> {name} missing");
                 mapped += 1;
@@ -103,18 +104,18 @@ fn torchvision_weight_names_map_onto_the_backbone_and_load() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("resnet101.safetensors");
     let tensors: Vec<(String, Tensor)> = keys.iter().map(|k| {
-        let shape = adamcu::model::weights::backbone_name(k).and_then(|n| variables.get(&n).map(|t| t.size()))
+        let shape = Layout::Torchvision.our_name(k).and_then(|n| variables.get(&n).map(|t| t.size()))
             .unwrap_or_else(|| vec![3]);
         (k.clone(), Tensor::full(shape, 0.25, (Kind::Float, Device::Cpu)))
     }).collect();
     Tensor::write_safetensors(&tensors, &path).unwrap();
-    let n = adamcu::model::weights::load_torchvision_backbone(&mut vs, &path).unwrap();
+    let n = adamcu::model::weights::import(&mut vs, &path, false).unwrap().tensors;
     assert_eq!(n, mapped);
     let conv = &vs.variables()["backbone.layer3.22.conv2.weight"];
     assert_eq!(conv.mean(Kind::Float).double_value(&[]), 0.25);
 
     // The wrong depth is refused with the key named.
     let (mut small, _) = model("deeplabv2", "resnet50", 19);
-    let e = adamcu::model::weights::load_torchvision_backbone(&mut small, &path).unwrap_err();
-    assert!(e.to_string().contains("no counterpart backbone.layer3.") && e.to_string().contains("wrong depth"), "{e}");
+    let e = adamcu::model::weights::import(&mut small, &path, false).unwrap_err();
+    assert!(e.to_string().contains("no counterpart backbone.layer3.") && e.to_string().contains("another depth"), "{e}");
 }

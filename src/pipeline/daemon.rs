@@ -54,7 +54,7 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
         }
         match &options.init {
             Some(init) => {
-                trainer.load(init)?;
+                trainer.init_from(init)?;
             }
             None => {
                 let source = run_dir.join("source.safetensors");

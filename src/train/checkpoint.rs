@@ -10,6 +10,9 @@ use std::path::Path;
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
+/// The tensor that holds a checkpoint's JSON metadata (what tells an adamcu checkpoint apart).
+pub const META_KEY: &str = "meta";
+
 /// Writes `bytes` producer output to `path` atomically: temp file, fsync, rename, fsync dir.
 pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -39,7 +42,7 @@ pub fn capture(vs: &VarStore, optimizer: Option<&Sgd>, extra: &[(String, Tensor)
     }
     tensors.extend(extra.iter().map(|(n, t)| copy(format!("state.{n}"), t)));
     let meta_bytes = serde_json::to_vec(meta).expect("JSON values serialise");
-    tensors.push(("meta".into(), Tensor::from_slice(&meta_bytes)));
+    tensors.push((META_KEY.into(), Tensor::from_slice(&meta_bytes)));
     Captured { tensors }
 }
 
@@ -75,6 +78,11 @@ impl Loaded {
 /// Loads a checkpoint into `vs` (every model variable must be present with its shape).
 pub fn load(path: &Path, vs: &mut VarStore) -> Result<Loaded> {
     let tensors = Tensor::read_safetensors(path).with_context(|| format!("{}: cannot read checkpoint", path.display()))?;
+    load_tensors(path, tensors, vs)
+}
+
+/// `load` for the tensors of a checkpoint already read from `path` (named in errors).
+pub fn load_tensors(path: &Path, tensors: Vec<(String, Tensor)>, vs: &mut VarStore) -> Result<Loaded> {
     let variables = vs.variables();
     let mut meta = None;
     let mut optimizer = Vec::new();
@@ -82,7 +90,7 @@ pub fn load(path: &Path, vs: &mut VarStore) -> Result<Loaded> {
     let mut loaded = std::collections::HashSet::new();
     tch::no_grad(|| -> Result<()> {
         for (key, t) in tensors {
-            if key == "meta" {
+            if key == META_KEY {
                 let mut bytes = vec![0u8; t.numel()];
                 t.to_kind(Kind::Uint8).copy_data(&mut bytes, t.numel());
                 meta = Some(serde_json::from_slice(&bytes).context("checkpoint metadata is not JSON")?);

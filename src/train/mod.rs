@@ -14,7 +14,7 @@ use crate::data::normalise::Normaliser;
 use crate::data::source::SampleSource;
 use crate::model::deeplab::upsample;
 use crate::model::SegNet;
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use eval::{EvalOptions, EvalRow};
 use optimizer::{poly_lr, Sgd};
 use std::path::Path;
@@ -77,10 +77,10 @@ impl Trainer {
         let mut vs = VarStore::new(device);
         let model = SegNet::new(&vs.root(), &config.model, config.data.classes)?;
         if let Some(path) = &config.model.pretrained {
-            let n = crate::model::weights::load_torchvision_backbone(&mut vs, path).with_context(|| format!(
-                "model.pretrained = {:?}: the ImageNet backbone (a torchvision ResNet exported to safetensors, \
-                src/model/weights.rs shows how)", path.display().to_string()))?;
-            tracing::info!("loaded {n} ImageNet tensors from {}", path.display());
+            let imported = crate::model::weights::import(&mut vs, path, config.model.caffe_style).with_context(|| format!(
+                "model.pretrained = {:?}: the weights to start from (ImageNet's, or a whole DeepLab v2; \
+                src/model/weights.rs lists the files and layouts adamcu reads)", path.display().to_string()))?;
+            tracing::info!("loaded {} tensors of {} from {}", imported.tensors, imported.layout.describe(), path.display());
         }
         let normaliser = Normaliser::new(&config.augment, device);
         let trainer = Trainer { config: config.clone(), device, vs, model, normaliser };
@@ -201,5 +201,25 @@ impl Trainer {
 
     pub fn load(&mut self, path: &Path) -> Result<checkpoint::Loaded> {
         checkpoint::load(path, &mut self.vs)
+    }
+
+    /// The weights `--init` names: an adamcu checkpoint, or a peer's whole DeepLab v2 (e.g. an
+    /// ADVENT source-only model, `.pth` or `.safetensors`), whose projection head is not there
+    /// and keeps its initialisation.
+    pub fn init_from(&mut self, path: &Path) -> Result<()> {
+        let tensors = crate::model::weights::read_state_dict(path).with_context(|| format!("--init {}", path.display()))?;
+        if tensors.iter().any(|(name, _)| name == checkpoint::META_KEY) {
+            checkpoint::load_tensors(path, tensors, &mut self.vs)?;
+            return Ok(());
+        }
+        let imported = crate::model::weights::import_tensors(&mut self.vs, path, tensors, self.config.model.caffe_style)
+            .with_context(|| format!("--init {}: neither an adamcu checkpoint nor a DeepLab v2 adamcu imports", path.display()))?;
+        if !imported.layout.has_classifiers() {
+            bail!("--init {}: holds {} without classifiers; give it as model.pretrained", path.display(),
+                  imported.layout.describe());
+        }
+        tracing::info!("--init: loaded {} tensors of {} from {}; the projection head keeps its initialisation",
+                       imported.tensors, imported.layout.describe(), path.display());
+        Ok(())
     }
 }

@@ -1,0 +1,166 @@
+//! adamcu's DeepLab v2 against a PyTorch DeepLab v2 (tests/reference/deeplabv2.py) holding the
+//! same random weights, read from the files people download: DeepLab's Caffe-converted
+//! ImageNet ResNet (torch's legacy container), torchvision's ResNet, and ADVENT's whole network
+//! (a peer's warm-up model). Same weights, same input: same logits, or the layout is wrong.
+
+use adamcu::config::Config;
+use adamcu::model::weights::{self, Layout};
+use adamcu::train::Trainer;
+use std::path::{Path, PathBuf};
+use tch::nn::VarStore;
+use tch::{Kind, Tensor};
+
+/// The Python that has torch: $ADAMCU_PYTHON, else the virtualenv scripts/setup-libtorch.sh
+/// made (LIBTORCH is its site-packages/torch), else python3.
+fn python() -> PathBuf {
+    if let Some(python) = std::env::var_os("ADAMCU_PYTHON") {
+        return python.into();
+    }
+    if let Some(libtorch) = std::env::var_os("LIBTORCH") {
+        let venv_python = Path::new(&libtorch).join("../../../../bin/python");
+        if venv_python.exists() {
+            return venv_python;
+        }
+    }
+    "python3".into()
+}
+
+/// Runs the reference for one bottleneck style; returns the folder with its files.
+fn reference(style: &str, blocks: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(python())
+        .args(["tests/reference/deeplabv2.py", dir.path().to_str().unwrap(), "--style", style, "--blocks", blocks])
+        .output().expect("run the Python reference (set ADAMCU_PYTHON to a Python with torch)");
+    assert!(out.status.success(), "tests/reference/deeplabv2.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    dir
+}
+
+/// The paper's DeepLab v2 config (pipelines/gta5-cityscapes.toml) on the CPU, in eval mode's
+/// terms: BatchNorm on the stored statistics.
+fn paper_config(backbone: &str, caffe_style: bool, pretrained: Option<PathBuf>) -> Config {
+    let mut config = Config::from_toml_str(&std::fs::read_to_string("pipelines/gta5-cityscapes.toml").unwrap()).unwrap();
+    config.run.device = "cpu".into();
+    config.model.backbone = backbone.into();
+    config.model.caffe_style = caffe_style;
+    config.model.pretrained = pretrained;
+    config.train.channels_last = false;
+    config
+}
+
+fn reference_outputs(dir: &Path) -> (Tensor, Tensor, Tensor) {
+    let outputs: std::collections::HashMap<String, Tensor> =
+        weights::read_state_dict(&dir.join("outputs.pth")).unwrap().into_iter().collect();
+    (outputs["input"].shallow_clone(), outputs["aux"].shallow_clone(), outputs["main"].shallow_clone())
+}
+
+/// Same size, and the largest difference within 1e-5 of the reference's largest value.
+fn assert_same(ours: &Tensor, theirs: &Tensor, what: &str) {
+    assert_eq!(ours.size(), theirs.size(), "{what}: size");
+    let scale = theirs.abs().max().double_value(&[]);
+    let diff = (ours - theirs).abs().max().double_value(&[]);
+    assert!(scale > 0.0 && diff <= 1e-5 * scale, "{what}: differs by {diff} (largest value {scale})");
+}
+
+fn assert_computes_the_reference(trainer: &Trainer, dir: &Path, what: &str) {
+    let (input, aux, main) = reference_outputs(dir);
+    let out = tch::no_grad(|| trainer.forward(&input, false));
+    assert_same(&out.aux, &aux, &format!("{what}: aux logits (layer5)"));
+    assert_same(&out.main, &main, &format!("{what}: main logits (layer6)"));
+}
+
+/// Copies ADVENT's classifiers (layer5, layer6) of the reference into aux and main, for the
+/// files that hold only a backbone.
+fn copy_reference_classifiers(vs: &VarStore, dir: &Path) {
+    let variables = vs.variables();
+    let mut copied = 0;
+    tch::no_grad(|| for (key, tensor) in weights::read_state_dict(&dir.join("deeplabv2.pth")).unwrap() {
+        let ours = match key.split_once('.') {
+            Some(("layer5", rest)) => format!("aux.{rest}"),
+            Some(("layer6", rest)) => format!("main.{rest}"),
+            _ => continue,
+        };
+        variables[&ours].shallow_clone().copy_(&tensor);
+        copied += 1;
+    });
+    assert_eq!(copied, 16, "two classifiers of four dilated convs, weight and bias each");
+}
+
+#[test]
+fn caffe_imagenet_weights_and_advent_models_compute_what_pytorch_computes() {
+    let dir = reference("caffe", "3,4,23,3");
+    let (imagenet, deeplab) = (dir.path().join("imagenet.pth"), dir.path().join("deeplabv2.pth"));
+
+    // ADVENT's whole DeepLab v2 as model.pretrained: backbone and both classifiers.
+    let trainer = Trainer::new(&paper_config("resnet101", true, Some(deeplab.clone()))).unwrap();
+    assert_computes_the_reference(&trainer, dir.path(), "ADVENT's DeepLab v2 as model.pretrained");
+
+    // The same file as --init, into a model that starts without it.
+    let mut trainer = Trainer::new(&paper_config("resnet101", true, None)).unwrap();
+    trainer.init_from(&deeplab).unwrap();
+    assert_computes_the_reference(&trainer, dir.path(), "ADVENT's DeepLab v2 as --init");
+    let error = format!("{:#}", trainer.init_from(&imagenet).unwrap_err());
+    assert!(error.contains("without classifiers; give it as model.pretrained"), "{error}");
+
+    // DeepLab's ImageNet file (legacy container, keys under Scale., a 21-class layer5 of its
+    // own): the backbone only, its classifier skipped.
+    let mut vs = VarStore::new(tch::Device::Cpu);
+    let config = paper_config("resnet101", true, None);
+    let _net = adamcu::model::SegNet::new(&vs.root(), &config.model, 19).unwrap();
+    let imported = weights::import(&mut vs, &imagenet, true).unwrap();
+    assert_eq!(imported.layout, Layout::DeepLabCaffe);
+    let backbone_variables = vs.variables().keys().filter(|k| k.starts_with("backbone.")).count();
+    assert_eq!(imported.tensors, backbone_variables, "every backbone variable, nothing else");
+    let trainer = Trainer::new(&paper_config("resnet101", true, Some(imagenet.clone()))).unwrap();
+    copy_reference_classifiers(&trainer.vs, dir.path());
+    assert_computes_the_reference(&trainer, dir.path(), "DeepLab's Caffe ImageNet file as model.pretrained");
+
+    // Weights in the other bottleneck layout, or for another number of classes, are refused.
+    let error = format!("{:#}", Trainer::new(&paper_config("resnet101", false, Some(imagenet.clone()))).err().unwrap());
+    assert!(error.contains("imagenet.pth") && error.contains("set model.caffe_style = true"), "{error}");
+    let mut sixteen = paper_config("resnet101", true, Some(deeplab.clone()));
+    sixteen.data.classes = 16;
+    let error = format!("{:#}", Trainer::new(&sixteen).err().unwrap());
+    assert!(error.contains("deeplabv2.pth: layer5.conv2d_list.0.bias has shape [19], the model's aux.conv2d_list.0.bias \
+                            has [16] (a model for another number of classes"), "{error}");
+}
+
+#[test]
+fn torchvision_imagenet_weights_compute_what_pytorch_computes() {
+    let dir = reference("torchvision", "3,4,6,3");
+    let imagenet = dir.path().join("imagenet.pth");
+    let trainer = Trainer::new(&paper_config("resnet50", false, Some(imagenet.clone()))).unwrap();
+    copy_reference_classifiers(&trainer.vs, dir.path());
+    assert_computes_the_reference(&trainer, dir.path(), "torchvision's ResNet-50 as model.pretrained");
+
+    let error = format!("{:#}", Trainer::new(&paper_config("resnet50", true, Some(imagenet))).err().unwrap());
+    assert!(error.contains("set model.caffe_style = false"), "{error}");
+    // The depth must match too.
+    let error = format!("{:#}", Trainer::new(&paper_config("resnet101", false, Some(dir.path().join("imagenet.pth")))).err().unwrap());
+    assert!(error.contains("no weights for 255 variable(s) of the model"), "{error}"); // 17 blocks of 15
+}
+
+#[test]
+fn a_checkpoint_wrapper_and_dataparallel_prefix_are_taken_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "import torch, sys\n\
+        sd = {'conv1.weight': torch.ones(2, 3), 'layer1.0.conv1.weight': torch.zeros(4, dtype=torch.float16)}\n\
+        torch.save({'state_dict': {'module.' + k: v for k, v in sd.items()}, 'iteration': 7, \
+                    'optimizer': {'lr': 0.1}}, sys.argv[1])\n";
+    let path = dir.path().join("wrapped.pth");
+    let status = std::process::Command::new(python()).args(["-c", script, path.to_str().unwrap()]).status().unwrap();
+    assert!(status.success());
+    let mut tensors = weights::read_state_dict(&path).unwrap();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let names: Vec<&str> = tensors.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, ["conv1.weight", "layer1.0.conv1.weight"]);
+    assert_eq!(tensors[0].1.size(), [2, 3]);
+    assert_eq!(tensors[1].1.kind(), Kind::Half);
+    assert_eq!(Layout::detect(names.iter().copied()), Some(Layout::Torchvision));
+
+    // Something else is named with its keys.
+    let other = dir.path().join("other.safetensors");
+    Tensor::write_safetensors(&[("encoder.weight", Tensor::ones([2], (Kind::Float, tch::Device::Cpu)))], &other).unwrap();
+    let mut vs = VarStore::new(tch::Device::Cpu);
+    let error = weights::import(&mut vs, &other, false).unwrap_err().to_string();
+    assert!(error.contains("other.safetensors: not a state dict adamcu knows") && error.contains("encoder.weight"), "{error}");
+}
