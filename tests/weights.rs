@@ -2,10 +2,12 @@
 //! same random weights, read from the files people download: DeepLab's Caffe-converted
 //! ImageNet ResNet (torch's legacy container), torchvision's ResNet, and ADVENT's whole network
 //! (a peer's warm-up model). Same weights, same input: same logits, or the layout is wrong.
+//! And the supervised stage's step against torch.optim.SGD: same loss, same weight updates.
 
 use adamcu::config::Config;
 use adamcu::model::weights::{self, Layout};
 use adamcu::train::Trainer;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
@@ -26,10 +28,11 @@ fn python() -> PathBuf {
 }
 
 /// Runs the reference for one bottleneck style; returns the folder with its files.
-fn reference(style: &str, blocks: &str) -> tempfile::TempDir {
+fn reference(style: &str, blocks: &str, more: &[String]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(python())
         .args(["tests/reference/deeplabv2.py", dir.path().to_str().unwrap(), "--style", style, "--blocks", blocks])
+        .args(more)
         .output().expect("run the Python reference (set ADAMCU_PYTHON to a Python with torch)");
     assert!(out.status.success(), "tests/reference/deeplabv2.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
     dir
@@ -47,9 +50,12 @@ fn paper_config(backbone: &str, caffe_style: bool, pretrained: Option<PathBuf>) 
     config
 }
 
+fn read(path: &Path) -> HashMap<String, Tensor> {
+    weights::read_state_dict(path).unwrap().into_iter().collect()
+}
+
 fn reference_outputs(dir: &Path) -> (Tensor, Tensor, Tensor) {
-    let outputs: std::collections::HashMap<String, Tensor> =
-        weights::read_state_dict(&dir.join("outputs.pth")).unwrap().into_iter().collect();
+    let outputs = read(&dir.join("outputs.pth"));
     (outputs["input"].shallow_clone(), outputs["aux"].shallow_clone(), outputs["main"].shallow_clone())
 }
 
@@ -87,7 +93,7 @@ fn copy_reference_classifiers(vs: &VarStore, dir: &Path) {
 
 #[test]
 fn caffe_imagenet_weights_and_advent_models_compute_what_pytorch_computes() {
-    let dir = reference("caffe", "3,4,23,3");
+    let dir = reference("caffe", "3,4,23,3", &[]);
     let (imagenet, deeplab) = (dir.path().join("imagenet.pth"), dir.path().join("deeplabv2.pth"));
 
     // ADVENT's whole DeepLab v2 as model.pretrained: backbone and both classifiers.
@@ -126,7 +132,7 @@ fn caffe_imagenet_weights_and_advent_models_compute_what_pytorch_computes() {
 
 #[test]
 fn torchvision_imagenet_weights_compute_what_pytorch_computes() {
-    let dir = reference("torchvision", "3,4,6,3");
+    let dir = reference("torchvision", "3,4,6,3", &[]);
     let imagenet = dir.path().join("imagenet.pth");
     let trainer = Trainer::new(&paper_config("resnet50", false, Some(imagenet.clone()))).unwrap();
     copy_reference_classifiers(&trainer.vs, dir.path());
@@ -163,4 +169,46 @@ fn a_checkpoint_wrapper_and_dataparallel_prefix_are_taken_off() {
     let mut vs = VarStore::new(tch::Device::Cpu);
     let error = weights::import(&mut vs, &other, false).unwrap_err().to_string();
     assert!(error.contains("other.safetensors: not a state dict adamcu knows") && error.contains("encoder.weight"), "{error}");
+}
+
+#[test]
+fn the_supervised_step_changes_the_weights_as_torch_optim_sgd_does() {
+    let mut config = paper_config("resnet50", true, None);
+    // A larger rate than the paper's, so that the updates stand well above fp32 rounding.
+    config.train.lr = 0.01;
+    let t = &config.train;
+    let (steps, iterations) = (3, 10);
+    let args: Vec<String> = [("--sgd-steps", steps as f64), ("--iterations", iterations as f64), ("--lr", t.lr),
+        ("--momentum", t.momentum), ("--weight-decay", t.weight_decay), ("--head-lr-mult", t.head_lr_mult),
+        ("--aux-weight", t.aux_weight), ("--poly-power", t.poly_power)]
+        .iter().flat_map(|(k, v)| [k.to_string(), v.to_string()]).collect();
+    let dir = reference("caffe", "3,4,6,3", &args);
+    config.model.pretrained = Some(dir.path().join("deeplabv2.pth"));
+    let trainer = Trainer::new(&config).unwrap();
+    let initial: HashMap<String, Tensor> = trainer.vs.variables().into_iter().map(|(n, v)| (n, v.copy())).collect();
+
+    let batch = read(&dir.path().join("sgd.pth"));
+    let mut optimizer = trainer.optimizer();
+    for step in 0..steps {
+        let (loss, _) = trainer.supervised_step(&mut optimizer, &batch["images"], &batch["labels"], step, iterations);
+        let theirs = batch["losses"].double_value(&[step as i64]);
+        assert!((loss - theirs).abs() <= 1e-5 * theirs, "step {step}: loss {loss}, torch's {theirs}");
+    }
+
+    let ours = trainer.vs.variables();
+    let mut moved = 0;
+    for (key, after) in read(&dir.path().join("trained.pth")) {
+        let Some(name) = Layout::AdventDeepLabV2.our_name(&key) else { continue };
+        let their_update = &after - &initial[&name];
+        let our_update = &ours[&name] - &initial[&name];
+        // Relative to the update's norm: single weights can differ by a rounding unit, which
+        // is most of a tiny update.
+        let size = their_update.norm().double_value(&[]);
+        let error = (&our_update - &their_update).norm().double_value(&[]);
+        assert!(error <= 1e-3 * size, "{name}: update differs from torch's by {error} (its norm {size})");
+        moved += usize::from(size > 0.0);
+    }
+    // Every conv and classifier moved; BatchNorm (frozen) did not.
+    let trainable = ours.iter().filter(|(n, v)| v.requires_grad() && !n.starts_with("projection.")).count();
+    assert_eq!(moved, trainable, "every trainable tensor of the network was updated");
 }

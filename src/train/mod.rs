@@ -161,13 +161,7 @@ impl Trainer {
             let batch = loader.batches.recv().context("loader stopped")?.map_err(|e| anyhow!("{e}"))?;
             let images = self.normaliser.to_input(&batch.images);
             let labels = crate::torch_ext::labels_on(&batch.labels, self.device);
-            let out = self.forward(&images, true);
-            let loss = segmentation_loss(&out.main, &labels) + segmentation_loss(&out.aux, &labels) * c.train.aux_weight;
-            optimizer.zero_grad();
-            loss.backward();
-            let lr = poly_lr(c.train.lr, step as u64, iterations as u64, c.train.poly_power);
-            optimizer.update(lr);
-            let value = loss.double_value(&[]);
+            let (value, lr) = self.supervised_step(&mut optimizer, &images, &labels, step, iterations);
             anyhow::ensure!(value.is_finite(), "{} stage: loss is {value} at step {step}{}", stage.name(),
                 self.divergence_hint());
             losses.push(value);
@@ -176,6 +170,21 @@ impl Trainer {
         progress.finish();
         loader.stop();
         Ok(losses)
+    }
+
+    /// One SGD step of a supervised stage on a batch (normalised images, training ids on the
+    /// device): main + aux_weight x auxiliary cross-entropy, the poly learning rate at `step` of
+    /// `iterations`. Returns the loss and the base learning rate.
+    pub fn supervised_step(&self, optimizer: &mut Sgd, images: &Tensor, labels: &Tensor, step: usize,
+                           iterations: usize) -> (f64, f64) {
+        let t = &self.config.train;
+        let out = self.forward(images, true);
+        let loss = segmentation_loss(&out.main, labels) + segmentation_loss(&out.aux, labels) * t.aux_weight;
+        optimizer.zero_grad();
+        loss.backward();
+        let lr = poly_lr(t.lr, step as u64, iterations as u64, t.poly_power);
+        optimizer.update(lr);
+        (loss.double_value(&[]), lr)
     }
 
     /// Evaluates on the target val set; `labeled_fraction` is reported with the row.

@@ -5,10 +5,15 @@ runs the network on one input and saves what it computed, so that adamcu's netwo
 checked against it with the same weights.
 
 usage: deeplabv2.py OUT_DIR --style caffe|torchvision --blocks 3,4,23,3 --classes 19
+                    [--sgd-steps K --iterations T --lr --momentum --weight-decay --head-lr-mult
+                     --aux-weight --poly-power]
 writes OUT_DIR/imagenet.pth (backbone only, in the style's download layout),
        OUT_DIR/deeplabv2.pth (the whole network, ADVENT's names: layer5 = classifier on layer3,
                               layer6 = classifier on layer4),
-       OUT_DIR/outputs.pth   ({"input", "aux", "main"}: logits at stride 8, eval mode).
+       OUT_DIR/outputs.pth   ({"input", "aux", "main"}: logits at stride 8, eval mode),
+and with --sgd-steps K, K steps of the supervised stage (Section IV-B) with torch.optim.SGD
+on one batch: OUT_DIR/sgd.pth ({"images", "labels", "losses"}) and OUT_DIR/trained.pth (the
+network after them, ADVENT's names).
 """
 import argparse
 import os
@@ -92,12 +97,49 @@ def randomise_batchnorm(model, generator):
             m.running_var = torch.rand(c, generator=generator) + 0.5
 
 
+def sgd_steps(model, args, generator):
+    """The supervised stage's step: cross-entropy (255 ignored) of the logits upsampled to the
+    labels, main + aux_weight x aux; BatchNorm frozen (stored statistics, affine fixed); SGD
+    with the classifiers at head_lr_mult x the learning rate, poly decay."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.requires_grad_(False)
+            m.bias.requires_grad_(False)
+    heads = [p for n, p in model.named_parameters() if n.startswith(("layer5.", "layer6.")) and p.requires_grad]
+    backbone = [p for n, p in model.named_parameters() if not n.startswith(("layer5.", "layer6.")) and p.requires_grad]
+    optimizer = torch.optim.SGD([{"params": backbone, "lr_mult": 1.0}, {"params": heads, "lr_mult": args.head_lr_mult}],
+                                lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    images = torch.randn(2, 3, 64, 96, generator=generator)
+    labels = torch.randint(0, args.classes, (2, 64, 96), generator=generator)
+    labels[torch.rand(2, 64, 96, generator=generator) < 0.2] = 255
+    losses = []
+    for step in range(args.sgd_steps):
+        lr = args.lr * (1 - step / args.iterations) ** args.poly_power
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        aux, main_logits = model(images)
+        up = lambda logits: F.interpolate(logits, size=labels.shape[1:], mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(up(main_logits), labels, ignore_index=255) \
+            + args.aux_weight * F.cross_entropy(up(aux), labels, ignore_index=255)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    torch.save({"images": images, "labels": labels, "losses": torch.tensor(losses, dtype=torch.float64)},
+               os.path.join(args.out, "sgd.pth"))
+    torch.save(model.state_dict(), os.path.join(args.out, "trained.pth"))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--style", choices=["caffe", "torchvision"], required=True)
     parser.add_argument("--blocks", default="3,4,23,3")
     parser.add_argument("--classes", type=int, default=19)
+    parser.add_argument("--sgd-steps", type=int, default=0)
+    parser.add_argument("--iterations", type=int, default=1)
+    for name in ("--lr", "--momentum", "--weight-decay", "--head-lr-mult", "--aux-weight", "--poly-power"):
+        parser.add_argument(name, type=float)
     args = parser.parse_args()
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(1)
@@ -120,6 +162,8 @@ def main():
     with torch.no_grad():
         aux, main_logits = model(x)
     torch.save({"input": x, "aux": aux, "main": main_logits}, os.path.join(args.out, "outputs.pth"))
+    if args.sgd_steps:
+        sgd_steps(model, args, generator)
 
 
 if __name__ == "__main__":
