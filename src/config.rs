@@ -217,8 +217,8 @@ impl Default for AugmentConfig {
             crop: [128, 256],
             scale: [0.75, 1.25],
             flip: true,
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
+            mean: crate::model::weights::IMAGENET_MEAN,
+            std: crate::model::weights::IMAGENET_STD,
         }
     }
 }

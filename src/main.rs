@@ -4,7 +4,7 @@ use adamcu::config::{parse_device, Config, DatasetConfig};
 use adamcu::train::ada::ConfigChanges;
 use adamcu::train::eval::{markdown_table, EvalOptions, EvalRow};
 use adamcu::train::{SupervisedStage, Trainer};
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -87,6 +87,7 @@ enum Command {
     Eval {
         #[arg(long, default_value = "pipelines/synth.toml")]
         config: PathBuf,
+        /// An adamcu checkpoint, or a peer's DeepLab v2 in ADVENT's naming (.pth, .safetensors).
         #[arg(long, conflicts_with = "predictions", required_unless_present = "predictions")]
         checkpoint: Option<PathBuf>,
         /// Folder of `<sample id>.png` training-id masks (as `adamcu predict` writes).
@@ -108,6 +109,7 @@ enum Command {
     Predict {
         #[arg(long, default_value = "pipelines/synth.toml")]
         config: PathBuf,
+        /// An adamcu checkpoint, or a peer's DeepLab v2 in ADVENT's naming (.pth, .safetensors).
         #[arg(long)]
         checkpoint: PathBuf,
         #[arg(long)]
@@ -277,7 +279,7 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
             };
             let mut trainer = Trainer::new(&config)?;
             if let Some(init) = init {
-                trainer.init_from(&init)?;
+                trainer.load_network(&init).context("--init")?;
             }
             let run_dir = config.run_dir();
             let (path, meta) = match stage {
@@ -305,7 +307,7 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
             let row = match (checkpoint, predictions) {
                 (Some(checkpoint), _) => {
                     let mut trainer = Trainer::new(&config)?;
-                    trainer.load(&checkpoint)?;
+                    trainer.load_network(&checkpoint).context("--checkpoint")?;
                     trainer.evaluate(&checkpoint.file_stem().unwrap().to_string_lossy(), f64::NAN)?
                 }
                 (None, Some(dir)) => {
@@ -329,7 +331,7 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
         Command::Predict { config, checkpoint, images, out } => {
             let config = load_config(&config, overrides)?;
             let mut trainer = Trainer::new(&config)?;
-            trainer.load(&checkpoint)?;
+            trainer.load_network(&checkpoint).context("--checkpoint")?;
             let options = EvalOptions { flip: config.eval.flip, input_size: config.eval.input_size };
             let n = adamcu::predict::predict_folder(&trainer, &images, &out, &options)?;
             println!("wrote masks and overlays for {n} image(s) to {}", out.display());

@@ -47,7 +47,16 @@ fn paper_config(backbone: &str, caffe_style: bool, pretrained: Option<PathBuf>) 
     config.model.caffe_style = caffe_style;
     config.model.pretrained = pretrained;
     config.train.channels_last = false;
+    // Caffe-trained weights take Caffe's input normalisation (the trainer refuses others).
+    (config.augment.mean, config.augment.std) =
+        if caffe_style { Layout::DeepLabCaffe } else { Layout::Torchvision }.normalisation();
     config
+}
+
+/// The reference's Caffe-style network reads its input as B, G, R (as Caffe's did); ours,
+/// with conv1's input channels reversed on import, reads R, G, B: the same image reversed.
+fn as_ours(reference_input: &Tensor, caffe_style: bool) -> Tensor {
+    if caffe_style { reference_input.flip([1]) } else { reference_input.shallow_clone() }
 }
 
 fn read(path: &Path) -> HashMap<String, Tensor> {
@@ -69,7 +78,7 @@ fn assert_same(ours: &Tensor, theirs: &Tensor, what: &str) {
 
 fn assert_computes_the_reference(trainer: &Trainer, dir: &Path, what: &str) {
     let (input, aux, main) = reference_outputs(dir);
-    let out = tch::no_grad(|| trainer.forward(&input, false));
+    let out = tch::no_grad(|| trainer.forward(&as_ours(&input, trainer.config.model.caffe_style), false));
     assert_same(&out.aux, &aux, &format!("{what}: aux logits (layer5)"));
     assert_same(&out.main, &main, &format!("{what}: main logits (layer6)"));
 }
@@ -102,9 +111,9 @@ fn caffe_imagenet_weights_and_advent_models_compute_what_pytorch_computes() {
 
     // The same file as --init, into a model that starts without it.
     let mut trainer = Trainer::new(&paper_config("resnet101", true, None)).unwrap();
-    trainer.init_from(&deeplab).unwrap();
+    trainer.load_network(&deeplab).unwrap();
     assert_computes_the_reference(&trainer, dir.path(), "ADVENT's DeepLab v2 as --init");
-    let error = format!("{:#}", trainer.init_from(&imagenet).unwrap_err());
+    let error = format!("{:#}", trainer.load_network(&imagenet).unwrap_err());
     assert!(error.contains("without classifiers; give it as model.pretrained"), "{error}");
 
     // DeepLab's ImageNet file (legacy container, keys under Scale., a 21-class layer5 of its
@@ -119,6 +128,14 @@ fn caffe_imagenet_weights_and_advent_models_compute_what_pytorch_computes() {
     let trainer = Trainer::new(&paper_config("resnet101", true, Some(imagenet.clone()))).unwrap();
     copy_reference_classifiers(&trainer.vs, dir.path());
     assert_computes_the_reference(&trainer, dir.path(), "DeepLab's Caffe ImageNet file as model.pretrained");
+
+    // Caffe-trained weights on torchvision's normalisation would see other input: refused,
+    // with the values to set.
+    let mut torchvision_input = paper_config("resnet101", true, Some(deeplab.clone()));
+    (torchvision_input.augment.mean, torchvision_input.augment.std) = Layout::Torchvision.normalisation();
+    let error = format!("{:#}", Trainer::new(&torchvision_input).err().unwrap());
+    assert!(error.contains("was trained on other input than augment.mean = [0.485, 0.456, 0.406]")
+        && error.contains("[augment]\n  mean = [0.4810") && error.contains("std = [0.003921"), "{error}");
 
     // Weights in the other bottleneck layout, or for another number of classes, are refused.
     let error = format!("{:#}", Trainer::new(&paper_config("resnet101", false, Some(imagenet.clone()))).err().unwrap());
@@ -171,6 +188,11 @@ fn a_checkpoint_wrapper_and_dataparallel_prefix_are_taken_off() {
     assert!(error.contains("other.safetensors: not a state dict adamcu knows") && error.contains("encoder.weight"), "{error}");
 }
 
+/// A Caffe-layout variable as the file holds it (conv1's input channels back in B, G, R order).
+fn file_order(name: &str, ours: &Tensor) -> Tensor {
+    if name == "backbone.conv1.weight" { ours.flip([1]) } else { ours.shallow_clone() }
+}
+
 #[test]
 fn the_supervised_step_changes_the_weights_as_torch_optim_sgd_does() {
     let mut config = paper_config("resnet50", true, None);
@@ -190,7 +212,8 @@ fn the_supervised_step_changes_the_weights_as_torch_optim_sgd_does() {
     let batch = read(&dir.path().join("sgd.pth"));
     let mut optimizer = trainer.optimizer();
     for step in 0..steps {
-        let (loss, _) = trainer.supervised_step(&mut optimizer, &batch["images"], &batch["labels"], step, iterations);
+        let images = as_ours(&batch["images"], true);
+        let (loss, _) = trainer.supervised_step(&mut optimizer, &images, &batch["labels"], step, iterations);
         let theirs = batch["losses"].double_value(&[step as i64]);
         assert!((loss - theirs).abs() <= 1e-5 * theirs, "step {step}: loss {loss}, torch's {theirs}");
     }
@@ -199,8 +222,8 @@ fn the_supervised_step_changes_the_weights_as_torch_optim_sgd_does() {
     let mut moved = 0;
     for (key, after) in read(&dir.path().join("trained.pth")) {
         let Some(name) = Layout::AdventDeepLabV2.our_name(&key) else { continue };
-        let their_update = &after - &initial[&name];
-        let our_update = &ours[&name] - &initial[&name];
+        let their_update = &after - &file_order(&name, &initial[&name]);
+        let our_update = file_order(&name, &ours[&name]) - file_order(&name, &initial[&name]);
         // Relative to the update's norm: single weights can differ by a rounding unit, which
         // is most of a tiny update.
         let size = their_update.norm().double_value(&[]);

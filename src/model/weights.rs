@@ -17,6 +17,11 @@
 //!   = classifier on layer4): a peer's source-only (warm-up) or adapted model. Both classifiers
 //!   load into ours (`aux`, `main`); the projection head keeps its initialisation.
 //!
+//! The Caffe layouts were trained on Caffe's input: BGR bytes minus `CAFFE_MEAN_BGR`, unscaled.
+//! Their conv1 is imported with its input channels reversed, so that it reads our RGB input as
+//! it read BGR (same numbers out), and the loader's normalisation must be Caffe's
+//! (`Layout::normalisation`; the trainer checks it).
+//!
 //! A wrapper a checkpoint may add (`state_dict.`, `model_state_dict.`, DataParallel's
 //! `module.`) is taken off first. Every model variable the layout covers must be found with
 //! its shape; a missing, surplus or misshapen tensor is an error naming it.
@@ -26,6 +31,13 @@ use std::collections::HashSet;
 use std::path::Path;
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
+
+/// Caffe's ImageNet mean (B, G, R) on 0-255 bytes, which DeepLab's Caffe weights and the models
+/// ADVENT and AdaptSegNet train from them subtract from BGR input (their `IMG_MEAN`).
+pub const CAFFE_MEAN_BGR: [f32; 3] = [104.006_99, 116.668_77, 122.678_91];
+/// torchvision's ImageNet normalisation (RGB, on bytes / 255).
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// How a state dict names a ResNet / DeepLab v2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +75,17 @@ impl Layout {
     /// other features from the same numbers.
     pub fn caffe_style(self) -> bool {
         !matches!(self, Layout::Torchvision)
+    }
+
+    /// `augment.mean` and `augment.std` (RGB, on bytes / 255, as adamcu normalises) that give
+    /// the input these weights were trained on.
+    pub fn normalisation(self) -> ([f32; 3], [f32; 3]) {
+        if self.caffe_style() {
+            let [b, g, r] = CAFFE_MEAN_BGR;
+            ([r / 255.0, g / 255.0, b / 255.0], [1.0 / 255.0; 3])
+        } else {
+            (IMAGENET_MEAN, IMAGENET_STD)
+        }
     }
 
     /// Whether the file holds the classifiers as well as the backbone.
@@ -188,7 +211,12 @@ pub fn import_tensors(vs: &mut VarStore, path: &Path, tensors: Vec<(String, Tens
                 } else { "" };
                 bail!("{shown}: {key} has shape {:?}, the model's {name} has {:?}{hint}", tensor.size(), var.size());
             }
-            var.shallow_clone().copy_(tensor);
+            if layout.caffe_style() && name == "backbone.conv1.weight" {
+                // Caffe's conv1 reads B, G, R: with its input channels reversed it reads R, G, B.
+                var.shallow_clone().copy_(&tensor.flip([1]));
+            } else {
+                var.shallow_clone().copy_(tensor);
+            }
             loaded.insert(name);
         }
         Ok(())

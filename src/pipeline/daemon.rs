@@ -54,7 +54,7 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
         }
         match &options.init {
             Some(init) => {
-                trainer.init_from(init)?;
+                trainer.load_network(init).context("--init")?;
             }
             None => {
                 let source = run_dir.join("source.safetensors");

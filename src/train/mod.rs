@@ -67,6 +67,19 @@ pub fn open_set(set: &Option<DatasetConfig>, key: &str, classes: usize) -> Resul
     Ok(Arc::new(SampleSource::open(set, classes).map_err(|e| anyhow!("[{key}]: {e}"))?))
 }
 
+/// Weights see the input they were trained on only if the loader normalises as their layout
+/// expects (Caffe's BGR mean on bytes, or torchvision's ImageNet mean and std).
+fn check_normalisation(config: &Config, layout: crate::model::weights::Layout, path: &Path) -> Result<()> {
+    let (mean, std) = layout.normalisation();
+    let close = |a: &[f32; 3], b: &[f32; 3]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-3 * y.abs());
+    if !close(&config.augment.mean, &mean) || !close(&config.augment.std, &std) {
+        bail!("{}: {} was trained on other input than augment.mean = {:?}, augment.std = {:?} give; set\n  \
+               [augment]\n  mean = {mean:?}\n  std = {std:?}", path.display(), layout.describe(),
+              config.augment.mean, config.augment.std);
+    }
+    Ok(())
+}
+
 impl Trainer {
     pub fn new(config: &Config) -> Result<Trainer> {
         let device = crate::config::parse_device(&config.run.device).expect("validated").resolve();
@@ -80,6 +93,7 @@ impl Trainer {
             let imported = crate::model::weights::import(&mut vs, path, config.model.caffe_style).with_context(|| format!(
                 "model.pretrained = {:?}: the weights to start from (ImageNet's, or a whole DeepLab v2; \
                 src/model/weights.rs lists the files and layouts adamcu reads)", path.display().to_string()))?;
+            check_normalisation(config, imported.layout, path)?;
             tracing::info!("loaded {} tensors of {} from {}", imported.tensors, imported.layout.describe(), path.display());
         }
         let normaliser = Normaliser::new(&config.augment, device);
@@ -212,22 +226,23 @@ impl Trainer {
         checkpoint::load(path, &mut self.vs)
     }
 
-    /// The weights `--init` names: an adamcu checkpoint, or a peer's whole DeepLab v2 (e.g. an
-    /// ADVENT source-only model, `.pth` or `.safetensors`), whose projection head is not there
-    /// and keeps its initialisation.
-    pub fn init_from(&mut self, path: &Path) -> Result<()> {
-        let tensors = crate::model::weights::read_state_dict(path).with_context(|| format!("--init {}", path.display()))?;
+    /// The weights of a whole network (`--init`, `--checkpoint`): an adamcu checkpoint, or a
+    /// peer's DeepLab v2 (e.g. an ADVENT source-only model, `.pth` or `.safetensors`), whose
+    /// projection head is not there and keeps its initialisation.
+    pub fn load_network(&mut self, path: &Path) -> Result<()> {
+        let tensors = crate::model::weights::read_state_dict(path)?;
         if tensors.iter().any(|(name, _)| name == checkpoint::META_KEY) {
             checkpoint::load_tensors(path, tensors, &mut self.vs)?;
             return Ok(());
         }
         let imported = crate::model::weights::import_tensors(&mut self.vs, path, tensors, self.config.model.caffe_style)
-            .with_context(|| format!("--init {}: neither an adamcu checkpoint nor a DeepLab v2 adamcu imports", path.display()))?;
+            .with_context(|| format!("{}: neither an adamcu checkpoint nor a DeepLab v2 adamcu imports", path.display()))?;
         if !imported.layout.has_classifiers() {
-            bail!("--init {}: holds {} without classifiers; give it as model.pretrained", path.display(),
+            bail!("{}: holds {} without classifiers; give it as model.pretrained", path.display(),
                   imported.layout.describe());
         }
-        tracing::info!("--init: loaded {} tensors of {} from {}; the projection head keeps its initialisation",
+        check_normalisation(&self.config, imported.layout, path)?;
+        tracing::info!("loaded {} tensors of {} from {}; the projection head keeps its initialisation",
                        imported.tensors, imported.layout.describe(), path.display());
         Ok(())
     }
