@@ -192,8 +192,9 @@ fn resnet101_on_untrained_frozen_statistics_diverges_and_the_error_says_why() {
 fn a_missing_imagenet_file_is_reported_with_its_key_and_path() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = common::synthetic_config(dir.path(), (64, 32), (2, 2, 1));
-    config.model.pretrained = Some(dir.path().join("resnet-imagenet.safetensors"));
-    let error = format!("{:#}", Trainer::new(&config).err().expect("no weights file"));
-    assert!(error.starts_with("model.pretrained = ") && error.contains("resnet-imagenet.safetensors")
-        && error.contains("No such file"), "{error}");
+    for name in ["resnet-imagenet.safetensors", "resnet-imagenet.pth"] {
+        config.model.pretrained = Some(dir.path().join(name));
+        let error = format!("{:#}", Trainer::new(&config).err().expect("no weights file"));
+        assert!(error.starts_with("model.pretrained = ") && error.contains(name) && error.contains("No such file"), "{error}");
+    }
 }

@@ -129,7 +129,7 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
 
 fn read_torch_save(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let reader = pytorch_reader::PytorchReader::new(path).with_context(|| format!(
-        "{}: cannot read it as safetensors (by its extension) nor as a torch.save file", path.display()))?;
+        "{}: cannot read it as a torch.save file (nor is it named .safetensors)", path.display()))?;
     let mut tensors = Vec::with_capacity(reader.len());
     for (name, tensor) in reader.into_tensors() {
         let kind = match tensor.dtype() {
