@@ -1,6 +1,7 @@
 //! Weights people already have, read in the files and layouts they come in: `.safetensors`,
 //! or any container `torch.save` has written (`.pth`/`.pt`: the ZIP archive of PyTorch 1.6+ and
-//! the legacy pickle stream before it, read by the `pytorch-reader` crate; no Python needed).
+//! the legacy pickle stream before it, read by the `pytorch-reader` crate; no Python needed,
+//! and unlike `torch.load` nothing in the file is run: its pickle is parsed, not executed).
 //!
 //! Layouts, told apart by their key names (`Layout::detect`):
 //! - torchvision's ResNet (`conv1.weight`, `layer1.0.conv1.weight`, ..., `fc.*`): the ImageNet
