@@ -139,7 +139,8 @@ fn caffe_imagenet_weights_and_advent_models_compute_what_pytorch_computes() {
 
     // Weights in the other bottleneck layout, or for another number of classes, are refused.
     let error = format!("{:#}", Trainer::new(&paper_config("resnet101", false, Some(imagenet.clone()))).err().unwrap());
-    assert!(error.contains("imagenet.pth") && error.contains("set model.caffe_style = true"), "{error}");
+    assert!(error.contains("imagenet.pth") && error.contains("set model.caffe_style = true, and for the input it was \
+        trained on\n  [augment]\n  mean = [0.4810"), "{error}");
     let mut sixteen = paper_config("resnet101", true, Some(deeplab.clone()));
     sixteen.data.classes = 16;
     let error = format!("{:#}", Trainer::new(&sixteen).err().unwrap());

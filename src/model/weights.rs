@@ -89,6 +89,12 @@ impl Layout {
         }
     }
 
+    /// `normalisation` as the config lines that set it, for error messages.
+    pub fn normalisation_toml(self) -> String {
+        let (mean, std) = self.normalisation();
+        format!("\n  [augment]\n  mean = {mean:?}\n  std = {std:?}")
+    }
+
     /// Whether the file holds the classifiers as well as the backbone.
     pub fn has_classifiers(self) -> bool {
         matches!(self, Layout::AdventDeepLabV2)
@@ -195,8 +201,9 @@ pub fn import_tensors(vs: &mut VarStore, path: &Path, tensors: Vec<(String, Tens
               keys.iter().take(5).copied().collect::<Vec<_>>().join(", "));
     };
     if layout.caffe_style() != caffe_style {
-        bail!("{shown}: {} was trained with {}, and the model is set up with {}: set model.caffe_style = {}",
-              layout.describe(), stride_layout(layout.caffe_style()), stride_layout(caffe_style), layout.caffe_style());
+        bail!("{shown}: {} was trained with {}, and the model is set up with {}: set model.caffe_style = {}, \
+               and for the input it was trained on{}", layout.describe(), stride_layout(layout.caffe_style()),
+              stride_layout(caffe_style), layout.caffe_style(), layout.normalisation_toml());
     }
     let variables = vs.variables();
     let mut loaded = HashSet::new();

@@ -73,9 +73,8 @@ fn check_normalisation(config: &Config, layout: crate::model::weights::Layout, p
     let (mean, std) = layout.normalisation();
     let close = |a: &[f32; 3], b: &[f32; 3]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-3 * y.abs());
     if !close(&config.augment.mean, &mean) || !close(&config.augment.std, &std) {
-        bail!("{}: {} was trained on other input than augment.mean = {:?}, augment.std = {:?} give; set\n  \
-               [augment]\n  mean = {mean:?}\n  std = {std:?}", path.display(), layout.describe(),
-              config.augment.mean, config.augment.std);
+        bail!("{}: {} was trained on other input than augment.mean = {:?}, augment.std = {:?} give; set{}",
+              path.display(), layout.describe(), config.augment.mean, config.augment.std, layout.normalisation_toml());
     }
     Ok(())
 }
