@@ -34,6 +34,8 @@ pub const EVAL_MIOU: &str = "adamcu_eval_miou";
 pub const EVAL_IOU: &str = "adamcu_eval_iou";
 pub const LOADER_ERRORS: &str = "adamcu_loader_errors_total";
 pub const CHECKPOINT_SECONDS: &str = "adamcu_checkpoint_seconds";
+pub const CHECKPOINT_BYTES: &str = "adamcu_checkpoint_bytes";
+pub const RUN_DIR_FREE: &str = "adamcu_run_dir_free_bytes";
 pub const BUILD_INFO: &str = "adamcu_build_info";
 pub const GPU_MEMORY_PEAK: &str = "adamcu_gpu_memory_peak_bytes";
 
@@ -94,6 +96,8 @@ fn describe() {
     describe_histogram!(CHECKPOINT_SECONDS, "Seconds to write a checkpoint (on the writer thread; the pause it \
         costs training is adamcu_stage_wait_seconds{stage=\"train\",side=\"output\"}).");
     describe_gauge!(GPU_MEMORY_PEAK, "Peak bytes allocated on the CUDA device (CUDA runs only).");
+    describe_gauge!(CHECKPOINT_BYTES, "Bytes of the last checkpoint (model, optimizer, ledger snapshot).");
+    describe_gauge!(RUN_DIR_FREE, "Bytes free to the daemon on the file system of its run directory.");
     describe_gauge!(BUILD_INFO, "Always 1; labels give the adamcu and libtorch versions.");
 }
 
@@ -174,8 +178,13 @@ pub fn evaluation(miou_percent: f64, per_class: &[(String, Option<f64>)]) {
     }
 }
 
-pub fn checkpoint(seconds: f64) {
+pub fn checkpoint(seconds: f64, bytes: u64) {
     histogram!(CHECKPOINT_SECONDS).record(seconds);
+    gauge!(CHECKPOINT_BYTES).set(bytes as f64);
+}
+
+pub fn run_dir_free(bytes: u64) {
+    gauge!(RUN_DIR_FREE).set(bytes as f64);
 }
 
 pub fn gpu_memory(device: tch::Device) {

@@ -128,6 +128,13 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0_and_the_lock_stops_
     let out = Command::new(env!("CARGO_BIN_EXE_adamcu")).arg("status").arg(config.run_dir()).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("stopped") && text.contains("bottleneck:") && text.contains("it/s"), "{text}");
+    // The free space it reports is what df shows for that file system (other tests write
+    // meanwhile: within 1% and 256 MiB).
+    let df = Command::new("df").args(["--output=avail", "-B1"]).arg(config.run_dir()).output().unwrap();
+    let available: u64 = String::from_utf8_lossy(&df.stdout).lines().nth(1).unwrap().trim().parse().unwrap();
+    assert!(s.disk_free_bytes.abs_diff(available) < available / 100 + (256 << 20),
+        "status says {} bytes free, df {available}", s.disk_free_bytes);
+    assert!(text.contains(" free"), "{text}");
     // And a fresh start on it is refused instead of silently mixing runs.
     let (ok, log) = finish(daemon(&path, &[]));
     assert!(!ok && log.contains("--resume"), "{log}");

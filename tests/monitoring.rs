@@ -103,12 +103,22 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_and_rule_expression_returns
     }
     assert!(missing.is_empty(), "expressions without data: {missing:#?}");
 
+    // The checkpoint size it reports is that of the files (a run's checkpoints differ only by
+    // a few bytes of metadata).
+    let reported = query(prom_port, "adamcu_checkpoint_bytes")["data"]["result"][0]["value"][1].as_str().unwrap()
+        .parse::<f64>().unwrap() as u64;
+    let rotation = adamcu::train::checkpoint::Rotation { dir: config.run_dir().join("checkpoints"), keep: 3 };
+    let step = rotation.steps()[0];
+    let on_disk: u64 = ["safetensors", "ledger"].iter()
+        .map(|e| std::fs::metadata(rotation.path_for(step, e)).unwrap().len()).sum();
+    assert!(reported.abs_diff(on_disk) < 1024, "reported {reported} bytes, the files have {on_disk}");
+
     // Every alert rule evaluates without error; none fires on a healthy daemon.
     let rules_api: serde_json::Value =
         serde_json::from_str(&get(&format!("http://127.0.0.1:{prom_port}/api/v1/rules")).unwrap()).unwrap();
     let all: Vec<&serde_json::Value> = rules_api["data"]["groups"].as_array().unwrap().iter()
         .flat_map(|g| g["rules"].as_array().unwrap()).collect();
-    assert_eq!(all.len(), 8);
+    assert_eq!(all.len(), 9);
     for rule in all {
         assert_eq!(rule["health"], "ok", "{rule}");
         if rule["type"] == "alerting" {

@@ -134,12 +134,15 @@ impl Reporter {
             self.wait_share = (run.waited - self.waited) / (run.stepped - self.stepped).max(1e-9);
         }
         let ledger = &run.state.ledger;
+        let disk_free_bytes = crate::train::checkpoint::free_bytes(&self.run_dir)?;
+        crate::telemetry::run_dir_free(disk_free_bytes);
         let status = Status {
             pid: std::process::id(), state: state.into(), step: run.step, iterations: run.iterations,
             iterations_per_second: self.rate, eta_seconds: (run.iterations - run.step) as f64 / self.rate.max(1e-9),
             budget_spent_pixels: ledger.charged(), budget_limit_pixels: ledger.budget(),
             labeled_fraction: ledger.charged() as f64 / ledger.total_pixels() as f64,
             trainer_wait_share: self.wait_share, bottleneck: bottleneck(self.wait_share).into(), loss: run.last.total,
+            disk_free_bytes,
             updated_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         };
         tracing::info!("{}", status.line());

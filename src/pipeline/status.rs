@@ -22,16 +22,19 @@ pub struct Status {
     /// The stage the others wait on.
     pub bottleneck: String,
     pub loss: f64,
+    /// Bytes free on the run directory's file system (0 in status files of older adamcu).
+    #[serde(default)]
+    pub disk_free_bytes: u64,
     pub updated_unix: u64,
 }
 
 impl Status {
     pub fn line(&self) -> String {
         format!("step {}/{} | {:.2} it/s | ETA {:.0}s | budget {}/{} px ({:.2}% of target) | bottleneck: {} \
-                 (trainer waits {:.1}% of step time for data) | loss {:.4}",
+                 (trainer waits {:.1}% of step time for data) | loss {:.4} | disk {} free",
             self.step, self.iterations, self.iterations_per_second, self.eta_seconds, self.budget_spent_pixels,
             self.budget_limit_pixels, 100.0 * self.labeled_fraction, self.bottleneck, 100.0 * self.trainer_wait_share,
-            self.loss)
+            self.loss, indicatif::HumanBytes(self.disk_free_bytes))
     }
 
     pub fn write(&self, run_dir: &Path) -> Result<()> {

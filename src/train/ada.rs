@@ -7,6 +7,7 @@ use super::checkpoint;
 use super::optimizer::{poly_lr, Sgd};
 use super::{open_set, segmentation_loss, Trainer};
 use crate::telemetry;
+use indicatif::HumanBytes;
 use std::time::Instant;
 use crate::active::ledger::{Ledger, LedgerImage, LedgerSnapshot};
 use crate::active::oracle::{Oracle, SealedLabels};
@@ -275,7 +276,16 @@ impl AdaCheckpoint {
         let path = rotation.path_for(self.step, "safetensors");
         self.model.write(&path)?;
         rotation.prune()?;
-        telemetry::checkpoint(started.elapsed().as_secs_f64());
+        let bytes = std::fs::metadata(&path)?.len() + std::fs::metadata(&ledger_path)?.len();
+        telemetry::checkpoint(started.elapsed().as_secs_f64(), bytes);
+        // The next checkpoint is written before the oldest is pruned: it needs this room again.
+        let free = checkpoint::free_bytes(&rotation.dir)?;
+        telemetry::run_dir_free(free);
+        if free < 2 * bytes {
+            tracing::warn!("{} free on the file system of {}: room for fewer than two more checkpoints of {} \
+                            (a write that does not fit stops the daemon; the checkpoints before it stay whole)",
+                           HumanBytes(free), rotation.dir.display(), HumanBytes(bytes));
+        }
         Ok(path)
     }
 }

@@ -117,6 +117,13 @@ pub fn load_tensors(path: &Path, tensors: Vec<(String, Tensor)>, vs: &mut VarSto
     Ok(Loaded { meta: meta.context("checkpoint lacks its metadata")?, optimizer, extra })
 }
 
+/// Bytes this process may still write on the file system that holds `path` (what `df` shows
+/// as available: blocks reserved for root do not count).
+pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    let stat = rustix::fs::statvfs(path)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
 /// Periodic checkpoints of a run: `step-NNNNNNNN.safetensors` (with any companion files that
 /// share the stem, e.g. the ledger snapshot `.ledger`) in one folder; the last `keep` stay.
 #[derive(Clone)]
