@@ -71,8 +71,13 @@ enum Command {
         /// a key that alters the experiment since that checkpoint (the error lists them).
         #[arg(long)]
         resume: bool,
-        /// With --resume: go on even though such keys changed (each is logged as a warning).
-        #[arg(long, requires = "resume")]
+        /// Go on from the run's newest checkpoint if it has one, else start it (--stage all):
+        /// the one command for a supervisor that restarts the daemon after a crash.
+        #[arg(long = "continue", conflicts_with = "resume")]
+        continue_run: bool,
+        /// With --resume or --continue: go on even though such keys changed (each is logged as
+        /// a warning).
+        #[arg(long)]
         accept_config_changes: bool,
         /// For --stage ada: an ablation preset (al-wo-as, al-w-as, mcu-i, mcu-d, p2p, p2p-c2c,
         /// full); default: the config as written.
@@ -253,23 +258,28 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
         Command::Demo { config } => {
             adamcu::demo::run(&load_config(&config, overrides)?)?;
         }
-        Command::Train { config, stage, init, ablation, resume, accept_config_changes } => {
+        Command::Train { config, stage, init, ablation, resume, continue_run, accept_config_changes } => {
             let mut config = load_config(&config, overrides)?;
             if let Some(preset) = &ablation {
                 config = adamcu::ablation::apply(&config, preset)?;
             }
             if stage == "all" {
+                use adamcu::pipeline::daemon::{DaemonOptions, Start};
+                if accept_config_changes && !resume && !continue_run {
+                    bail!("--accept-config-changes goes with --resume or --continue");
+                }
                 let config_changes = if accept_config_changes { ConfigChanges::Accept } else { ConfigChanges::Refuse };
-                let options = adamcu::pipeline::daemon::DaemonOptions { resume, init, config_changes };
+                let start = if resume { Start::Resume } else if continue_run { Start::ResumeIfAny } else { Start::Fresh };
+                let options = DaemonOptions { start, init, config_changes };
                 let outcome = adamcu::pipeline::daemon::run(&config, options)?;
                 println!("{}", match outcome {
                     adamcu::pipeline::daemon::Outcome::Finished => "finished",
-                    adamcu::pipeline::daemon::Outcome::Stopped => "stopped; go on with --resume",
+                    adamcu::pipeline::daemon::Outcome::Stopped => "stopped; go on with --resume (or --continue)",
                 });
                 return Ok(ExitCode::SUCCESS);
             }
-            if resume {
-                bail!("--resume goes with --stage all (the daemon)");
+            if resume || continue_run || accept_config_changes {
+                bail!("--resume, --continue and --accept-config-changes go with --stage all (the daemon)");
             }
             let stage = match stage.as_str() {
                 "source" => Some(SupervisedStage::Source),

@@ -44,11 +44,10 @@ fn kill_9_at_random_points_then_resume_loses_nothing_and_matches_an_uninterrupte
     let init = source.to_str().unwrap().to_string();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let mut kills = 0;
-    let mut first = true;
     loop {
-        let child = if first { daemon(&killed_path, &["--init", &init]) } else { daemon(&killed_path, &["--resume"]) };
-        first = false;
-        let mut child = child;
+        // The one command a supervisor repeats after every crash: a new run the first time,
+        // a resume from then on.
+        let mut child = daemon(&killed_path, &["--continue", "--init", &init]);
         // The random delay counts from the first checkpoint (a fresh run writes one at step 0).
         let checkpoints = killed.run_dir().join("checkpoints");
         while std::fs::read_dir(&checkpoints).map_or(true, |d| d.count() == 0) && child.try_wait().unwrap().is_none() {
@@ -103,6 +102,10 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0_and_the_lock_stops_
     let unfinished = config.run_dir().join("checkpoints/.step-00000003.ledger.tmp");
     std::fs::create_dir_all(unfinished.parent().unwrap()).unwrap();
     std::fs::write(&unfinished, b"half a snapshot").unwrap();
+    // What a kill before the first step leaves: a ledger with nothing bought, no checkpoint.
+    // A new run takes it over.
+    let trainer = adamcu::train::Trainer::new(&config).unwrap();
+    drop(trainer.open_ledger(&config.run_dir().join("ledger.bin")).unwrap());
     let child = daemon(&path, &[]);
     let status = config.run_dir().join("status.json");
     let deadline = Instant::now() + Duration::from_secs(60);

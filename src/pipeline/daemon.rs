@@ -18,11 +18,23 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+/// How the daemon starts on its run directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// A new run (refused where one holds checkpoints or bought labels).
+    Fresh,
+    /// From the run's newest checkpoint (`--resume`).
+    Resume,
+    /// From the newest checkpoint if there is one, else a new run (`--continue`): one command
+    /// a supervisor (systemd's `Restart=`) can repeat after any crash.
+    ResumeIfAny,
+}
+
 pub struct DaemonOptions {
-    pub resume: bool,
+    pub start: Start,
     /// Weights to start ADA-MCU from instead of the run's own source checkpoint.
     pub init: Option<PathBuf>,
-    /// With `resume`: what to do when the config changed the experiment since the checkpoint.
+    /// On a resume: what to do when the config changed the experiment since the checkpoint.
     pub config_changes: ConfigChanges,
 }
 
@@ -41,16 +53,33 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
     let ledger_path = run_dir.join("ledger.bin");
     let mut trainer = Trainer::new(config)?;
 
-    let (state, point) = if options.resume {
+    let resuming = match options.start {
+        Start::Fresh => false,
+        Start::Resume => true,
+        Start::ResumeIfAny => rotation.latest().is_some(),
+    };
+    if resuming && options.init.is_some() {
+        tracing::info!("resuming: --init applies only to a new run");
+    }
+    let (state, point) = if resuming {
         let step = rotation.latest().with_context(|| format!("--resume: no checkpoint in {}", rotation.dir.display()))?;
         let path = rotation.path_for(step, "safetensors");
         tracing::info!("resuming from {}", path.display());
         let (state, point) = resume(&mut trainer, &path, &ledger_path, options.config_changes)?;
         (state, Some(point))
     } else {
-        if ledger_path.exists() || rotation.latest().is_some() {
-            bail!("{} already holds a run (ledger or checkpoints): add --resume to go on, or choose another \
-                   run.name", run_dir.display());
+        if rotation.latest().is_some() {
+            bail!("{} already holds a run (checkpoints): add --resume to go on, or choose another run.name",
+                  run_dir.display());
+        }
+        // A ledger without checkpoints is one a kill left before the first step: nothing was
+        // bought, and the new run takes it over. One with purchases is never dropped.
+        if ledger_path.exists() {
+            let charged = trainer.open_ledger(&ledger_path)?.charged();
+            if charged > 0 {
+                bail!("{} holds {charged} bought pixel labels but no checkpoint to go on from: move it away to \
+                       start a new run, or choose another run.name", ledger_path.display());
+            }
         }
         match &options.init {
             Some(init) => {
