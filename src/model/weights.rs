@@ -122,15 +122,17 @@ impl Layout {
     }
 }
 
-/// Every tensor of a `.safetensors` file or a `torch.save` container, by name, with a
-/// checkpoint's wrapper (`state_dict.`, `model_state_dict.`, `module.`) taken off.
+/// Every tensor of a `.safetensors` file or a `torch.save` container, by name (sorted, so that
+/// the first problem reported is always the same), with a checkpoint's wrapper (`state_dict.`,
+/// `model_state_dict.`, `module.`) taken off.
 pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
-    let tensors = if is_safetensors {
+    let mut tensors = if is_safetensors {
         Tensor::read_safetensors(path).with_context(|| format!("{}: cannot read safetensors", path.display()))?
     } else {
         read_torch_save(path)?
     };
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(unwrap_state_dict(tensors))
 }
 
@@ -156,8 +158,6 @@ fn read_torch_save(path: &Path) -> Result<Vec<(String, Tensor)>> {
         let shape: Vec<i64> = tensor.shape().iter().map(|&d| d as i64).collect();
         tensors.push((name, Tensor::from_data_size(&bytes, &shape, kind)));
     }
-    // The reader hands them over unordered: sorted, the first problem reported is always the same.
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(tensors)
 }
 
