@@ -32,6 +32,7 @@ pub const GROUP_PIXELS: &str = "adamcu_group_pixels";
 pub const THRESHOLD: &str = "adamcu_uncertainty_threshold";
 pub const EVAL_MIOU: &str = "adamcu_eval_miou";
 pub const EVAL_IOU: &str = "adamcu_eval_iou";
+pub const EVAL_FAILURES: &str = "adamcu_eval_failures_total";
 pub const LOADER_ERRORS: &str = "adamcu_loader_errors_total";
 pub const CHECKPOINT_SECONDS: &str = "adamcu_checkpoint_seconds";
 pub const CHECKPOINT_BYTES: &str = "adamcu_checkpoint_bytes";
@@ -92,6 +93,9 @@ fn describe() {
     describe_gauge!(THRESHOLD, "Uncertainty thresholds pi_high and pi_low.");
     describe_gauge!(EVAL_MIOU, "Mean IoU (0-1) on the target val set at the last evaluation.");
     describe_gauge!(EVAL_IOU, "IoU (0-1) per class on the target val set at the last evaluation.");
+    describe_counter!(EVAL_FAILURES, "Evaluations of the target val set that failed (the daemon trains on).");
+    // Served as 0 from the start, so that an alert on its increase has a series to watch.
+    counter!(EVAL_FAILURES).absolute(0);
     describe_counter!(LOADER_ERRORS, "Samples a loader could not use, by domain and kind.");
     describe_histogram!(CHECKPOINT_SECONDS, "Seconds to write a checkpoint (on the writer thread; the pause it \
         costs training is adamcu_stage_wait_seconds{stage=\"train\",side=\"output\"}).");
@@ -167,6 +171,10 @@ pub fn groups(high: u64, medium: u64, low: u64, pi_high: f64, pi_low: f64) {
     }
     gauge!(THRESHOLD, "name" => "pi_high").set(pi_high);
     gauge!(THRESHOLD, "name" => "pi_low").set(pi_low);
+}
+
+pub fn evaluation_failed() {
+    counter!(EVAL_FAILURES).increment(1);
 }
 
 pub fn evaluation(miou_percent: f64, per_class: &[(String, Option<f64>)]) {

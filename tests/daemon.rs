@@ -331,3 +331,20 @@ fn the_runs_source_checkpoint_is_reused_only_if_pretraining_would_be_the_same() 
     assert!(std::fs::read(&source).unwrap() == pretrained, "the source checkpoint was retrained");
     assert_eq!(adamcu::pipeline::status::Status::read(&config.run_dir()).unwrap().state, "finished");
 }
+
+#[test]
+fn a_failed_evaluation_is_logged_and_training_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_daemon_config(dir.path(), "evaluated", 10);
+    config.train.eval_every = 4;
+    let path = write_config(dir.path(), &config);
+    let val = dir.path().join("data/target/leftImg8bit/val");
+    let city = std::fs::read_dir(&val).unwrap().next().unwrap().unwrap().path();
+    let image = std::fs::read_dir(&city).unwrap().next().unwrap().unwrap().path();
+    std::fs::write(&image, b"not a PNG").unwrap();
+    let (ok, log) = finish(daemon(&path, &[]));
+    assert!(ok, "{log}");
+    assert!(log.matches("the evaluation failed, training goes on").count() == 3, "steps 4, 8 and the end: {log}");
+    assert!(log.contains(image.file_name().unwrap().to_str().unwrap()), "the failure names the file: {log}");
+    assert_eq!(adamcu::pipeline::status::Status::read(&config.run_dir()).unwrap().state, "finished");
+}

@@ -118,7 +118,7 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_and_rule_expression_returns
         serde_json::from_str(&get(&format!("http://127.0.0.1:{prom_port}/api/v1/rules")).unwrap()).unwrap();
     let all: Vec<&serde_json::Value> = rules_api["data"]["groups"].as_array().unwrap().iter()
         .flat_map(|g| g["rules"].as_array().unwrap()).collect();
-    assert_eq!(all.len(), 9);
+    assert_eq!(all.len(), 10);
     for rule in all {
         assert_eq!(rule["health"], "ok", "{rule}");
         if rule["type"] == "alerting" {

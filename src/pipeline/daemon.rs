@@ -118,7 +118,7 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
             reporter.report(&run, "running")?;
         }
         if config.train.eval_every > 0 && run.step % config.train.eval_every as u64 == 0 {
-            evaluate(&trainer, &run)?;
+            evaluate(&trainer, &run);
         }
     }
     let outcome = if run.done() { Outcome::Finished } else { Outcome::Stopped };
@@ -127,7 +127,7 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
     tracing::info!("checkpoint {}", rotation.path_for(run.step, "safetensors").display());
     reporter.report(&run, if outcome == Outcome::Finished { "finished" } else { "stopped" })?;
     if outcome == Outcome::Finished {
-        evaluate(&trainer, &run)?;
+        evaluate(&trainer, &run);
     }
     run.finish()?;
     Ok(outcome)
@@ -181,10 +181,20 @@ impl Reporter {
     }
 }
 
-fn evaluate(trainer: &Trainer, run: &AdaRun) -> Result<()> {
+/// The target val mIoU at this step. A failed evaluation (an unreadable val image, the device
+/// out of memory at full resolution) is logged and counted, and training goes on: a run of days
+/// is not given up for a figure, and a supervisor's restart would only meet the same failure.
+fn evaluate(trainer: &Trainer, run: &AdaRun) {
     let ledger = &run.state.ledger;
-    let row = trainer.evaluate(&format!("step {}", run.step), ledger.charged() as f64 / ledger.total_pixels() as f64)?;
-    crate::telemetry::evaluation(row.miou, &row.per_class);
-    tracing::info!("step {}: mIoU {:.1} on the target val set", run.step, row.miou);
-    Ok(())
+    let labeled = ledger.charged() as f64 / ledger.total_pixels() as f64;
+    match trainer.evaluate(&format!("step {}", run.step), labeled) {
+        Ok(row) => {
+            crate::telemetry::evaluation(row.miou, &row.per_class);
+            tracing::info!("step {}: mIoU {:.1} on the target val set", run.step, row.miou);
+        }
+        Err(error) => {
+            crate::telemetry::evaluation_failed();
+            tracing::error!("step {}: the evaluation failed, training goes on: {error:#}", run.step);
+        }
+    }
 }
