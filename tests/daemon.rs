@@ -95,7 +95,8 @@ fn kill_9_at_random_points_then_resume_loses_nothing_and_matches_an_uninterrupte
 #[test]
 fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0_and_the_lock_stops_a_second_daemon() {
     let dir = tempfile::tempdir().unwrap();
-    let config = tiny_daemon_config(dir.path(), "term", 100_000);
+    let mut config = tiny_daemon_config(dir.path(), "term", 100_000);
+    config.train.eval_every = 5;
     let path = write_config(dir.path(), &config);
     // What a kill in the middle of a checkpoint write leaves (of a step this run never
     // checkpoints, so no write of its own replaces it): removed when a daemon starts.
@@ -123,6 +124,7 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0_and_the_lock_stops_
     assert!(started.elapsed() < Duration::from_secs(30), "bounded shutdown time");
     let s = adamcu::pipeline::status::Status::read(&config.run_dir()).unwrap();
     assert_eq!(s.state, "stopped");
+    assert!(s.last_eval.is_some_and(|e| e.step > 0 && e.step % 5 == 0), "the last periodic evaluation: {:?}", s.last_eval);
     let rotation = Rotation { dir: config.run_dir().join("checkpoints"), keep: 2 };
     assert_eq!(rotation.latest(), Some(s.step), "the final checkpoint is at the step it stopped");
     assert!(rotation.steps().len() <= 2, "only the last N are kept");
@@ -329,7 +331,13 @@ fn the_runs_source_checkpoint_is_reused_only_if_pretraining_would_be_the_same() 
     let (ok, log) = finish(daemon(&path, &["--set", "active.budget=0.05", "--set", "contrast.temperature=0.2"]));
     assert!(ok, "{log}");
     assert!(std::fs::read(&source).unwrap() == pretrained, "the source checkpoint was retrained");
-    assert_eq!(adamcu::pipeline::status::Status::read(&config.run_dir()).unwrap().state, "finished");
+    let status = adamcu::pipeline::status::Status::read(&config.run_dir()).unwrap();
+    assert_eq!(status.state, "finished");
+    // The final evaluation is in the status, as `adamcu status` shows it.
+    let last = status.last_eval.expect("the final evaluation");
+    assert!(last.step == 7 && (0.0..=100.0).contains(&last.miou), "{last:?}");
+    assert!(log.contains(&format!("step 7: mIoU {:.1} on the target val set", last.miou)), "{log}");
+    assert!(status.line().contains(&format!("mIoU {:.1} at step 7", last.miou)), "{}", status.line());
 }
 
 #[test]
@@ -346,5 +354,7 @@ fn a_failed_evaluation_is_logged_and_training_goes_on() {
     assert!(ok, "{log}");
     assert!(log.matches("the evaluation failed, training goes on").count() == 3, "steps 4, 8 and the end: {log}");
     assert!(log.contains(image.file_name().unwrap().to_str().unwrap()), "the failure names the file: {log}");
-    assert_eq!(adamcu::pipeline::status::Status::read(&config.run_dir()).unwrap().state, "finished");
+    let status = adamcu::pipeline::status::Status::read(&config.run_dir()).unwrap();
+    assert_eq!(status.state, "finished");
+    assert!(status.last_eval.is_none(), "no evaluation succeeded");
 }

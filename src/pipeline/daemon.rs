@@ -8,7 +8,7 @@
 
 use super::control::Control;
 use super::lock::RunLock;
-use super::status::{bottleneck, Status};
+use super::status::{bottleneck, LastEval, Status};
 use super::writer::CheckpointWriter;
 use crate::config::{listed, Config, ConfigChange};
 use crate::train::ada::{resume, AdaRun, ConfigChanges};
@@ -107,8 +107,10 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
     }
     let mut writer = CheckpointWriter::start(rotation.clone())?;
 
+    // A resumed run keeps showing the evaluation it had.
+    let last_eval = if fresh { None } else { Status::read(&run_dir).ok().and_then(|s| s.last_eval) };
     let mut reporter = Reporter { run_dir: run_dir.clone(), since: Instant::now(), step: run.step, waited: run.waited,
-        stepped: run.stepped, rate: 0.0, wait_share: 0.0 };
+        stepped: run.stepped, rate: 0.0, wait_share: 0.0, last_eval };
     while !run.done() && !control.stop_requested() {
         run.step(&trainer)?;
         if run.step % config.train.checkpoint_every as u64 == 0 {
@@ -118,17 +120,17 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
             reporter.report(&run, "running")?;
         }
         if config.train.eval_every > 0 && run.step % config.train.eval_every as u64 == 0 {
-            evaluate(&trainer, &run);
+            reporter.last_eval = evaluate(&trainer, &run).or(reporter.last_eval);
         }
     }
     let outcome = if run.done() { Outcome::Finished } else { Outcome::Stopped };
     run.checkpoint(&trainer, &mut writer)?;
     writer.finish()?;
     tracing::info!("checkpoint {}", rotation.path_for(run.step, "safetensors").display());
-    reporter.report(&run, if outcome == Outcome::Finished { "finished" } else { "stopped" })?;
     if outcome == Outcome::Finished {
-        evaluate(&trainer, &run);
+        reporter.last_eval = evaluate(&trainer, &run).or(reporter.last_eval);
     }
+    reporter.report(&run, if outcome == Outcome::Finished { "finished" } else { "stopped" })?;
     run.finish()?;
     Ok(outcome)
 }
@@ -154,6 +156,7 @@ struct Reporter {
     stepped: f64,
     rate: f64,
     wait_share: f64,
+    last_eval: Option<LastEval>,
 }
 
 impl Reporter {
@@ -171,7 +174,7 @@ impl Reporter {
             budget_spent_pixels: ledger.charged(), budget_limit_pixels: ledger.budget(),
             labeled_fraction: ledger.charged() as f64 / ledger.total_pixels() as f64,
             trainer_wait_share: self.wait_share, bottleneck: bottleneck(self.wait_share).into(), loss: run.last.total,
-            disk_free_bytes,
+            disk_free_bytes, last_eval: self.last_eval,
             updated_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         };
         tracing::info!("{}", status.line());
@@ -181,20 +184,22 @@ impl Reporter {
     }
 }
 
-/// The target val mIoU at this step. A failed evaluation (an unreadable val image, the device
+/// The target val mIoU at this step (None if it failed). A failed evaluation (an unreadable val image, the device
 /// out of memory at full resolution) is logged and counted, and training goes on: a run of days
 /// is not given up for a figure, and a supervisor's restart would only meet the same failure.
-fn evaluate(trainer: &Trainer, run: &AdaRun) {
+fn evaluate(trainer: &Trainer, run: &AdaRun) -> Option<LastEval> {
     let ledger = &run.state.ledger;
     let labeled = ledger.charged() as f64 / ledger.total_pixels() as f64;
     match trainer.evaluate(&format!("step {}", run.step), labeled) {
         Ok(row) => {
             crate::telemetry::evaluation(row.miou, &row.per_class);
             tracing::info!("step {}: mIoU {:.1} on the target val set", run.step, row.miou);
+            Some(LastEval { step: run.step, miou: row.miou })
         }
         Err(error) => {
             crate::telemetry::evaluation_failed();
             tracing::error!("step {}: the evaluation failed, training goes on: {error:#}", run.step);
+            None
         }
     }
 }

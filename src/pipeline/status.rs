@@ -25,16 +25,26 @@ pub struct Status {
     /// Bytes free on the run directory's file system (0 in status files of older adamcu).
     #[serde(default)]
     pub disk_free_bytes: u64,
+    /// The last evaluation on the target val set (none yet, or `train.eval_every = 0`).
+    #[serde(default)]
+    pub last_eval: Option<LastEval>,
     pub updated_unix: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct LastEval {
+    pub step: u64,
+    pub miou: f64,
 }
 
 impl Status {
     pub fn line(&self) -> String {
         format!("step {}/{} | {:.2} it/s | ETA {:.0}s | budget {}/{} px ({:.2}% of target) | bottleneck: {} \
-                 (trainer waits {:.1}% of step time for data) | loss {:.4} | disk {} free",
+                 (trainer waits {:.1}% of step time for data) | loss {:.4} | disk {} free{}",
             self.step, self.iterations, self.iterations_per_second, self.eta_seconds, self.budget_spent_pixels,
             self.budget_limit_pixels, 100.0 * self.labeled_fraction, self.bottleneck, 100.0 * self.trainer_wait_share,
-            self.loss, indicatif::HumanBytes(self.disk_free_bytes))
+            self.loss, indicatif::HumanBytes(self.disk_free_bytes),
+            self.last_eval.map_or(String::new(), |e| format!(" | mIoU {:.1} at step {}", e.miou, e.step)))
     }
 
     pub fn write(&self, run_dir: &Path) -> Result<()> {
