@@ -316,8 +316,7 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
             config.eval.flip |= flip;
             let row = match (checkpoint, predictions) {
                 (Some(checkpoint), _) => {
-                    let mut trainer = Trainer::new(&config)?;
-                    trainer.load_network(&checkpoint).context("--checkpoint")?;
+                    let trainer = Trainer::with_network(&config, &checkpoint).context("--checkpoint")?;
                     trainer.evaluate(&checkpoint.file_stem().unwrap().to_string_lossy(), f64::NAN)?
                 }
                 (None, Some(dir)) => {
@@ -340,8 +339,7 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
         }
         Command::Predict { config, checkpoint, images, out } => {
             let config = load_config(&config, overrides)?;
-            let mut trainer = Trainer::new(&config)?;
-            trainer.load_network(&checkpoint).context("--checkpoint")?;
+            let trainer = Trainer::with_network(&config, &checkpoint).context("--checkpoint")?;
             let options = EvalOptions { flip: config.eval.flip, input_size: config.eval.input_size };
             let n = adamcu::predict::predict_folder(&trainer, &images, &out, &options)?;
             println!("wrote masks and overlays for {n} image(s) to {}", out.display());

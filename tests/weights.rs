@@ -4,6 +4,8 @@
 //! (a peer's warm-up model). Same weights, same input: same logits, or the layout is wrong.
 //! And the supervised stage's step against torch.optim.SGD: same loss, same weight updates.
 
+mod common;
+
 use adamcu::config::Config;
 use adamcu::model::weights::{self, Layout};
 use adamcu::train::Trainer;
@@ -235,4 +237,51 @@ fn the_supervised_step_changes_the_weights_as_torch_optim_sgd_does() {
     // Every conv and classifier moved; BatchNorm (frozen) did not.
     let trainable = ours.iter().filter(|(n, v)| v.requires_grad() && !n.starts_with("projection.")).count();
     assert_eq!(moved, trainable, "every trainable tensor of the network was updated");
+}
+
+#[test]
+fn a_peers_deeplab_v2_is_evaluated_and_predicted_from_the_command_line() {
+    let dir = reference("caffe", "3,4,6,3", &[]);
+    let cityscapes = dir.path().join("cityscapes");
+    common::cityscapes(&cityscapes, "val", 2, 96, 64);
+    let (mean, std) = Layout::DeepLabCaffe.normalisation();
+    // The paper's config as written names an ImageNet file that is not here: with every weight
+    // from --checkpoint it is not read.
+    let sets = ["model.backbone=\"resnet50\"".to_string(), "model.caffe_style=true".into(), format!("augment.mean={mean:?}"),
+        format!("augment.std={std:?}"), "eval.input_size=[0, 0]".into(),
+        format!("data.target_val.root=\"{}\"", cityscapes.display())];
+    let adamcu = |args: &[&str], sets: &[String]| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_adamcu"));
+        command.args(args).args(["--config", "pipelines/gta5-cityscapes.toml"]);
+        for set in sets {
+            command.args(["--set", set]);
+        }
+        command.output().unwrap()
+    };
+    let deeplab = dir.path().join("deeplabv2.pth");
+    let json = dir.path().join("row.json");
+    let out = adamcu(&["eval", "--checkpoint", deeplab.to_str().unwrap(), "--json", json.to_str().unwrap()], &sets);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let row: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+
+    // The same figure as the network loaded here and evaluated in this process.
+    let mut config = paper_config("resnet50", true, None);
+    config.eval.input_size = [0, 0];
+    config.data.target_val.as_mut().unwrap().root = cityscapes.clone();
+    let trainer = Trainer::with_network(&config, &deeplab).unwrap();
+    let here = trainer.evaluate("here", f64::NAN).unwrap();
+    assert_eq!(row["miou"].as_f64().unwrap(), here.miou, "{row}");
+
+    let masks = dir.path().join("masks");
+    let images = cityscapes.join("leftImg8bit/val/aachen");
+    let out = adamcu(&["predict", "--checkpoint", deeplab.to_str().unwrap(), "--images", images.to_str().unwrap(),
+        "--out", masks.to_str().unwrap()], &sets);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("for 2 image(s)"));
+
+    // On torchvision's normalisation it is refused, with the lines to set.
+    let without_normalisation = [&sets[..2], &sets[4..]].concat();
+    let out = adamcu(&["eval", "--checkpoint", deeplab.to_str().unwrap()], &without_normalisation);
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && error.contains("was trained on other input") && error.contains("[augment]"), "{error}");
 }

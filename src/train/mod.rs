@@ -225,6 +225,16 @@ impl Trainer {
         checkpoint::load(path, &mut self.vs)
     }
 
+    /// A trainer whose every weight comes from `path` (`load_network`; `eval` and `predict`):
+    /// `model.pretrained` is neither read nor needed.
+    pub fn with_network(config: &Config, path: &Path) -> Result<Trainer> {
+        let mut config = config.clone();
+        config.model.pretrained = None;
+        let mut trainer = Trainer::new(&config)?;
+        trainer.load_network(path)?;
+        Ok(trainer)
+    }
+
     /// The weights of a whole network (`--init`, `--checkpoint`): an adamcu checkpoint, or a
     /// peer's DeepLab v2 (e.g. an ADVENT source-only model, `.pth` or `.safetensors`), whose
     /// projection head is not there and keeps its initialisation.
