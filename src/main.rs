@@ -32,6 +32,10 @@ enum Command {
     /// Pipeline config files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// What a weights file (.pth, .safetensors) holds and the config lines that use it.
+    Weights {
+        file: PathBuf,
+    },
     /// Data sets: generate the synthetic benchmark, check configured sets.
     #[command(subcommand)]
     Datasets(DatasetsCommand),
@@ -208,6 +212,9 @@ fn pick_set<'a>(config: &'a Config, name: &str) -> Result<&'a DatasetConfig> {
 
 fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
     match command {
+        Command::Weights { file } => {
+            println!("{}: {}", file.display(), adamcu::model::weights::summarise(&file)?);
+        }
         Command::Doctor { device } => {
             let choice = parse_device(&device)
                 .ok_or_else(|| anyhow!("--device {device:?}: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\""))?;

@@ -259,6 +259,12 @@ fn a_peers_deeplab_v2_is_evaluated_and_predicted_from_the_command_line() {
         command.output().unwrap()
     };
     let deeplab = dir.path().join("deeplabv2.pth");
+    // `adamcu weights` tells what the file is and the config lines that use it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_adamcu")).arg("weights").arg(&deeplab).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("ADVENT's naming") && text.contains("classes = 19")
+        && text.contains("backbone = \"resnet50\"") && text.contains("caffe_style = true")
+        && text.contains(&format!("mean = {mean:?}")), "{text}");
     let json = dir.path().join("row.json");
     let out = adamcu(&["eval", "--checkpoint", deeplab.to_str().unwrap(), "--json", json.to_str().unwrap()], &sets);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -193,13 +193,7 @@ pub fn import(vs: &mut VarStore, path: &Path, caffe_style: bool) -> Result<Impor
 pub fn import_tensors(vs: &mut VarStore, path: &Path, tensors: Vec<(String, Tensor)>, caffe_style: bool)
     -> Result<Imported> {
     let shown = path.display();
-    let Some(layout) = Layout::detect(tensors.iter().map(|(k, _)| k.as_str())) else {
-        let mut keys: Vec<&str> = tensors.iter().map(|(k, _)| k.as_str()).collect();
-        keys.sort_unstable();
-        bail!("{shown}: not a state dict adamcu knows (torchvision's ResNet, DeepLab's Caffe-converted ResNet \
-               with keys under Scale., or ADVENT's DeepLab v2); its first keys: {}",
-              keys.iter().take(5).copied().collect::<Vec<_>>().join(", "));
-    };
+    let layout = detect_layout(path, &tensors)?;
     if layout.caffe_style() != caffe_style {
         bail!("{shown}: {} was trained with {}, and the model is set up with {}: set model.caffe_style = {}, \
                and for the input it was trained on{}", layout.describe(), stride_layout(layout.caffe_style()),
@@ -240,10 +234,75 @@ pub fn import_tensors(vs: &mut VarStore, path: &Path, tensors: Vec<(String, Tens
     Ok(Imported { layout, tensors: loaded.len() })
 }
 
+/// The layout of a file's tensors, or an error that shows its first keys.
+fn detect_layout(path: &Path, tensors: &[(String, Tensor)]) -> Result<Layout> {
+    let keys = tensors.iter().map(|(k, _)| k.as_str());
+    Layout::detect(keys.clone()).with_context(|| format!(
+        "{}: not a state dict adamcu knows (torchvision's ResNet, DeepLab's Caffe-converted ResNet with keys \
+         under Scale., or ADVENT's DeepLab v2); its first keys: {}",
+        path.display(), keys.take(5).collect::<Vec<_>>().join(", ")))
+}
+
 fn stride_layout(caffe_style: bool) -> &'static str {
     if caffe_style {
         "the stride on a bottleneck's first 1x1 conv (Caffe)"
     } else {
         "the stride on the 3x3 conv (torchvision)"
+    }
+}
+
+/// What a weights file holds and the config that uses it (`adamcu weights FILE`).
+#[derive(Debug)]
+pub struct Summary {
+    pub layout: Layout,
+    pub tensors: usize,
+    /// Bottleneck blocks per stage, and the `model.backbone` they make (None if no ResNet we build).
+    pub blocks: [usize; 4],
+    pub backbone: Option<&'static str>,
+    /// The classifiers' number of classes (a whole DeepLab v2 only).
+    pub classes: Option<i64>,
+}
+
+pub fn summarise(path: &Path) -> Result<Summary> {
+    let tensors = read_state_dict(path)?;
+    let layout = detect_layout(path, &tensors)?;
+    let names: Vec<String> = tensors.iter().filter_map(|(k, _)| layout.our_name(k)).collect();
+    let blocks = std::array::from_fn(|stage| {
+        let prefix = format!("backbone.layer{}.", stage + 1);
+        let indices: HashSet<&str> = names.iter()
+            .filter_map(|n| n.strip_prefix(&prefix)?.split('.').next()).collect();
+        indices.len()
+    });
+    let backbone = match blocks {
+        [3, 4, 23, 3] => Some("resnet101"),
+        [3, 4, 6, 3] => Some("resnet50"),
+        [2, 2, 2, 2] => Some("resnet18"),
+        _ => None,
+    };
+    let classes = tensors.iter().find(|(k, _)| k == "layer6.conv2d_list.0.weight").map(|(_, t)| t.size()[0]);
+    Ok(Summary { layout, tensors: tensors.len(), blocks, backbone, classes })
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "{}, {} tensors", self.layout.describe(), self.tensors)?;
+        let [a, b, c, d] = self.blocks;
+        writeln!(f, "blocks per stage: {a}, {b}, {c}, {d} ({})", self.backbone.unwrap_or("not a ResNet adamcu builds"))?;
+        match self.classes {
+            Some(classes) => writeln!(f, "classifiers: {classes} classes; give it as --init or model.pretrained")?,
+            None => writeln!(f, "classifiers: none used; give it as model.pretrained")?,
+        }
+        writeln!(f, "config that uses it:")?;
+        if let Some(classes) = self.classes {
+            writeln!(f, "  [data]\n  classes = {classes}")?;
+        }
+        writeln!(f, "  [model]")?;
+        if let Some(backbone) = self.backbone {
+            writeln!(f, "  backbone = \"{backbone}\"")?;
+        }
+        if self.classes.is_some() {
+            writeln!(f, "  arch = \"deeplabv2\"")?;
+        }
+        write!(f, "  caffe_style = {}{}", self.layout.caffe_style(), self.layout.normalisation_toml())
     }
 }
