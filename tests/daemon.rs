@@ -346,10 +346,25 @@ fn a_failed_evaluation_is_logged_and_training_goes_on() {
     let mut config = tiny_daemon_config(dir.path(), "evaluated", 10);
     config.train.eval_every = 4;
     let path = write_config(dir.path(), &config);
+    // A run whose evaluations succeed, then one more evaluation (a resume of the finished
+    // run) that fails: the status keeps showing the last figure it had.
+    let mut earlier = config.clone();
+    earlier.run.name = "evaluated-earlier".into();
+    let earlier_path = write_config(dir.path(), &earlier);
+    let (ok, log) = finish(daemon(&earlier_path, &[]));
+    assert!(ok, "{log}");
+    let last = adamcu::pipeline::status::Status::read(&earlier.run_dir()).unwrap().last_eval.expect("evaluated");
+    assert_eq!(last.step, 10);
+
     let val = dir.path().join("data/target/leftImg8bit/val");
     let city = std::fs::read_dir(&val).unwrap().next().unwrap().unwrap().path();
     let image = std::fs::read_dir(&city).unwrap().next().unwrap().unwrap().path();
     std::fs::write(&image, b"not a PNG").unwrap();
+    let (ok, log) = finish(daemon(&earlier_path, &["--resume"]));
+    assert!(ok && log.matches("the evaluation failed, training goes on").count() == 1, "{log}");
+    let kept = adamcu::pipeline::status::Status::read(&earlier.run_dir()).unwrap().last_eval.expect("kept");
+    assert!(kept.step == last.step && kept.miou == last.miou, "{kept:?} after {last:?}");
+
     let (ok, log) = finish(daemon(&path, &[]));
     assert!(ok, "{log}");
     assert!(log.matches("the evaluation failed, training goes on").count() == 3, "steps 4, 8 and the end: {log}");
