@@ -184,9 +184,10 @@ impl Reporter {
     }
 }
 
-/// The target val mIoU at this step (None if it failed). A failed evaluation (an unreadable val image, the device
-/// out of memory at full resolution) is logged and counted, and training goes on: a run of days
-/// is not given up for a figure, and a supervisor's restart would only meet the same failure.
+/// The target val mIoU at this step (None if it failed). A failed evaluation (an unreadable val
+/// image, the device out of memory at full resolution) is logged and counted, and training goes
+/// on: a run of days is not given up for a figure, and a supervisor's restart would only meet
+/// the same failure.
 fn evaluate(trainer: &Trainer, run: &AdaRun) -> Option<LastEval> {
     let ledger = &run.state.ledger;
     let labeled = ledger.charged() as f64 / ledger.total_pixels() as f64;

@@ -67,16 +67,21 @@ pub fn open_set(set: &Option<DatasetConfig>, key: &str, classes: usize) -> Resul
     Ok(Arc::new(SampleSource::open(set, classes).map_err(|e| anyhow!("[{key}]: {e}"))?))
 }
 
-/// Weights see the input they were trained on only if the loader normalises as their layout
-/// expects (Caffe's BGR mean on bytes, or torchvision's ImageNet mean and std).
-fn check_normalisation(config: &Config, layout: crate::model::weights::Layout, path: &Path) -> Result<()> {
-    let (mean, std) = layout.normalisation();
+/// Copies weights from elsewhere (`model.pretrained`, a peer's model) into `vs`. Their layout
+/// must fit `model.caffe_style` (checked by the import) and the loader's normalisation: they see
+/// the input they were trained on only if the loader normalises as their layout expects
+/// (Caffe's BGR mean on bytes, or torchvision's ImageNet mean and std).
+fn import_weights(vs: &mut VarStore, config: &Config, path: &Path, tensors: Vec<(String, Tensor)>)
+    -> Result<crate::model::weights::Imported> {
+    let imported = crate::model::weights::import_tensors(vs, path, tensors, config.model.caffe_style)?;
+    let (mean, std) = imported.layout.normalisation();
     let close = |a: &[f32; 3], b: &[f32; 3]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-3 * y.abs());
     if !close(&config.augment.mean, &mean) || !close(&config.augment.std, &std) {
         bail!("{}: {} was trained on other input than augment.mean = {:?}, augment.std = {:?} give; set{}",
-              path.display(), layout.describe(), config.augment.mean, config.augment.std, layout.normalisation_toml());
+              path.display(), imported.layout.describe(), config.augment.mean, config.augment.std,
+              imported.layout.normalisation_toml());
     }
-    Ok(())
+    Ok(imported)
 }
 
 impl Trainer {
@@ -89,10 +94,10 @@ impl Trainer {
         let mut vs = VarStore::new(device);
         let model = SegNet::new(&vs.root(), &config.model, config.data.classes)?;
         if let Some(path) = &config.model.pretrained {
-            let imported = crate::model::weights::import(&mut vs, path, config.model.caffe_style).with_context(|| format!(
+            let tensors = crate::model::weights::read_state_dict(path);
+            let imported = tensors.and_then(|t| import_weights(&mut vs, config, path, t)).with_context(|| format!(
                 "model.pretrained = {:?}: the weights to start from (ImageNet's, or a whole DeepLab v2; \
                 src/model/weights.rs lists the files and layouts adamcu reads)", path.display().to_string()))?;
-            check_normalisation(config, imported.layout, path)?;
             tracing::info!("loaded {} tensors of {} from {}", imported.tensors, imported.layout.describe(), path.display());
         }
         let normaliser = Normaliser::new(&config.augment, device);
@@ -244,13 +249,12 @@ impl Trainer {
             checkpoint::load_tensors(path, tensors, &mut self.vs)?;
             return Ok(());
         }
-        let imported = crate::model::weights::import_tensors(&mut self.vs, path, tensors, self.config.model.caffe_style)
-            .with_context(|| format!("{}: neither an adamcu checkpoint nor a DeepLab v2 adamcu imports", path.display()))?;
+        let imported = import_weights(&mut self.vs, &self.config, path, tensors)
+            .with_context(|| format!("{}: not an adamcu checkpoint, read as a peer's model", path.display()))?;
         if !imported.layout.has_classifiers() {
             bail!("{}: holds {} without classifiers; give it as model.pretrained", path.display(),
                   imported.layout.describe());
         }
-        check_normalisation(&self.config, imported.layout, path)?;
         tracing::info!("loaded {} tensors of {} from {}; the projection head keeps its initialisation",
                        imported.tensors, imported.layout.describe(), path.display());
         Ok(())
