@@ -1,5 +1,5 @@
 // What tch does not expose, built against the same libtorch headers as tch itself:
-// - the autocast dtype: tch's autocast is fp16 on CUDA; ADA-MCU trains in bf16;
+// - autocast in bf16: tch's autocast is fp16 on CUDA and CUDA-only; ADA-MCU trains in bf16;
 // - the CUDA caching allocator's peak, for the step benchmark's memory figure;
 // - libtorch's synchronisation check (torch.cuda.set_sync_debug_mode), for the same benchmark;
 // - page-locking without tch's device argument, which libtorch deprecates with a warning on
@@ -16,28 +16,33 @@
 #include <c10/cuda/CUDAFunctions.h>
 #endif
 
-extern "C" void adamcu_set_cuda_autocast_bf16(int enable) {
-  at::autocast::set_autocast_dtype(at::kCUDA, enable ? at::kBFloat16 : at::kHalf);
-}
+static c10::DeviceType autocast_device(int cuda) { return cuda ? at::kCUDA : at::kCPU; }
 
-// An autocast region on CUDA through the current API (tch's goes through at::autocast's
-// deprecated is_enabled/set_enabled, which warn on every call). Returns the previous state.
-extern "C" int adamcu_cuda_autocast_enter(int enabled) {
-  bool previous = at::autocast::is_autocast_enabled(at::kCUDA);
-  at::autocast::set_autocast_enabled(at::kCUDA, enabled != 0);
+// Opens a bf16 autocast region for CUDA (cuda != 0) or the CPU through the current API (tch's
+// autocast goes through at::autocast's deprecated is_enabled/set_enabled, which warn on every
+// call, and is fp16 on CUDA). Writes the state to restore to `previous_enabled` and
+// `previous_dtype` (a c10::ScalarType).
+extern "C" void adamcu_autocast_bf16_enter(int cuda, int* previous_enabled, int* previous_dtype) {
+  auto device = autocast_device(cuda);
+  *previous_enabled = at::autocast::is_autocast_enabled(device);
+  *previous_dtype = static_cast<int>(at::autocast::get_autocast_dtype(device));
+  at::autocast::set_autocast_dtype(device, at::kBFloat16);
+  at::autocast::set_autocast_enabled(device, true);
   at::autocast::increment_nesting();
-  return previous;
 }
 
-extern "C" void adamcu_cuda_autocast_exit(int previous) {
+extern "C" void adamcu_autocast_exit(int cuda, int previous_enabled, int previous_dtype) {
+  auto device = autocast_device(cuda);
   if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-  at::autocast::set_autocast_enabled(at::kCUDA, previous != 0);
+  at::autocast::set_autocast_enabled(device, previous_enabled != 0);
+  at::autocast::set_autocast_dtype(device, static_cast<at::ScalarType>(previous_dtype));
 }
 
-extern "C" int adamcu_cuda_autocast_is_enabled() { return at::autocast::is_autocast_enabled(at::kCUDA); }
-
-extern "C" int adamcu_cuda_autocast_is_bf16() {
-  return at::autocast::get_autocast_dtype(at::kCUDA) == at::kBFloat16;
+// Whether autocast is on for the device (to `enabled`), and the dtype it casts to there.
+extern "C" int adamcu_autocast_state(int cuda, int* enabled) {
+  auto device = autocast_device(cuda);
+  *enabled = at::autocast::is_autocast_enabled(device);
+  return static_cast<int>(at::autocast::get_autocast_dtype(device));
 }
 
 // Peak bytes allocated on `device` since the last reset, or -1 without CUDA support.

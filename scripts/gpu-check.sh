@@ -31,7 +31,8 @@ section "training step: adamcu beside bench/reference/ada_mcu_step.py, same shap
 # The synthetic benchmark at 2048x1024 (like Cityscapes; GTA5 frames are 1914x1052) in the
 # real layouts, read through pipelines/gta5-cityscapes.toml with random weights (no ImageNet
 # file on this machine), so BatchNorm on batch statistics: the stored ones of an untrained
-# ResNet-101 diverge at once. Target: the status lines show the trainer waiting < 2 % for data.
+# ResNet-101 diverge at once. In bf16 + channels-last, the fastest trainer, which needs the
+# loaders most. Target: the status lines show the trainer waiting < 2 % for data.
 data_wait() {
   WORK=${WORK:-$(mktemp -d)}
   "$BIN" datasets synth --set "synth.root=\"$WORK/synth\"" --set synth.width=2048 --set synth.height=1024 \
@@ -41,7 +42,8 @@ data_wait() {
   GTA5_TRANSLATED="$WORK/synth/source_translated" GTA5_ROOT="$WORK/synth/source" CITYSCAPES_ROOT="$WORK/synth/target" \
     "$BIN" train --config "$WORK/paper-synth.toml" --stage all --set "run.runs_dir=\"$WORK/runs\"" \
     --set "train.source_iterations=${SOURCE_STEPS:-20}" --set "active.iterations=${ADA_STEPS:-300}" \
-    --set train.log_every=50 --set 'model.bn_stats="batch"' ${EXTRA_SETS:-} 2>&1
+    --set train.log_every=50 --set 'model.bn_stats="batch"' --set 'train.precision="bf16"' \
+    --set train.channels_last=true ${EXTRA_SETS:-} 2>&1
 }
 section "data wait: the daemon with the loaders on, paper's network and sizes, synthetic frames" data_wait
 

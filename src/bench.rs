@@ -278,8 +278,10 @@ pub fn step(o: &StepBenchOptions) -> Result<()> {
     for (check, row) in checks.iter().zip(["seg fp32", "full fp32", "seg bf16+cl", "full bf16+cl"]) {
         println!("host waits for the device inside a {row} step (libtorch sync check): {check}");
     }
+    #[cfg(target_arch = "x86_64")]
     if !device.is_cuda() {
-        println!("(on the CPU, bf16 autocast is off: the bf16 rows differ from fp32 by the channels-last layout only)");
+        let has = if std::is_x86_feature_detected!("avx512bf16") { "has" } else { "lacks" };
+        println!("(bf16 rows on the CPU: CPU autocast in bf16; this CPU {has} AVX512-BF16, without which bf16 is emulated)");
     }
     Ok(())
 }

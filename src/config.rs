@@ -283,8 +283,8 @@ pub struct TrainConfig {
     /// Iterations of the target-supervised upper bound (all target labels).
     pub target_supervised_iterations: usize,
     pub log_every: usize,
-    /// "fp32", or "bf16": the network's forward under CUDA autocast in bf16 (softmax
-    /// statistics, uncertainty and losses stay fp32). No effect on the CPU.
+    /// "fp32", or "bf16": the network's forward under autocast in bf16, on CUDA or the CPU
+    /// (softmax statistics, uncertainty and losses stay fp32).
     pub precision: String,
     /// Channels-last (NHWC) weights and activations, faster for convolutions on tensor cores.
     pub channels_last: bool,

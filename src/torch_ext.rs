@@ -1,11 +1,9 @@
 //! Safe wrappers over `csrc/torch_shim.cpp`: what tch does not expose.
 
 extern "C" {
-    fn adamcu_set_cuda_autocast_bf16(enable: i32);
-    fn adamcu_cuda_autocast_is_bf16() -> i32;
-    fn adamcu_cuda_autocast_enter(enabled: i32) -> i32;
-    fn adamcu_cuda_autocast_exit(previous: i32);
-    fn adamcu_cuda_autocast_is_enabled() -> i32;
+    fn adamcu_autocast_bf16_enter(cuda: i32, previous_enabled: *mut i32, previous_dtype: *mut i32);
+    fn adamcu_autocast_exit(cuda: i32, previous_enabled: i32, previous_dtype: i32);
+    fn adamcu_autocast_state(cuda: i32, enabled: *mut i32) -> i32;
     fn adamcu_cuda_peak_bytes(device: i32) -> i64;
     fn adamcu_cuda_reset_peak(device: i32);
     fn adamcu_cuda_set_sync_debug(level: i32) -> i32;
@@ -157,38 +155,42 @@ pub fn labels_on(labels: &tch::Tensor, device: tch::Device) -> tch::Tensor {
     to_device_async(labels, device).to_kind(tch::Kind::Int64)
 }
 
-/// Makes CUDA autocast use bf16 (true) or libtorch's default fp16 (false).
-pub fn set_cuda_autocast_bf16(enable: bool) {
-    // SAFETY: sets a process-global libtorch setting; no pointers cross the boundary.
-    unsafe { adamcu_set_cuda_autocast_bf16(enable as i32) }
-}
+/// c10::ScalarType::BFloat16 (what `adamcu_autocast_state` returns for bf16).
+const SCALAR_TYPE_BF16: i32 = 15;
 
-/// Runs `f` under CUDA autocast (in the dtype `set_cuda_autocast_bf16` chose). tch's
-/// `autocast` uses libtorch's deprecated calls, which log a warning each time: several per
-/// training step.
-pub fn cuda_autocast<T>(f: impl FnOnce() -> T) -> T {
-    // SAFETY: sets and restores process-global libtorch settings around `f`.
-    let previous = unsafe { adamcu_cuda_autocast_enter(1) };
-    struct Restore(i32);
+/// Runs `f` under autocast in bf16 on `device`'s type (CUDA, else the CPU): convolutions and
+/// matrix products in bf16, what autocast keeps in fp32 in fp32. tch's `autocast` is CUDA-only,
+/// fp16, and goes through libtorch's deprecated calls, which log a warning each time. The
+/// previous state (on or off, dtype) is restored on return, also when `f` panics.
+pub fn autocast_bf16<T>(device: tch::Device, f: impl FnOnce() -> T) -> T {
+    let cuda = device.is_cuda() as i32;
+    let (mut enabled, mut dtype) = (0, 0);
+    // SAFETY: sets process-global libtorch settings; the pointers are to live locals.
+    unsafe { adamcu_autocast_bf16_enter(cuda, &mut enabled, &mut dtype) };
+    struct Restore(i32, i32, i32);
     impl Drop for Restore {
         fn drop(&mut self) {
             // SAFETY: as above; runs even if `f` panics.
-            unsafe { adamcu_cuda_autocast_exit(self.0) }
+            unsafe { adamcu_autocast_exit(self.0, self.1, self.2) }
         }
     }
-    let _restore = Restore(previous);
+    let _restore = Restore(cuda, enabled, dtype);
     f()
 }
 
-/// Whether the calling thread is inside a CUDA autocast region.
-pub fn cuda_autocast_is_enabled() -> bool {
-    // SAFETY: reads a libtorch setting.
-    unsafe { adamcu_cuda_autocast_is_enabled() != 0 }
+/// Autocast's state on `device`'s type for the calling thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AutocastState {
+    pub enabled: bool,
+    /// Whether it casts to bf16 (libtorch's default: fp16 on CUDA, bf16 on the CPU).
+    pub bf16: bool,
 }
 
-pub fn cuda_autocast_is_bf16() -> bool {
-    // SAFETY: reads a process-global libtorch setting.
-    unsafe { adamcu_cuda_autocast_is_bf16() != 0 }
+pub fn autocast_state(device: tch::Device) -> AutocastState {
+    let mut enabled = 0;
+    // SAFETY: reads libtorch settings into a live local.
+    let dtype = unsafe { adamcu_autocast_state(device.is_cuda() as i32, &mut enabled) };
+    AutocastState { enabled: enabled != 0, bf16: dtype == SCALAR_TYPE_BF16 }
 }
 
 /// Peak bytes allocated on a CUDA device since the last reset; None without CUDA.

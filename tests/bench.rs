@@ -34,26 +34,36 @@ fn the_step_benchmark_of_the_papers_network_runs_a_real_step() {
 }
 
 #[test]
-fn the_shim_switches_cuda_autocast_to_bf16_and_back() {
-    adamcu::torch_ext::set_cuda_autocast_bf16(true);
-    assert!(adamcu::torch_ext::cuda_autocast_is_bf16());
-    adamcu::torch_ext::set_cuda_autocast_bf16(false);
-    assert!(!adamcu::torch_ext::cuda_autocast_is_bf16(), "libtorch's default is fp16");
-    assert_eq!(adamcu::torch_ext::cuda_peak_bytes(0), None, "no CUDA here");
-}
-
-#[test]
-fn the_cuda_autocast_region_nests_and_is_restored_even_after_a_panic() {
-    use adamcu::torch_ext::{cuda_autocast, cuda_autocast_is_enabled};
-    assert!(!cuda_autocast_is_enabled());
-    cuda_autocast(|| {
-        assert!(cuda_autocast_is_enabled());
-        cuda_autocast(|| assert!(cuda_autocast_is_enabled()));
-        assert!(cuda_autocast_is_enabled(), "the inner region restores the outer one");
+fn the_bf16_autocast_region_casts_convolutions_to_bf16_on_the_cpu_and_restores_the_state() {
+    use adamcu::torch_ext::{autocast_bf16, autocast_state, AutocastState};
+    use tch::{Device, Kind, Tensor};
+    let cpu = Device::Cpu;
+    let off = autocast_state(cpu);
+    assert!(!off.enabled);
+    let input = Tensor::randn([1, 3, 8, 8], (Kind::Float, cpu));
+    let weight = Tensor::randn([4, 3, 3, 3], (Kind::Float, cpu));
+    let conv = || input.conv2d(&weight, None::<Tensor>, 1, 1, 1, 1);
+    assert_eq!(conv().kind(), Kind::Float);
+    autocast_bf16(cpu, || {
+        assert_eq!(autocast_state(cpu), AutocastState { enabled: true, bf16: true });
+        assert_eq!(conv().kind(), Kind::BFloat16, "a convolution inside the region runs in bf16");
+        autocast_bf16(cpu, || assert!(autocast_state(cpu).enabled));
+        assert!(autocast_state(cpu).enabled, "the inner region restores the outer one");
     });
-    assert!(!cuda_autocast_is_enabled());
-    let _ = std::panic::catch_unwind(|| cuda_autocast(|| panic!("inside")));
-    assert!(!cuda_autocast_is_enabled(), "restored after a panic");
+    assert_eq!(autocast_state(cpu), off);
+    assert_eq!(conv().kind(), Kind::Float);
+    let _ = std::panic::catch_unwind(|| autocast_bf16(cpu, || panic!("inside")));
+    assert_eq!(autocast_state(cpu), off, "restored after a panic");
+    // CUDA's state is its own: a CUDA region sets bf16 there (libtorch's default is fp16) and
+    // puts fp16 back; the CPU's is untouched.
+    let cuda = Device::Cuda(0);
+    assert_eq!(autocast_state(cuda), AutocastState { enabled: false, bf16: false });
+    autocast_bf16(cuda, || {
+        assert_eq!(autocast_state(cuda), AutocastState { enabled: true, bf16: true });
+        assert!(!autocast_state(cpu).enabled);
+    });
+    assert_eq!(autocast_state(cuda), AutocastState { enabled: false, bf16: false });
+    assert_eq!(adamcu::torch_ext::cuda_peak_bytes(0), None, "no CUDA here");
 }
 
 #[test]

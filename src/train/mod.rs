@@ -105,7 +105,6 @@ impl Trainer {
         if config.train.channels_last {
             trainer.to_channels_last();
         }
-        crate::torch_ext::set_cuda_autocast_bf16(config.train.precision == "bf16");
         if device.is_cuda() {
             // Crops have fixed sizes: let cuDNN time its algorithms once per shape and keep
             // the fastest (torch.backends.cudnn.benchmark, as the reference sets it).
@@ -130,11 +129,10 @@ impl Trainer {
     /// fp32 so that softmax statistics, uncertainty and losses are computed in fp32.
     pub fn forward(&self, images: &Tensor, train: bool) -> crate::model::SegOutput {
         let images = if self.config.train.channels_last { channels_last(images) } else { images.shallow_clone() };
-        let bf16 = self.config.train.precision == "bf16" && self.device.is_cuda();
-        if !bf16 {
+        if self.config.train.precision != "bf16" {
             return self.model.forward_t(&images, train);
         }
-        let out = crate::torch_ext::cuda_autocast(|| self.model.forward_t(&images, train));
+        let out = crate::torch_ext::autocast_bf16(self.device, || self.model.forward_t(&images, train));
         let f = |t: Tensor| t.to_kind(tch::Kind::Float);
         crate::model::SegOutput { main: f(out.main), aux: f(out.aux), embedding: f(out.embedding) }
     }
