@@ -18,14 +18,20 @@ LD_LIBRARY_PATH="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__fil
 export LD_LIBRARY_PATH
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 
-section "adamcu doctor (must report CUDA and pass its smoke check on the GPU)" "$BIN" doctor
+# Without CUDA every later check would run on the CPU at the paper's sizes for the whole
+# lease: stop here instead. The later ones also ask for run.device = "cuda" explicitly.
+if ! "$BIN" doctor --device cuda; then
+  echo "!! adamcu doctor --device cuda failed: no CUDA for this binary here; nothing else was run"
+  exit 1
+fi
 
 # DeepLab v2 ResNet-101, batch 2 source 720x1280 + 2 target 512x1024; seg-only and full
 # ADA-MCU; fp32 and bf16 + channels-last. Targets: our full step <= 1.1x the reference's seg
 # step and <= 0.75x its full step; peak memory <= the reference's. One warm-up step of each
 # row runs under libtorch's sync check: "host waits ... none" means the step never waited.
 section "training step: adamcu beside bench/reference/ada_mcu_step.py, same shapes, same card" \
-  "$BIN" bench step --config pipelines/gta5-cityscapes.toml --source-size 720x1280 --target-size 512x1024 \
+  "$BIN" bench step --config pipelines/gta5-cityscapes.toml --set 'run.device="cuda"' \
+  --source-size 720x1280 --target-size 512x1024 \
   --iterations "${ITERATIONS:-20}" --warmup 5 --python python3
 
 # The synthetic benchmark at 2048x1024 (like Cityscapes; GTA5 frames are 1914x1052) in the
@@ -40,7 +46,7 @@ data_wait() {
     --set synth.target_val_images=2 || return
   grep -v '^pretrained' pipelines/gta5-cityscapes.toml > "$WORK/paper-synth.toml"
   GTA5_TRANSLATED="$WORK/synth/source_translated" GTA5_ROOT="$WORK/synth/source" CITYSCAPES_ROOT="$WORK/synth/target" \
-    "$BIN" train --config "$WORK/paper-synth.toml" --stage all --set "run.runs_dir=\"$WORK/runs\"" \
+    "$BIN" train --config "$WORK/paper-synth.toml" --stage all --set "run.runs_dir=\"$WORK/runs\"" --set 'run.device="cuda"' \
     --set "train.source_iterations=${SOURCE_STEPS:-20}" --set "active.iterations=${ADA_STEPS:-300}" \
     --set train.log_every=50 --set 'model.bn_stats="batch"' --set 'train.precision="bf16"' \
     --set train.channels_last=true ${EXTRA_SETS:-} 2>&1

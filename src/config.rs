@@ -793,11 +793,18 @@ pub enum DeviceChoice {
 }
 
 impl DeviceChoice {
-    pub fn resolve(self) -> tch::Device {
+    /// The device, or an error naming what libtorch sees when a CUDA device is asked for that
+    /// is not there (libtorch itself would fail deep inside the first allocation).
+    pub fn resolve(self) -> anyhow::Result<tch::Device> {
         match self {
-            DeviceChoice::Auto => tch::Device::cuda_if_available(),
-            DeviceChoice::Cpu => tch::Device::Cpu,
-            DeviceChoice::Cuda(i) => tch::Device::Cuda(i),
+            DeviceChoice::Auto => Ok(tch::Device::cuda_if_available()),
+            DeviceChoice::Cpu => Ok(tch::Device::Cpu),
+            DeviceChoice::Cuda(i) => {
+                let count = tch::Cuda::device_count();
+                anyhow::ensure!((i as i64) < count, "CUDA device {i} asked for, but libtorch sees {count} CUDA device(s) \
+                    (no NVIDIA driver, or a CPU-only libtorch?): expected \"auto\" or \"cpu\" here, or a GPU machine");
+                Ok(tch::Device::Cuda(i))
+            }
         }
     }
 }

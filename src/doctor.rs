@@ -1,6 +1,7 @@
 //! `adamcu doctor`: what this binary links against, which device it will use, and a real
 //! smoke check on that device (a few SGD steps of a small conv net must lower the loss).
 
+use crate::config::DeviceChoice;
 use anyhow::{bail, Result};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
@@ -48,7 +49,7 @@ pub fn smoke_check(device: Device, steps: usize) -> Result<SmokeResult> {
     Ok(SmokeResult { first_loss, last_loss, steps })
 }
 
-pub fn run(device: Device) -> Result<()> {
+pub fn run(choice: DeviceChoice) -> Result<()> {
     println!("adamcu      {}", env!("CARGO_PKG_VERSION"));
     println!("libtorch    {LIBTORCH_VERSION}");
     let cuda_devices = tch::Cuda::device_count();
@@ -59,6 +60,7 @@ pub fn run(device: Device) -> Result<()> {
     }
     println!("threads     {} intra-op, {} inter-op", tch::get_num_threads(),
         tch::get_num_interop_threads());
+    let device = choice.resolve()?;
     println!("device      {device:?}");
     let started = std::time::Instant::now();
     let r = smoke_check(device, 30)?;

@@ -218,7 +218,7 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
         Command::Doctor { device } => {
             let choice = parse_device(&device)
                 .ok_or_else(|| anyhow!("--device {device:?}: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\""))?;
-            adamcu::doctor::run(choice.resolve())?;
+            adamcu::doctor::run(choice).with_context(|| format!("--device {device:?}"))?;
         }
         Command::Config(ConfigCommand::Check { file }) => match Config::load_with_overrides(&file, overrides) {
             Ok(config) => print!("{}", toml::to_string_pretty(&config)?),

@@ -113,12 +113,14 @@ pub fn to_device_async(tensor: &tch::Tensor, device: tch::Device) -> tch::Tensor
     tensor.to_device_(device, tensor.kind(), device.is_cuda(), false)
 }
 
-/// A host copy that owns its storage, detached from autograd: training may change the
-/// original in place while the copy is written elsewhere (`to_device(Cpu)` on a CPU tensor
-/// returns the tensor itself; from CUDA it copies after the queued work, synchronously).
+/// A contiguous host copy that owns its storage, detached from autograd: training may change
+/// the original in place while the copy is written elsewhere (`to_device(Cpu)` on a CPU tensor
+/// returns the tensor itself; from CUDA it copies after the queued work, synchronously), and
+/// safetensors stores only contiguous tensors (channels-last weights are not).
 pub fn owned_host_copy(tensor: &tch::Tensor) -> tch::Tensor {
     let tensor = tensor.detach();
-    if tensor.device() == tch::Device::Cpu { tensor.copy() } else { tensor.to_device(tch::Device::Cpu) }
+    let copy = if tensor.device() == tch::Device::Cpu { tensor.copy() } else { tensor.to_device(tch::Device::Cpu) };
+    copy.contiguous()
 }
 
 /// A small tensor built on the host (indices, bitsets) on `device` without a stream

@@ -377,28 +377,41 @@ fn tiny_config(dir: &std::path::Path) -> Config {
 
 #[test]
 fn every_loss_term_reaches_the_gradient() {
+    // Equal crops, and source and target crops of different sizes either way round (the
+    // paper's source crops, 1280x720, are the larger).
+    for (source_crop, target_crop) in [(None, None), (None, Some([24, 48])), (Some([24, 48]), None)] {
+        every_loss_term_reaches_the_gradient_with(source_crop, target_crop);
+    }
+}
+
+fn every_loss_term_reaches_the_gradient_with(source_crop: Option<[u32; 2]>, target_crop: Option<[u32; 2]>) {
     let dir = tempfile::tempdir().unwrap();
-    let config = tiny_config(dir.path());
+    let mut config = tiny_config(dir.path());
+    config.data.source.as_mut().unwrap().crop = source_crop;
+    config.data.target.as_mut().unwrap().crop = target_crop;
+    let case = format!("source crop {source_crop:?}, target crop {target_crop:?}");
     let trainer = adamcu::train::Trainer::new(&config).unwrap();
     let mut state = trainer.new_ada_state(trainer.open_ledger(&dir.path().join("ledger.bin")).unwrap());
     let source = adamcu::train::open_set(&config.data.source, "s", 19).unwrap();
     let target = adamcu::train::open_set(&config.data.target, "t", 19).unwrap();
-    let batch = |set: &adamcu::data::source::SampleSource| {
-        let mut augmenter = adamcu::data::augment::Augmenter::new(&config.augment);
+    let batch = |set: &adamcu::data::source::SampleSource, set_config: &Option<adamcu::config::DatasetConfig>| {
+        let augment = config.augment_for(set_config.as_ref().unwrap());
+        let [h, w] = augment.crop.map(i64::from);
+        let mut augmenter = adamcu::data::augment::Augmenter::new(&augment);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
         let samples: Vec<_> = (0..2).map(|i| set.load_augmented(i, &mut augmenter, &mut rng).unwrap()).collect();
         let images: Vec<u8> = samples.iter().flat_map(|s| s.image.clone()).collect();
         let labels: Vec<u8> = samples.iter().flat_map(|s| s.label.clone()).collect();
-        (Tensor::from_slice(&images).view([2, 32, 64, 3]), Tensor::from_slice(&labels).view([2, 32, 64]).to_kind(Kind::Int64),
+        (Tensor::from_slice(&images).view([2, h, w, 3]), Tensor::from_slice(&labels).view([2, h, w]).to_kind(Kind::Int64),
          samples.iter().map(|s| s.geometry).collect::<Vec<_>>())
     };
-    let (si, sl, _) = batch(&source);
-    let (ti, tl, tg) = batch(&target);
+    let (si, sl, _) = batch(&source, &config.data.source);
+    let (ti, tl, tg) = batch(&target, &config.data.target);
     let names = ["L_seg source", "L_seg target", "L_con p2p", "L_con c2c"];
     for (term, name) in names.iter().enumerate() {
         let out = trainer.ada_losses(&mut state, &si, &sl, &ti, &SealedLabels::seal(tl.shallow_clone()), &[0, 1], &tg);
-        let loss = out.terms[term].as_ref().unwrap_or_else(|| panic!("{name} was not computed"));
-        assert!(loss.double_value(&[]) > 0.0, "{name} is zero");
+        let loss = out.terms[term].as_ref().unwrap_or_else(|| panic!("{case}: {name} was not computed"));
+        assert!(loss.double_value(&[]) > 0.0, "{case}: {name} is zero");
         for (_, t) in trainer.vs.variables() {
             let mut g = t.grad();
             if g.defined() {
@@ -412,8 +425,8 @@ fn every_loss_term_reaches_the_gradient() {
                 .sum()
         };
         let reached = if term >= 2 { grad("projection.") } else { grad("main.") };
-        assert!(reached > 0.0, "{name} gives no gradient to its head");
-        assert!(grad("backbone.") > 0.0, "{name} gives no gradient to the backbone");
+        assert!(reached > 0.0, "{case}: {name} gives no gradient to its head");
+        assert!(grad("backbone.") > 0.0, "{case}: {name} gives no gradient to the backbone");
         // The total includes the term (weight > 0): the step uses it.
         assert!(out.total.double_value(&[]) >= loss.double_value(&[]) * if term >= 2 { config.contrast.weight } else { 1.0 } - 1e-6);
     }
@@ -433,4 +446,26 @@ fn contrastive_losses_need_anchors_and_keys_in_both_domains() {
     assert!(l.p2p.is_some() && l.c2c.is_some());
     let l = contrastive_losses(&batch(false), &batch(false), &config, None, 3);
     assert_eq!(l.p2p.unwrap().double_value(&[]), 0.0, "no anchors: the p2p term is 0");
+}
+
+#[test]
+fn a_domain_with_fewer_pixels_than_the_other_is_padded_without_changing_its_loss() {
+    // Target 4x4 embeddings beside a source of 4x4 or of 8x8: with every pixel sampled (the
+    // sample sizes exceed both), the target is padded to the source's 64 points in the second
+    // case. Only intra-image units, and no source anchors, so the p2p loss is the target's alone
+    // (c2c's points are class centers, C per image in both domains: nothing to pad).
+    tch::manual_seed(0);
+    let unit = |t: Tensor| &t / t.norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
+    let domain = |side: i64, anchors: bool| {
+        let labels = Tensor::randint(3, [2, side, side], (Kind::Int64, Device::Cpu));
+        DomainBatch { embedding: unit(Tensor::randn([2, 8, side, side], (Kind::Float, Device::Cpu))),
+            labels: labels.shallow_clone(), anchors: Tensor::full([2, side, side], anchors as i64, (Kind::Bool, Device::Cpu)),
+            low: Tensor::ones([2, side, side], (Kind::Bool, Device::Cpu)), center_classes: labels }
+    };
+    let target = domain(4, true);
+    let config = ContrastConfig { levels: vec!["intra-image".into()], max_anchors: 100, max_keys: 100, ..ContrastConfig::default() };
+    let p2p = |source: &DomainBatch| contrastive_losses(source, &target, &config, None, 3).p2p.unwrap().double_value(&[]);
+    let (same_size, larger_source) = (p2p(&domain(4, false)), p2p(&domain(8, false)));
+    assert!(same_size > 0.0, "{same_size}");
+    assert!((same_size - larger_source).abs() < 1e-5, "p2p {same_size} beside a 4x4 source, {larger_source} beside 8x8");
 }

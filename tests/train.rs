@@ -200,7 +200,7 @@ fn a_missing_imagenet_file_is_reported_with_its_key_and_path() {
 }
 
 #[test]
-fn bf16_precision_runs_the_network_in_bf16_and_keeps_outputs_losses_and_weights_fp32() {
+fn bf16_channels_last_runs_the_network_in_bf16_keeps_fp32_outside_and_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
     let fp32 = tiny_config(dir.path());
     let mut bf16 = fp32.clone();
@@ -233,6 +233,13 @@ fn bf16_precision_runs_the_network_in_bf16_and_keeps_outputs_losses_and_weights_
             assert!(var.grad().defined() && var.grad().kind() == Kind::Float, "{name}: no fp32 gradient");
         }
     }
+    // Its checkpoint (channels-last weights) is written and gives the same network back.
+    let path = dir.path().join("bf16.safetensors");
+    b.save(&path, None, serde_json::json!({"stage": "test"})).unwrap();
+    let mut c = Trainer::new(&bf16).unwrap();
+    c.load(&path).unwrap();
+    let (out_b, out_c) = tch::no_grad(|| (b.forward(&input, false), c.forward(&input, false)));
+    assert!(out_b.main.equal(&out_c.main), "the reloaded channels-last network differs");
     assert!(losses_fp32[19] < losses_fp32[0] - 0.05, "fp32 losses {losses_fp32:?}");
     for (step, (x, y)) in losses_fp32.iter().zip(&losses).enumerate() {
         assert!((x - y).abs() < 0.01 * x, "step {step}: bf16 loss {y}, fp32 {x}");

@@ -40,11 +40,22 @@ pub struct Sample {
 }
 
 impl Sample {
-    /// The points of `self`'s images followed by those of `other`'s.
+    /// The points of `self`'s images followed by those of `other`'s. The one with fewer points
+    /// per image (a domain whose crops hold fewer pixels than the sample size) is padded with
+    /// points that are not real.
     fn cat(&self, other: &Sample) -> Sample {
-        let cat = |a: &Tensor, b: &Tensor| Tensor::cat(&[a, b], 0);
-        Sample { embeddings: cat(&self.embeddings, &other.embeddings), classes: cat(&self.classes, &other.classes),
-            valid: cat(&self.valid, &other.valid) }
+        let n = self.valid.size()[1].max(other.valid.size()[1]);
+        let (a, b) = (self.padded_to(n), other.padded_to(n));
+        let cat = |x: &Tensor, y: &Tensor| Tensor::cat(&[x, y], 0);
+        Sample { embeddings: cat(&a.embeddings, &b.embeddings), classes: cat(&a.classes, &b.classes),
+            valid: cat(&a.valid, &b.valid) }
+    }
+
+    /// `n` points per image: the extra ones are zero and not valid.
+    fn padded_to(&self, n: i64) -> Sample {
+        let extra = n - self.valid.size()[1];
+        Sample { embeddings: self.embeddings.constant_pad_nd([0, 0, 0, extra]),
+            classes: self.classes.constant_pad_nd([0, extra]), valid: self.valid.constant_pad_nd([0, extra]) }
     }
 
     /// The points of the images at `index` ([U]), one row per unit.
@@ -100,6 +111,12 @@ struct DomainViews {
 fn views(batch: &DomainBatch, config: &ContrastConfig, classes: i64) -> DomainViews {
     let size = batch.embedding.size();
     let (b, d) = (size[0], size[1]);
+    // Sizes are host metadata: checking them costs no wait for the device. A mask at another
+    // resolution would pair pixels with the wrong embeddings, silently where it is smaller.
+    for (name, t) in [("labels", &batch.labels), ("anchors", &batch.anchors), ("low", &batch.low),
+        ("center_classes", &batch.center_classes)] {
+        assert_eq!(t.size(), [b, size[2], size[3]], "contrastive units: {name} is not at the embedding's resolution");
+    }
     let emb = batch.embedding.view([b, d, -1]).transpose(1, 2);
     let labels = batch.labels.view([b, -1]);
     let key_mask = labels.ne(255);

@@ -132,10 +132,13 @@ impl Trainer {
         let mut total = &loss_source + &loss_target;
         let (mut p2p, mut c2c) = (None, None);
         if c.contrast.enabled && c.contrast.weight > 0.0 {
+            // Labels and masks at each domain's embedding resolution: source and target crops
+            // differ in size in the paper's setting (1280x720 and 1024x512).
+            let at = |t: &Tensor, embedding: &Tensor| nearest(t, embedding.size()[2], embedding.size()[3]).to_kind(Kind::Int64);
+            let (down_s, down_t) = (|t: &Tensor| at(t, &out_s.2), |t: &Tensor| at(t, &out_t.2));
+            let (labels_s, pred_s) = (down_s(&source_labels), down_s(&prediction_s));
+            let (labels_t, pred_t) = (down_t(&train_labels_t), down_t(&prediction_t));
             let (fh, fw) = (out_s.2.size()[2], out_s.2.size()[3]);
-            let down = |t: &Tensor| nearest(t, fh, fw).to_kind(Kind::Int64);
-            let (labels_s, pred_s) = (down(&source_labels), down(&prediction_s));
-            let (labels_t, pred_t) = (down(&train_labels_t), down(&prediction_t));
             let scores_s = uncertainty(&upsample(&out_s.0, fh, fw), &upsample(&out_s.1, fh, fw), c.active.gamma);
             let t = state.sampler.thresholds;
             let source = DomainBatch {
@@ -145,11 +148,11 @@ impl Trainer {
                 center_classes: labels_s.clamp_max(classes - 1),
                 labels: labels_s,
             };
-            let bought_high = down(&labelled.logical_and(&selection.high)).ne(0);
+            let bought_high = down_t(&labelled.logical_and(&selection.high)).ne(0);
             let target = DomainBatch {
                 embedding: out_t.2.shallow_clone(),
                 anchors: bought_high.logical_and(&pred_t.ne_tensor(&labels_t)),
-                low: down(&selection.low).ne(0),
+                low: down_t(&selection.low).ne(0),
                 center_classes: pred_t,
                 labels: labels_t,
             };
