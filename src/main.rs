@@ -173,12 +173,12 @@ enum BenchCommand {
         /// Model and ADA-MCU settings (pretrained weights are not loaded).
         #[arg(long, default_value = "pipelines/gta5-cityscapes.toml")]
         config: PathBuf,
-        /// HEIGHTxWIDTH of the source crops.
-        #[arg(long, default_value = "720x1280")]
-        source_size: String,
-        /// HEIGHTxWIDTH of the target crops.
-        #[arg(long, default_value = "512x1024")]
-        target_size: String,
+        /// HEIGHTxWIDTH of the source crops [default: the config's, 720x1280 in the paper's]
+        #[arg(long)]
+        source_size: Option<String>,
+        /// HEIGHTxWIDTH of the target crops [default: the config's, 512x1024 in the paper's]
+        #[arg(long)]
+        target_size: Option<String>,
         #[arg(long, default_value_t = 2)]
         batch: i64,
         #[arg(long, default_value_t = 20)]
@@ -354,13 +354,16 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
         Command::Bench(BenchCommand::Step { config, source_size, target_size, batch, iterations, warmup, python, reference }) => {
             let config = load_config(&config, overrides)?;
             // Sizes are HEIGHTxWIDTH here, as the reference script takes them.
-            let height_width = |s: &str| -> Result<(i64, i64)> {
-                let (height, width) = parse_size(s)?;
+            let size = |given: Option<String>, set: &Option<DatasetConfig>| -> Result<(i64, i64)> {
+                let [height, width] = match given {
+                    Some(text) => parse_size(&text)?.into(),
+                    None => set.as_ref().map_or(config.augment.crop, |set| config.augment_for(set).crop),
+                };
                 Ok((height as i64, width as i64))
             };
-            adamcu::bench::step(&adamcu::bench::StepBenchOptions { config, source_size: height_width(&source_size)?,
-                target_size: height_width(&target_size)?, batch, iterations, warmup,
-                reference: python.map(|p| (p, reference)) })?;
+            let (source_size, target_size) = (size(source_size, &config.data.source)?, size(target_size, &config.data.target)?);
+            adamcu::bench::step(&adamcu::bench::StepBenchOptions { config, source_size, target_size, batch, iterations,
+                warmup, reference: python.map(|p| (p, reference)) })?;
         }
         Command::Bench(BenchCommand::Loader { dir, images, python, reference }) => {
             adamcu::bench::loader(&adamcu::bench::LoaderBenchOptions { dir, images, python, reference })?;

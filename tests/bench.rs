@@ -98,3 +98,25 @@ fn pinning_goes_through_the_shim_and_says_why_when_it_cannot() {
         refused(&allocate);
     }
 }
+
+#[test]
+fn every_benchmark_configs_step_runs_with_its_classes_network_head_and_crop_sizes() {
+    // The paper's settings at a quarter of their crop sizes (the source's and the target's
+    // differ, as there), on the tiny backbone so that it runs here.
+    for file in ["gta5-cityscapes", "synthia-cityscapes", "synscapes-cityscapes", "gta5-cityscapes-v3plus"] {
+        let path = format!("pipelines/{file}.toml");
+        let config = adamcu::config::Config::load(path.as_ref()).unwrap();
+        let quarter = |set: &Option<adamcu::config::DatasetConfig>| {
+            let [h, w] = config.augment_for(set.as_ref().unwrap()).crop;
+            format!("{}x{}", h / 4, w / 4)
+        };
+        let (source, target) = (quarter(&config.data.source), quarter(&config.data.target));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_adamcu"))
+            .args(["bench", "step", "--config", &path, "--set", "model.backbone=\"tiny\"", "--set", "model.tiny_width=8",
+                "--source-size", &source, "--target-size", &target, "--iterations", "1", "--warmup", "0"])
+            .output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{file} ({source} and {target}): {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.lines().any(|l| l.starts_with("full   bf16+cl")), "{file}: {stdout}");
+    }
+}
