@@ -224,22 +224,32 @@ fn bf16_channels_last_runs_the_network_in_bf16_keeps_fp32_outside_and_checkpoint
     let labels = Tensor::randint(19, [2, 64, 128], (Kind::Int64, Device::Cpu));
     let run = |t: &Trainer| {
         let mut optimizer = t.optimizer();
-        (0..20).map(|step| t.supervised_step(&mut optimizer, &input, &labels, step, 20).0).collect::<Vec<f64>>()
+        let losses = (0..20).map(|step| t.supervised_step(&mut optimizer, &input, &labels, step, 20).0).collect::<Vec<f64>>();
+        (losses, optimizer)
     };
-    let (losses_fp32, losses) = (run(&a), run(&b));
+    let ((losses_fp32, _), (losses, optimizer)) = (run(&a), run(&b));
     for (name, var) in b.vs.variables() {
         assert_eq!(var.kind(), Kind::Float, "{name}: the weights stay fp32");
         if var.requires_grad() && !name.starts_with("projection.") {
             assert!(var.grad().defined() && var.grad().kind() == Kind::Float, "{name}: no fp32 gradient");
         }
     }
-    // Its checkpoint (channels-last weights) is written and gives the same network back.
+    // Its checkpoint (channels-last weights) is written and gives the same network back, and
+    // the momentum buffers come back in their parameters' layout.
     let path = dir.path().join("bf16.safetensors");
-    b.save(&path, None, serde_json::json!({"stage": "test"})).unwrap();
+    b.save(&path, Some(&optimizer), serde_json::json!({"stage": "test"})).unwrap();
     let mut c = Trainer::new(&bf16).unwrap();
-    c.load(&path).unwrap();
+    let loaded = c.load(&path).unwrap();
     let (out_b, out_c) = tch::no_grad(|| (b.forward(&input, false), c.forward(&input, false)));
     assert!(out_b.main.equal(&out_c.main), "the reloaded channels-last network differs");
+    let mut reloaded = c.optimizer();
+    reloaded.load_state(&loaded.optimizer).unwrap();
+    let variables = c.vs.variables();
+    let buffers = reloaded.state();
+    assert!(buffers.len() > 10, "{} optimizer tensors", buffers.len());
+    for (name, buffer) in buffers.iter().filter_map(|(n, b)| Some((n.strip_prefix("momentum.")?, b))) {
+        assert_eq!(buffer.stride(), variables[name].stride(), "momentum.{name}: not in its parameter's layout");
+    }
     assert!(losses_fp32[19] < losses_fp32[0] - 0.05, "fp32 losses {losses_fp32:?}");
     for (step, (x, y)) in losses_fp32.iter().zip(&losses).enumerate() {
         assert!((x - y).abs() < 0.01 * x, "step {step}: bf16 loss {y}, fp32 {x}");

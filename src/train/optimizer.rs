@@ -91,7 +91,11 @@ impl Sgd {
                 if param.size() != t.size() {
                     bail!("optimizer buffer {name} has shape {:?}, the parameter {:?}", t.size(), param.size());
                 }
-                self.buffers.insert(name.to_string(), t.to_device(param.device()).to_kind(param.kind()));
+                // In the parameter's memory layout (checkpoints store contiguous tensors; a
+                // channels-last parameter with a contiguous buffer leaves the foreach fast path).
+                let mut buffer = param.empty_like();
+                tch::no_grad(|| buffer.copy_(t));
+                self.buffers.insert(name.to_string(), buffer);
             }
         }
         self.step = step.ok_or_else(|| anyhow::anyhow!("optimizer state lacks its step"))?;
