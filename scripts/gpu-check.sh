@@ -5,6 +5,8 @@
 #   device tool: run(command="scripts/gpu-check.sh", carry=["target/release/adamcu"])
 # Each section runs even when one before it failed (one lease may be all a task gets); the
 # script exits non-zero if any did. With $OUT set (the device tool), the whole log lands there.
+# A dry run on the CPU machine before a lease (about 3 minutes; the step benchmark is skipped,
+# tests/bench.rs runs it there): DEVICE=cpu SYNTH_IMAGES=4 SOURCE_STEPS=1 ADA_STEPS=2 scripts/gpu-check.sh
 set -uo pipefail
 if [[ -n "${OUT:-}" ]]; then exec > >(tee "$OUT/gpu-check.log") 2>&1; fi
 failed=()
@@ -18,10 +20,11 @@ LD_LIBRARY_PATH="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__fil
 export LD_LIBRARY_PATH
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 
+DEVICE=${DEVICE:-cuda}
 # Without CUDA every later check would run on the CPU at the paper's sizes for the whole
-# lease: stop here instead. The later ones also ask for run.device = "cuda" explicitly.
-if ! "$BIN" doctor --device cuda; then
-  echo "!! adamcu doctor --device cuda failed: no CUDA for this binary here; nothing else was run"
+# lease: stop here instead. The later ones also ask for run.device = $DEVICE explicitly.
+if ! "$BIN" doctor --device "$DEVICE"; then
+  echo "!! adamcu doctor --device $DEVICE failed: no such device for this binary here; nothing else was run"
   exit 1
 fi
 
@@ -29,10 +32,12 @@ fi
 # ADA-MCU; fp32 and bf16 + channels-last. Targets: our full step <= 1.1x the reference's seg
 # step and <= 0.75x its full step; peak memory <= the reference's. One warm-up step of each
 # row runs under libtorch's sync check: "host waits ... none" means the step never waited.
-section "training step: adamcu beside bench/reference/ada_mcu_step.py, same shapes, same card" \
-  "$BIN" bench step --config pipelines/gta5-cityscapes.toml --set 'run.device="cuda"' \
-  --source-size 720x1280 --target-size 512x1024 \
-  --iterations "${ITERATIONS:-20}" --warmup 5 --python python3
+if [[ $DEVICE == cuda* ]]; then
+  section "training step: adamcu beside bench/reference/ada_mcu_step.py, same shapes, same card" \
+    "$BIN" bench step --config pipelines/gta5-cityscapes.toml --set "run.device=\"$DEVICE\"" \
+    --source-size 720x1280 --target-size 512x1024 \
+    --iterations "${ITERATIONS:-20}" --warmup 5 --python python3
+fi
 
 # The synthetic benchmark at 2048x1024 (like Cityscapes; GTA5 frames are 1914x1052) in the
 # real layouts, read through pipelines/gta5-cityscapes.toml with random weights (no ImageNet
@@ -46,7 +51,7 @@ data_wait() {
     --set synth.target_val_images=2 || return
   grep -v '^pretrained' pipelines/gta5-cityscapes.toml > "$WORK/paper-synth.toml"
   GTA5_TRANSLATED="$WORK/synth/source_translated" GTA5_ROOT="$WORK/synth/source" CITYSCAPES_ROOT="$WORK/synth/target" \
-    "$BIN" train --config "$WORK/paper-synth.toml" --stage all --set "run.runs_dir=\"$WORK/runs\"" --set 'run.device="cuda"' \
+    "$BIN" train --config "$WORK/paper-synth.toml" --stage all --set "run.runs_dir=\"$WORK/runs\"" --set "run.device=\"$DEVICE\"" \
     --set "train.source_iterations=${SOURCE_STEPS:-20}" --set "active.iterations=${ADA_STEPS:-300}" \
     --set train.log_every=50 --set 'model.bn_stats="batch"' --set 'train.precision="bf16"' \
     --set train.channels_last=true ${EXTRA_SETS:-} 2>&1
