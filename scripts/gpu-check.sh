@@ -16,9 +16,11 @@ section() { # section NAME COMMAND...: runs one check, remembers a failure
   "$@" || { echo "!! $name failed (exit $?)"; failed+=("$name"); }
 }
 BIN=${ADAMCU_BIN:-target/release/adamcu}
-LD_LIBRARY_PATH="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export LD_LIBRARY_PATH
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+# The machine's own torch/lib (elsewhere, e.g. a dry run here, the binary's rpath finds libtorch).
+if TORCH_DIR=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))' 2>/dev/null); then
+  export LD_LIBRARY_PATH="$TORCH_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true; fi
 
 DEVICE=${DEVICE:-cuda}
 # Without CUDA every later check would run on the CPU at the paper's sizes for the whole
