@@ -244,8 +244,7 @@ fn reference_step(o: &StepBenchOptions, variant: &str, bf16_channels_last: bool,
 }
 
 pub fn step(o: &StepBenchOptions) -> Result<()> {
-    let device = crate::config::parse_device(&o.config.run.device).expect("validated").resolve()
-        .with_context(|| format!("run.device = {:?}", o.config.run.device))?;
+    let device = o.config.device()?;
     println!("step benchmark on {device:?} ({}): {} {} {}, source {b}x{}x{}, target {b}x{}x{}; median of {} \
         iterations after {} warm-up; random weights and data, BatchNorm on batch statistics as the reference",
         crate::doctor::LIBTORCH_VERSION, o.config.model.arch,

@@ -648,6 +648,13 @@ impl Config {
         Config::from_toml_str(&toml::to_string(&doc).expect("a table serialises")).map_err(fail)
     }
 
+    /// The device `run.device` names, or an error naming the key where it is not there.
+    pub fn device(&self) -> anyhow::Result<tch::Device> {
+        use anyhow::Context;
+        let choice = parse_device(&self.run.device).expect("validated");
+        choice.resolve().with_context(|| format!("run.device = {:?}", self.run.device))
+    }
+
     /// The folder of this run's outputs.
     pub fn run_dir(&self) -> PathBuf {
         self.run.runs_dir.join(&self.run.name)

@@ -86,8 +86,7 @@ fn import_weights(vs: &mut VarStore, config: &Config, path: &Path, tensors: Vec<
 
 impl Trainer {
     pub fn new(config: &Config) -> Result<Trainer> {
-        let device = crate::config::parse_device(&config.run.device).expect("validated").resolve()
-            .with_context(|| format!("run.device = {:?}", config.run.device))?;
+        let device = config.device()?;
         if config.run.threads > 0 {
             tch::set_num_threads(config.run.threads as i32);
         }
