@@ -38,11 +38,11 @@ extern "C" void adamcu_autocast_exit(int cuda, int previous_enabled, int previou
   at::autocast::set_autocast_dtype(device, static_cast<at::ScalarType>(previous_dtype));
 }
 
-// Whether autocast is on for the device (to `enabled`), and the dtype it casts to there.
+// Whether autocast is on for the device (to `enabled`), and whether it casts to bf16 there.
 extern "C" int adamcu_autocast_state(int cuda, int* enabled) {
   auto device = autocast_device(cuda);
   *enabled = at::autocast::is_autocast_enabled(device);
-  return static_cast<int>(at::autocast::get_autocast_dtype(device));
+  return at::autocast::get_autocast_dtype(device) == at::kBFloat16;
 }
 
 // Peak bytes allocated on `device` since the last reset, or -1 without CUDA support.

@@ -157,9 +157,6 @@ pub fn labels_on(labels: &tch::Tensor, device: tch::Device) -> tch::Tensor {
     to_device_async(labels, device).to_kind(tch::Kind::Int64)
 }
 
-/// c10::ScalarType::BFloat16 (what `adamcu_autocast_state` returns for bf16).
-const SCALAR_TYPE_BF16: i32 = 15;
-
 /// Runs `f` under autocast in bf16 on `device`'s type (CUDA, else the CPU): convolutions and
 /// matrix products in bf16, what autocast keeps in fp32 in fp32. tch's `autocast` is CUDA-only,
 /// fp16, and goes through libtorch's deprecated calls, which log a warning each time. The
@@ -191,8 +188,8 @@ pub struct AutocastState {
 pub fn autocast_state(device: tch::Device) -> AutocastState {
     let mut enabled = 0;
     // SAFETY: reads libtorch settings into a live local.
-    let dtype = unsafe { adamcu_autocast_state(device.is_cuda() as i32, &mut enabled) };
-    AutocastState { enabled: enabled != 0, bf16: dtype == SCALAR_TYPE_BF16 }
+    let bf16 = unsafe { adamcu_autocast_state(device.is_cuda() as i32, &mut enabled) };
+    AutocastState { enabled: enabled != 0, bf16: bf16 != 0 }
 }
 
 /// Peak bytes allocated on a CUDA device since the last reset; None without CUDA.

@@ -134,11 +134,11 @@ impl Trainer {
         if c.contrast.enabled && c.contrast.weight > 0.0 {
             // Labels and masks at each domain's embedding resolution: source and target crops
             // differ in size in the paper's setting (1280x720 and 1024x512).
-            let at = |t: &Tensor, embedding: &Tensor| nearest(t, embedding.size()[2], embedding.size()[3]).to_kind(Kind::Int64);
-            let (down_s, down_t) = (|t: &Tensor| at(t, &out_s.2), |t: &Tensor| at(t, &out_t.2));
+            let ((fh, fw), (th, tw)) = ((out_s.2.size()[2], out_s.2.size()[3]), (out_t.2.size()[2], out_t.2.size()[3]));
+            let down_s = |t: &Tensor| nearest(t, fh, fw).to_kind(Kind::Int64);
+            let down_t = |t: &Tensor| nearest(t, th, tw).to_kind(Kind::Int64);
             let (labels_s, pred_s) = (down_s(&source_labels), down_s(&prediction_s));
             let (labels_t, pred_t) = (down_t(&train_labels_t), down_t(&prediction_t));
-            let (fh, fw) = (out_s.2.size()[2], out_s.2.size()[3]);
             let scores_s = uncertainty(&upsample(&out_s.0, fh, fw), &upsample(&out_s.1, fh, fw), c.active.gamma);
             let t = state.sampler.thresholds;
             let source = DomainBatch {
