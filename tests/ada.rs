@@ -15,6 +15,22 @@ use adamcu::data::augment::Geometry;
 use rand::SeedableRng;
 use tch::{Device, Kind, Tensor};
 
+/// libtorch's random generator is one per process, and the harness runs tests on threads: each
+/// test here that draws from it holds this lock, so that its seed gives it the same numbers
+/// whatever runs beside it.
+static GLOBAL_GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn global_generator() -> std::sync::MutexGuard<'static, ()> {
+    GLOBAL_GENERATOR.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The generator held and seeded with `seed`.
+fn seeded(seed: i64) -> std::sync::MutexGuard<'static, ()> {
+    let guard = global_generator();
+    tch::manual_seed(seed);
+    guard
+}
+
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() < 1e-5
 }
@@ -217,7 +233,7 @@ fn bools(t: &Tensor) -> Vec<bool> {
 
 #[test]
 fn algorithm_1_buys_from_g_h_until_half_the_budget_then_from_g_m_then_stops() {
-    tch::manual_seed(1);
+    let _generator = seeded(1);
     let dir = tempfile::tempdir().unwrap();
     let imgs = images(10, 20, 10);
     let mut ledger = Ledger::open_or_create(&dir.path().join("l.bin"), &imgs, 200).unwrap(); // Me = 10 %
@@ -258,7 +274,7 @@ fn algorithm_1_buys_from_g_h_until_half_the_budget_then_from_g_m_then_stops() {
 
 #[test]
 fn pi_high_decays_when_g_h_cannot_fill_the_quota_and_without_as_all_of_g_l_is_pseudo() {
-    tch::manual_seed(2);
+    let _generator = seeded(2);
     let dir = tempfile::tempdir().unwrap();
     let imgs = images(4, 20, 10);
     let mut ledger = Ledger::open_or_create(&dir.path().join("l.bin"), &imgs, 400).unwrap();
@@ -279,7 +295,7 @@ fn pi_high_decays_when_g_h_cannot_fill_the_quota_and_without_as_all_of_g_l_is_ps
 
 #[test]
 fn the_device_draws_a_uniform_subset_of_the_candidates() {
-    tch::manual_seed(4);
+    let _generator = seeded(4);
     let dir = tempfile::tempdir().unwrap();
     let imgs = images(1, 20, 10);
     let ledger = Ledger::open_or_create(&dir.path().join("l.bin"), &imgs, 100).unwrap();
@@ -316,7 +332,7 @@ fn the_device_draws_a_uniform_subset_of_the_candidates() {
 
 #[test]
 fn an_upscaled_crop_labels_every_copy_of_a_bought_pixel_and_pays_for_it_once() {
-    tch::manual_seed(3);
+    let _generator = seeded(3);
     let dir = tempfile::tempdir().unwrap();
     let imgs = images(2, 10, 5);
     let mut ledger = Ledger::open_or_create(&dir.path().join("l.bin"), &imgs, 40).unwrap();
@@ -343,6 +359,7 @@ fn the_budget_holds_over_many_iterations_and_across_resume() {
     let path = dir.path().join("l.bin");
     let budget = (0.05 * 6.0 * 512.0f64).round() as u64;
     let mut total_new = 0;
+    let _generator = global_generator();
     for session in 0..3 {
         tch::manual_seed(session);
         let mut ledger = Ledger::open_or_create(&path, &imgs, budget).unwrap();
@@ -377,6 +394,7 @@ fn tiny_config(dir: &std::path::Path) -> Config {
 
 #[test]
 fn every_loss_term_reaches_the_gradient() {
+    let _generator = global_generator(); // the trainer seeds it, and the step draws from it
     // Equal crops, and source and target crops of different sizes either way round (the
     // paper's source crops, 1280x720, are the larger).
     for (source_crop, target_crop) in [(None, None), (None, Some([24, 48])), (Some([24, 48]), None)] {
@@ -434,7 +452,7 @@ fn every_loss_term_reaches_the_gradient_with(source_crop: Option<[u32; 2]>, targ
 
 #[test]
 fn contrastive_losses_need_anchors_and_keys_in_both_domains() {
-    tch::manual_seed(0);
+    let _generator = seeded(0);
     let emb = Tensor::randn([2, 8, 4, 4], (Kind::Float, Device::Cpu));
     let emb = &emb / emb.norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
     let labels = Tensor::randint(3, [2, 4, 4], (Kind::Int64, Device::Cpu));
@@ -454,7 +472,7 @@ fn a_domain_with_fewer_pixels_than_the_other_is_padded_without_changing_its_loss
     // sample sizes exceed both), the target is padded to the source's 64 points in the second
     // case. Only intra-image units, and no source anchors, so the p2p loss is the target's alone
     // (c2c's points are class centers, C per image in both domains: nothing to pad).
-    tch::manual_seed(0);
+    let _generator = seeded(0);
     let unit = |t: Tensor| &t / t.norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
     let domain = |side: i64, anchors: bool| {
         let labels = Tensor::randint(3, [2, side, side], (Kind::Int64, Device::Cpu));
