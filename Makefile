@@ -33,8 +33,10 @@ doctor: build
 demo: build
 	./target/release/adamcu demo --config $(CONFIG)
 
-# The monitoring test runs a real Prometheus server: Debian's `prometheus` package.
+# The monitoring test runs a real Prometheus server: Debian's `prometheus` package. The step
+# benchmark's test runs bench/reference/ada_mcu_step.py, which builds torchvision's ResNet-101.
 test-deps:
+	$(REF_PYTHON) -m pip install --quiet --disable-pip-version-check torchvision==0.26.0
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }

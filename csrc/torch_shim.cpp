@@ -2,6 +2,7 @@
 // - autocast in bf16: tch's autocast is fp16 on CUDA and CUDA-only; ADA-MCU trains in bf16;
 // - the CUDA caching allocator's peak, for the step benchmark's memory figure;
 // - libtorch's synchronisation check (torch.cuda.set_sync_debug_mode), for the same benchmark;
+// - its profiler hooks (RecordFunction callbacks), to count the operators a step dispatches;
 // - page-locking without tch's device argument, which libtorch deprecates with a warning on
 //   every call, and page-locked allocation (tch has no pinned_memory option);
 // - the SGD step as multi-tensor (foreach) kernels and gradients cleared to none, as
@@ -9,7 +10,14 @@
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/grad_mode.h>
+#include <ATen/record_function.h>
+#include <algorithm>
+#include <chrono>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <string>
 #include <vector>
 #ifdef ADAMCU_CUDA_STATS
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -145,4 +153,66 @@ extern "C" at::Tensor* adamcu_pin_memory(at::Tensor* tensor, char* error, int er
     report(e, error, error_len);
     return nullptr;
   }
+}
+
+// Counts the operators a stretch of code dispatches (libtorch's RecordFunction callbacks, as
+// torch.profiler uses them): on a GPU each is one kernel launch or more, so the count bounds a
+// step's launch overhead on any device. Only outermost calls count (an op's inner ops are its
+// own business), forward ops and autograd's backward nodes alike, with their wall time.
+namespace {
+struct OpTally { long long calls = 0; double micros = 0; };
+std::mutex op_mutex;
+std::map<std::string, OpTally> op_tallies;
+at::CallbackHandle op_handle = 0;
+thread_local int op_depth = 0;
+struct OpStart : at::ObserverContext { std::chrono::steady_clock::time_point at; };
+
+std::unique_ptr<at::ObserverContext> op_enter(const at::RecordFunction&) {
+  if (op_depth++ > 0) return nullptr;
+  auto start = std::make_unique<OpStart>();
+  start->at = std::chrono::steady_clock::now();
+  return start;
+}
+
+void op_exit(const at::RecordFunction& fn, at::ObserverContext* context) {
+  --op_depth;
+  if (context == nullptr) return;
+  auto micros = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now()
+                                                          - static_cast<OpStart*>(context)->at).count();
+  std::lock_guard<std::mutex> lock(op_mutex);
+  auto& tally = op_tallies[fn.name()];
+  tally.calls += 1;
+  tally.micros += micros;
+}
+}  // namespace
+
+extern "C" void adamcu_op_count_start() {
+  std::lock_guard<std::mutex> lock(op_mutex);
+  op_tallies.clear();
+  if (op_handle == 0) {
+    op_handle = at::addGlobalCallback(at::RecordFunctionCallback(op_enter, op_exit)
+        .scopes({at::RecordScope::FUNCTION, at::RecordScope::BACKWARD_FUNCTION}));
+  }
+}
+
+// Stops counting; writes "calls<TAB>microseconds<TAB>name" lines, most calls first, into
+// `out` (NUL-terminated, truncated to fit) and returns the calls counted in all.
+extern "C" long long adamcu_op_count_stop(char* out, int out_len) {
+  if (op_handle != 0) {
+    at::removeCallback(op_handle);
+    op_handle = 0;
+  }
+  std::lock_guard<std::mutex> lock(op_mutex);
+  std::vector<std::pair<std::string, OpTally>> rows(op_tallies.begin(), op_tallies.end());
+  std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.calls > b.second.calls; });
+  std::ostringstream text;
+  long long total = 0;
+  for (auto& [name, tally] : rows) {
+    total += tally.calls;
+    text << tally.calls << '\t' << static_cast<long long>(tally.micros) << '\t' << name << '\n';
+  }
+  auto s = text.str();
+  std::strncpy(out, s.c_str(), out_len - 1);
+  out[out_len - 1] = 0;
+  return total;
 }

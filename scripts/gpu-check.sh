@@ -5,8 +5,10 @@
 #   device tool: run(command="scripts/gpu-check.sh", carry=["target/release/adamcu"])
 # Each section runs even when one before it failed (one lease may be all a task gets); the
 # script exits non-zero if any did. With $OUT set (the device tool), the whole log lands there.
-# A dry run on the CPU machine before a lease (about 3 minutes; the step benchmark is skipped,
-# tests/bench.rs runs it there): DEVICE=cpu SYNTH_IMAGES=4 SOURCE_STEPS=1 ADA_STEPS=2 scripts/gpu-check.sh
+# A dry run on the CPU machine before a lease (about 3 minutes; the step benchmark only at
+# small sizes, with a Python that has torch and torchvision):
+#   DEVICE=cpu SYNTH_IMAGES=4 SOURCE_STEPS=1 ADA_STEPS=2 SOURCE_SIZE=40x72 TARGET_SIZE=32x64 \
+#   ITERATIONS=2 WARMUP=1 PYTHON=$LIBTORCH/../../../../bin/python scripts/gpu-check.sh
 set -uo pipefail
 if [[ -n "${OUT:-}" ]]; then exec > >(tee "$OUT/gpu-check.log") 2>&1; fi
 failed=()
@@ -33,12 +35,15 @@ fi
 # DeepLab v2 ResNet-101, batch 2 source 720x1280 + 2 target 512x1024; seg-only and full
 # ADA-MCU; fp32 and bf16 + channels-last. Targets: our full step <= 1.1x the reference's seg
 # step and <= 0.75x its full step; peak memory <= the reference's. One warm-up step of each
-# row runs under libtorch's sync check: "host waits ... none" means the step never waited.
-if [[ $DEVICE == cuda* ]]; then
+# row runs under libtorch's sync check: "host waits ... none" means the step never waited;
+# the same step's most called operators (with their dispatch time there) follow each row.
+# On another device (a dry run) only at the sizes SOURCE_SIZE and TARGET_SIZE give: the
+# paper's would take hours on a CPU.
+if [[ $DEVICE == cuda* || -n "${SOURCE_SIZE:-}" ]]; then
   section "training step: adamcu beside bench/reference/ada_mcu_step.py, same shapes, same card" \
     "$BIN" bench step --config pipelines/gta5-cityscapes.toml --set "run.device=\"$DEVICE\"" \
-    --source-size 720x1280 --target-size 512x1024 \
-    --iterations "${ITERATIONS:-20}" --warmup 5 --python python3
+    --source-size "${SOURCE_SIZE:-720x1280}" --target-size "${TARGET_SIZE:-512x1024}" \
+    --iterations "${ITERATIONS:-20}" --warmup "${WARMUP:-5}" --top-ops 12 --python "${PYTHON:-python3}"
 fi
 
 # The synthetic benchmark at 2048x1024 (like Cityscapes; GTA5 frames are 1914x1052) in the

@@ -131,6 +131,8 @@ pub struct StepBenchOptions {
     pub batch: i64,
     pub iterations: usize,
     pub warmup: usize,
+    /// How many of the most called operators to list under each row.
+    pub top_ops: usize,
     /// Reference script and its Python, run with the same shapes in the same call.
     pub reference: Option<(PathBuf, PathBuf)>,
 }
@@ -142,6 +144,8 @@ struct StepFigures {
     /// Outcome of libtorch's sync check over one step (None: not run, e.g. on the CPU):
     /// Some(None) when the step never waited for the device, else the error it raised.
     sync_check: Option<Option<String>>,
+    /// The operators one step dispatched (None without a warm-up iteration).
+    ops: Option<crate::torch_ext::OpCount>,
 }
 
 /// The real ADA-MCU step on random data (random weights: time and memory only).
@@ -178,6 +182,7 @@ fn time_step(base: &crate::config::Config, variant: &str, bf16_channels_last: bo
     let mut times = Vec::new();
     crate::torch_ext::cuda_reset_peak(cuda_index);
     let mut sync_check = None;
+    let mut ops = None;
     for it in 0..o.warmup + o.iterations {
         sync();
         let started = Instant::now();
@@ -190,12 +195,22 @@ fn time_step(base: &crate::config::Config, variant: &str, bf16_channels_last: bo
             trainer.ada_update(&out, &mut optimizer, config.train.lr);
             out
         }));
-        let mut queued = queue();
+        // The last warm-up iteration also counts the operators one step dispatches (a retry's
+        // count replaces that of the attempt the sync check stopped).
+        let counted = it + 1 == o.warmup;
+        let mut attempt = || if counted {
+            let (queued, count) = crate::torch_ext::count_ops(&mut queue);
+            ops = Some(count);
+            queued
+        } else {
+            queue()
+        };
+        let mut queued = attempt();
         if checked {
             crate::torch_ext::set_cuda_sync_check(false);
             sync_check = Some(queued.as_ref().err().map(|e| panic_message(e.as_ref())));
             if queued.is_err() {
-                queued = queue(); // the check stopped the step at its first wait: run it whole
+                queued = attempt(); // the check stopped the step at its first wait: run it whole
             }
         }
         let out = queued.map_err(|e| anyhow::anyhow!("training step failed: {}", panic_message(e.as_ref())))?;
@@ -212,7 +227,7 @@ fn time_step(base: &crate::config::Config, variant: &str, bf16_channels_last: bo
     let ms_median = times[times.len() / 2];
     let _ = std::fs::remove_dir_all(&dir);
     Ok(StepFigures { ms_median, images_per_second: (2 * b) as f64 / (ms_median / 1e3),
-        peak_gib: crate::torch_ext::cuda_peak_bytes(cuda_index).map(|b| b as f64 / (1u64 << 30) as f64), sync_check })
+        peak_gib: crate::torch_ext::cuda_peak_bytes(cuda_index).map(|b| b as f64 / (1u64 << 30) as f64), sync_check, ops })
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -231,7 +246,9 @@ fn reference_step(o: &StepBenchOptions, variant: &str, bf16_channels_last: bool,
     let mut cmd = Command::new(python);
     cmd.arg(script).args(["--variant", variant, "--iters", &o.iterations.to_string(), "--warmup", &o.warmup.to_string(),
         "--source-size", &format!("{}x{}", o.source_size.0, o.source_size.1),
-        "--target-size", &format!("{}x{}", o.target_size.0, o.target_size.1), "--device", device]);
+        "--target-size", &format!("{}x{}", o.target_size.0, o.target_size.1), "--device", device,
+        // The same contrastive units as ours: per image, at most this many anchors and keys.
+        "--anchors", &o.config.contrast.max_anchors.to_string(), "--candidates", &o.config.contrast.max_keys.to_string()]);
     if bf16_channels_last {
         cmd.args(["--amp", "bf16", "--channels-last"]);
     }
@@ -250,8 +267,18 @@ pub fn step(o: &StepBenchOptions) -> Result<()> {
         crate::doctor::LIBTORCH_VERSION, o.config.model.arch,
         o.config.model.backbone, if o.config.contrast.enabled { "ADA-MCU" } else { "" }, o.source_size.0, o.source_size.1,
         o.target_size.0, o.target_size.1, o.iterations, o.warmup, b = o.batch);
-    println!("{:<6} {:<10} {:>10} {:>10} {:>10} | {:>14} {:>10}", "step", "precision", "ms/iter", "images/s", "peak GiB",
-        "reference ms", "ref GiB");
+    if o.reference.is_some() {
+        let m = &o.config.model;
+        let (ours, reference) = (format!("{} {}, {} classes, {}-d projection", m.arch, m.backbone, o.config.data.classes,
+            m.projection_dim), "deeplabv2 resnet101, 19 classes, 256-d projection");
+        println!("reference: {reference}; contrastive units of both: at most {} anchors and {} keys per image \
+            (contrast.max_anchors, contrast.max_keys){}", o.config.contrast.max_anchors, o.config.contrast.max_keys,
+            if ours == reference { String::new() } else {
+                format!("\nNOT LIKE FOR LIKE: this config's network is {ours}; the reference always runs its own")
+            });
+    }
+    println!("{:<6} {:<10} {:>10} {:>10} {:>10} {:>9} | {:>14} {:>10}", "step", "precision", "ms/iter", "images/s",
+        "peak GiB", "ops/step", "reference ms", "ref GiB");
     let dev = if device.is_cuda() { "cuda" } else { "cpu" };
     let mut checks = Vec::new();
     for bf16_cl in [false, true] {
@@ -265,9 +292,13 @@ pub fn step(o: &StepBenchOptions) -> Result<()> {
                 }
                 None => ("-".into(), "-".into()),
             };
-            println!("{variant:<6} {:<10} {:>10.1} {:>10.1} {:>10} | {ref_ms:>14} {ref_gib:>10}",
+            println!("{variant:<6} {:<10} {:>10.1} {:>10.1} {:>10} {:>9} | {ref_ms:>14} {ref_gib:>10}",
                 if bf16_cl { "bf16+cl" } else { "fp32" }, ours.ms_median, ours.images_per_second,
-                ours.peak_gib.map_or("-".into(), |g| format!("{g:.2}")));
+                ours.peak_gib.map_or("-".into(), |g| format!("{g:.2}")),
+                ours.ops.as_ref().map_or("-".into(), |ops| ops.total.to_string()));
+            for (calls, micros, name) in ours.ops.iter().flat_map(|ops| &ops.by_name).take(o.top_ops) {
+                println!("    {calls:>6} calls {:>10.1} ms  {name}", *micros as f64 / 1e3);
+            }
             checks.push(match ours.sync_check {
                 None => "not checked (needs CUDA and a warm-up iteration)".to_string(),
                 Some(None) => "none".to_string(),

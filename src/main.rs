@@ -167,7 +167,7 @@ enum BenchCommand {
         #[arg(long, default_value = "bench/reference/loader_bench.py")]
         reference: PathBuf,
     },
-    /// ms/iter, images/s and peak GPU memory of the real training step (seg-only and full
+    /// ms/iter, images/s, peak GPU memory and operators per step of the real training step (seg-only and full
     /// ADA-MCU; fp32 and bf16 + channels-last), optionally beside bench/reference/ada_mcu_step.py.
     Step {
         /// Model and ADA-MCU settings (pretrained weights are not loaded).
@@ -183,8 +183,12 @@ enum BenchCommand {
         batch: i64,
         #[arg(long, default_value_t = 20)]
         iterations: usize,
+        /// Warm-up iterations; the last one also counts the operators a step dispatches (ops/step)
         #[arg(long, default_value_t = 5)]
         warmup: usize,
+        /// List the N most called operators of each row (calls and their wall time)
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        top_ops: usize,
         /// Python with torch to run the reference with the same shapes in the same call.
         #[arg(long)]
         python: Option<PathBuf>,
@@ -351,7 +355,8 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
             let n = adamcu::predict::predict_folder(&trainer, &images, &out, &options)?;
             println!("wrote masks and overlays for {n} image(s) to {}", out.display());
         }
-        Command::Bench(BenchCommand::Step { config, source_size, target_size, batch, iterations, warmup, python, reference }) => {
+        Command::Bench(BenchCommand::Step { config, source_size, target_size, batch, iterations, warmup, top_ops, python,
+            reference }) => {
             let config = load_config(&config, overrides)?;
             // Sizes are HEIGHTxWIDTH here, as the reference script takes them.
             let size = |given: Option<String>, set: &Option<DatasetConfig>| -> Result<(i64, i64)> {
@@ -363,7 +368,7 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
             };
             let (source_size, target_size) = (size(source_size, &config.data.source)?, size(target_size, &config.data.target)?);
             adamcu::bench::step(&adamcu::bench::StepBenchOptions { config, source_size, target_size, batch, iterations,
-                warmup, reference: python.map(|p| (p, reference)) })?;
+                warmup, top_ops, reference: python.map(|p| (p, reference)) })?;
         }
         Command::Bench(BenchCommand::Loader { dir, images, python, reference }) => {
             adamcu::bench::loader(&adamcu::bench::LoaderBenchOptions { dir, images, python, reference })?;

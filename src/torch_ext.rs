@@ -14,6 +14,8 @@ extern "C" {
         -> *mut torch_sys::C_tensor;
     fn adamcu_empty_pinned(sizes: *const i64, ndim: i32, like: *const torch_sys::C_tensor, error: *mut std::ffi::c_char,
         error_len: i32) -> *mut torch_sys::C_tensor;
+    fn adamcu_op_count_start();
+    fn adamcu_op_count_stop(out: *mut std::ffi::c_char, out_len: i32) -> i64;
 }
 
 /// Calls a shim function that may fail, giving it a buffer for libtorch's error message.
@@ -232,4 +234,45 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
+}
+
+/// The operators a stretch of code dispatched: outermost calls only (forward ops and
+/// autograd's backward nodes), as libtorch's profiler hooks see them.
+#[derive(Debug, Clone, Default)]
+pub struct OpCount {
+    pub total: u64,
+    /// (calls, wall microseconds, operator name), most calls first.
+    pub by_name: Vec<(u64, u64, String)>,
+}
+
+/// Runs `f` and counts the libtorch operators it dispatches, on any thread. On a GPU each is
+/// at least one kernel launch: the count bounds a step's launch overhead on every device.
+/// Not for concurrent use (one process-wide hook).
+pub fn count_ops<R>(f: impl FnOnce() -> R) -> (R, OpCount) {
+    // Takes the hook off when `f` panics.
+    struct Hook;
+    impl Drop for Hook {
+        fn drop(&mut self) {
+            stop_counting_ops();
+        }
+    }
+    // SAFETY: a plain call into the shim.
+    unsafe { adamcu_op_count_start() };
+    let hook = Hook;
+    let result = f();
+    std::mem::forget(hook);
+    (result, stop_counting_ops())
+}
+
+fn stop_counting_ops() -> OpCount {
+    let mut text = vec![0 as std::ffi::c_char; 1 << 16];
+    // SAFETY: the shim writes a NUL-terminated text of at most `text.len()` bytes.
+    let total = unsafe { adamcu_op_count_stop(text.as_mut_ptr(), text.len() as i32) };
+    // SAFETY: NUL-terminated by the shim.
+    let text = unsafe { std::ffi::CStr::from_ptr(text.as_ptr()) }.to_string_lossy().into_owned();
+    let by_name = text.lines().filter_map(|line| {
+        let mut parts = line.splitn(3, '\t');
+        Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?, parts.next()?.to_string()))
+    }).collect();
+    OpCount { total: total as u64, by_name }
 }

@@ -9,25 +9,11 @@ mod common;
 use adamcu::config::Config;
 use adamcu::model::weights::{self, Layout};
 use adamcu::train::Trainer;
+use common::python;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
-
-/// The Python that has torch: $ADAMCU_PYTHON, else the virtualenv scripts/setup-libtorch.sh
-/// made (LIBTORCH is its site-packages/torch), else python3.
-fn python() -> PathBuf {
-    if let Some(python) = std::env::var_os("ADAMCU_PYTHON") {
-        return python.into();
-    }
-    if let Some(libtorch) = std::env::var_os("LIBTORCH") {
-        let venv_python = Path::new(&libtorch).join("../../../../bin/python");
-        if venv_python.exists() {
-            return venv_python;
-        }
-    }
-    "python3".into()
-}
 
 /// Runs the reference for one bottleneck style; returns the folder with its files.
 fn reference(style: &str, blocks: &str, more: &[String]) -> tempfile::TempDir {

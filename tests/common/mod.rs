@@ -1,7 +1,7 @@
 //! Fixture helpers: small data sets written in the real layouts.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// A 2-colour RGB image whose colour depends on the label (so alignment can be checked).
 pub fn write_rgb(path: &Path, w: u32, h: u32, f: impl Fn(u32, u32) -> [u8; 3]) {
@@ -110,4 +110,19 @@ pub fn write_config(dir: &Path, config: &adamcu::config::Config) -> std::path::P
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The Python that has torch: $ADAMCU_PYTHON, else the virtualenv scripts/setup-libtorch.sh
+/// made (LIBTORCH is its site-packages/torch), else python3.
+pub fn python() -> PathBuf {
+    if let Some(python) = std::env::var_os("ADAMCU_PYTHON") {
+        return python.into();
+    }
+    if let Some(libtorch) = std::env::var_os("LIBTORCH") {
+        let venv_python = Path::new(&libtorch).join("../../../../bin/python");
+        if venv_python.exists() {
+            return venv_python;
+        }
+    }
+    "python3".into()
 }
