@@ -34,7 +34,8 @@ fi
 
 # DeepLab v2 ResNet-101, batch 2 source 720x1280 + 2 target 512x1024; seg-only and full
 # ADA-MCU; fp32 and bf16 + channels-last. Targets: our full step <= 1.1x the reference's seg
-# step and <= 0.75x its full step; peak memory <= the reference's. One warm-up step of each
+# step and <= 0.75x its full step; peak memory <= the reference's (the bench prints the
+# ratios and both memories after its table). One warm-up step of each
 # row runs under libtorch's sync check: "host waits ... none" means the step never waited;
 # the same step's most called operators (with their dispatch time there) follow each row.
 # On another device (a dry run) only at the sizes SOURCE_SIZE and TARGET_SIZE give: the

@@ -280,31 +280,49 @@ pub fn step(o: &StepBenchOptions) -> Result<()> {
     println!("{:<6} {:<10} {:>10} {:>10} {:>10} {:>9} | {:>14} {:>10}", "step", "precision", "ms/iter", "images/s",
         "peak GiB", "ops/step", "reference ms", "ref GiB");
     let dev = if device.is_cuda() { "cuda" } else { "cpu" };
+    let gib = |g: Option<f64>| g.map_or("-".into(), |g| format!("{g:.2}"));
     let mut checks = Vec::new();
+    let mut comparisons = Vec::new();
     for bf16_cl in [false, true] {
+        let precision = if bf16_cl { "bf16+cl" } else { "fp32" };
+        // (ours, the reference's ms and peak GiB), seg then full.
+        let mut rows = Vec::new();
         for variant in ["seg", "full"] {
             let ours = time_step(&o.config, variant, bf16_cl, o)?;
-            let (ref_ms, ref_gib) = match &o.reference {
+            let reference = match &o.reference {
                 Some(_) => {
                     let r = reference_step(o, variant, bf16_cl, dev)?;
-                    (format!("{:.1}", r["ms_per_iter_median"].as_f64().unwrap_or(f64::NAN)),
-                     r["peak_gib"].as_f64().map_or("-".into(), |g| format!("{g:.2}")))
+                    Some((r["ms_per_iter_median"].as_f64().unwrap_or(f64::NAN), r["peak_gib"].as_f64()))
                 }
-                None => ("-".into(), "-".into()),
+                None => None,
             };
-            println!("{variant:<6} {:<10} {:>10.1} {:>10.1} {:>10} {:>9} | {ref_ms:>14} {ref_gib:>10}",
-                if bf16_cl { "bf16+cl" } else { "fp32" }, ours.ms_median, ours.images_per_second,
-                ours.peak_gib.map_or("-".into(), |g| format!("{g:.2}")),
+            let (ref_ms, ref_gib) = reference.map_or(("-".into(), "-".into()), |(ms, g)| (format!("{ms:.1}"), gib(g)));
+            println!("{variant:<6} {precision:<10} {:>10.1} {:>10.1} {:>10} {:>9} | {ref_ms:>14} {ref_gib:>10}",
+                ours.ms_median, ours.images_per_second, gib(ours.peak_gib),
                 ours.ops.as_ref().map_or("-".into(), |ops| ops.total.to_string()));
             for (calls, micros, name) in ours.ops.iter().flat_map(|ops| &ops.by_name).take(o.top_ops) {
                 println!("    {calls:>6} calls {:>10.1} ms  {name}", *micros as f64 / 1e3);
             }
-            checks.push(match ours.sync_check {
+            checks.push(match &ours.sync_check {
                 None => "not checked (needs CUDA and a warm-up iteration)".to_string(),
                 Some(None) => "none".to_string(),
                 Some(Some(error)) => format!("WAITED: {}", error.lines().next().unwrap_or_default()),
             });
+            rows.push((ours, reference));
         }
+        // Our full step against the reference's two (issue 7's targets, on a GPU: at most 1.1x
+        // its seg step and 0.75x its full step; peak memory at most its own).
+        if let [(_, Some((ref_seg, _))), (full, Some((ref_full, ref_gib)))] = rows.as_slice() {
+            let memory = match (full.peak_gib, ref_gib) {
+                (None, None) => "peak memory not measured (no GPU)".to_string(),
+                (ours, theirs) => format!("peak memory {} GiB against its {} GiB", gib(ours), gib(*theirs)),
+            };
+            comparisons.push(format!("our full {precision} step: {:.2}x the reference's seg step (GPU target <= 1.10), \
+                {:.2}x its full step (GPU target <= 0.75); {memory}", full.ms_median / ref_seg, full.ms_median / ref_full));
+        }
+    }
+    for line in comparisons {
+        println!("{line}");
     }
     for (check, row) in checks.iter().zip(["seg fp32", "full fp32", "seg bf16+cl", "full bf16+cl"]) {
         println!("host waits for the device inside a {row} step (libtorch sync check): {check}");

@@ -39,6 +39,11 @@ fn the_gpu_check_script_runs_its_checks_on_the_cpu() {
             .unwrap_or_else(|_| panic!("no reference figure: {line}"));
         assert!(reference > 0.0 && reference.is_finite(), "{line}");
     }
+    for precision in ["fp32", "bf16+cl"] {
+        let line = stdout.lines().find(|l| l.starts_with(&format!("our full {precision} step: ")))
+            .unwrap_or_else(|| panic!("no {precision} comparison: {log}"));
+        assert!(line.contains("x the reference's seg step") && line.contains("x its full step"), "{line}");
+    }
     assert!(stdout.contains("step 3/3") && stdout.contains("trainer waits"), "no final status line: {log}");
     assert!(stdout.trim_end().ends_with("all GPU checks ran"), "{log}");
     assert!(stderr.trim().is_empty(), "the script's own noise: {stderr}");
