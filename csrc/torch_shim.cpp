@@ -158,7 +158,9 @@ extern "C" at::Tensor* adamcu_pin_memory(at::Tensor* tensor, char* error, int er
 // Counts the operators a stretch of code dispatches (libtorch's RecordFunction callbacks, as
 // torch.profiler uses them): on a GPU each is one kernel launch or more, so the count bounds a
 // step's launch overhead on any device. Only outermost calls count (an op's inner ops are its
-// own business), forward ops and autograd's backward nodes alike, with their wall time.
+// own business), forward ops and autograd's backward nodes alike, with their wall time. The
+// callback is the calling thread's (autograd carries it to its device threads, as it does
+// the profiler's): other threads' work is not counted. One count at a time per process.
 namespace {
 struct OpTally { long long calls = 0; double micros = 0; };
 std::mutex op_mutex;
@@ -190,7 +192,7 @@ extern "C" void adamcu_op_count_start() {
   std::lock_guard<std::mutex> lock(op_mutex);
   op_tallies.clear();
   if (op_handle == 0) {
-    op_handle = at::addGlobalCallback(at::RecordFunctionCallback(op_enter, op_exit)
+    op_handle = at::addThreadLocalCallback(at::RecordFunctionCallback(op_enter, op_exit)
         .scopes({at::RecordScope::FUNCTION, at::RecordScope::BACKWARD_FUNCTION}));
   }
 }

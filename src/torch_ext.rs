@@ -245,9 +245,10 @@ pub struct OpCount {
     pub by_name: Vec<(u64, u64, String)>,
 }
 
-/// Runs `f` and counts the libtorch operators it dispatches, on any thread. On a GPU each is
-/// at least one kernel launch: the count bounds a step's launch overhead on every device.
-/// Not for concurrent use (one process-wide hook).
+/// Runs `f` and counts the libtorch operators it dispatches (from this thread, its backward
+/// passes included; other threads' are not counted). On a GPU each is at least one kernel
+/// launch: the count bounds a step's launch overhead on every device. One count at a time
+/// per process.
 pub fn count_ops<R>(f: impl FnOnce() -> R) -> (R, OpCount) {
     // Takes the hook off when `f` panics.
     struct Hook;

@@ -145,4 +145,9 @@ fn the_operator_count_sees_outermost_forward_ops_and_backward_nodes_then_stops()
     assert!(inside.is_err());
     let (_, next) = count_ops(|| x.sigmoid());
     assert_eq!((next.total, next.by_name[0].2.as_str()), (1, "aten::sigmoid"), "{next:?}");
+    // Another thread's operators are its own.
+    let (_, alone) = count_ops(|| std::thread::scope(|s| {
+        s.spawn(|| { let _ = Tensor::ones([4], (Kind::Float, Device::Cpu)).relu(); });
+    }));
+    assert_eq!(alone.total, 0, "{alone:?}");
 }
