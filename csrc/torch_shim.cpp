@@ -164,12 +164,17 @@ extern "C" at::Tensor* adamcu_pin_memory(at::Tensor* tensor, char* error, int er
 namespace {
 struct OpTally { long long calls = 0; double micros = 0; };
 std::mutex op_mutex;
-std::map<std::string, OpTally> op_tallies;
+std::map<std::string, OpTally> op_tallies;        // outermost calls
+std::map<std::string, long long> op_all_depths;  // every call, inner ones too
 at::CallbackHandle op_handle = 0;
 thread_local int op_depth = 0;
 struct OpStart : at::ObserverContext { std::chrono::steady_clock::time_point at; };
 
-std::unique_ptr<at::ObserverContext> op_enter(const at::RecordFunction&) {
+std::unique_ptr<at::ObserverContext> op_enter(const at::RecordFunction& fn) {
+  {
+    std::lock_guard<std::mutex> lock(op_mutex);
+    op_all_depths[fn.name()] += 1;
+  }
   if (op_depth++ > 0) return nullptr;
   auto start = std::make_unique<OpStart>();
   start->at = std::chrono::steady_clock::now();
@@ -191,14 +196,16 @@ void op_exit(const at::RecordFunction& fn, at::ObserverContext* context) {
 extern "C" void adamcu_op_count_start() {
   std::lock_guard<std::mutex> lock(op_mutex);
   op_tallies.clear();
+  op_all_depths.clear();
   if (op_handle == 0) {
     op_handle = at::addThreadLocalCallback(at::RecordFunctionCallback(op_enter, op_exit)
         .scopes({at::RecordScope::FUNCTION, at::RecordScope::BACKWARD_FUNCTION}));
   }
 }
 
-// Stops counting; writes "calls<TAB>microseconds<TAB>name" lines, most calls first, into
-// `out` (NUL-terminated, truncated to fit) and returns the calls counted in all.
+// Stops counting; writes "outer<TAB>calls<TAB>microseconds<TAB>name" lines for the outermost
+// calls, most first, then "any<TAB>calls<TAB>0<TAB>name" for the calls at any depth, into `out`
+// (NUL-terminated, truncated to fit), and returns the outermost calls counted in all.
 extern "C" long long adamcu_op_count_stop(char* out, int out_len) {
   if (op_handle != 0) {
     at::removeCallback(op_handle);
@@ -211,8 +218,9 @@ extern "C" long long adamcu_op_count_stop(char* out, int out_len) {
   long long total = 0;
   for (auto& [name, tally] : rows) {
     total += tally.calls;
-    text << tally.calls << '\t' << static_cast<long long>(tally.micros) << '\t' << name << '\n';
+    text << "outer\t" << tally.calls << '\t' << static_cast<long long>(tally.micros) << '\t' << name << '\n';
   }
+  for (auto& [name, calls] : op_all_depths) text << "any\t" << calls << "\t0\t" << name << '\n';
   auto s = text.str();
   std::strncpy(out, s.c_str(), out_len - 1);
   out[out_len - 1] = 0;

@@ -281,7 +281,7 @@ pub fn step(o: &StepBenchOptions) -> Result<()> {
         "peak GiB", "ops/step", "reference ms", "ref GiB");
     let dev = if device.is_cuda() { "cuda" } else { "cpu" };
     let gib = |g: Option<f64>| g.map_or("-".into(), |g| format!("{g:.2}"));
-    let mut checks = Vec::new();
+    let (mut checks, mut op_waits) = (Vec::new(), Vec::new());
     let mut comparisons = Vec::new();
     for bf16_cl in [false, true] {
         let precision = if bf16_cl { "bf16+cl" } else { "fp32" };
@@ -308,6 +308,10 @@ pub fn step(o: &StepBenchOptions) -> Result<()> {
                 Some(None) => "none".to_string(),
                 Some(Some(error)) => format!("WAITED: {}", error.lines().next().unwrap_or_default()),
             });
+            op_waits.push(ours.ops.as_ref().map_or("not counted (no warm-up iteration)".to_string(), |ops| {
+                let waits = ops.waits_on_cuda();
+                if waits.is_empty() { "none".to_string() } else { format!("WAITS: {}", waits.join(", ")) }
+            }));
             rows.push((ours, reference));
         }
         // Our full step against the reference's two (issue 7's targets, on a GPU: at most 1.1x
@@ -324,8 +328,13 @@ pub fn step(o: &StepBenchOptions) -> Result<()> {
     for line in comparisons {
         println!("{line}");
     }
-    for (check, row) in checks.iter().zip(["seg fp32", "full fp32", "seg bf16+cl", "full bf16+cl"]) {
+    let rows = ["seg fp32", "full fp32", "seg bf16+cl", "full bf16+cl"];
+    for (check, row) in checks.iter().zip(rows) {
         println!("host waits for the device inside a {row} step (libtorch sync check): {check}");
+    }
+    // Checked on every device from the operators the counted step called, at any depth.
+    for (waits, row) in op_waits.iter().zip(rows) {
+        println!("operators that wait for a GPU inside a {row} step: {waits}");
     }
     #[cfg(target_arch = "x86_64")]
     if !device.is_cuda() {

@@ -402,32 +402,57 @@ fn every_loss_term_reaches_the_gradient() {
     }
 }
 
+/// A trainer on the tiny config, its ADA-MCU state and two-image batches of each domain read
+/// through the real loaders (target: images, sealed labels, geometry).
+struct AdaBatch {
+    config: Config,
+    trainer: adamcu::train::Trainer,
+    state: adamcu::train::ada::AdaState,
+    source: (Tensor, Tensor),
+    target: (Tensor, SealedLabels, Vec<adamcu::data::augment::Geometry>),
+    _dir: tempfile::TempDir,
+}
+
+impl AdaBatch {
+    fn new(source_crop: Option<[u32; 2]>, target_crop: Option<[u32; 2]>) -> AdaBatch {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = tiny_config(dir.path());
+        config.data.source.as_mut().unwrap().crop = source_crop;
+        config.data.target.as_mut().unwrap().crop = target_crop;
+        let trainer = adamcu::train::Trainer::new(&config).unwrap();
+        let state = trainer.new_ada_state(trainer.open_ledger(&dir.path().join("ledger.bin")).unwrap());
+        let source = adamcu::train::open_set(&config.data.source, "s", 19).unwrap();
+        let target = adamcu::train::open_set(&config.data.target, "t", 19).unwrap();
+        let batch = |set: &adamcu::data::source::SampleSource, set_config: &Option<adamcu::config::DatasetConfig>| {
+            let augment = config.augment_for(set_config.as_ref().unwrap());
+            let [h, w] = augment.crop.map(i64::from);
+            let mut augmenter = adamcu::data::augment::Augmenter::new(&augment);
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+            let samples: Vec<_> = (0..2).map(|i| set.load_augmented(i, &mut augmenter, &mut rng).unwrap()).collect();
+            let images: Vec<u8> = samples.iter().flat_map(|s| s.image.clone()).collect();
+            let labels: Vec<u8> = samples.iter().flat_map(|s| s.label.clone()).collect();
+            (Tensor::from_slice(&images).view([2, h, w, 3]), Tensor::from_slice(&labels).view([2, h, w]).to_kind(Kind::Int64),
+             samples.iter().map(|s| s.geometry).collect::<Vec<_>>())
+        };
+        let (si, sl, _) = batch(&source, &config.data.source);
+        let (ti, tl, tg) = batch(&target, &config.data.target);
+        AdaBatch { config, trainer, state, source: (si, sl), target: (ti, SealedLabels::seal(tl), tg), _dir: dir }
+    }
+
+    /// The step's losses, as the trainer computes them (nothing read back).
+    fn losses(&mut self) -> adamcu::train::ada::StepOutput {
+        let ((si, sl), (ti, tl, tg)) = (&self.source, &self.target);
+        self.trainer.ada_losses(&mut self.state, si, sl, ti, tl, &[0, 1], tg)
+    }
+}
+
 fn every_loss_term_reaches_the_gradient_with(source_crop: Option<[u32; 2]>, target_crop: Option<[u32; 2]>) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = tiny_config(dir.path());
-    config.data.source.as_mut().unwrap().crop = source_crop;
-    config.data.target.as_mut().unwrap().crop = target_crop;
+    let mut batch = AdaBatch::new(source_crop, target_crop);
     let case = format!("source crop {source_crop:?}, target crop {target_crop:?}");
-    let trainer = adamcu::train::Trainer::new(&config).unwrap();
-    let mut state = trainer.new_ada_state(trainer.open_ledger(&dir.path().join("ledger.bin")).unwrap());
-    let source = adamcu::train::open_set(&config.data.source, "s", 19).unwrap();
-    let target = adamcu::train::open_set(&config.data.target, "t", 19).unwrap();
-    let batch = |set: &adamcu::data::source::SampleSource, set_config: &Option<adamcu::config::DatasetConfig>| {
-        let augment = config.augment_for(set_config.as_ref().unwrap());
-        let [h, w] = augment.crop.map(i64::from);
-        let mut augmenter = adamcu::data::augment::Augmenter::new(&augment);
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-        let samples: Vec<_> = (0..2).map(|i| set.load_augmented(i, &mut augmenter, &mut rng).unwrap()).collect();
-        let images: Vec<u8> = samples.iter().flat_map(|s| s.image.clone()).collect();
-        let labels: Vec<u8> = samples.iter().flat_map(|s| s.label.clone()).collect();
-        (Tensor::from_slice(&images).view([2, h, w, 3]), Tensor::from_slice(&labels).view([2, h, w]).to_kind(Kind::Int64),
-         samples.iter().map(|s| s.geometry).collect::<Vec<_>>())
-    };
-    let (si, sl, _) = batch(&source, &config.data.source);
-    let (ti, tl, tg) = batch(&target, &config.data.target);
     let names = ["L_seg source", "L_seg target", "L_con p2p", "L_con c2c"];
     for (term, name) in names.iter().enumerate() {
-        let out = trainer.ada_losses(&mut state, &si, &sl, &ti, &SealedLabels::seal(tl.shallow_clone()), &[0, 1], &tg);
+        let out = batch.losses();
+        let (trainer, config) = (&batch.trainer, &batch.config);
         let loss = out.terms[term].as_ref().unwrap_or_else(|| panic!("{case}: {name} was not computed"));
         assert!(loss.double_value(&[]) > 0.0, "{case}: {name} is zero");
         for (_, t) in trainer.vs.variables() {
@@ -448,6 +473,37 @@ fn every_loss_term_reaches_the_gradient_with(source_crop: Option<[u32; 2]>, targ
         // The total includes the term (weight > 0): the step uses it.
         assert!(out.total.double_value(&[]) >= loss.double_value(&[]) * if term >= 2 { config.contrast.weight } else { 1.0 } - 1e-6);
     }
+}
+
+#[test]
+fn the_ada_step_dispatches_no_operator_that_would_wait_for_a_gpu() {
+    // Issue 7: from the batch to the update the host only queues work. libtorch's sync check
+    // proves it on CUDA (bench step); here every operator the step calls, at any depth, is
+    // checked against those that wait there. Equal crops and the paper's unequal ones.
+    use adamcu::torch_ext::count_ops;
+    let _generator = global_generator();
+    for (source_crop, target_crop) in [(None, None), (None, Some([24, 48]))] {
+        let mut batch = AdaBatch::new(source_crop, target_crop);
+        let mut optimizer = batch.trainer.optimizer();
+        for step in 0..2 {
+            let (out, ops) = count_ops(|| {
+                let out = batch.losses();
+                batch.trainer.ada_update(&out, &mut optimizer, 1e-3);
+                out
+            });
+            assert!(out.terms.iter().all(Option::is_some), "the full step ran");
+            assert!(ops.total > 100, "{ops:?}");
+            assert!(ops.waits_on_cuda().is_empty(), "step {step}, target crop {target_crop:?}: {:?}", ops.waits_on_cuda());
+            batch.trainer.ada_settle(&mut batch.state, &out); // the step's one read, after the update
+        }
+    }
+    // The check sees such operators wherever they are called: a value read back, and the
+    // nonzero under boolean indexing.
+    let t = Tensor::from_slice(&[0.0f32, 1.0, 2.0]);
+    let (_, read) = count_ops(|| t.sum(Kind::Float).double_value(&[]));
+    let (_, indexed) = count_ops(|| t.index(&[Some(t.gt(0.5))]));
+    assert!(read.waits_on_cuda().contains(&"aten::_local_scalar_dense"), "{read:?}");
+    assert!(indexed.waits_on_cuda().contains(&"aten::nonzero"), "{indexed:?}");
 }
 
 #[test]

@@ -32,6 +32,10 @@ fn the_step_benchmark_runs_every_variant_on_the_cpu() {
     let checks: Vec<&str> = stdout.lines().filter(|l| l.starts_with("host waits for the device")).collect();
     assert_eq!(checks.len(), 4, "{stdout}");
     assert!(checks.iter().all(|l| l.ends_with("not checked (needs CUDA and a warm-up iteration)")), "{stdout}");
+    // What can be checked here: no operator of the step is one that waits on a GPU.
+    let op_checks: Vec<&str> = stdout.lines().filter(|l| l.starts_with("operators that wait for a GPU inside")).collect();
+    assert_eq!(op_checks.len(), 4, "{stdout}");
+    assert!(op_checks.iter().all(|l| l.ends_with("step: none")), "{stdout}");
 }
 
 #[test]
