@@ -281,12 +281,10 @@ pub fn step(o: &StepBenchOptions) -> Result<()> {
         "peak GiB", "ops/step", "reference ms", "ref GiB");
     let dev = if device.is_cuda() { "cuda" } else { "cpu" };
     let gib = |g: Option<f64>| g.map_or("-".into(), |g| format!("{g:.2}"));
-    let (mut checks, mut op_waits) = (Vec::new(), Vec::new());
-    let mut comparisons = Vec::new();
+    // (row label, ours, the reference's ms and peak GiB): seg then full, per precision.
+    let mut results = Vec::new();
     for bf16_cl in [false, true] {
         let precision = if bf16_cl { "bf16+cl" } else { "fp32" };
-        // (ours, the reference's ms and peak GiB), seg then full.
-        let mut rows = Vec::new();
         for variant in ["seg", "full"] {
             let ours = time_step(&o.config, variant, bf16_cl, o)?;
             let reference = match &o.reference {
@@ -303,38 +301,35 @@ pub fn step(o: &StepBenchOptions) -> Result<()> {
             for (calls, micros, name) in ours.ops.iter().flat_map(|ops| &ops.by_name).take(o.top_ops) {
                 println!("    {calls:>6} calls {:>10.1} ms  {name}", *micros as f64 / 1e3);
             }
-            checks.push(match &ours.sync_check {
-                None => "not checked (needs CUDA and a warm-up iteration)".to_string(),
-                Some(None) => "none".to_string(),
-                Some(Some(error)) => format!("WAITED: {}", error.lines().next().unwrap_or_default()),
-            });
-            op_waits.push(ours.ops.as_ref().map_or("not counted (no warm-up iteration)".to_string(), |ops| {
-                let waits = ops.waits_on_cuda();
-                if waits.is_empty() { "none".to_string() } else { format!("WAITS: {}", waits.join(", ")) }
-            }));
-            rows.push((ours, reference));
+            results.push((format!("{variant} {precision}"), ours, reference));
         }
-        // Our full step against the reference's two (issue 7's targets, on a GPU: at most 1.1x
-        // its seg step and 0.75x its full step; peak memory at most its own).
-        if let [(_, Some((ref_seg, _))), (full, Some((ref_full, ref_gib)))] = rows.as_slice() {
+    }
+    // Our full step against the reference's two (issue 7's targets, on a GPU: at most 1.1x its
+    // seg step and 0.75x its full step; peak memory at most its own).
+    for pair in results.chunks(2) {
+        if let [(_, _, Some((ref_seg, _))), (label, full, Some((ref_full, ref_gib)))] = pair {
             let memory = match (full.peak_gib, ref_gib) {
                 (None, None) => "peak memory not measured (no GPU)".to_string(),
                 (ours, theirs) => format!("peak memory {} GiB against its {} GiB", gib(ours), gib(*theirs)),
             };
-            comparisons.push(format!("our full {precision} step: {:.2}x the reference's seg step (GPU target <= 1.10), \
-                {:.2}x its full step (GPU target <= 0.75); {memory}", full.ms_median / ref_seg, full.ms_median / ref_full));
+            println!("our {label} step: {:.2}x the reference's seg step (GPU target <= 1.10), {:.2}x its full step \
+                (GPU target <= 0.75); {memory}", full.ms_median / ref_seg, full.ms_median / ref_full);
         }
     }
-    for line in comparisons {
-        println!("{line}");
-    }
-    let rows = ["seg fp32", "full fp32", "seg bf16+cl", "full bf16+cl"];
-    for (check, row) in checks.iter().zip(rows) {
-        println!("host waits for the device inside a {row} step (libtorch sync check): {check}");
+    for (label, ours, _) in &results {
+        println!("host waits for the device inside a {label} step (libtorch sync check): {}", match &ours.sync_check {
+            None => "not checked (needs CUDA and a warm-up iteration)".to_string(),
+            Some(None) => "none".to_string(),
+            Some(Some(error)) => format!("WAITED: {}", error.lines().next().unwrap_or_default()),
+        });
     }
     // Checked on every device from the operators the counted step called, at any depth.
-    for (waits, row) in op_waits.iter().zip(rows) {
-        println!("operators that wait for a GPU inside a {row} step: {waits}");
+    for (label, ours, _) in &results {
+        println!("operators that wait for a GPU inside a {label} step: {}", match &ours.ops {
+            None => "not counted (no warm-up iteration)".to_string(),
+            Some(ops) if ops.waits_on_cuda().is_empty() => "none".to_string(),
+            Some(ops) => format!("WAITS: {}", ops.waits_on_cuda().join(", ")),
+        });
     }
     #[cfg(target_arch = "x86_64")]
     if !device.is_cuda() {

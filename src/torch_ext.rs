@@ -236,10 +236,12 @@ pub fn keep_freed_memory() {
     }
 }
 
-/// The operators a stretch of code dispatched: outermost calls only (forward ops and
-/// autograd's backward nodes), as libtorch's profiler hooks see them.
+/// The operators a stretch of code dispatched, as libtorch's profiler hooks see them: the
+/// outermost calls (forward ops and autograd's backward nodes) with their wall time, and every
+/// call at any depth.
 #[derive(Debug, Clone, Default)]
 pub struct OpCount {
+    /// Outermost calls.
     pub total: u64,
     /// (calls, wall microseconds, operator name) of the outermost calls, most calls first.
     pub by_name: Vec<(u64, u64, String)>,
