@@ -325,10 +325,10 @@ pub fn step(o: &StepBenchOptions) -> Result<()> {
     }
     // Checked on every device from the operators the counted step called, at any depth.
     for (label, ours, _) in &results {
-        println!("operators that wait for a GPU inside a {label} step: {}", match &ours.ops {
+        println!("operators that wait for a GPU inside a {label} step: {}", match ours.ops.as_ref().map(|o| o.waits_on_cuda()) {
             None => "not counted (no warm-up iteration)".to_string(),
-            Some(ops) if ops.waits_on_cuda().is_empty() => "none".to_string(),
-            Some(ops) => format!("WAITS: {}", ops.waits_on_cuda().join(", ")),
+            Some(waits) if waits.is_empty() => "none".to_string(),
+            Some(waits) => format!("WAITS: {}", waits.join(", ")),
         });
     }
     #[cfg(target_arch = "x86_64")]
