@@ -191,8 +191,8 @@ fn time_step(base: &crate::config::Config, variant: &str, bf16_channels_last: bo
         // update, the step must only queue work (CUDA builds; the read at its end is allowed).
         let checked = it + 1 == o.warmup && device.is_cuda() && crate::torch_ext::set_cuda_sync_check(true);
         let mut queue = || std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let out = trainer.ada_losses(&mut state, &si, &sl, &ti, &sealed, &samples, &geometry);
-            trainer.ada_update(&out, &mut optimizer, config.train.lr);
+            let mut out = trainer.ada_losses(&mut state, &si, &sl, &ti, &sealed, &samples, &geometry);
+            trainer.ada_update(&mut out, &mut optimizer, config.train.lr, false);
             out
         }));
         // The last warm-up iteration also counts the operators one step dispatches (a retry's

@@ -338,6 +338,18 @@ pub enum Schedule {
     Simultaneous,
 }
 
+/// The pixels the DCCM's error rates R (Eq. 7) are counted on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DccmFrom {
+    /// The target pixels whose labels were bought (the confusions the paper motivates the
+    /// DCCM with, sidewalk taken for road, are the target's).
+    Target,
+    /// Those and every labelled source pixel (the source's far more numerous pixels then
+    /// make R mostly the source's).
+    Both,
+}
+
 /// ADA-MCU's active labelling (Section III-B, Algorithm 1).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -379,11 +391,14 @@ pub struct ContrastConfig {
     pub c2c: bool,
     /// Weight the logits by the dynamic category correlation matrix (Eqs. 7-8).
     pub dccm: bool,
+    /// Whose confusions R counts (Eq. 7; docs/algorithm.md): the target's revealed labels, or
+    /// those and the source's ground truth.
+    pub dccm_from: DccmFrom,
     /// EMA momentum beta of the DCCM (Eq. 8; not given in the paper: our choice).
     pub dccm_momentum: f64,
     /// InfoNCE temperature lambda (peers: 0.1).
     pub temperature: f64,
-    /// Weight of L_con in the total loss (peers: 0.1).
+    /// Weight of L_con in the total loss (the paper: L_total = L_seg + L_con, 1).
     pub weight: f64,
     /// Anchors per unit and keys per image, sampled uniformly when there are more.
     pub max_anchors: usize,
@@ -393,7 +408,7 @@ pub struct ContrastConfig {
 impl Default for ContrastConfig {
     fn default() -> Self {
         ContrastConfig { enabled: true, levels: vec!["intra-image".into(), "cross-image".into(), "cross-domain".into()],
-            p2p: true, c2c: true, dccm: true, dccm_momentum: 0.99, temperature: 0.1, weight: 0.1,
+            p2p: true, c2c: true, dccm: true, dccm_from: DccmFrom::Target, dccm_momentum: 0.99, temperature: 0.1, weight: 1.0,
             max_anchors: 256, max_keys: 1024 }
     }
 }
@@ -433,7 +448,7 @@ pub struct DemoConfig {
 
 impl Default for DemoConfig {
     fn default() -> Self {
-        DemoConfig { variants: vec!["al-wo-as".into(), "al-w-as".into(), "full".into()], repeats: 1 }
+        DemoConfig { variants: vec!["al-w-as".into(), "mcu-i".into(), "full".into()], repeats: 1 }
     }
 }
 

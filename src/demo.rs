@@ -8,8 +8,10 @@
 
 use crate::config::{Config, RunConfig};
 use crate::train::ada::AdaSummary;
+use crate::train::embeddings::{compactness, draw_panels, val_embeddings, Compactness};
 use crate::train::eval::{markdown_table, EvalRow};
-use crate::train::{SupervisedStage, Trainer};
+use tch::Tensor;
+use crate::train::{CurvePoint, SupervisedStage, Trainer};
 use anyhow::Result;
 use serde_json::json;
 use std::path::Path;
@@ -20,7 +22,15 @@ struct SeedRun {
     seed: u64,
     rows: Vec<EvalRow>,
     budgets: Vec<AdaSummary>,
+    /// Fig. 5's rows (AL w AS, the full model): target val pixel embeddings, their classes and
+    /// their compactness.
+    embeddings: Vec<(String, Tensor, Tensor, Compactness)>,
+    /// Each row's target val mIoU over its steps (`train.eval_every`; empty when 0).
+    curves: Vec<(String, Vec<CurvePoint>)>,
 }
+
+/// The variants whose embeddings Fig. 5 compares.
+const FIG5_VARIANTS: [&str; 2] = ["al-w-as", "full"];
 
 pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
     let started = Instant::now();
@@ -40,20 +50,56 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
         println!("\nmean over seeds {seeds:?} (mIoU ± its standard deviation)");
     }
     println!("\n{}", markdown_table(&rows));
+    if runs[0].curves.iter().any(|(_, c)| !c.is_empty()) {
+        println!("\ntarget val mIoU over each row's steps (train.eval_every; mean over seeds): does more training help?");
+        for (i, (name, curve)) in runs[0].curves.iter().enumerate() {
+            let points: Vec<String> = curve.iter().enumerate().map(|(k, p)| {
+                let mean = runs.iter().map(|r| r.curves[i].1[k].miou).sum::<f64>() / runs.len() as f64;
+                format!("{}: {mean:.1}", p.step)
+            }).collect();
+            println!("  {name:<26} {}", points.join(", "));
+        }
+    }
+    let gains = paired_gains(&config.demo.variants, &runs);
+    if !gains.is_empty() {
+        println!("\npaired gain of each step over the row before (same seed: same source checkpoint and data order)");
+        for g in &gains {
+            println!("{g}");
+        }
+    }
     let (low, high) = (rows[0].miou, rows[rows.len() - 1].miou);
     println!("domain gap (target-supervised - source-only): {:.1} mIoU points", high - low);
     for (v, row) in rows[1..rows.len() - 1].iter().enumerate() {
         let spent = runs.iter().map(|r| r.budgets[v].spent as f64).sum::<f64>() / runs.len() as f64;
-        let AdaSummary { budget, total_pixels, .. } = runs[0].budgets[v];
-        println!("{:<26} closes {:>5.1}% of the gap; bought {spent:.0} of Me = {budget} pixels ({:.3}% of Mt = \
-                  {total_pixels})", row.name, 100.0 * (row.miou - low) / (high - low),
-            100.0 * spent / total_pixels as f64);
+        let AdaSummary { budget, total_pixels, pixels, .. } = &runs[0].budgets[v];
+        println!("{:<26} closes {:>5.1}% of the gap; bought {spent:.0} of Me = {budget} ({:.3}% of Mt = \
+                  {total_pixels} {pixels})", row.name, 100.0 * (row.miou - low) / (high - low),
+            100.0 * spent / *total_pixels as f64);
+    }
+    // Fig. 5 from the first seed; compactness for every seed.
+    let mut compactness_rows = Vec::new();
+    for (i, (variant, _, _, _)) in runs[0].embeddings.iter().enumerate() {
+        let per_seed: Vec<Compactness> = runs.iter().map(|r| r.embeddings[i].3).collect();
+        let mean = |f: fn(&Compactness) -> f64| per_seed.iter().map(f).sum::<f64>() / per_seed.len() as f64;
+        println!("{:<26} target val embeddings: mean cosine same class {:.3}, other classes {:.3} (gap {:.3})",
+            crate::ablation::row_name(variant), mean(|c| c.intra), mean(|c| c.inter), mean(|c| c.intra - c.inter));
+        compactness_rows.push(json!({ "variant": variant, "row": crate::ablation::row_name(variant),
+            "intra_mean": mean(|c| c.intra), "inter_mean": mean(|c| c.inter), "per_seed": per_seed }));
+    }
+    let fig5 = config.run_dir().join("fig5.png");
+    if !runs[0].embeddings.is_empty() {
+        let panels: Vec<(Tensor, Tensor)> = runs[0].embeddings.iter().map(|(_, e, c, _)| (e.shallow_clone(), c.shallow_clone())).collect();
+        draw_panels(&panels, config.data.classes, 480, &fig5)?;
+        println!("Fig. 5 (PCA of target val pixel embeddings, Cityscapes colours; {}): {}",
+            runs[0].embeddings.iter().map(|e| crate::ablation::row_name(&e.0)).collect::<Vec<_>>().join(" | "),
+            fig5.display());
     }
     let seconds = started.elapsed().as_secs_f64();
     println!("demo took {seconds:.0} s");
-    let per_seed: Vec<_> = runs.iter().map(|r| json!({ "seed": r.seed, "rows": r.rows })).collect();
+    let per_seed: Vec<_> = runs.iter().map(|r| json!({ "seed": r.seed, "rows": r.rows, "curves": r.curves })).collect();
     let report = json!({ "run": config.run.name, "seconds": seconds, "seeds": seeds, "rows": rows,
-        "per_seed": per_seed, "config": config.recorded() });
+        "paired_gains": gains, "compactness": compactness_rows, "per_seed": per_seed, "budget_pixels": runs[0].budgets.first().map(|b| b.pixels.clone()),
+        "config": config.recorded() });
     let path = config.run_dir().join("report.json");
     crate::train::checkpoint::write_atomically(&path, |temp| {
         std::fs::write(temp, serde_json::to_vec_pretty(&report)?)?;
@@ -69,13 +115,15 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
     let mut trainer = Trainer::new(config)?;
     tracing::info!("device {:?}; seed {}; run dir {}", trainer.device, config.run.seed, run_dir.display());
 
-    trainer.train_supervised(SupervisedStage::Source, config.train.source_iterations)?;
+    let mut curves = vec![("source-only".to_string(),
+        trainer.train_supervised(SupervisedStage::Source, config.train.source_iterations)?.curve)];
     let source = run_dir.join("source.safetensors");
     trainer.save(&source, None, json!({"stage": "source"}))?;
     let source_only = trainer.evaluate("source-only", 0.0)?;
     tracing::info!("source-only mIoU {:.1}", source_only.miou);
     let mut rows = vec![source_only];
     let mut budgets = Vec::new();
+    let mut embeddings = Vec::new();
     for variant in &config.demo.variants {
         let variant_config = crate::ablation::apply(config, variant)?;
         let mut ada = Trainer::new(&variant_config)?;
@@ -88,13 +136,69 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
         ada.save(&dir.join("model.safetensors"), None, json!({"stage": "ada", "variant": variant, "summary": summary}))?;
         let fraction = summary.spent as f64 / summary.total_pixels as f64;
         let row = ada.evaluate(crate::ablation::row_name(variant), fraction)?;
-        tracing::info!("{}: mIoU {:.1}, bought {} of {} pixels", row.name, row.miou, summary.spent, summary.budget);
+        tracing::info!("{}: mIoU {:.1}, bought {} of {} {}", row.name, row.miou, summary.spent, summary.budget,
+            summary.pixels);
+        if FIG5_VARIANTS.contains(&variant.as_str()) {
+            // 200 labelled pixels from each of 20 val images: 4,000 points, as Fig. 5 plots.
+            let (points, classes) = val_embeddings(&ada, 20, 200, config.run.seed as i64)?;
+            let c = compactness(&points, &classes);
+            tracing::info!("{}: target val embeddings: mean cosine same class {:.3}, other classes {:.3}",
+                row.name, c.intra, c.inter);
+            embeddings.push((variant.clone(), points, classes, c));
+        }
+        curves.push((row.name.clone(), summary.curve.clone()));
         budgets.push(summary);
         rows.push(row);
     }
 
-    trainer.train_supervised(SupervisedStage::TargetSupervised, config.train.target_supervised_iterations)?;
+    let record = trainer.train_supervised(SupervisedStage::TargetSupervised, config.train.target_supervised_iterations)?;
+    curves.push(("target-supervised".to_string(), record.curve));
     trainer.save(&run_dir.join("target-supervised.safetensors"), None, json!({"stage": "target-supervised"}))?;
     rows.push(trainer.evaluate("target-supervised", 1.0)?);
-    Ok(SeedRun { seed: config.run.seed, rows, budgets })
+    Ok(SeedRun { seed: config.run.seed, rows, budgets, embeddings, curves })
+}
+
+/// One row's mIoU gain over the row before, paired by seed (same seed: same source checkpoint
+/// and data order): the mean of the per-seed differences and its 95 % interval (Student's t
+/// with n - 1 degrees of freedom; none with one seed). `step` is the row's variant.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PairedGain {
+    pub step: String,
+    pub from: String,
+    pub to: String,
+    pub per_seed: Vec<f64>,
+    pub mean: f64,
+    pub interval95: Option<(f64, f64)>,
+}
+
+impl std::fmt::Display for PairedGain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "  {:<26} over {:<26} {:+.2} mIoU points", self.to, self.from, self.mean)?;
+        match self.interval95 {
+            Some((lo, hi)) => write!(f, ", 95 % interval [{lo:+.2}, {hi:+.2}] over {} seeds{}", self.per_seed.len(),
+                if lo > 0.0 { ": a gain" } else if hi < 0.0 { ": a loss" } else { ": not told from noise" }),
+            None => write!(f, " (one seed: no interval)"),
+        }
+    }
+}
+
+/// Each variant's gain over the row before it (the variant listed before it in
+/// `demo.variants`; the first over source-only), from the per-seed rows (`runs[s].rows[0]` is
+/// source-only, then the variants in order). With the paper's order (AL w/o AS, AL w AS,
+/// MCU-i, MCU-d, full) these are Table VI's steps: AS, MCU-i, MCU-d and the DCCM.
+fn paired_gains(variants: &[String], runs: &[SeedRun]) -> Vec<PairedGain> {
+    (1..=variants.len()).map(|b| {
+        let a = b - 1;
+        let per_seed: Vec<f64> = runs.iter().map(|r| r.rows[b].miou - r.rows[a].miou).collect();
+        let n = per_seed.len() as f64;
+        let mean = per_seed.iter().sum::<f64>() / n;
+        let interval95 = (per_seed.len() > 1).then(|| {
+            let sd = (per_seed.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+            let t = statrs::distribution::ContinuousCDF::inverse_cdf(
+                &statrs::distribution::StudentsT::new(0.0, 1.0, n - 1.0).expect("n > 1"), 0.975);
+            (mean - t * sd / n.sqrt(), mean + t * sd / n.sqrt())
+        });
+        PairedGain { step: variants[b - 1].clone(), from: runs[0].rows[a].name.clone(), to: runs[0].rows[b].name.clone(),
+            per_seed, mean, interval95 }
+    }).collect()
 }

@@ -39,6 +39,10 @@ pub const CHECKPOINT_BYTES: &str = "adamcu_checkpoint_bytes";
 pub const RUN_DIR_FREE: &str = "adamcu_run_dir_free_bytes";
 pub const BUILD_INFO: &str = "adamcu_build_info";
 pub const GPU_MEMORY_PEAK: &str = "adamcu_gpu_memory_peak_bytes";
+pub const CONTRAST_ANCHORS: &str = "adamcu_contrast_anchors";
+pub const CONTRAST_POSITIVES: &str = "adamcu_contrast_positive_pairs";
+pub const CONTRAST_GRADIENT_RATIO: &str = "adamcu_contrast_gradient_ratio";
+pub const DCCM_MAX: &str = "adamcu_dccm_max";
 
 /// Explicit buckets of the step-time histogram (seconds): CPU steps take 0.05-2 s, GPU ones
 /// 0.02-0.5 s.
@@ -86,8 +90,8 @@ fn describe() {
     describe_counter!(IMAGES, "Images trained on, per domain.");
     describe_gauge!(LOSS, "Loss of the last step, per term (source, target, p2p, c2c, total).");
     describe_gauge!(LR, "Base learning rate of the last step.");
-    describe_gauge!(BUDGET_LABELED, "Target pixels whose labels were bought (Ma).");
-    describe_gauge!(BUDGET_LIMIT, "The annotation budget in pixels (Me).");
+    describe_gauge!(BUDGET_LABELED, "Target pixels whose labels were bought (Ma), at the training resolution.");
+    describe_gauge!(BUDGET_LIMIT, "The annotation budget (Me) in pixels at the training resolution.");
     describe_gauge!(BUDGET_RATIO, "Ma / Me.");
     describe_gauge!(GROUP_PIXELS, "Target pixels of the last batch in each uncertainty group.");
     describe_gauge!(THRESHOLD, "Uncertainty thresholds pi_high and pi_low.");
@@ -102,6 +106,12 @@ fn describe() {
     describe_gauge!(GPU_MEMORY_PEAK, "Peak bytes allocated on the CUDA device (CUDA runs only).");
     describe_gauge!(CHECKPOINT_BYTES, "Bytes of the last checkpoint (model, optimizer, ledger snapshot).");
     describe_gauge!(RUN_DIR_FREE, "Bytes free to the daemon on the file system of its run directory.");
+    describe_gauge!(CONTRAST_ANCHORS, "Usable p2p anchors (a positive and a negative) of the last step, by level \
+        and anchor domain, summed over its contrastive units.");
+    describe_gauge!(CONTRAST_POSITIVES, "Positive pairs of those anchors, by level and anchor domain.");
+    describe_gauge!(CONTRAST_GRADIENT_RATIO, "|grad of weighted L_con| / |grad of L_seg| at the backbone's output, \
+        measured on log steps.");
+    describe_gauge!(DCCM_MAX, "The largest entry of the DCCM W.");
     describe_gauge!(BUILD_INFO, "Always 1; labels give the adamcu and libtorch versions.");
 }
 
@@ -171,6 +181,21 @@ pub fn groups(high: u64, medium: u64, low: u64, pi_high: f64, pi_low: f64) {
     }
     gauge!(THRESHOLD, "name" => "pi_high").set(pi_high);
     gauge!(THRESHOLD, "name" => "pi_low").set(pi_low);
+}
+
+/// The contrastive units' diagnostics of the last step (`ContrastDiagnostics`).
+pub fn contrast(d: &crate::train::ada::ContrastDiagnostics) {
+    for l in &d.levels {
+        for (domain, anchors, positives) in [("source", l.source_anchors, l.source_positives),
+            ("target", l.target_anchors, l.target_positives)] {
+            gauge!(CONTRAST_ANCHORS, "level" => l.level.clone(), "domain" => domain).set(anchors);
+            gauge!(CONTRAST_POSITIVES, "level" => l.level.clone(), "domain" => domain).set(positives);
+        }
+    }
+    if let Some(ratio) = d.gradient_ratio {
+        gauge!(CONTRAST_GRADIENT_RATIO).set(ratio);
+    }
+    gauge!(DCCM_MAX).set(d.dccm_max);
 }
 
 pub fn evaluation_failed() {

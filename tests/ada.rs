@@ -57,9 +57,9 @@ fn info_nce(a: &Tensor, ac: &Tensor, k: &Tensor, kc: &Tensor, t: f64, w: Option<
     let all = |c: &Tensor| Tensor::ones(c.size(), (Kind::Bool, Device::Cpu));
     let (av, kv) = (all(ac), all(kc));
     let w = w.map(|w| w.unsqueeze(0));
-    let (loss, usable) = info_nce_units(&Points { embeddings: &a.unsqueeze(0), classes: &ac.unsqueeze(0), valid: &av.unsqueeze(0) },
-        &Points { embeddings: &k.unsqueeze(0), classes: &kc.unsqueeze(0), valid: &kv.unsqueeze(0) }, t, w.as_ref());
-    (usable.int64_value(&[0]) != 0).then(|| loss.double_value(&[0]))
+    let units = info_nce_units(&Points { embeddings: &a.unsqueeze(0), classes: &ac.unsqueeze(0), valid: &av.unsqueeze(0), ids: None },
+        &Points { embeddings: &k.unsqueeze(0), classes: &kc.unsqueeze(0), valid: &kv.unsqueeze(0), ids: None }, t, w.as_ref());
+    (units.usable.int64_value(&[0]) != 0).then(|| units.loss.double_value(&[0]))
 }
 
 #[test]
@@ -82,12 +82,73 @@ fn info_nce_with_several_positives_matches_the_hand_computed_value() {
     // No negative (or no positive): no loss rather than a meaningless one.
     assert!(info_nce(&a, &ac, &keys.narrow(0, 0, 2), &kc.narrow(0, 0, 2), t, None).is_none());
     // Invalid (padding) keys are ignored: padding the negative away leaves no usable anchor.
-    let (loss, usable) = info_nce_units(
-        &Points { embeddings: &a.unsqueeze(0), classes: &ac.unsqueeze(0), valid: &Tensor::from_slice(&[true]).view([1, 1]) },
-        &Points { embeddings: &keys.unsqueeze(0), classes: &kc.unsqueeze(0), valid: &Tensor::from_slice(&[true, true, false]).view([1, 3]) },
+    let units = info_nce_units(
+        &Points { embeddings: &a.unsqueeze(0), classes: &ac.unsqueeze(0), valid: &Tensor::from_slice(&[true]).view([1, 1]), ids: None },
+        &Points { embeddings: &keys.unsqueeze(0), classes: &kc.unsqueeze(0), valid: &Tensor::from_slice(&[true, true, false]).view([1, 3]), ids: None },
         t, None);
-    assert_eq!(usable.int64_value(&[0]), 0);
-    assert_eq!(loss.double_value(&[0]), 0.0);
+    assert_eq!(units.usable.int64_value(&[0]), 0);
+    assert_eq!(units.loss.double_value(&[0]), 0.0);
+    assert_eq!(units.anchors.double_value(&[0]), 0.0);
+}
+
+#[test]
+fn an_anchor_is_never_its_own_positive() {
+    // Anchor a = [1, 0] of class 0 is pixel 5 of its image; the keys of the same image are
+    // pixel 5 itself (k1 = a), pixel 9 (k2 = [0, 1], class 0) and pixel 2 (k3 = [-1, 0], class 1).
+    // By hand, without the self-pair: one positive (k2) and one negative (k3).
+    let a = Tensor::from_slice(&[1.0f32, 0.0]).view([1, 1, 2]);
+    let keys = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 1.0, -1.0, 0.0]).view([1, 3, 2]);
+    let (ac, kc) = (Tensor::from_slice(&[0i64]).view([1, 1]), Tensor::from_slice(&[0i64, 0, 1]).view([1, 3]));
+    let (a_ids, k_ids) = (Tensor::from_slice(&[5i64]).view([1, 1]), Tensor::from_slice(&[5i64, 9, 2]).view([1, 3]));
+    let (av, kv) = (Tensor::ones([1, 1], (Kind::Bool, Device::Cpu)), Tensor::ones([1, 3], (Kind::Bool, Device::Cpu)));
+    let t = 0.5;
+    let (s2, n) = (0.0 / t, -1.0 / t);
+    let expected = -(s2 - (f64::exp(s2) + f64::exp(n)).ln());
+    let units = info_nce_units(&Points { embeddings: &a, classes: &ac, valid: &av, ids: Some(&a_ids) },
+        &Points { embeddings: &keys, classes: &kc, valid: &kv, ids: Some(&k_ids) }, t, None);
+    let got = units.loss.double_value(&[0]);
+    assert!(close(got, expected), "{got} vs {expected} (with the self-pair it would be {})",
+        info_nce(&a.squeeze_dim(0), &ac.squeeze_dim(0), &keys.squeeze_dim(0), &kc.squeeze_dim(0), t, None).unwrap());
+    assert_eq!(units.positives.double_value(&[0]), 1.0, "k2 is the one positive");
+    // Its only positive being itself, an anchor is not usable.
+    let only_self = info_nce_units(&Points { embeddings: &a, classes: &ac, valid: &av, ids: Some(&a_ids) },
+        &Points { embeddings: &keys.narrow(1, 0, 1).shallow_clone(), classes: &kc.narrow(1, 0, 1).shallow_clone(),
+            valid: &kv.narrow(1, 0, 1).shallow_clone(), ids: Some(&k_ids.narrow(1, 0, 1).shallow_clone()) }, t, None);
+    assert_eq!(only_self.usable.int64_value(&[0]), 0);
+    // Through the units: an intra-image unit whose every pixel is an anchor and a key, with
+    // distinct classes except one pair; no anchor may count itself among its positives.
+    let emb = Tensor::eye(4, (Kind::Float, Device::Cpu)).view([1, 4, 2, 2]); // 4 orthogonal pixels
+    let labels = Tensor::from_slice(&[0i64, 0, 1, 2]).view([1, 2, 2]);
+    let batch = DomainBatch { embedding: emb.shallow_clone(), labels: labels.shallow_clone(),
+        anchors: Tensor::ones([1, 2, 2], (Kind::Bool, Device::Cpu)), low: Tensor::zeros([1, 2, 2], (Kind::Bool, Device::Cpu)),
+        center_classes: labels.shallow_clone() };
+    let config = ContrastConfig { levels: vec!["intra-image".into()], c2c: false, temperature: 1.0, ..ContrastConfig::default() };
+    let _generator = seeded(0);
+    let l = contrastive_losses(&batch, &batch, &config, None, 3);
+    let usage = Vec::<f32>::try_from(l.usage.unwrap().flatten(0, -1)).unwrap();
+    // Pixels 0 and 1 (class 0) each have the other as their one positive: 2 usable anchors
+    // and 2 positive pairs per domain; pixels 2 and 3 have none.
+    assert_eq!(usage, [2.0, 2.0, 2.0, 2.0], "[source anchors, positives, target anchors, positives]");
+    // Orthogonal embeddings: each usable anchor's loss is -log(e^0 / (e^0 + 2 e^0)) = ln 3.
+    let p2p = l.p2p.unwrap().double_value(&[]);
+    assert!(close(p2p, 3f64.ln()), "{p2p} vs ln 3");
+}
+
+#[test]
+fn keys_take_their_embedding_at_their_own_pixel() {
+    // A crop twice the embedding's size: pixel (x, y) of the crop reads the stride-2 map
+    // bilinearly at ((x + 0.5) / 2 - 0.5, (y + 0.5) / 2 - 0.5), as `upsample` would place it.
+    let _generator = seeded(3);
+    let emb = Tensor::randn([1, 3, 4, 4], (Kind::Float, Device::Cpu));
+    let positions = Tensor::from_slice(&[0i64, 9, 27, 63]).view([1, 4]); // on an 8x8 crop
+    let got = adamcu::contrast::units::embeddings_at(&emb, &positions, 8, 8);
+    let up = emb.upsample_bilinear2d([8, 8], false, None, None);
+    for (k, p) in [0i64, 9, 27, 63].into_iter().enumerate() {
+        let v = up.select(0, 0).select(1, p / 8).select(1, p % 8);
+        let v = &v / v.norm();
+        let diff = (got.select(0, 0).select(0, k as i64) - v).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "pixel {p}: off by {diff}");
+    }
 }
 
 #[test]
@@ -221,7 +282,7 @@ fn scores() -> Vec<f32> {
 fn draw(sampler: &mut Sampler, ledger: &mut Ledger, scores: &[f32], crops: &[(usize, Geometry)]) -> (BatchSelection, Settled) {
     let (h, w) = (crops[0].1.crop_height as i64, crops[0].1.crop_width as i64);
     let scores = Tensor::from_slice(scores).view([crops.len() as i64, h, w]);
-    let pixels: Vec<CropPixels> = crops.iter().map(|(image, g)| CropPixels::of(*image, g)).collect();
+    let pixels: Vec<CropPixels> = crops.iter().map(|(image, g)| CropPixels::of(*image, g, ledger)).collect();
     let selection = sampler.select(&scores, &pixels, ledger);
     let settled = sampler.settle(&selection, ledger);
     (selection, settled)
@@ -302,7 +363,7 @@ fn the_device_draws_a_uniform_subset_of_the_candidates() {
     // Every pixel in G_h: quota 10 of the 100 available (half of G_h) per draw.
     let sampler = Sampler::new(&active(Schedule::Sequential, true, 0.05), None);
     let scores = Tensor::full([1, 10, 20], 0.95, (Kind::Float, Device::Cpu));
-    let crop = [CropPixels::of(0, &Geometry::identity(20, 10))];
+    let crop = [CropPixels::of(0, &Geometry::identity(20, 10), &ledger)];
     // How often each pixel is labelled over 2000 draws (the ledger unchanged: none settled).
     let counts_over_draws = |scores: &Tensor, per_draw: usize| {
         let mut counts = [0u32; 200];
@@ -390,6 +451,35 @@ fn tiny_config(dir: &std::path::Path) -> Config {
     // An untrained net is uncertain everywhere: thresholds that still give it a G_l.
     (config.active.pi_low, config.active.pi_high) = (1.2, 2.0);
     config
+}
+
+#[test]
+fn the_budget_counts_the_pixels_the_network_sees_at_the_training_resolution() {
+    // Issue 29: a target stored at twice the size it is trained at (128x64 frames resized to
+    // 64x32, as Cityscapes' 2048x1024 to 1024x512). Counted on stored pixels, a 5 % budget
+    // would buy 5 % of 4 x 8,192 = 1,638 pixels, 20 % of the 4 x 2,048 the network can see.
+    let _generator = global_generator();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::synthetic_config(dir.path(), (128, 64), (4, 4, 2));
+    (config.train.batch_source, config.train.batch_target) = (2, 2);
+    config.model.aspp_dilations = vec![1, 2];
+    config.model.projection_dim = 16;
+    config.data.target.as_mut().unwrap().resize = Some([32, 64]);
+    config.data.target.as_mut().unwrap().crop = Some([32, 64]);
+    config.augment.scale = [1.0, 1.0];
+    config.active.budget = 0.05;
+    (config.active.pi_low, config.active.pi_high) = (0.05, 0.3);
+    let mut trainer = adamcu::train::Trainer::new(&config).unwrap();
+    let (summary, state) = trainer.train_ada(&dir.path().join("ledger.bin"), 40).unwrap();
+    let trainable = 4 * 64 * 32;
+    assert_eq!(summary.total_pixels, trainable, "Mt counts pixels at the training resolution");
+    assert_eq!(summary.budget, (0.05 * trainable as f64).round() as u64);
+    assert_eq!(summary.spent, summary.budget, "the budget is spent, and not passed: {summary:?}");
+    let bits: u64 = (0..4).map(|i| state.ledger.bought_in(i)).sum();
+    assert_eq!(bits, summary.spent, "every charge is one distinct pixel");
+    assert!((bits as f64 / trainable as f64 - 0.05).abs() < 1e-3, "5 % of the trainable pixels labelled");
+    assert_eq!(summary.pixels, "pixels at the training resolution (64x32 per image)");
+    assert!(state.ledger.images().iter().all(|i| (i.width, i.height) == (64, 32)));
 }
 
 #[test]
@@ -488,7 +578,9 @@ fn the_ada_step_dispatches_no_operator_that_would_wait_for_a_gpu() {
         for step in 0..2 {
             let (out, ops) = count_ops(|| {
                 let out = batch.losses();
-                batch.trainer.ada_update(&out, &mut optimizer, 1e-3);
+                let mut out = out;
+                // Step 1 is diagnosed: the gradient ratio's extra backward passes wait on nothing either.
+                batch.trainer.ada_update(&mut out, &mut optimizer, 1e-3, step == 1);
                 out
             });
             assert!(out.terms.iter().all(Option::is_some), "the full step ran");

@@ -45,4 +45,30 @@ fn the_demo_prints_the_table_and_with_two_seeds_their_mean_and_spread() {
             "row {row}: {a} and {b} gave {mean} ± {std}");
         assert!(stdout.contains(&format!("**{mean:.1}** ± {std:.1}")), "{stdout}");
     }
+    // Each variant's gain over the row before, paired by seed: the mean of the per-seed
+    // differences and its 95 % interval (Student's t with 1 degree of freedom: 12.706).
+    let gains = report["paired_gains"].as_array().unwrap();
+    assert_eq!(gains.len(), 2, "{report}");
+    for (gain, (from, to)) in gains.iter().zip([(0, 1), (1, 2)]) {
+        let d: Vec<f64> = (0..2).map(|seed| miou(seed, to) - miou(seed, from)).collect();
+        let mean = (d[0] + d[1]) / 2.0;
+        let half = 12.7062 * (d[0] - d[1]).abs() / 2.0;
+        assert!((gain["mean"].as_f64().unwrap() - mean).abs() < 1e-9, "{gain}");
+        let (lo, hi) = (gain["interval95"][0].as_f64().unwrap(), gain["interval95"][1].as_f64().unwrap());
+        assert!((lo - (mean - half)).abs() < 1e-3 && (hi - (mean + half)).abs() < 1e-3, "{gain} vs {mean} ± {half}");
+    }
+    assert!(stdout.contains("95 % interval"), "{stdout}");
+    // Fig. 5 and the compactness of the full model's target val embeddings.
+    assert!(run_dir.join("fig5.png").exists());
+    let compactness = &report["compactness"][0];
+    assert_eq!(compactness["variant"], "full");
+    assert!(compactness["intra_mean"].as_f64().unwrap() > compactness["inter_mean"].as_f64().unwrap(), "{compactness}");
+    // Val curves (train.eval_every): the last point of an ADA row is the row's own figure.
+    let curves = report["per_seed"][0]["curves"].as_array().unwrap();
+    assert_eq!(curves.len(), 4);
+    let last = curves[2][1].as_array().unwrap().last().unwrap();
+    assert_eq!(last["step"], 12);
+    assert!((last["miou"].as_f64().unwrap() - miou(0, 2)).abs() < 1e-9, "{last} vs {}", miou(0, 2));
+    // The budget says what it counts.
+    assert_eq!(report["budget_pixels"], "pixels at the training resolution (64x32 per image)");
 }

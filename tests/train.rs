@@ -87,7 +87,9 @@ fn a_short_run_lowers_the_loss_and_beats_the_untrained_model() {
     let config = tiny_config(dir.path());
     let mut trainer = Trainer::new(&config).unwrap();
     let before = trainer.evaluate("untrained", 0.0).unwrap();
-    let losses = trainer.train_supervised(SupervisedStage::TargetSupervised, 150).unwrap();
+    let config_every = config.train.eval_every;
+    assert_eq!(config_every, 0, "no val curve by default");
+    let losses = trainer.train_supervised(SupervisedStage::TargetSupervised, 150).unwrap().losses;
     let first: f64 = losses[..10].iter().sum::<f64>() / 10.0;
     let last: f64 = losses[losses.len() - 10..].iter().sum::<f64>() / 10.0;
     assert!(last < 0.6 * first, "loss {first:.3} -> {last:.3}");
@@ -184,7 +186,7 @@ fn resnet101_on_untrained_frozen_statistics_diverges_and_the_error_says_why() {
     assert!(error.contains("model.bn_stats = \"frozen\" without model.pretrained"), "{error}");
     // The remedy the message gives: the same network on batch statistics trains.
     config.model.bn_stats = "batch".into();
-    let losses = Trainer::new(&config).unwrap().train_supervised(SupervisedStage::Source, 6).unwrap();
+    let losses = Trainer::new(&config).unwrap().train_supervised(SupervisedStage::Source, 6).unwrap().losses;
     assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
 }
 

@@ -1,5 +1,6 @@
-//! The ledger of bought target labels: one bitset per target training image in original-image
-//! coordinates, in a memory-mapped file in the run directory.
+//! The ledger of bought target labels: one bitset per target training image at the size the
+//! network is trained on it (after `resize`: the pixels it can see, where the budget counts),
+//! in a memory-mapped file in the run directory.
 //!
 //! - Ma (`spent`) is the exact number of set bits; `buy` refuses once Ma = Me, so the budget
 //!   can never be passed, and a pixel already bought is never charged again.
@@ -21,7 +22,9 @@ use memmap2::MmapMut;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"ADAMCULG";
-const VERSION: u32 = 1;
+/// 2: pixels at the training resolution (1 counted stored pixels, of which a resized target
+/// showed the network only some).
+const VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerImage {
@@ -110,6 +113,12 @@ impl Ledger {
             .with_context(|| format!("{}: cannot open the ledger", path.display()))?;
         // SAFETY: the run-directory lock gives this process sole use of the file.
         let map = unsafe { MmapMut::map_mut(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
+        let stored_version = map.get(8..12).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+        if map.len() >= 12 && map[..8] == MAGIC[..] && stored_version != Some(VERSION) {
+            bail!("{}: ledger format version {:?}, this adamcu reads version {VERSION} (budget counted at the \
+                   training resolution); finish that run with the adamcu that began it, or start a new run directory",
+                  path.display(), stored_version.unwrap_or(0));
+        }
         if map.len() != size || map[..header.len()] != header[..] {
             let stored_budget = map.get(16..24).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
             bail!("{}: this ledger was made for other target images or another budget (stored budget {:?} \
@@ -182,6 +191,16 @@ impl Ledger {
         &self.images
     }
 
+    /// What one counted pixel is, for reports: "pixels at the training resolution (WxH per
+    /// image)", or "(per image)" when the sizes differ.
+    pub fn pixel_unit(&self) -> String {
+        match self.images.first() {
+            Some(first) if self.images.iter().all(|i| (i.width, i.height) == (first.width, first.height)) =>
+                format!("pixels at the training resolution ({}x{} per image)", first.width, first.height),
+            _ => "pixels at the training resolution (per image)".into(),
+        }
+    }
+
     fn bit(&self, image: usize, x: u32, y: u32) -> (usize, u8) {
         let i = y as usize * self.images[image].width as usize + x as usize;
         (self.offsets[image] + i / 8, 1u8 << (i % 8))
@@ -209,7 +228,7 @@ impl Ledger {
         bits.iter().zip(pending).map(|(b, p)| b & !p).collect()
     }
 
-    /// Buys the label of one original-image pixel. Returns true when it was newly bought (or
+    /// Buys the label of one pixel (training resolution). Returns true when it was newly bought (or
     /// a pending purchase was replayed, which costs nothing more); false when it was already
     /// bought or the budget is spent.
     pub fn buy(&mut self, image: usize, x: u32, y: u32) -> bool {

@@ -34,8 +34,8 @@ pub struct Thresholds {
     pub pi_low: f64,
 }
 
-/// Which original-image pixels a crop shows: crop pixel (x, y) is pixel
-/// (`columns[x]`, `rows[y]`) of target image `image`.
+/// Which ledger pixels a crop shows: crop pixel (x, y) is pixel (`columns[x]`, `rows[y]`) of
+/// target image `image` on the ledger's grid (the size the target is trained at).
 #[derive(Debug, Clone)]
 pub struct CropPixels {
     pub image: usize,
@@ -44,8 +44,11 @@ pub struct CropPixels {
 }
 
 impl CropPixels {
-    pub fn of(image: usize, geometry: &Geometry) -> CropPixels {
-        CropPixels { image, columns: geometry.original_columns(), rows: geometry.original_rows() }
+    /// The crop of target image `image` drawn with `geometry`, on the ledger's grid for that
+    /// image.
+    pub fn of(image: usize, geometry: &Geometry, ledger: &Ledger) -> CropPixels {
+        let grid = &ledger.images()[image];
+        CropPixels { image, columns: geometry.grid_columns(grid.width), rows: geometry.grid_rows(grid.height) }
     }
 }
 
@@ -89,7 +92,7 @@ pub struct Sampler {
     pub thresholds: Thresholds,
 }
 
-/// For each crop pixel, [B, N]: its original-image pixel index (y * width + x) and whether
+/// For each crop pixel, [B, N]: its ledger pixel index (y * width + x, training resolution) and whether
 /// the ledger shows it bought (as of the current step: pending purchases are not yet).
 pub fn bought_before(ledger: &Ledger, crops: &[CropPixels], device: Device) -> (Tensor, Tensor) {
     let b = crops.len() as i64;
@@ -240,10 +243,10 @@ impl Sampler {
     }
 }
 
-/// Per crop, which pixels show an original pixel listed in `bought` ([B, K] original
-/// indices, -1 for none; `original`: [B, N] as from `bought_before`): an upscaled crop shows
-/// one original pixel several times and every copy gets its label. Also returns how many
-/// distinct original pixels each crop bought ([B] i64).
+/// Per crop, which pixels show a ledger pixel listed in `bought` ([B, K] ledger indices, -1
+/// for none; `original`: [B, N] as from `bought_before`): an upscaled crop shows one ledger
+/// pixel several times and every copy gets its label. Also returns how many distinct ledger
+/// pixels each crop bought ([B] i64).
 fn shows_any(original: &Tensor, bought: &Tensor) -> (Tensor, Tensor) {
     let (b, k) = (bought.size()[0], bought.size()[1]);
     if k == 0 {

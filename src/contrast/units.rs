@@ -19,24 +19,31 @@ use super::infonce::{info_nce_units, Points};
 use crate::config::ContrastConfig;
 use tch::{Kind, Tensor};
 
-/// One domain's batch at the embedding's resolution [B, h, w].
+/// One domain's batch. Keys and anchors are pixels of the crop at its own resolution, so that
+/// every bought target label can be one (the stride-8 grid would keep one pixel in 64); their
+/// embeddings are read from the stride-8 map bilinearly at those positions. G_l, whose pixels
+/// only enter through their class means, is taken at the embedding's resolution.
 pub struct DomainBatch {
     /// [B, D, h, w], L2-normalised.
     pub embedding: Tensor,
-    /// Key labels (255 = none).
+    /// [B, H, W], the crop's resolution: key labels (255 = none) and anchors.
     pub labels: Tensor,
     pub anchors: Tensor,
-    /// G_l membership and the class each G_l pixel counts for.
+    /// [B, h, w], the embedding's resolution: G_l membership and the class each G_l pixel
+    /// counts for.
     pub low: Tensor,
     pub center_classes: Tensor,
 }
 
 /// Fixed-size points of a batch of images (or units): embeddings [B, N, D], classes [B, N]
-/// and which are real [B, N]. Pixel samples and class centers alike.
+/// and which are real [B, N]. Pixel samples and class centers alike. Pixel samples also carry
+/// an id per point ([B, N], unique in the batch: image and pixel), so that an anchor is never
+/// paired with itself among the keys of its own image (ContrastiveSeg masks these pairs too).
 pub struct Sample {
     pub embeddings: Tensor,
     pub classes: Tensor,
     pub valid: Tensor,
+    pub ids: Option<Tensor>,
 }
 
 impl Sample {
@@ -47,8 +54,12 @@ impl Sample {
         let n = self.valid.size()[1].max(other.valid.size()[1]);
         let (a, b) = (self.padded_to(n), other.padded_to(n));
         let cat = |x: &Tensor, y: &Tensor| Tensor::cat(&[x, y], 0);
+        let ids = match (&a.ids, &b.ids) {
+            (Some(x), Some(y)) => Some(cat(x, y)),
+            _ => None,
+        };
         Sample { embeddings: cat(&a.embeddings, &b.embeddings), classes: cat(&a.classes, &b.classes),
-            valid: cat(&a.valid, &b.valid) }
+            valid: cat(&a.valid, &b.valid), ids }
     }
 
     /// `n` points per image: the extra ones are zero and not valid.
@@ -57,33 +68,54 @@ impl Sample {
         if extra == 0 {
             // The usual case (both domains' samples at their caps): a padding of zero would
             // still copy each tensor, forward and backward.
-            return Sample { embeddings: self.embeddings.shallow_clone(), classes: self.classes.shallow_clone(),
-                valid: self.valid.shallow_clone() };
+            return self.map(|t| t.shallow_clone(), |t| t.shallow_clone());
         }
-        Sample { embeddings: self.embeddings.constant_pad_nd([0, 0, 0, extra]),
-            classes: self.classes.constant_pad_nd([0, extra]), valid: self.valid.constant_pad_nd([0, extra]) }
+        self.map(|t| t.constant_pad_nd([0, 0, 0, extra]), |t| t.constant_pad_nd([0, extra]))
     }
 
     /// The points of the images at `index` ([U]), one row per unit.
     fn select(&self, index: &Tensor) -> Sample {
-        Sample { embeddings: self.embeddings.index_select(0, index), classes: self.classes.index_select(0, index),
-            valid: self.valid.index_select(0, index) }
+        self.map(|t| t.index_select(0, index), |t| t.index_select(0, index))
+    }
+
+    /// `embeddings` through `f3`, every [B, N] tensor through `f2`.
+    fn map(&self, f3: impl Fn(&Tensor) -> Tensor, f2: impl Fn(&Tensor) -> Tensor) -> Sample {
+        Sample { embeddings: f3(&self.embeddings), classes: f2(&self.classes), valid: f2(&self.valid),
+            ids: self.ids.as_ref().map(&f2) }
     }
 
     fn points(&self) -> Points<'_> {
-        Points { embeddings: &self.embeddings, classes: &self.classes, valid: &self.valid }
+        Points { embeddings: &self.embeddings, classes: &self.classes, valid: &self.valid, ids: self.ids.as_ref() }
     }
 }
 
-/// Up to `max` pixels per image drawn uniformly from `mask` [B, P] (random keys + top-k).
-fn sample(emb: &Tensor, classes: &Tensor, mask: &Tensor, max: usize) -> Sample {
-    let p = mask.size()[1];
-    let (index, valid) = crate::torch_ext::random_subset(mask, (max as i64).min(p), None);
-    let d = emb.size()[2];
+/// Embeddings [B, N, D] of the map `embedding` [B, D, h, w] read bilinearly at `positions`
+/// ([B, N] pixel indices y * width + x of a crop of `width` x `height` that the map covers),
+/// L2-normalised again. With align_corners = false a crop pixel's centre sits at
+/// (x + 0.5) / width of the map's extent whatever the map's size, as `upsample` places it.
+pub fn embeddings_at(embedding: &Tensor, positions: &Tensor, width: i64, height: i64) -> Tensor {
+    let to_grid = |v: Tensor, size: i64| (v.to_kind(Kind::Float) + 0.5) * (2.0 / size as f64) - 1.0;
+    let (x, y) = (to_grid(positions.remainder(width), width), to_grid(positions.floor_divide_scalar(width), height));
+    let grid = Tensor::stack(&[x, y], 2).unsqueeze(1).to_kind(embedding.kind()); // [B, 1, N, 2]
+    // Bilinear (0), border padding (1): a crop's edge pixels read the map's edge.
+    let z = embedding.grid_sampler_2d(&grid, 0, 1, false).squeeze_dim(2).transpose(1, 2);
+    let norm = z.norm_scalaropt_dim(2.0, [2i64].as_slice(), true).clamp_min(1e-12);
+    z / norm
+}
+
+/// Up to `max` pixels per image drawn uniformly from `mask` [B, H*W] (random keys + top-k), with
+/// their embeddings read from the map at their positions. Ids: `first_image` + b, times 2^32,
+/// plus the pixel.
+fn sample(embedding: &Tensor, labels: &Tensor, mask: &Tensor, max: usize, (width, height): (i64, i64),
+    first_image: i64) -> Sample {
+    let (b, p) = (mask.size()[0], mask.size()[1]);
+    let (positions, valid) = crate::torch_ext::random_subset(mask, (max as i64).min(p), None);
+    let images = Tensor::arange_start(first_image, first_image + b, (Kind::Int64, mask.device())).unsqueeze(1);
     Sample {
-        embeddings: emb.gather(1, &index.unsqueeze(2).expand([-1, -1, d], false), false),
-        classes: classes.gather(1, &index, false),
+        embeddings: embeddings_at(embedding, &positions, width, height),
+        classes: labels.gather(1, &positions, false),
         valid,
+        ids: Some(images * (1i64 << 32) + &positions),
     }
 }
 
@@ -104,6 +136,7 @@ pub fn class_centers(emb: &Tensor, classes: &Tensor, mask: &Tensor, n_classes: i
         embeddings: sums / norm,
         classes: Tensor::arange(n_classes, (Kind::Int64, emb.device())).unsqueeze(0).expand([b, -1], false),
         valid: counts.gt(0.0),
+        ids: None,
     }
 }
 
@@ -114,32 +147,42 @@ struct DomainViews {
     category_centers: Sample,
 }
 
-fn views(batch: &DomainBatch, config: &ContrastConfig, classes: i64) -> DomainViews {
+fn views(batch: &DomainBatch, config: &ContrastConfig, classes: i64, first_image: i64) -> DomainViews {
     let size = batch.embedding.size();
     let (b, d) = (size[0], size[1]);
+    let crop = batch.labels.size();
     // Sizes are host metadata: checking them costs no wait for the device. A mask at another
     // resolution would pair pixels with the wrong embeddings, silently where it is smaller.
-    for (name, t) in [("labels", &batch.labels), ("anchors", &batch.anchors), ("low", &batch.low),
-        ("center_classes", &batch.center_classes)] {
+    assert_eq!(batch.anchors.size(), crop, "contrastive units: anchors are not at the labels' resolution");
+    assert_eq!(crop[0], b, "contrastive units: labels and embeddings hold different numbers of images");
+    for (name, t) in [("low", &batch.low), ("center_classes", &batch.center_classes)] {
         assert_eq!(t.size(), [b, size[2], size[3]], "contrastive units: {name} is not at the embedding's resolution");
     }
-    let emb = batch.embedding.view([b, d, -1]).transpose(1, 2);
+    let (height, width) = (crop[1], crop[2]);
     let labels = batch.labels.view([b, -1]);
     let key_mask = labels.ne(255);
     let anchor_mask = batch.anchors.view([b, -1]).logical_and(&key_mask);
+    let keys = sample(&batch.embedding, &labels, &key_mask, config.max_keys, (width, height), first_image);
+    let emb = batch.embedding.view([b, d, -1]).transpose(1, 2);
     DomainViews {
-        anchors: sample(&emb, &labels, &anchor_mask, config.max_anchors),
-        keys: sample(&emb, &labels, &key_mask, config.max_keys),
-        anchor_centers: class_centers(&emb, &labels, &key_mask, classes),
+        anchors: sample(&batch.embedding, &labels, &anchor_mask, config.max_anchors, (width, height), first_image),
+        // Class-wise anchors (Eq. 11): the class means of the image's keys, from its key sample.
+        anchor_centers: class_centers(&keys.embeddings, &keys.classes, &keys.valid, classes),
         category_centers: class_centers(&emb, &batch.center_classes.view([b, -1]), &batch.low.view([b, -1]), classes),
+        keys,
     }
 }
 
 /// The sum over the configured levels of each level's mean p2p and c2c loss (0 when no unit
-/// of a level has a usable anchor).
+/// of a level has a usable anchor), and what the p2p units had to work with.
 pub struct ContrastLosses {
     pub p2p: Option<Tensor>,
     pub c2c: Option<Tensor>,
+    /// p2p's usable anchors and their positive pairs per configured level and anchor domain:
+    /// [levels, 2 (source, target), 2 (anchors, positives)] f32 on the device, summed over the
+    /// batch's units (None without p2p units). A level whose anchors have no positive adds
+    /// nothing to the gradient: this shows it.
+    pub usage: Option<Tensor>,
 }
 
 /// Unit pairs (anchor image, key image) of one level over source images 0..ns and target
@@ -167,27 +210,38 @@ fn sum_of_level_means(per_unit: &Tensor, usable: &Tensor, level_of_unit: &Tensor
 
 pub fn contrastive_losses(source: &DomainBatch, target: &DomainBatch, config: &ContrastConfig,
     dccm: Option<&Dccm>, classes: i64) -> ContrastLosses {
-    let (s, t) = (views(source, config, classes), views(target, config, classes));
     let (ns, nt) = (source.embedding.size()[0] as usize, target.embedding.size()[0] as usize);
+    let (s, t) = (views(source, config, classes, 0), views(target, config, classes, ns as i64));
     // Every unit of every level, as index tensors into the concatenated images.
     let pairs: Vec<(i64, i64, i64)> = config.levels.iter().enumerate()
         .flat_map(|(l, level)| unit_pairs(level, ns, nt).into_iter().map(move |(a, k)| (a as i64, k as i64, l as i64)))
         .collect();
     if pairs.is_empty() {
-        return ContrastLosses { p2p: None, c2c: None };
+        return ContrastLosses { p2p: None, c2c: None, usage: None };
     }
     let device = source.embedding.device();
-    let column = |f: fn(&(i64, i64, i64)) -> i64| crate::torch_ext::upload(&Tensor::from_slice(&pairs.iter().map(f).collect::<Vec<_>>()), device);
-    let (a_idx, k_idx, level) = (column(|p| p.0), column(|p| p.1), column(|p| p.2));
+    let column = |f: &dyn Fn(&(i64, i64, i64)) -> i64| {
+        crate::torch_ext::upload(&Tensor::from_slice(&pairs.iter().map(f).collect::<Vec<_>>()), device)
+    };
+    let (a_idx, k_idx, level) = (column(&|p| p.0), column(&|p| p.1), column(&|p| p.2));
+    // Row of the usage table: level * 2 + the anchor image's domain (0 source, 1 target).
+    let usage_row = column(&|p| p.2 * 2 + (p.0 >= ns as i64) as i64);
     let levels = config.levels.len() as i64;
     let unit_loss = |anchors: Sample, keys: Sample| {
         let (anchors, keys) = (anchors.select(&a_idx), keys.select(&k_idx));
         let w = dccm.map(|d| d.weights_batched(&anchors.classes, &keys.classes));
-        let (per_unit, usable) = info_nce_units(&anchors.points(), &keys.points(), config.temperature, w.as_ref());
-        sum_of_level_means(&per_unit, &usable, &level, levels)
+        let units = info_nce_units(&anchors.points(), &keys.points(), config.temperature, w.as_ref());
+        (sum_of_level_means(&units.loss, &units.usable, &level, levels), units)
     };
-    let p2p = config.p2p.then(|| unit_loss(s.anchors.cat(&t.anchors), s.keys.cat(&t.keys)));
+    let (mut p2p, mut usage) = (None, None);
+    if config.p2p {
+        let (loss, units) = unit_loss(s.anchors.cat(&t.anchors), s.keys.cat(&t.keys));
+        let counts = Tensor::stack(&[units.anchors, units.positives], 1); // [U, 2]
+        usage = Some(Tensor::zeros([levels * 2, 2], (Kind::Float, device)).index_add(0, &usage_row, &counts)
+            .view([levels, 2, 2]));
+        p2p = Some(loss);
+    }
     let c2c = config.c2c.then(|| unit_loss(s.anchor_centers.cat(&t.anchor_centers),
-        s.category_centers.cat(&t.category_centers)));
-    ContrastLosses { p2p, c2c }
+        s.category_centers.cat(&t.category_centers)).0);
+    ContrastLosses { p2p, c2c, usage }
 }

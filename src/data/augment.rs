@@ -38,12 +38,19 @@ impl Geometry {
 
     /// The original-image pixel (x, y) that crop pixel (x, y) was sampled from (nearest).
     pub fn to_original(&self, x: u32, y: u32) -> (u32, u32) {
+        self.to_grid(x, y, self.original_width, self.original_height)
+    }
+
+    /// The pixel that crop pixel (x, y) falls in when the whole image is laid on a grid of
+    /// `width` x `height` (nearest): the original image's own grid gives `to_original`; the
+    /// size the set is trained at (`augment.resize`) gives the pixels the network can see,
+    /// which is where the annotation budget is counted (docs/algorithm.md).
+    pub fn to_grid(&self, x: u32, y: u32, width: u32, height: u32) -> (u32, u32) {
         let x = if self.flipped { self.crop_width - 1 - x } else { x };
-        let map = |v: u32, offset: u32, scaled: u32, original: u32| {
-            ((((v + offset) as f64 + 0.5) * original as f64 / scaled as f64) as u32).min(original - 1)
+        let map = |v: u32, offset: u32, scaled: u32, grid: u32| {
+            ((((v + offset) as f64 + 0.5) * grid as f64 / scaled as f64) as u32).min(grid - 1)
         };
-        (map(x, self.crop_x, self.scaled_width, self.original_width),
-         map(y, self.crop_y, self.scaled_height, self.original_height))
+        (map(x, self.crop_x, self.scaled_width, width), map(y, self.crop_y, self.scaled_height, height))
     }
 
     /// The crop window in original-image coordinates: (left, top, width, height).
@@ -60,11 +67,20 @@ impl Geometry {
     /// `to_original` per axis: the mapping is separable, so a crop's original pixels are
     /// (columns[x], rows[y]), computed once per column and row instead of once per pixel.
     pub fn original_columns(&self) -> Vec<u32> {
-        (0..self.crop_width).map(|x| self.to_original(x, 0).0).collect()
+        self.grid_columns(self.original_width)
     }
 
     pub fn original_rows(&self) -> Vec<u32> {
-        (0..self.crop_height).map(|y| self.to_original(0, y).1).collect()
+        self.grid_rows(self.original_height)
+    }
+
+    /// `to_grid` per axis, as `original_columns` and `original_rows`.
+    pub fn grid_columns(&self, width: u32) -> Vec<u32> {
+        (0..self.crop_width).map(|x| self.to_grid(x, 0, width, 1).0).collect()
+    }
+
+    pub fn grid_rows(&self, height: u32) -> Vec<u32> {
+        (0..self.crop_height).map(|y| self.to_grid(0, y, 1, height).1).collect()
     }
 }
 

@@ -141,6 +141,9 @@ pub struct SegOutput {
     pub aux: Tensor,
     /// L2-normalised pixel embeddings (stride 8).
     pub embedding: Tensor,
+    /// The backbone's output (layer4, stride 8), where the diagnostics compare the gradients
+    /// of the losses; in the forward's own precision.
+    pub features: Tensor,
 }
 
 #[derive(Debug)]
@@ -187,7 +190,7 @@ impl SegNet {
             MainHead::V3Plus(head) => head.forward_t(&f.layer4, &f.low, train),
         };
         let embedding = self.projection.forward_t(&embedding_features, train);
-        SegOutput { main, aux, embedding }
+        SegOutput { main, aux, embedding, features: f.layer4 }
     }
 }
 

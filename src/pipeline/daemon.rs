@@ -171,7 +171,8 @@ impl Reporter {
         let status = Status {
             pid: std::process::id(), state: state.into(), step: run.step, iterations: run.iterations,
             iterations_per_second: self.rate, eta_seconds: (run.iterations - run.step) as f64 / self.rate.max(1e-9),
-            budget_spent_pixels: ledger.charged(), budget_limit_pixels: ledger.budget(),
+            budget_spent_pixels: ledger.charged(), budget_limit_pixels: ledger.budget(), budget_pixels: ledger.pixel_unit(),
+            contrast: run.last.contrast.clone(),
             labeled_fraction: ledger.charged() as f64 / ledger.total_pixels() as f64,
             trainer_wait_share: self.wait_share, bottleneck: bottleneck(self.wait_share).into(), loss: run.last.total,
             disk_free_bytes, last_eval: self.last_eval,

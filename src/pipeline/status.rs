@@ -14,8 +14,11 @@ pub struct Status {
     pub iterations: u64,
     pub iterations_per_second: f64,
     pub eta_seconds: f64,
+    /// Ma and Me, in `budget_pixels` (pixels at the training resolution).
     pub budget_spent_pixels: u64,
     pub budget_limit_pixels: u64,
+    #[serde(default)]
+    pub budget_pixels: String,
     pub labeled_fraction: f64,
     /// Share of the trainer's step time spent waiting for batches.
     pub trainer_wait_share: f64,
@@ -25,6 +28,9 @@ pub struct Status {
     /// Bytes free on the run directory's file system (0 in status files of older adamcu).
     #[serde(default)]
     pub disk_free_bytes: u64,
+    /// The contrastive units' diagnostics of the last step (none with them off).
+    #[serde(default)]
+    pub contrast: Option<crate::train::ada::ContrastDiagnostics>,
     /// The last evaluation on the target val set (none yet, or `train.eval_every = 0`).
     #[serde(default)]
     pub last_eval: Option<LastEval>,
@@ -39,12 +45,13 @@ pub struct LastEval {
 
 impl Status {
     pub fn line(&self) -> String {
-        format!("step {}/{} | {:.2} it/s | ETA {:.0}s | budget {}/{} px ({:.2}% of target) | bottleneck: {} \
-                 (trainer waits {:.1}% of step time for data) | loss {:.4} | disk {} free{}",
+        format!("step {}/{} | {:.2} it/s | ETA {:.0}s | budget {}/{} px at training resolution ({:.2}% of target) | bottleneck: {} \
+                 (trainer waits {:.1}% of step time for data) | loss {:.4} | disk {} free{}{}",
             self.step, self.iterations, self.iterations_per_second, self.eta_seconds, self.budget_spent_pixels,
             self.budget_limit_pixels, 100.0 * self.labeled_fraction, self.bottleneck, 100.0 * self.trainer_wait_share,
             self.loss, indicatif::HumanBytes(self.disk_free_bytes),
-            self.last_eval.map_or(String::new(), |e| format!(" | mIoU {:.1} at step {}", e.miou, e.step)))
+            self.last_eval.map_or(String::new(), |e| format!(" | mIoU {:.1} at step {}", e.miou, e.step)),
+            self.contrast.as_ref().map_or(String::new(), |d| format!("\n  contrastive units: {}", d.line())))
     }
 
     pub fn write(&self, run_dir: &Path) -> Result<()> {

@@ -13,11 +13,12 @@ use crate::active::ledger::{Ledger, LedgerImage, LedgerSnapshot};
 use crate::active::oracle::{Oracle, SealedLabels};
 use crate::active::sampling::{BatchSelection, CropPixels, Sampler, Settled, Thresholds};
 use crate::active::uncertainty::uncertainty;
-use crate::config::{listed, ConfigChange};
+use crate::config::{listed, ConfigChange, DccmFrom};
 use crate::contrast::dccm::Dccm;
 use crate::contrast::units::{contrastive_losses, DomainBatch};
 use crate::data::loader::{Loader, LoaderOptions};
 use crate::model::deeplab::upsample;
+use crate::model::SegOutput;
 use crate::pipeline::writer::CheckpointWriter;
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
@@ -31,17 +32,53 @@ pub struct StepLosses {
     pub p2p: f64,
     pub c2c: f64,
     pub total: f64,
+    /// What the contrastive units had to work with (None with them off).
+    pub contrast: Option<ContrastDiagnostics>,
+}
+
+/// Whether the contrastive units do anything, per step: usable p2p anchors (with a positive
+/// and a negative) and their positive pairs per level and anchor domain, summed over the
+/// batch's units; the ratio of L_con's gradient (weighted) to L_seg's at the backbone's output
+/// (on diagnosed steps only: it costs two backward passes through the heads); max(W).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ContrastDiagnostics {
+    pub levels: Vec<LevelUsage>,
+    pub gradient_ratio: Option<f64>,
+    pub dccm_max: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LevelUsage {
+    pub level: String,
+    pub source_anchors: f64,
+    pub source_positives: f64,
+    pub target_anchors: f64,
+    pub target_positives: f64,
+}
+
+impl ContrastDiagnostics {
+    /// One line for logs and `adamcu status`.
+    pub fn line(&self) -> String {
+        let levels: Vec<String> = self.levels.iter().map(|l| format!("{} {:.0}/{:.0}", l.level, l.source_anchors,
+            l.target_anchors)).collect();
+        format!("p2p anchors (source/target) {}; |grad L_con|/|grad L_seg| {}; max W {:.3}", levels.join(", "),
+            self.gradient_ratio.map_or("-".into(), |r| format!("{r:.3}")), self.dccm_max)
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AdaSummary {
     pub iterations: usize,
-    /// Ma, Me and Mt in pixels.
+    /// What Ma, Me and Mt count (`Ledger::pixel_unit`: pixels at the training resolution).
+    pub pixels: String,
+    /// Ma, Me and Mt in those pixels.
     pub spent: u64,
     pub budget: u64,
     pub total_pixels: u64,
     pub thresholds: Thresholds,
     pub last_losses: StepLosses,
+    /// The val curve (`train.eval_every`; empty from the daemon, which reports its own).
+    pub curve: Vec<super::CurvePoint>,
 }
 
 /// The ADA-MCU state that lives beside the model.
@@ -57,18 +94,43 @@ pub struct StepOutput {
     pub terms: [Option<Tensor>; 4],
     /// The target draw, recorded in the ledger by `Trainer::ada_settle` after the update.
     pub selection: BatchSelection,
+    /// L_seg, and L_con as weighted in the total (for the gradient ratio).
+    seg: Tensor,
+    con: Option<Tensor>,
+    /// The backbone's output (one tensor, or one per domain when their crops differ in size).
+    features: Vec<Tensor>,
+    /// `ContrastLosses::usage` and max(W), read back with the losses.
+    usage: Option<Tensor>,
+    dccm_max: Option<Tensor>,
+    /// Set by `ada_update` on a diagnosed step.
+    gradient_ratio: Option<Tensor>,
 }
 
 fn nearest(t: &Tensor, h: i64, w: i64) -> Tensor {
     t.unsqueeze(1).to_kind(Kind::Float).upsample_nearest2d([h, w], None, None).squeeze_dim(1)
 }
 
+/// ||d con / d features|| / ||d seg / d features|| over all feature tensors, keeping the graph
+/// for the update's backward pass. None when a loss does not reach the features.
+fn gradient_ratio(seg: &Tensor, con: &Tensor, features: &[Tensor]) -> Option<Tensor> {
+    let norm = |loss: &Tensor| -> Option<Tensor> {
+        let grads = Tensor::f_run_backward(&[loss], features, true, false).ok()?;
+        let squares: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
+        Some(Tensor::stack(&squares, 0).sum(Kind::Float).sqrt())
+    };
+    Some(norm(con)? / norm(seg)?.clamp_min(1e-20))
+}
+
 impl Trainer {
-    /// The ledger's images (the configured target training set) and its budget Me in pixels.
+    /// The ledger's images (the configured target training set) at the size the network is
+    /// trained on them (`data.target.resize`, else `augment.resize`, else as stored), and its
+    /// budget Me in those pixels: "5 %" is 5 % of what the network can see, as RIPU counts
+    /// (a Cityscapes frame stored at 2048x1024 and trained at 1024x512 counts 524,288 pixels).
     fn ledger_layout(&self) -> Result<(Vec<LedgerImage>, u64)> {
         let target = open_set(&self.config.data.target, "data.target", self.config.data.classes)?;
+        let [resize_h, resize_w] = self.config.augment_for(self.config.data.target.as_ref().expect("open_set checked it")).resize;
         let images = (0..target.len()).map(|i| {
-            let (width, height) = target.dimensions(i).map_err(|e| anyhow!("{e}"))?;
+            let (width, height) = if resize_h > 0 { (resize_w, resize_h) } else { target.dimensions(i).map_err(|e| anyhow!("{e}"))? };
             Ok(LedgerImage { id: target.id(i).to_string(), width, height })
         }).collect::<Result<Vec<_>>>()?;
         let total: u64 = images.iter().map(|i| i.width as u64 * i.height as u64).sum();
@@ -95,23 +157,27 @@ impl Trainer {
         let classes = c.data.classes as i64;
         let (xs, xt) = (self.normaliser.to_input(source_images), self.normaliser.to_input(target_images));
         let ns = xs.size()[0];
-        let (out_s, out_t) = if xs.size()[1..] == xt.size()[1..] {
+        let (out_s, out_t, features) = if xs.size()[1..] == xt.size()[1..] {
             let out = self.forward(&Tensor::cat(&[&xs, &xt], 0), true);
             let split = |t: &Tensor| (t.narrow(0, 0, ns), t.narrow(0, ns, t.size()[0] - ns));
             let ((ms, mt), (as_, at), (es, et)) = (split(&out.main), split(&out.aux), split(&out.embedding));
-            ((ms, as_, es), (mt, at, et))
+            (SegOutput { main: ms, aux: as_, embedding: es, features: out.features.shallow_clone() },
+             SegOutput { main: mt, aux: at, embedding: et, features: out.features.shallow_clone() }, vec![out.features])
         } else {
             let (s, t) = (self.forward(&xs, true), self.forward(&xt, true));
-            ((s.main, s.aux, s.embedding), (t.main, t.aux, t.embedding))
+            let features = vec![s.features.shallow_clone(), t.features.shallow_clone()];
+            (s, t, features)
         };
         let source_labels = crate::torch_ext::labels_on(source_labels, self.device);
-        let loss_source = segmentation_loss(&out_s.0, &source_labels) + segmentation_loss(&out_s.1, &source_labels) * c.train.aux_weight;
+        let loss_source = segmentation_loss(&out_s.main, &source_labels)
+            + segmentation_loss(&out_s.aux, &source_labels) * c.train.aux_weight;
 
         // Score, group and sample the target crops (Eqs. 1-3, Algorithm 1), on the device.
         let (h, w) = (xt.size()[2], xt.size()[3]);
-        let (main_t, aux_t) = (upsample(&out_t.0, h, w), upsample(&out_t.1, h, w));
+        let (main_t, aux_t) = (upsample(&out_t.main, h, w), upsample(&out_t.aux, h, w));
         let scores = uncertainty(&main_t, &aux_t, c.active.gamma);
-        let crops: Vec<CropPixels> = target_samples.iter().zip(target_geometry).map(|(&i, g)| CropPixels::of(i, g)).collect();
+        let crops: Vec<CropPixels> = target_samples.iter().zip(target_geometry)
+            .map(|(&i, g)| CropPixels::of(i, g, &state.ledger)).collect();
         let selection = state.sampler.select(&scores, &crops, &state.ledger);
         let (labelled, pseudo) = (&selection.labelled, &selection.pseudo);
         let revealed = Oracle::reveal(target_labels, labelled);
@@ -122,68 +188,97 @@ impl Trainer {
         // On the logits already upsampled for the scores (one copy at crop size per head, not two).
         let loss_target = segmentation_loss(&main_t, &train_labels_t) + segmentation_loss(&aux_t, &train_labels_t) * c.train.aux_weight;
 
-        // DCCM (Eqs. 7-8) from every pixel whose true label is known this iteration.
-        let prediction_s = upsample(&out_s.0, source_labels.size()[1], source_labels.size()[2]).detach().argmax(1, false);
-        if c.contrast.enabled && c.contrast.dccm {
-            state.dccm.update(&Tensor::cat(&[source_labels.flatten(0, -1), revealed.flatten(0, -1)], 0),
-                &Tensor::cat(&[prediction_s.flatten(0, -1), prediction_t.flatten(0, -1)], 0));
+        // DCCM (Eqs. 7-8) from the pixels whose true label is known this iteration: the
+        // target's revealed labels, and with `dccm_from = "both"` the source's ground truth.
+        let prediction_s = upsample(&out_s.main, source_labels.size()[1], source_labels.size()[2]).detach().argmax(1, false);
+        let dccm_on = c.contrast.enabled && c.contrast.dccm;
+        if dccm_on {
+            let (labels, predictions) = match c.contrast.dccm_from {
+                DccmFrom::Target => (revealed.flatten(0, -1), prediction_t.flatten(0, -1)),
+                DccmFrom::Both => (Tensor::cat(&[source_labels.flatten(0, -1), revealed.flatten(0, -1)], 0),
+                    Tensor::cat(&[prediction_s.flatten(0, -1), prediction_t.flatten(0, -1)], 0)),
+            };
+            state.dccm.update(&labels, &predictions);
         }
 
-        let mut total = &loss_source + &loss_target;
-        let (mut p2p, mut c2c) = (None, None);
+        let seg = &loss_source + &loss_target;
+        let mut total = seg.shallow_clone();
+        let (mut p2p, mut c2c, mut con, mut usage) = (None, None, None, None);
         if c.contrast.enabled && c.contrast.weight > 0.0 {
-            // Labels and masks at each domain's embedding resolution: source and target crops
-            // differ in size in the paper's setting (1280x720 and 1024x512).
-            let ((fh, fw), (th, tw)) = ((out_s.2.size()[2], out_s.2.size()[3]), (out_t.2.size()[2], out_t.2.size()[3]));
-            let down_s = |t: &Tensor| nearest(t, fh, fw).to_kind(Kind::Int64);
+            // Keys and anchors at each crop's own resolution (every bought label can be one);
+            // G_l and the category centers' classes at the embedding's (stride 8). Source and
+            // target crops differ in size in the paper's setting (1280x720 and 1024x512).
+            let ((fh, fw), (th, tw)) = ((out_s.embedding.size()[2], out_s.embedding.size()[3]),
+                (out_t.embedding.size()[2], out_t.embedding.size()[3]));
             let down_t = |t: &Tensor| nearest(t, th, tw).to_kind(Kind::Int64);
-            let (labels_s, pred_s) = (down_s(&source_labels), down_s(&prediction_s));
-            let (labels_t, pred_t) = (down_t(&train_labels_t), down_t(&prediction_t));
-            let scores_s = uncertainty(&upsample(&out_s.0, fh, fw), &upsample(&out_s.1, fh, fw), c.active.gamma);
+            let labels_s_low = nearest(&source_labels, fh, fw).to_kind(Kind::Int64);
+            let scores_s = uncertainty(&upsample(&out_s.main, fh, fw), &upsample(&out_s.aux, fh, fw), c.active.gamma);
             let t = state.sampler.thresholds;
             let source = DomainBatch {
-                embedding: out_s.2.shallow_clone(),
-                anchors: labels_s.ne(255).logical_and(&pred_s.ne_tensor(&labels_s)),
-                low: scores_s.lt(t.pi_low).logical_and(&labels_s.ne(255)),
-                center_classes: labels_s.clamp_max(classes - 1),
-                labels: labels_s,
+                embedding: out_s.embedding.shallow_clone(),
+                anchors: source_labels.ne(255).logical_and(&prediction_s.ne_tensor(&source_labels)),
+                low: scores_s.lt(t.pi_low).logical_and(&labels_s_low.ne(255)),
+                center_classes: labels_s_low.clamp_max(classes - 1),
+                labels: source_labels.shallow_clone(),
             };
-            let bought_high = down_t(&labelled.logical_and(&selection.high)).ne(0);
+            // Target anchors (Section III-C.1): labels bought while in G_h, misclassified.
+            let bought_high = labelled.logical_and(&selection.high).logical_and(&revealed.ne(255));
             let target = DomainBatch {
-                embedding: out_t.2.shallow_clone(),
-                anchors: bought_high.logical_and(&pred_t.ne_tensor(&labels_t)),
+                embedding: out_t.embedding.shallow_clone(),
+                anchors: bought_high.logical_and(&prediction_t.ne_tensor(&revealed)),
                 low: down_t(&selection.low).ne(0),
-                center_classes: pred_t,
-                labels: labels_t,
+                center_classes: down_t(&prediction_t),
+                labels: train_labels_t.shallow_clone(),
             };
             let dccm = c.contrast.dccm.then_some(&state.dccm);
             let losses = contrastive_losses(&source, &target, &c.contrast, dccm, classes);
-            for term in [&losses.p2p, &losses.c2c].into_iter().flatten() {
-                total = total + term * c.contrast.weight;
+            let weighted: Vec<Tensor> = [&losses.p2p, &losses.c2c].into_iter().flatten().map(|t| t * c.contrast.weight).collect();
+            if !weighted.is_empty() {
+                let sum = Tensor::stack(&weighted, 0).sum(Kind::Float);
+                total = total + &sum;
+                con = Some(sum);
             }
-            (p2p, c2c) = (losses.p2p, losses.c2c);
+            (p2p, c2c, usage) = (losses.p2p, losses.c2c, losses.usage);
         }
-        StepOutput { total, terms: [Some(loss_source), Some(loss_target), p2p, c2c], selection }
+        let dccm_max = dccm_on.then(|| state.dccm.w.max());
+        StepOutput { total, terms: [Some(loss_source), Some(loss_target), p2p, c2c], selection, seg, con, features,
+            usage, dccm_max, gradient_ratio: None }
     }
 
     /// The backward pass and the SGD update at `lr`: queued on the device, nothing read back.
-    pub fn ada_update(&self, out: &StepOutput, optimizer: &mut Sgd, lr: f64) {
+    /// A `diagnose`d step first measures the gradient ratio of `ContrastDiagnostics`.
+    pub fn ada_update(&self, out: &mut StepOutput, optimizer: &mut Sgd, lr: f64, diagnose: bool) {
         optimizer.zero_grad();
+        if diagnose {
+            out.gradient_ratio = out.con.as_ref().and_then(|con| gradient_ratio(&out.seg, con, &out.features));
+        }
         out.total.backward();
         optimizer.update(lr);
     }
 
-    /// The end of an iteration and its one wait for the device: reads the loss values and
-    /// records the step's target draw in the ledger.
+    /// The end of an iteration and its one wait for the device: reads the loss values (and
+    /// the diagnostics) and records the step's target draw in the ledger.
     pub fn ada_settle(&self, state: &mut AdaState, out: &StepOutput) -> (StepLosses, Settled) {
-        // All five values in one device-to-host copy.
-        let zero = Tensor::zeros([], (Kind::Float, self.device));
-        let terms: Vec<Tensor> = out.terms.iter().map(|t| t.as_ref().map_or_else(|| zero.shallow_clone(),
-            |t| t.detach().to_kind(Kind::Float))).chain([out.total.detach().to_kind(Kind::Float)]).collect();
-        let values = Vec::<f32>::try_from(Tensor::stack(&terms, 0).to_device(tch::Device::Cpu)).expect("f32 losses");
+        // Every value in one device-to-host copy: the five losses, max(W), the gradient ratio
+        // (-1 where not measured), then the usage table.
+        let scalar = |t: Option<&Tensor>, none: f64| t.map_or_else(|| Tensor::full([1], none, (Kind::Float, self.device)),
+            |t| t.detach().to_kind(Kind::Float).reshape([1]));
+        let mut parts: Vec<Tensor> = out.terms.iter().map(|t| scalar(t.as_ref(), 0.0)).collect();
+        parts.extend([scalar(Some(&out.total), 0.0), scalar(out.dccm_max.as_ref(), 0.0),
+            scalar(out.gradient_ratio.as_ref(), -1.0)]);
+        parts.extend(out.usage.iter().map(|u| u.flatten(0, -1)));
+        let values = Vec::<f32>::try_from(Tensor::cat(&parts, 0).to_device(tch::Device::Cpu)).expect("f32 losses");
         let settled = state.sampler.settle(&out.selection, &mut state.ledger);
+        let contrast = out.con.as_ref().map(|_| ContrastDiagnostics {
+            levels: self.config.contrast.levels.iter().zip(values[7..].chunks(4))
+                .map(|(level, u)| LevelUsage { level: level.clone(), source_anchors: u[0] as f64,
+                    source_positives: u[1] as f64, target_anchors: u[2] as f64, target_positives: u[3] as f64 })
+                .collect(),
+            gradient_ratio: (values[6] >= 0.0).then_some(values[6] as f64),
+            dccm_max: values[5] as f64,
+        });
         let losses = StepLosses { source: values[0] as f64, target: values[1] as f64, p2p: values[2] as f64,
-            c2c: values[3] as f64, total: values[4] as f64 };
+            c2c: values[3] as f64, total: values[4] as f64, contrast };
         (losses, settled)
     }
 
@@ -193,16 +288,22 @@ impl Trainer {
         let state = self.new_ada_state(self.open_ledger(ledger_path)?);
         let mut run = AdaRun::start(self, state, None, iterations as u64)?;
         let mut progress = super::progress::Progress::new("ada-mcu", iterations as u64, self.config.train.log_every as u64);
+        let mut curve = Vec::new();
         while !run.done() {
             let total = run.step(self)?.total;
             progress.step(total, poly_lr(self.config.train.lr, run.step, run.iterations, self.config.train.poly_power));
+            let ledger = &run.state.ledger;
+            curve.extend(self.curve_point(run.step as usize, iterations,
+                ledger.charged() as f64 / ledger.total_pixels() as f64)?);
         }
         progress.finish();
         let ledger = &run.state.ledger;
-        tracing::info!("ada-mcu: bought {} of {} pixels ({:.2}% of the target set), pi_high {:.4}",
-            ledger.charged(), ledger.budget(), 100.0 * ledger.charged() as f64 / ledger.total_pixels() as f64,
-            run.state.sampler.thresholds.pi_high);
-        run.finish()
+        tracing::info!("ada-mcu: bought {} of {} {} ({:.2}% of the target set), pi_high {:.4}",
+            ledger.charged(), ledger.budget(), ledger.pixel_unit(),
+            100.0 * ledger.charged() as f64 / ledger.total_pixels() as f64, run.state.sampler.thresholds.pi_high);
+        let (mut summary, state) = run.finish()?;
+        summary.curve = curve;
+        Ok((summary, state))
     }
 }
 
@@ -352,10 +453,12 @@ impl AdaRun {
         // Every random draw of the step is seeded by (seed, step): a resumed run replays it.
         tch::manual_seed((c.run.seed ^ self.step.wrapping_mul(0x9E37_79B9_7F4A_7C15)) as i64);
         let sealed = SealedLabels::seal(tb.labels);
-        let out = trainer.ada_losses(&mut self.state, &sb.images, &sb.labels, &tb.images, &sealed, &tb.sample_indices,
-            &tb.geometries);
+        let mut out = trainer.ada_losses(&mut self.state, &sb.images, &sb.labels, &tb.images, &sealed,
+            &tb.sample_indices, &tb.geometries);
         let lr = poly_lr(c.train.lr, self.step, self.iterations, c.train.poly_power);
-        trainer.ada_update(&out, &mut self.optimizer, lr);
+        // The gradient ratio costs two backward passes through the heads: on log steps only.
+        let diagnose = c.train.log_every > 0 && self.step.is_multiple_of(c.train.log_every as u64);
+        trainer.ada_update(&mut out, &mut self.optimizer, lr, diagnose);
         let (losses, settled) = trainer.ada_settle(&mut self.state, &out);
         self.last = losses;
         self.stage.busy(busy.elapsed());
@@ -373,6 +476,12 @@ impl AdaRun {
         // After the metrics, so that a NaN shows on the dashboard (and fires its alert).
         anyhow::ensure!(self.last.total.is_finite(), "ada-mcu: loss is {} at step {}{}", self.last.total, self.step - 1,
             trainer.divergence_hint());
+        if let Some(d) = &self.last.contrast {
+            telemetry::contrast(d);
+            if diagnose {
+                tracing::info!("ada-mcu step {}: {}", self.step - 1, d.line());
+            }
+        }
         let t = self.state.sampler.thresholds;
         telemetry::groups(settled.groups[0], settled.groups[1], settled.groups[2], t.pi_high, t.pi_low);
         telemetry::budget(self.state.ledger.spent(), self.state.ledger.budget());
@@ -410,9 +519,10 @@ impl AdaRun {
         self.source.stop();
         self.target.stop();
         self.state.ledger.flush()?;
-        let summary = AdaSummary { iterations: self.step as usize, spent: self.state.ledger.charged(),
+        let summary = AdaSummary { iterations: self.step as usize, pixels: self.state.ledger.pixel_unit(),
+            spent: self.state.ledger.charged(),
             budget: self.state.ledger.budget(), total_pixels: self.state.ledger.total_pixels(),
-            thresholds: self.state.sampler.thresholds, last_losses: self.last };
+            thresholds: self.state.sampler.thresholds, last_losses: self.last, curve: Vec::new() };
         Ok((summary, self.state))
     }
 }

@@ -3,7 +3,22 @@
 //! evaluation.
 
 pub mod ada;
+
+/// The target val mIoU after a step.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CurvePoint {
+    pub step: u64,
+    pub miou: f64,
+}
+
+/// What a supervised stage ran: each step's loss and its val curve.
+#[derive(Debug, Clone)]
+pub struct StageRecord {
+    pub losses: Vec<f64>,
+    pub curve: Vec<CurvePoint>,
+}
 pub mod checkpoint;
+pub mod embeddings;
 pub mod eval;
 pub mod optimizer;
 pub mod progress;
@@ -134,7 +149,8 @@ impl Trainer {
         }
         let out = crate::torch_ext::autocast_bf16(self.device, || self.model.forward_t(&images, train));
         let f = |t: Tensor| t.to_kind(tch::Kind::Float);
-        crate::model::SegOutput { main: f(out.main), aux: f(out.aux), embedding: f(out.embedding) }
+        // The features stay as computed: the losses are reached through them, not a cast copy.
+        crate::model::SegOutput { main: f(out.main), aux: f(out.aux), embedding: f(out.embedding), features: out.features }
     }
 
     /// Why a loss may have diverged, when the config makes it likely: BatchNorm on stored
@@ -157,8 +173,21 @@ impl Trainer {
         Sgd::new(&self.vs, t.momentum, t.weight_decay, t.head_lr_mult)
     }
 
-    /// Runs a supervised stage for `iterations` steps; returns the loss of every step.
-    pub fn train_supervised(&mut self, stage: SupervisedStage, iterations: usize) -> Result<Vec<f64>> {
+    /// The target val mIoU after `step` when `train.eval_every` says so (every multiple, and at
+    /// the end): the points of a stage's val curve.
+    pub fn curve_point(&self, step: usize, iterations: usize, labeled_fraction: f64) -> Result<Option<CurvePoint>> {
+        let every = self.config.train.eval_every;
+        if every == 0 || !(step.is_multiple_of(every) || step == iterations) {
+            return Ok(None);
+        }
+        let row = self.evaluate(&format!("step {step}"), labeled_fraction)?;
+        tracing::info!("step {step}/{iterations}: target val mIoU {:.1}", row.miou);
+        Ok(Some(CurvePoint { step: step as u64, miou: row.miou }))
+    }
+
+    /// Runs a supervised stage for `iterations` steps; returns the loss of every step and the
+    /// val curve (`train.eval_every`).
+    pub fn train_supervised(&mut self, stage: SupervisedStage, iterations: usize) -> Result<StageRecord> {
         let c = &self.config;
         let classes = c.data.classes;
         let (set, key, batch_size, domain) = match stage {
@@ -173,6 +202,8 @@ impl Trainer {
         let mut optimizer = self.optimizer();
         let mut progress = progress::Progress::new(stage.name(), iterations as u64, c.train.log_every as u64);
         let mut losses = Vec::with_capacity(iterations);
+        let mut curve = Vec::new();
+        let labeled = if stage == SupervisedStage::TargetSupervised { 1.0 } else { 0.0 };
         for step in 0..iterations {
             let batch = loader.batches.recv().context("loader stopped")?.map_err(|e| anyhow!("{e}"))?;
             let images = self.normaliser.to_input(&batch.images);
@@ -182,10 +213,11 @@ impl Trainer {
                 self.divergence_hint());
             losses.push(value);
             progress.step(value, lr);
+            curve.extend(self.curve_point(step + 1, iterations, labeled)?);
         }
         progress.finish();
         loader.stop();
-        Ok(losses)
+        Ok(StageRecord { losses, curve })
     }
 
     /// One SGD step of a supervised stage on a batch (normalised images, training ids on the
