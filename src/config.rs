@@ -444,11 +444,13 @@ pub struct DemoConfig {
     /// Runs of the whole table, with seeds `run.seed`, `run.seed + 1`, ...; with more than one
     /// the table gives means and the mIoU's standard deviation over them.
     pub repeats: usize,
+    /// Steps between target val evaluations of each row's stage, for its curve (0 = none).
+    pub eval_every: usize,
 }
 
 impl Default for DemoConfig {
     fn default() -> Self {
-        DemoConfig { variants: vec!["al-w-as".into(), "mcu-i".into(), "full".into()], repeats: 1 }
+        DemoConfig { variants: vec!["al-w-as".into(), "mcu-i".into(), "full".into()], repeats: 1, eval_every: 0 }
     }
 }
 

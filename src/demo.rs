@@ -113,6 +113,7 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
 fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
     std::fs::create_dir_all(run_dir)?;
     let mut trainer = Trainer::new(config)?;
+    trainer.curve_every = config.demo.eval_every;
     tracing::info!("device {:?}; seed {}; run dir {}", trainer.device, config.run.seed, run_dir.display());
 
     let mut curves = vec![("source-only".to_string(),
@@ -127,6 +128,7 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
     for variant in &config.demo.variants {
         let variant_config = crate::ablation::apply(config, variant)?;
         let mut ada = Trainer::new(&variant_config)?;
+        ada.curve_every = config.demo.eval_every;
         ada.load(&source)?;
         let dir = run_dir.join(variant);
         std::fs::create_dir_all(&dir)?;

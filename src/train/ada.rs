@@ -77,7 +77,7 @@ pub struct AdaSummary {
     pub total_pixels: u64,
     pub thresholds: Thresholds,
     pub last_losses: StepLosses,
-    /// The val curve (`train.eval_every`; empty from the daemon, which reports its own).
+    /// The val curve (`Trainer::curve_every`; empty from the daemon, which reports its own).
     pub curve: Vec<super::CurvePoint>,
 }
 

@@ -75,6 +75,10 @@ pub struct Trainer {
     pub vs: VarStore,
     pub model: SegNet,
     pub normaliser: Normaliser,
+    /// Steps between the target val evaluations of a stage's curve (`train_supervised`,
+    /// `train_ada`); 0 = none. The demo sets it from `demo.eval_every`; the daemon evaluates
+    /// on its own terms (`train.eval_every`).
+    pub curve_every: usize,
 }
 
 pub fn open_set(set: &Option<DatasetConfig>, key: &str, classes: usize) -> Result<Arc<SampleSource>> {
@@ -116,7 +120,7 @@ impl Trainer {
             tracing::info!("loaded {} tensors of {} from {}", imported.tensors, imported.layout.describe(), path.display());
         }
         let normaliser = Normaliser::new(&config.augment, device);
-        let trainer = Trainer { config: config.clone(), device, vs, model, normaliser };
+        let trainer = Trainer { config: config.clone(), device, vs, model, normaliser, curve_every: 0 };
         if config.train.channels_last {
             trainer.to_channels_last();
         }
@@ -173,10 +177,10 @@ impl Trainer {
         Sgd::new(&self.vs, t.momentum, t.weight_decay, t.head_lr_mult)
     }
 
-    /// The target val mIoU after `step` when `train.eval_every` says so (every multiple, and at
-    /// the end): the points of a stage's val curve.
+    /// The target val mIoU after `step` when `curve_every` says so (every multiple, and at the
+    /// end): the points of a stage's val curve.
     pub fn curve_point(&self, step: usize, iterations: usize, labeled_fraction: f64) -> Result<Option<CurvePoint>> {
-        let every = self.config.train.eval_every;
+        let every = self.curve_every;
         if every == 0 || !(step.is_multiple_of(every) || step == iterations) {
             return Ok(None);
         }
@@ -186,7 +190,7 @@ impl Trainer {
     }
 
     /// Runs a supervised stage for `iterations` steps; returns the loss of every step and the
-    /// val curve (`train.eval_every`).
+    /// val curve (`curve_every`).
     pub fn train_supervised(&mut self, stage: SupervisedStage, iterations: usize) -> Result<StageRecord> {
         let c = &self.config;
         let classes = c.data.classes;
