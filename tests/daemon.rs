@@ -338,6 +338,16 @@ fn the_runs_source_checkpoint_is_reused_only_if_pretraining_would_be_the_same() 
     assert!(last.step == 7 && (0.0..=100.0).contains(&last.miou), "{last:?}");
     assert!(log.contains(&format!("step 7: mIoU {:.1} on the target val set", last.miou)), "{log}");
     assert!(status.line().contains(&format!("mIoU {:.1} at step 7", last.miou)), "{}", status.line());
+    // So are the contrastive units' diagnostics of the last step: every configured level, and the
+    // budget says what it counts.
+    let contrast = status.contrast.as_ref().expect("the contrastive diagnostics");
+    let levels: Vec<&str> = contrast.levels.iter().map(|l| l.level.as_str()).collect();
+    assert_eq!(levels, ["intra-image", "cross-image", "cross-domain"]);
+    assert!(contrast.levels.iter().any(|l| l.source_anchors > 0.0), "{contrast:?}");
+    assert!(status.line().contains("contrastive units: p2p anchors (source/target) intra-image"), "{}", status.line());
+    assert_eq!(status.budget_pixels, "pixels at the training resolution (64x32 per image)");
+    // The gradient ratio is measured on log steps (every 5): step 5 was one, and it was logged.
+    assert!(log.contains("ada-mcu step 5: p2p anchors") && log.contains("|grad L_con|/|grad L_seg| "), "{log}");
 }
 
 #[test]
