@@ -116,12 +116,13 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
     trainer.curve_every = config.demo.eval_every;
     tracing::info!("device {:?}; seed {}; run dir {}", trainer.device, config.run.seed, run_dir.display());
 
-    let mut curves = vec![("source-only".to_string(),
-        trainer.train_supervised(SupervisedStage::Source, config.train.source_iterations)?.curve)];
+    let source_curve = trainer.train_supervised(SupervisedStage::Source, config.train.source_iterations)?.curve;
     let source = run_dir.join("source.safetensors");
     trainer.save(&source, None, json!({"stage": "source"}))?;
     let source_only = trainer.evaluate("source-only", 0.0)?;
     tracing::info!("source-only mIoU {:.1}", source_only.miou);
+    let mut curves = vec![("source-only".to_string(),
+        trainer.curve_end(source_curve, config.train.source_iterations, &source_only))];
     let mut rows = vec![source_only];
     let mut budgets = Vec::new();
     let mut embeddings = Vec::new();
@@ -136,8 +137,7 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
         let _ = std::fs::remove_file(&ledger);
         let (summary, _) = ada.train_ada(&ledger, config.active.iterations)?;
         ada.save(&dir.join("model.safetensors"), None, json!({"stage": "ada", "variant": variant, "summary": summary}))?;
-        let fraction = summary.spent as f64 / summary.total_pixels as f64;
-        let row = ada.evaluate(crate::ablation::row_name(variant), fraction)?;
+        let row = ada.evaluate(crate::ablation::row_name(variant), summary.labelled_fraction())?;
         tracing::info!("{}: mIoU {:.1}, bought {} of {} {}", row.name, row.miou, summary.spent, summary.budget,
             summary.pixels);
         if FIG5_VARIANTS.contains(&variant.as_str()) {
@@ -148,15 +148,17 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
                 row.name, c.intra, c.inter);
             embeddings.push((variant.clone(), points, classes, c));
         }
-        curves.push((row.name.clone(), summary.curve.clone()));
+        curves.push((row.name.clone(), ada.curve_end(summary.curve.clone(), config.active.iterations, &row)));
         budgets.push(summary);
         rows.push(row);
     }
 
-    let record = trainer.train_supervised(SupervisedStage::TargetSupervised, config.train.target_supervised_iterations)?;
-    curves.push(("target-supervised".to_string(), record.curve));
+    let iterations = config.train.target_supervised_iterations;
+    let record = trainer.train_supervised(SupervisedStage::TargetSupervised, iterations)?;
     trainer.save(&run_dir.join("target-supervised.safetensors"), None, json!({"stage": "target-supervised"}))?;
-    rows.push(trainer.evaluate("target-supervised", 1.0)?);
+    let row = trainer.evaluate("target-supervised", 1.0)?;
+    curves.push(("target-supervised".to_string(), trainer.curve_end(record.curve, iterations, &row)));
+    rows.push(row);
     Ok(SeedRun { seed: config.run.seed, rows, budgets, embeddings, curves })
 }
 
@@ -195,7 +197,7 @@ fn paired_gains(variants: &[String], runs: &[SeedRun]) -> Vec<PairedGain> {
         let n = per_seed.len() as f64;
         let mean = per_seed.iter().sum::<f64>() / n;
         let interval95 = (per_seed.len() > 1).then(|| {
-            let sd = (per_seed.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+            let sd = crate::train::eval::sample_std(&per_seed);
             let t = statrs::distribution::ContinuousCDF::inverse_cdf(
                 &statrs::distribution::StudentsT::new(0.0, 1.0, n - 1.0).expect("n > 1"), 0.975);
             (mean - t * sd / n.sqrt(), mean + t * sd / n.sqrt())

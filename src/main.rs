@@ -315,7 +315,7 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
                 None => {
                     let (summary, _) = trainer.train_ada(&run_dir.join("ledger.bin"), config.active.iterations)?;
                     println!("bought {} of {} {} ({:.3}% of the target set)", summary.spent, summary.budget,
-                        summary.pixels, 100.0 * summary.spent as f64 / summary.total_pixels as f64);
+                        summary.pixels, 100.0 * summary.labelled_fraction());
                     (run_dir.join("ada.safetensors"), serde_json::json!({"stage": "ada", "summary": summary}))
                 }
             };

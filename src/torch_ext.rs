@@ -153,6 +153,11 @@ pub fn random_subset(mask: &tch::Tensor, k: i64, count: Option<&tch::Tensor>) ->
     (positions, valid)
 }
 
+/// `t` divided by its L2 norm along `dim` (an all-zero vector stays zero rather than NaN).
+pub fn l2_normalised(t: &tch::Tensor, dim: i64) -> tch::Tensor {
+    t / t.norm_scalaropt_dim(2.0, [dim].as_slice(), true).clamp_min(1e-12)
+}
+
 /// Training ids ([B, H, W] u8 from the loaders: 8x fewer bytes to copy) as the i64 labels
 /// the losses take, on `device`.
 pub fn labels_on(labels: &tch::Tensor, device: tch::Device) -> tch::Tensor {

@@ -184,6 +184,10 @@ impl Ledger {
     pub fn total_pixels(&self) -> u64 {
         self.total
     }
+    /// Ma / Mt: the share of the target's training pixels labelled (pending ones included).
+    pub fn labelled_fraction(&self) -> f64 {
+        self.spent as f64 / self.total as f64
+    }
     pub fn remaining(&self) -> u64 {
         self.budget - self.spent()
     }

@@ -17,6 +17,7 @@
 use super::dccm::Dccm;
 use super::infonce::{info_nce_units, Points};
 use crate::config::ContrastConfig;
+use crate::torch_ext::l2_normalised;
 use tch::{Kind, Tensor};
 
 /// One domain's batch. Keys and anchors are pixels of the crop at its own resolution, so that
@@ -98,9 +99,7 @@ pub fn embeddings_at(embedding: &Tensor, positions: &Tensor, width: i64, height:
     let (x, y) = (to_grid(positions.remainder(width), width), to_grid(positions.floor_divide_scalar(width), height));
     let grid = Tensor::stack(&[x, y], 2).unsqueeze(1).to_kind(embedding.kind()); // [B, 1, N, 2]
     // Bilinear (0), border padding (1): a crop's edge pixels read the map's edge.
-    let z = embedding.grid_sampler_2d(&grid, 0, 1, false).squeeze_dim(2).transpose(1, 2);
-    let norm = z.norm_scalaropt_dim(2.0, [2i64].as_slice(), true).clamp_min(1e-12);
-    z / norm
+    l2_normalised(&embedding.grid_sampler_2d(&grid, 0, 1, false).squeeze_dim(2).transpose(1, 2), 2)
 }
 
 /// Up to `max` pixels per image drawn uniformly from `mask` [B, H*W] (random keys + top-k), with
@@ -131,9 +130,8 @@ pub fn class_centers(emb: &Tensor, classes: &Tensor, mask: &Tensor, n_classes: i
     let counts = Tensor::zeros([b, n_classes + 1], (Kind::Float, emb.device()))
         .scatter_add(1, &index, &Tensor::ones(index.size(), (Kind::Float, emb.device())))
         .narrow(1, 0, n_classes);
-    let norm = sums.norm_scalaropt_dim(2.0, [2i64].as_slice(), true).clamp_min(1e-12);
     Sample {
-        embeddings: sums / norm,
+        embeddings: l2_normalised(&sums, 2),
         classes: Tensor::arange(n_classes, (Kind::Int64, emb.device())).unsqueeze(0).expand([b, -1], false),
         valid: counts.gt(0.0),
         ids: None,

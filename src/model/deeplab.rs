@@ -47,9 +47,7 @@ impl ProjectionHead {
             out: nn::conv2d(p / "out", c_in, dim, 1, Default::default()) }
     }
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let z = self.hidden.forward_t(xs, train).apply(&self.out);
-        let norm = z.norm_scalaropt_dim(2.0, [1i64].as_slice(), true).clamp_min(1e-12);
-        z / norm
+        crate::torch_ext::l2_normalised(&self.hidden.forward_t(xs, train).apply(&self.out), 1)
     }
 }
 

@@ -173,7 +173,7 @@ impl Reporter {
             iterations_per_second: self.rate, eta_seconds: (run.iterations - run.step) as f64 / self.rate.max(1e-9),
             budget_spent_pixels: ledger.charged(), budget_limit_pixels: ledger.budget(), budget_pixels: ledger.pixel_unit(),
             contrast: run.last.contrast.clone(),
-            labeled_fraction: ledger.charged() as f64 / ledger.total_pixels() as f64,
+            labeled_fraction: ledger.labelled_fraction(),
             trainer_wait_share: self.wait_share, bottleneck: bottleneck(self.wait_share).into(), loss: run.last.total,
             disk_free_bytes, last_eval: self.last_eval,
             updated_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
@@ -190,8 +190,7 @@ impl Reporter {
 /// on: a run of days is not given up for a figure, and a supervisor's restart would only meet
 /// the same failure.
 fn evaluate(trainer: &Trainer, run: &AdaRun) -> Option<LastEval> {
-    let ledger = &run.state.ledger;
-    let labeled = ledger.charged() as f64 / ledger.total_pixels() as f64;
+    let labeled = run.state.ledger.labelled_fraction();
     match trainer.evaluate(&format!("step {}", run.step), labeled) {
         Ok(row) => {
             crate::telemetry::evaluation(row.miou, &row.per_class);

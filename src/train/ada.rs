@@ -77,8 +77,16 @@ pub struct AdaSummary {
     pub total_pixels: u64,
     pub thresholds: Thresholds,
     pub last_losses: StepLosses,
-    /// The val curve (`Trainer::curve_every`; empty from the daemon, which reports its own).
+    /// The val curve before the last step (`Trainer::curve_every`; the caller evaluates the
+    /// finished stage: `Trainer::curve_end`). Empty from the daemon, which reports its own.
     pub curve: Vec<super::CurvePoint>,
+}
+
+impl AdaSummary {
+    /// Ma / Mt.
+    pub fn labelled_fraction(&self) -> f64 {
+        self.spent as f64 / self.total_pixels as f64
+    }
 }
 
 /// The ADA-MCU state that lives beside the model.
@@ -292,15 +300,13 @@ impl Trainer {
         while !run.done() {
             let total = run.step(self)?.total;
             progress.step(total, poly_lr(self.config.train.lr, run.step, run.iterations, self.config.train.poly_power));
-            let ledger = &run.state.ledger;
-            curve.extend(self.curve_point(run.step as usize, iterations,
-                ledger.charged() as f64 / ledger.total_pixels() as f64)?);
+            curve.extend(self.curve_point(run.step as usize, iterations, run.state.ledger.labelled_fraction())?);
         }
         progress.finish();
         let ledger = &run.state.ledger;
         tracing::info!("ada-mcu: bought {} of {} {} ({:.2}% of the target set), pi_high {:.4}",
             ledger.charged(), ledger.budget(), ledger.pixel_unit(),
-            100.0 * ledger.charged() as f64 / ledger.total_pixels() as f64, run.state.sampler.thresholds.pi_high);
+            100.0 * ledger.labelled_fraction(), run.state.sampler.thresholds.pi_high);
         let (mut summary, state) = run.finish()?;
         summary.curve = curve;
         Ok((summary, state))

@@ -130,7 +130,7 @@ fn mean_of(values: impl Iterator<Item = f64>) -> Option<f64> {
 }
 
 /// Standard deviation with Bessel's correction (n - 1), the usual "± std over seeds".
-fn sample_std(values: &[f64]) -> f64 {
+pub fn sample_std(values: &[f64]) -> f64 {
     let mean = values.iter().sum::<f64>() / values.len() as f64;
     (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (values.len() - 1) as f64).sqrt()
 }

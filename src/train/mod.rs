@@ -177,16 +177,26 @@ impl Trainer {
         Sgd::new(&self.vs, t.momentum, t.weight_decay, t.head_lr_mult)
     }
 
-    /// The target val mIoU after `step` when `curve_every` says so (every multiple, and at the
-    /// end): the points of a stage's val curve.
+    /// The target val mIoU after `step` when `curve_every` says so (every multiple before the
+    /// last step): the points of a stage's val curve. The point at the end is the evaluation
+    /// the caller makes of the finished stage (`curve_end`), not a second one.
     pub fn curve_point(&self, step: usize, iterations: usize, labeled_fraction: f64) -> Result<Option<CurvePoint>> {
         let every = self.curve_every;
-        if every == 0 || !(step.is_multiple_of(every) || step == iterations) {
+        if every == 0 || !step.is_multiple_of(every) || step >= iterations {
             return Ok(None);
         }
         let row = self.evaluate(&format!("step {step}"), labeled_fraction)?;
         tracing::info!("step {step}/{iterations}: target val mIoU {:.1}", row.miou);
         Ok(Some(CurvePoint { step: step as u64, miou: row.miou }))
+    }
+
+    /// `curve` with its last point, `row`: the finished stage's own evaluation after
+    /// `iterations` steps (when curves are asked for).
+    pub fn curve_end(&self, mut curve: Vec<CurvePoint>, iterations: usize, row: &EvalRow) -> Vec<CurvePoint> {
+        if self.curve_every > 0 {
+            curve.push(CurvePoint { step: iterations as u64, miou: row.miou });
+        }
+        curve
     }
 
     /// Runs a supervised stage for `iterations` steps; returns the loss of every step and the
