@@ -291,7 +291,8 @@ pub struct TrainConfig {
     /// The daemon writes a checkpoint every this many ADA-MCU steps and keeps the last N.
     pub checkpoint_every: usize,
     pub keep_checkpoints: usize,
-    /// Evaluate on the target val set every this many steps (0 = only at the end).
+    /// Evaluate on the target val set every this many steps (0 = only at the end): the
+    /// daemon, and the val curve a single `train --stage` logs.
     pub eval_every: usize,
 }
 

@@ -299,6 +299,9 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
                 other => bail!("--stage {other:?}: expected \"all\", \"source\", \"ada\" or \"target-supervised\""),
             };
             let mut trainer = Trainer::new(&config)?;
+            // A single stage logs its val curve (is more training still helping?) on the
+            // daemon's cadence; the checkpoint's metadata keeps it.
+            trainer.curve_every = config.train.eval_every;
             if let Some(init) = init {
                 trainer.load_network(&init).context("--init")?;
             }
