@@ -27,9 +27,14 @@ fn main() {
 
     let root = lib.parent().expect("libtorch lib dir has a parent");
     let mut build = cc::Build::new();
-    build.cpp(true).file("csrc/torch_shim.cpp").std("c++17").flag("-w")
+    build
+        .cpp(true)
+        .file("csrc/torch_shim.cpp")
+        .std("c++17")
+        .flag("-w")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .include(root.join("include")).include(root.join("include/torch/csrc/api/include"));
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"));
     // CUDA runtime headers ship with pip's torch (nvidia/<cuXX>/include, or triton's copy).
     if let Some(cuda_include) = cuda.then(|| find_cuda_include(root)).flatten() {
         build.include(cuda_include).define("ADAMCU_CUDA_STATS", None);
@@ -42,7 +47,9 @@ fn main() {
 
 fn find_cuda_include(torch_root: &Path) -> Option<PathBuf> {
     let site = torch_root.parent()?;
-    let nvidia = std::fs::read_dir(site.join("nvidia")).into_iter().flatten().flatten().map(|e| e.path().join("include"));
-    nvidia.chain([site.join("triton/backends/nvidia/include")])
+    let nvidia =
+        std::fs::read_dir(site.join("nvidia")).into_iter().flatten().flatten().map(|e| e.path().join("include"));
+    nvidia
+        .chain([site.join("triton/backends/nvidia/include")])
         .find(|p| p.join("cuda_runtime_api.h").exists() && p.join("crt/host_config.h").exists())
 }

@@ -26,8 +26,13 @@ const PASSES: usize = 3;
 /// reference's own method. With `normalise`, each sample is also turned into what the
 /// network and its loss take, on the CPU, as the reference does: float input and i64 labels
 /// (what a CPU run does; on CUDA it runs on the device).
-fn images_per_second(source: &SampleSource, augmenter: &mut Augmenter, normaliser: &Normaliser,
-    rng: &mut rand_chacha::ChaCha8Rng, normalise: bool) -> Result<f64> {
+fn images_per_second(
+    source: &SampleSource,
+    augmenter: &mut Augmenter,
+    normaliser: &Normaliser,
+    rng: &mut rand_chacha::ChaCha8Rng,
+    normalise: bool,
+) -> Result<f64> {
     let mut rates = Vec::with_capacity(PASSES);
     for _ in 0..PASSES {
         let started = Instant::now();
@@ -35,8 +40,16 @@ fn images_per_second(source: &SampleSource, augmenter: &mut Augmenter, normalise
             let sample = source.load_augmented(i, augmenter, rng)?;
             if normalise {
                 let g = sample.geometry;
-                let _ = std::hint::black_box(normaliser.bytes_to_input(&sample.image, 1, g.crop_height as i64, g.crop_width as i64));
-                let _ = std::hint::black_box(crate::torch_ext::labels_on(&tch::Tensor::from_slice(&sample.label), tch::Device::Cpu));
+                let _ = std::hint::black_box(normaliser.bytes_to_input(
+                    &sample.image,
+                    1,
+                    g.crop_height as i64,
+                    g.crop_width as i64,
+                ));
+                let _ = std::hint::black_box(crate::torch_ext::labels_on(
+                    &tch::Tensor::from_slice(&sample.label),
+                    tch::Device::Cpu,
+                ));
             }
             std::hint::black_box(sample);
         }
@@ -62,8 +75,8 @@ fn run_reference(options: &LoaderBenchOptions, make: bool) -> Result<f64> {
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().last().unwrap_or_default();
-    let json: serde_json::Value = serde_json::from_str(line)
-        .with_context(|| format!("reference printed {line:?}, expected one JSON line"))?;
+    let json: serde_json::Value =
+        serde_json::from_str(line).with_context(|| format!("reference printed {line:?}, expected one JSON line"))?;
     json["images_per_s"].as_f64().context("reference JSON lacks images_per_s")
 }
 
@@ -73,15 +86,15 @@ const ROUNDS: usize = 5;
 pub fn loader(options: &LoaderBenchOptions) -> Result<()> {
     // One core each: the reference pins torch to one thread and runs one process.
     tch::set_num_threads(1);
-    let have_frames = options.dir.join("images").is_dir()
-        && std::fs::read_dir(options.dir.join("images"))?.count() >= options.images;
+    let have_frames =
+        options.dir.join("images").is_dir() && std::fs::read_dir(options.dir.join("images"))?.count() >= options.images;
     if !have_frames {
         run_reference(options, true)?; // writes the frames (its figure counts as a warm-up)
     }
 
     let set = DatasetConfig::at(DatasetKind::Gta5, options.dir.clone());
-    let augment = AugmentConfig { resize: [0, 0], crop: [512, 1024], scale: [0.5, 1.5], flip: true,
-        ..AugmentConfig::default() };
+    let augment =
+        AugmentConfig { resize: [0, 0], crop: [512, 1024], scale: [0.5, 1.5], flip: true, ..AugmentConfig::default() };
     let files = SampleSource::open(&set, 19).map_err(anyhow::Error::msg)?;
     let shard_path = options.dir.join("bench.shard");
     crate::data::pack::pack(&files, &shard_path, 19, None)?;
@@ -95,30 +108,43 @@ pub fn loader(options: &LoaderBenchOptions) -> Result<()> {
     let normaliser = Normaliser::new(&augment, tch::Device::Cpu);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     images_per_second(&shard_source, &mut augmenter, &normaliser, &mut rng, true)?;
-    let paths: [(&str, Option<(&SampleSource, bool)>); 4] = [("reference (PIL + torch)", None),
-        ("adamcu PNG", Some((&files, true))), ("adamcu shard", Some((&shard_source, true))),
-        ("adamcu shard, loader only", Some((&shard_source, false)))];
+    let paths: [(&str, Option<(&SampleSource, bool)>); 4] = [
+        ("reference (PIL + torch)", None),
+        ("adamcu PNG", Some((&files, true))),
+        ("adamcu shard", Some((&shard_source, true))),
+        ("adamcu shard, loader only", Some((&shard_source, false))),
+    ];
     let mut rates = vec![Vec::new(); paths.len()];
     for _ in 0..ROUNDS {
         for (k, (_, path)) in paths.iter().enumerate() {
             rates[k].push(match path {
                 None => run_reference(options, false)?,
-                Some((source, normalise)) => images_per_second(source, &mut augmenter, &normaliser, &mut rng, *normalise)?,
+                Some((source, normalise)) => {
+                    images_per_second(source, &mut augmenter, &normaliser, &mut rng, *normalise)?
+                }
             });
         }
     }
-    println!("loader benchmark: {} GTA5-layout 1280x720 frames in {}, random scale 0.5-1.5, \
-        512x1024 crop, flip, normalise; one core each", files.len(), options.dir.display());
+    println!(
+        "loader benchmark: {} GTA5-layout 1280x720 frames in {}, random scale 0.5-1.5, \
+        512x1024 crop, flip, normalise; one core each",
+        files.len(),
+        options.dir.display()
+    );
     println!("{:<28} {:>14} {:>10} {:>13}", "path", "images/s/core", "ms/image", "vs reference");
     for (k, (name, _)) in paths.iter().enumerate() {
         let rate = median(rates[k].clone());
         let ratio = median(rates[k].iter().zip(&rates[0]).map(|(ours, reference)| ours / reference).collect());
         println!("{name:<28} {rate:>14.1} {:>10.2} {ratio:>12.2}x", 1e3 / rate);
     }
-    println!("(medians over {ROUNDS} interleaved rounds; each figure per round is the median of {PASSES} passes, \
-        the reference's own method)");
-    println!("(every row but the last includes normalising images to float and widening labels to i64 on the CPU, \
-        as the reference does; \"loader only\" is the loader thread's share when both run on the GPU)");
+    println!(
+        "(medians over {ROUNDS} interleaved rounds; each figure per round is the median of {PASSES} passes, \
+        the reference's own method)"
+    );
+    println!(
+        "(every row but the last includes normalising images to float and widening labels to i64 on the CPU, \
+        as the reference does; \"loader only\" is the loader thread's share when both run on the GPU)"
+    );
     println!("targets: PNG >= 3x, shard >= 20x the reference");
     Ok(())
 }
@@ -149,8 +175,12 @@ struct StepFigures {
 }
 
 /// The real ADA-MCU step on random data (random weights: time and memory only).
-fn time_step(base: &crate::config::Config, variant: &str, bf16_channels_last: bool, o: &StepBenchOptions)
-    -> Result<StepFigures> {
+fn time_step(
+    base: &crate::config::Config,
+    variant: &str,
+    bf16_channels_last: bool,
+    o: &StepBenchOptions,
+) -> Result<StepFigures> {
     use crate::active::ledger::{Ledger, LedgerImage};
     use crate::data::augment::Geometry;
     use tch::{Kind, Tensor};
@@ -164,10 +194,14 @@ fn time_step(base: &crate::config::Config, variant: &str, bf16_channels_last: bo
     config.train.channels_last = bf16_channels_last;
     let trainer = crate::train::Trainer::new(&config)?;
     let device = trainer.device;
-    let cuda_index = match device { tch::Device::Cuda(i) => i, _ => 0 };
+    let cuda_index = match device {
+        tch::Device::Cuda(i) => i,
+        _ => 0,
+    };
     let dir = tempfile_dir()?;
     let (ht, wt) = o.target_size;
-    let images: Vec<LedgerImage> = (0..100).map(|i| LedgerImage { id: i.to_string(), width: wt as u32, height: ht as u32 }).collect();
+    let images: Vec<LedgerImage> =
+        (0..100).map(|i| LedgerImage { id: i.to_string(), width: wt as u32, height: ht as u32 }).collect();
     let budget = (config.active.budget * 100.0 * (ht * wt) as f64) as u64;
     let mut state = trainer.new_ada_state(Ledger::open_or_create(&dir.join("ledger.bin"), &images, budget)?);
     let mut optimizer = trainer.optimizer();
@@ -178,7 +212,11 @@ fn time_step(base: &crate::config::Config, variant: &str, bf16_channels_last: bo
     let (si, sl, ti) = (bytes(hs, ws), labels(hs, ws), bytes(ht, wt));
     let sealed = crate::active::oracle::SealedLabels::seal(labels(ht, wt));
     let geometry = vec![Geometry::identity(wt as u32, ht as u32); b as usize];
-    let sync = || if device.is_cuda() { tch::Cuda::synchronize(cuda_index as i64) };
+    let sync = || {
+        if device.is_cuda() {
+            tch::Cuda::synchronize(cuda_index as i64)
+        }
+    };
     let mut times = Vec::new();
     crate::torch_ext::cuda_reset_peak(cuda_index);
     let mut sync_check = None;
@@ -190,20 +228,24 @@ fn time_step(base: &crate::config::Config, variant: &str, bf16_channels_last: bo
         // The last warm-up iteration runs under libtorch's sync check: from the batch to the
         // update, the step must only queue work (CUDA builds; the read at its end is allowed).
         let checked = it + 1 == o.warmup && device.is_cuda() && crate::torch_ext::set_cuda_sync_check(true);
-        let mut queue = || std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let mut out = trainer.ada_losses(&mut state, &si, &sl, &ti, &sealed, &samples, &geometry);
-            trainer.ada_update(&mut out, &mut optimizer, config.train.lr, false);
-            out
-        }));
+        let mut queue = || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut out = trainer.ada_losses(&mut state, &si, &sl, &ti, &sealed, &samples, &geometry);
+                trainer.ada_update(&mut out, &mut optimizer, config.train.lr, false);
+                out
+            }))
+        };
         // The last warm-up iteration also counts the operators one step dispatches (a retry's
         // count replaces that of the attempt the sync check stopped).
         let counted = it + 1 == o.warmup;
-        let mut attempt = || if counted {
-            let (queued, count) = crate::torch_ext::count_ops(&mut queue);
-            ops = Some(count);
-            queued
-        } else {
-            queue()
+        let mut attempt = || {
+            if counted {
+                let (queued, count) = crate::torch_ext::count_ops(&mut queue);
+                ops = Some(count);
+                queued
+            } else {
+                queue()
+            }
         };
         let mut queued = attempt();
         if checked {
@@ -216,7 +258,10 @@ fn time_step(base: &crate::config::Config, variant: &str, bf16_channels_last: bo
         let out = queued.map_err(|e| anyhow::anyhow!("training step failed: {}", panic_message(e.as_ref())))?;
         let (losses, _) = trainer.ada_settle(&mut state, &out);
         if !losses.total.is_finite() {
-            bail!("the {variant} step diverged at iteration {it} (loss {}): its timings would not be a real step's", losses.total);
+            bail!(
+                "the {variant} step diverged at iteration {it} (loss {}): its timings would not be a real step's",
+                losses.total
+            );
         }
         sync();
         if it >= o.warmup {
@@ -226,12 +271,20 @@ fn time_step(base: &crate::config::Config, variant: &str, bf16_channels_last: bo
     times.sort_by(f64::total_cmp);
     let ms_median = times[times.len() / 2];
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(StepFigures { ms_median, images_per_second: (2 * b) as f64 / (ms_median / 1e3),
-        peak_gib: crate::torch_ext::cuda_peak_bytes(cuda_index).map(|b| b as f64 / (1u64 << 30) as f64), sync_check, ops })
+    Ok(StepFigures {
+        ms_median,
+        images_per_second: (2 * b) as f64 / (ms_median / 1e3),
+        peak_gib: crate::torch_ext::cuda_peak_bytes(cuda_index).map(|b| b as f64 / (1u64 << 30) as f64),
+        sync_check,
+        ops,
+    })
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload.downcast_ref::<String>().cloned().or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_else(|| "(no message)".into())
 }
 
@@ -241,14 +294,33 @@ fn tempfile_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn reference_step(o: &StepBenchOptions, variant: &str, bf16_channels_last: bool, device: &str) -> Result<serde_json::Value> {
+fn reference_step(
+    o: &StepBenchOptions,
+    variant: &str,
+    bf16_channels_last: bool,
+    device: &str,
+) -> Result<serde_json::Value> {
     let (python, script) = o.reference.as_ref().expect("checked by the caller");
     let mut cmd = Command::new(python);
-    cmd.arg(script).args(["--variant", variant, "--iters", &o.iterations.to_string(), "--warmup", &o.warmup.to_string(),
-        "--source-size", &format!("{}x{}", o.source_size.0, o.source_size.1),
-        "--target-size", &format!("{}x{}", o.target_size.0, o.target_size.1), "--device", device,
+    cmd.arg(script).args([
+        "--variant",
+        variant,
+        "--iters",
+        &o.iterations.to_string(),
+        "--warmup",
+        &o.warmup.to_string(),
+        "--source-size",
+        &format!("{}x{}", o.source_size.0, o.source_size.1),
+        "--target-size",
+        &format!("{}x{}", o.target_size.0, o.target_size.1),
+        "--device",
+        device,
         // The same contrastive units as ours: per image, at most this many anchors and keys.
-        "--anchors", &o.config.contrast.max_anchors.to_string(), "--candidates", &o.config.contrast.max_keys.to_string()]);
+        "--anchors",
+        &o.config.contrast.max_anchors.to_string(),
+        "--candidates",
+        &o.config.contrast.max_keys.to_string(),
+    ]);
     if bf16_channels_last {
         cmd.args(["--amp", "bf16", "--channels-last"]);
     }
@@ -262,23 +334,43 @@ fn reference_step(o: &StepBenchOptions, variant: &str, bf16_channels_last: bool,
 
 pub fn step(o: &StepBenchOptions) -> Result<()> {
     let device = o.config.device()?;
-    println!("step benchmark on {device:?} ({}): {} {} {}, source {b}x{}x{}, target {b}x{}x{}; median of {} \
+    println!(
+        "step benchmark on {device:?} ({}): {} {} {}, source {b}x{}x{}, target {b}x{}x{}; median of {} \
         iterations after {} warm-up; random weights and data, BatchNorm on batch statistics as the reference",
-        crate::doctor::LIBTORCH_VERSION, o.config.model.arch,
-        o.config.model.backbone, if o.config.contrast.enabled { "ADA-MCU" } else { "" }, o.source_size.0, o.source_size.1,
-        o.target_size.0, o.target_size.1, o.iterations, o.warmup, b = o.batch);
+        crate::doctor::LIBTORCH_VERSION,
+        o.config.model.arch,
+        o.config.model.backbone,
+        if o.config.contrast.enabled { "ADA-MCU" } else { "" },
+        o.source_size.0,
+        o.source_size.1,
+        o.target_size.0,
+        o.target_size.1,
+        o.iterations,
+        o.warmup,
+        b = o.batch
+    );
     if o.reference.is_some() {
         let m = &o.config.model;
-        let (ours, reference) = (format!("{} {}, {} classes, {}-d projection", m.arch, m.backbone, o.config.data.classes,
-            m.projection_dim), "deeplabv2 resnet101, 19 classes, 256-d projection");
-        println!("reference: {reference}; contrastive units of both: at most {} anchors and {} keys per image \
-            (contrast.max_anchors, contrast.max_keys){}", o.config.contrast.max_anchors, o.config.contrast.max_keys,
-            if ours == reference { String::new() } else {
+        let (ours, reference) = (
+            format!("{} {}, {} classes, {}-d projection", m.arch, m.backbone, o.config.data.classes, m.projection_dim),
+            "deeplabv2 resnet101, 19 classes, 256-d projection",
+        );
+        println!(
+            "reference: {reference}; contrastive units of both: at most {} anchors and {} keys per image \
+            (contrast.max_anchors, contrast.max_keys){}",
+            o.config.contrast.max_anchors,
+            o.config.contrast.max_keys,
+            if ours == reference {
+                String::new()
+            } else {
                 format!("\nNOT LIKE FOR LIKE: this config's network is {ours}; the reference always runs its own")
-            });
+            }
+        );
     }
-    println!("{:<6} {:<10} {:>10} {:>10} {:>10} {:>9} | {:>14} {:>10}", "step", "precision", "ms/iter", "images/s",
-        "peak GiB", "ops/step", "reference ms", "ref GiB");
+    println!(
+        "{:<6} {:<10} {:>10} {:>10} {:>10} {:>9} | {:>14} {:>10}",
+        "step", "precision", "ms/iter", "images/s", "peak GiB", "ops/step", "reference ms", "ref GiB"
+    );
     let dev = if device.is_cuda() { "cuda" } else { "cpu" };
     let gib = |g: Option<f64>| g.map_or("-".into(), |g| format!("{g:.2}"));
     // (row label, ours, the reference's ms and peak GiB): seg then full, per precision.
@@ -295,9 +387,13 @@ pub fn step(o: &StepBenchOptions) -> Result<()> {
                 None => None,
             };
             let (ref_ms, ref_gib) = reference.map_or(("-".into(), "-".into()), |(ms, g)| (format!("{ms:.1}"), gib(g)));
-            println!("{variant:<6} {precision:<10} {:>10.1} {:>10.1} {:>10} {:>9} | {ref_ms:>14} {ref_gib:>10}",
-                ours.ms_median, ours.images_per_second, gib(ours.peak_gib),
-                ours.ops.as_ref().map_or("-".into(), |ops| ops.total.to_string()));
+            println!(
+                "{variant:<6} {precision:<10} {:>10.1} {:>10.1} {:>10} {:>9} | {ref_ms:>14} {ref_gib:>10}",
+                ours.ms_median,
+                ours.images_per_second,
+                gib(ours.peak_gib),
+                ours.ops.as_ref().map_or("-".into(), |ops| ops.total.to_string())
+            );
             for (calls, micros, name) in ours.ops.iter().flat_map(|ops| &ops.by_name).take(o.top_ops) {
                 println!("    {calls:>6} calls {:>10.1} ms  {name}", *micros as f64 / 1e3);
             }
@@ -312,29 +408,41 @@ pub fn step(o: &StepBenchOptions) -> Result<()> {
                 (None, None) => "peak memory not measured (no GPU)".to_string(),
                 (ours, theirs) => format!("peak memory {} GiB against its {} GiB", gib(ours), gib(*theirs)),
             };
-            println!("our {label} step: {:.2}x the reference's seg step (GPU target <= 1.10), {:.2}x its full step \
-                (GPU target <= 0.75); {memory}", full.ms_median / ref_seg, full.ms_median / ref_full);
+            println!(
+                "our {label} step: {:.2}x the reference's seg step (GPU target <= 1.10), {:.2}x its full step \
+                (GPU target <= 0.75); {memory}",
+                full.ms_median / ref_seg,
+                full.ms_median / ref_full
+            );
         }
     }
     for (label, ours, _) in &results {
-        println!("host waits for the device inside a {label} step (libtorch sync check): {}", match &ours.sync_check {
-            None => "not checked (needs CUDA and a warm-up iteration)".to_string(),
-            Some(None) => "none".to_string(),
-            Some(Some(error)) => format!("WAITED: {}", error.lines().next().unwrap_or_default()),
-        });
+        println!(
+            "host waits for the device inside a {label} step (libtorch sync check): {}",
+            match &ours.sync_check {
+                None => "not checked (needs CUDA and a warm-up iteration)".to_string(),
+                Some(None) => "none".to_string(),
+                Some(Some(error)) => format!("WAITED: {}", error.lines().next().unwrap_or_default()),
+            }
+        );
     }
     // Checked on every device from the operators the counted step called, at any depth.
     for (label, ours, _) in &results {
-        println!("operators that wait for a GPU inside a {label} step: {}", match ours.ops.as_ref().map(|o| o.waits_on_cuda()) {
-            None => "not counted (no warm-up iteration)".to_string(),
-            Some(waits) if waits.is_empty() => "none".to_string(),
-            Some(waits) => format!("WAITS: {}", waits.join(", ")),
-        });
+        println!(
+            "operators that wait for a GPU inside a {label} step: {}",
+            match ours.ops.as_ref().map(|o| o.waits_on_cuda()) {
+                None => "not counted (no warm-up iteration)".to_string(),
+                Some(waits) if waits.is_empty() => "none".to_string(),
+                Some(waits) => format!("WAITS: {}", waits.join(", ")),
+            }
+        );
     }
     #[cfg(target_arch = "x86_64")]
     if !device.is_cuda() {
         let has = if std::is_x86_feature_detected!("avx512bf16") { "has" } else { "lacks" };
-        println!("(bf16 rows on the CPU: CPU autocast in bf16; this CPU {has} AVX512-BF16, without which bf16 is emulated)");
+        println!(
+            "(bf16 rows on the CPU: CPU autocast in bf16; this CPU {has} AVX512-BF16, without which bf16 is emulated)"
+        );
     }
     Ok(())
 }

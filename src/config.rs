@@ -59,13 +59,7 @@ pub struct RunConfig {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        RunConfig {
-            name: "run".into(),
-            runs_dir: "runs".into(),
-            seed: 0,
-            device: "auto".into(),
-            threads: 0,
-        }
+        RunConfig { name: "run".into(), runs_dir: "runs".into(), seed: 0, device: "auto".into(), threads: 0 }
     }
 }
 
@@ -129,8 +123,15 @@ pub struct DatasetConfig {
 impl DatasetConfig {
     /// A set of `kind` at `root` with nothing else configured.
     pub fn at(kind: DatasetKind, root: impl Into<PathBuf>) -> DatasetConfig {
-        DatasetConfig { kind, root: root.into(), labels_kind: None, labels_root: None, split: None, resize: None,
-            crop: None }
+        DatasetConfig {
+            kind,
+            root: root.into(),
+            labels_kind: None,
+            labels_root: None,
+            split: None,
+            resize: None,
+            crop: None,
+        }
     }
 }
 
@@ -375,8 +376,17 @@ pub struct ActiveConfig {
 
 impl Default for ActiveConfig {
     fn default() -> Self {
-        ActiveConfig { budget: 0.05, gamma: 0.5, pi_high: 0.9, pi_low: 0.1, decay: 0.9,
-            schedule: Schedule::Sequential, adaptive_sampling: true, pseudo_labels: true, iterations: 40_000 }
+        ActiveConfig {
+            budget: 0.05,
+            gamma: 0.5,
+            pi_high: 0.9,
+            pi_low: 0.1,
+            decay: 0.9,
+            schedule: Schedule::Sequential,
+            adaptive_sampling: true,
+            pseudo_labels: true,
+            iterations: 40_000,
+        }
     }
 }
 
@@ -408,9 +418,19 @@ pub struct ContrastConfig {
 
 impl Default for ContrastConfig {
     fn default() -> Self {
-        ContrastConfig { enabled: true, levels: vec!["intra-image".into(), "cross-image".into(), "cross-domain".into()],
-            p2p: true, c2c: true, dccm: true, dccm_from: DccmFrom::Target, dccm_momentum: 0.99, temperature: 0.1, weight: 1.0,
-            max_anchors: 256, max_keys: 1024 }
+        ContrastConfig {
+            enabled: true,
+            levels: vec!["intra-image".into(), "cross-image".into(), "cross-domain".into()],
+            p2p: true,
+            c2c: true,
+            dccm: true,
+            dccm_from: DccmFrom::Target,
+            dccm_momentum: 0.99,
+            temperature: 0.1,
+            weight: 1.0,
+            max_anchors: 256,
+            max_keys: 1024,
+        }
     }
 }
 
@@ -459,8 +479,7 @@ impl Config {
     /// Reads, expands and validates a config file; returns every problem at once.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let fail = |errors: Vec<String>| ConfigErrors { file: path.to_path_buf(), errors };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| fail(vec![format!("cannot read the file: {e}")]))?;
+        let text = std::fs::read_to_string(path).map_err(|e| fail(vec![format!("cannot read the file: {e}")]))?;
         Config::from_toml_str(&text).map_err(fail)
     }
 
@@ -511,132 +530,216 @@ impl Config {
             }
         };
         let r = &self.run;
-        check(!r.name.is_empty() && !r.name.contains('/'), "run.name", format!("{:?}", r.name),
-            "a non-empty name without '/'");
-        check(parse_device(&r.device).is_some(), "run.device", format!("{:?}", r.device),
-            "\"auto\", \"cpu\", \"cuda\" or \"cuda:N\"");
+        check(
+            !r.name.is_empty() && !r.name.contains('/'),
+            "run.name",
+            format!("{:?}", r.name),
+            "a non-empty name without '/'",
+        );
+        check(
+            parse_device(&r.device).is_some(),
+            "run.device",
+            format!("{:?}", r.device),
+            "\"auto\", \"cpu\", \"cuda\" or \"cuda:N\"",
+        );
 
         let d = &self.data;
         check(d.classes == 19 || d.classes == 16, "data.classes", d.classes.to_string(), "19 or 16");
         check(d.workers >= 1, "data.workers", d.workers.to_string(), "at least 1");
-        check(d.channel_capacity >= 1, "data.channel_capacity", d.channel_capacity.to_string(),
-            "at least 1");
-        for (name, set) in [
-            ("data.source", &d.source),
-            ("data.target", &d.target),
-            ("data.target_val", &d.target_val),
-        ] {
+        check(d.channel_capacity >= 1, "data.channel_capacity", d.channel_capacity.to_string(), "at least 1");
+        for (name, set) in [("data.source", &d.source), ("data.target", &d.target), ("data.target_val", &d.target_val)]
+        {
             let Some(set) = set else { continue };
             if set.kind == DatasetKind::Translated {
-                check(set.labels_kind.is_some_and(|k| k != DatasetKind::Translated
-                        && k != DatasetKind::Shard && k != DatasetKind::Cityscapes),
-                    &format!("{name}.labels_kind"), format!("{:?}", set.labels_kind.map(|k| k.name())),
-                    "the original source set: \"gta5\", \"synthia\" or \"synscapes\"");
-                check(set.labels_root.is_some(), &format!("{name}.labels_root"), "(missing)".into(),
-                    "the original set's root, whose labels pair with the translated images");
+                check(
+                    set.labels_kind.is_some_and(|k| {
+                        k != DatasetKind::Translated && k != DatasetKind::Shard && k != DatasetKind::Cityscapes
+                    }),
+                    &format!("{name}.labels_kind"),
+                    format!("{:?}", set.labels_kind.map(|k| k.name())),
+                    "the original source set: \"gta5\", \"synthia\" or \"synscapes\"",
+                );
+                check(
+                    set.labels_root.is_some(),
+                    &format!("{name}.labels_root"),
+                    "(missing)".into(),
+                    "the original set's root, whose labels pair with the translated images",
+                );
             }
             if set.kind == DatasetKind::Synthia {
-                check(d.classes == 16, "data.classes", d.classes.to_string(), "16 with a SYNTHIA set (its 16-class protocol)");
+                check(
+                    d.classes == 16,
+                    "data.classes",
+                    d.classes.to_string(),
+                    "16 with a SYNTHIA set (its 16-class protocol)",
+                );
             }
             if let Some(split) = &set.split {
-                check(split == "train" || split == "val", &format!("{name}.split"),
-                    format!("{split:?}"), "\"train\" or \"val\"");
+                check(
+                    split == "train" || split == "val",
+                    &format!("{name}.split"),
+                    format!("{split:?}"),
+                    "\"train\" or \"val\"",
+                );
             }
         }
 
         let s = &self.synth;
-        check(s.width >= 64 && s.width.is_multiple_of(8), "synth.width", s.width.to_string(),
-            "a multiple of 8, at least 64");
-        check(s.height >= 32 && s.height.is_multiple_of(8), "synth.height", s.height.to_string(),
-            "a multiple of 8, at least 32");
+        check(
+            s.width >= 64 && s.width.is_multiple_of(8),
+            "synth.width",
+            s.width.to_string(),
+            "a multiple of 8, at least 64",
+        );
+        check(
+            s.height >= 32 && s.height.is_multiple_of(8),
+            "synth.height",
+            s.height.to_string(),
+            "a multiple of 8, at least 32",
+        );
         check(s.source_images >= 1, "synth.source_images", s.source_images.to_string(), "at least 1");
-        check(s.target_train_images >= 1, "synth.target_train_images",
-            s.target_train_images.to_string(), "at least 1");
-        check(s.target_val_images >= 1, "synth.target_val_images", s.target_val_images.to_string(),
-            "at least 1");
-        check((0.0..=1.0).contains(&s.translation_strength), "synth.translation_strength",
-            s.translation_strength.to_string(), "a fraction in [0, 1]");
+        check(s.target_train_images >= 1, "synth.target_train_images", s.target_train_images.to_string(), "at least 1");
+        check(s.target_val_images >= 1, "synth.target_val_images", s.target_val_images.to_string(), "at least 1");
+        check(
+            (0.0..=1.0).contains(&s.translation_strength),
+            "synth.translation_strength",
+            s.translation_strength.to_string(),
+            "a fraction in [0, 1]",
+        );
 
         let a = &self.augment;
-        check(a.crop[0] >= 8 && a.crop[1] >= 8, "augment.crop", format!("{:?}", a.crop),
-            "[height, width], each at least 8");
-        check(a.scale[0] > 0.0 && a.scale[0] <= a.scale[1], "augment.scale",
-            format!("{:?}", a.scale), "[min, max] with 0 < min <= max");
-        check((a.resize[0] == 0) == (a.resize[1] == 0), "augment.resize",
-            format!("{:?}", a.resize), "[height, width], both 0 or both positive");
-        check(a.std.iter().all(|&v| v > 0.0), "augment.std", format!("{:?}", a.std),
-            "three positive numbers");
+        check(
+            a.crop[0] >= 8 && a.crop[1] >= 8,
+            "augment.crop",
+            format!("{:?}", a.crop),
+            "[height, width], each at least 8",
+        );
+        check(
+            a.scale[0] > 0.0 && a.scale[0] <= a.scale[1],
+            "augment.scale",
+            format!("{:?}", a.scale),
+            "[min, max] with 0 < min <= max",
+        );
+        check(
+            (a.resize[0] == 0) == (a.resize[1] == 0),
+            "augment.resize",
+            format!("{:?}", a.resize),
+            "[height, width], both 0 or both positive",
+        );
+        check(a.std.iter().all(|&v| v > 0.0), "augment.std", format!("{:?}", a.std), "three positive numbers");
 
         let m = &self.model;
-        check(matches!(m.arch.as_str(), "deeplabv2" | "deeplabv3plus"), "model.arch",
-            format!("{:?}", m.arch), "\"deeplabv2\" or \"deeplabv3plus\"");
-        check(matches!(m.backbone.as_str(), "resnet101" | "resnet50" | "resnet18" | "tiny"),
-            "model.backbone", format!("{:?}", m.backbone),
-            "\"resnet101\", \"resnet50\", \"resnet18\" or \"tiny\"");
+        check(
+            matches!(m.arch.as_str(), "deeplabv2" | "deeplabv3plus"),
+            "model.arch",
+            format!("{:?}", m.arch),
+            "\"deeplabv2\" or \"deeplabv3plus\"",
+        );
+        check(
+            matches!(m.backbone.as_str(), "resnet101" | "resnet50" | "resnet18" | "tiny"),
+            "model.backbone",
+            format!("{:?}", m.backbone),
+            "\"resnet101\", \"resnet50\", \"resnet18\" or \"tiny\"",
+        );
         check(m.tiny_width >= 4, "model.tiny_width", m.tiny_width.to_string(), "at least 4");
-        check(matches!(m.bn_stats.as_str(), "frozen" | "batch"), "model.bn_stats",
-            format!("{:?}", m.bn_stats), "\"frozen\" or \"batch\"");
-        check(m.projection_dim >= 2, "model.projection_dim", m.projection_dim.to_string(),
-            "at least 2");
-        check(!m.aspp_dilations.is_empty() && m.aspp_dilations.iter().all(|&d| d >= 1)
-            && (m.arch != "deeplabv3plus" || m.aspp_dilations.len() >= 2),
-            "model.aspp_dilations", format!("{:?}", m.aspp_dilations),
-            "a list of dilations >= 1 (at least two for deeplabv3plus)");
+        check(
+            matches!(m.bn_stats.as_str(), "frozen" | "batch"),
+            "model.bn_stats",
+            format!("{:?}", m.bn_stats),
+            "\"frozen\" or \"batch\"",
+        );
+        check(m.projection_dim >= 2, "model.projection_dim", m.projection_dim.to_string(), "at least 2");
+        check(
+            !m.aspp_dilations.is_empty()
+                && m.aspp_dilations.iter().all(|&d| d >= 1)
+                && (m.arch != "deeplabv3plus" || m.aspp_dilations.len() >= 2),
+            "model.aspp_dilations",
+            format!("{:?}", m.aspp_dilations),
+            "a list of dilations >= 1 (at least two for deeplabv3plus)",
+        );
         check(m.v3plus_width >= 8, "model.v3plus_width", m.v3plus_width.to_string(), "at least 8");
 
         let t = &self.train;
         check(t.batch_source >= 1, "train.batch_source", t.batch_source.to_string(), "at least 1");
         check(t.batch_target >= 1, "train.batch_target", t.batch_target.to_string(), "at least 1");
         check(t.lr > 0.0 && t.lr.is_finite(), "train.lr", t.lr.to_string(), "a positive number");
-        check((0.0..1.0).contains(&t.momentum), "train.momentum", t.momentum.to_string(),
-            "a number in [0, 1)");
-        check(t.weight_decay >= 0.0, "train.weight_decay", t.weight_decay.to_string(),
-            "a number >= 0");
+        check((0.0..1.0).contains(&t.momentum), "train.momentum", t.momentum.to_string(), "a number in [0, 1)");
+        check(t.weight_decay >= 0.0, "train.weight_decay", t.weight_decay.to_string(), "a number >= 0");
         check(t.poly_power >= 0.0, "train.poly_power", t.poly_power.to_string(), "a number >= 0");
-        check(t.head_lr_mult > 0.0, "train.head_lr_mult", t.head_lr_mult.to_string(),
-            "a positive number");
+        check(t.head_lr_mult > 0.0, "train.head_lr_mult", t.head_lr_mult.to_string(), "a positive number");
         check(t.aux_weight >= 0.0, "train.aux_weight", t.aux_weight.to_string(), "a number >= 0");
         check(t.log_every >= 1, "train.log_every", t.log_every.to_string(), "at least 1");
-        check(matches!(t.precision.as_str(), "fp32" | "bf16"), "train.precision", format!("{:?}", t.precision),
-            "\"fp32\" or \"bf16\"");
+        check(
+            matches!(t.precision.as_str(), "fp32" | "bf16"),
+            "train.precision",
+            format!("{:?}", t.precision),
+            "\"fp32\" or \"bf16\"",
+        );
         check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every.to_string(), "at least 1");
         check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints.to_string(), "at least 1");
-        check(self.metrics.listen.is_empty() || self.metrics.listen.parse::<std::net::SocketAddr>().is_ok(),
-            "metrics.listen", format!("{:?}", self.metrics.listen), "\"host:port\" (e.g. \"127.0.0.1:9464\") or \"\"");
+        check(
+            self.metrics.listen.is_empty() || self.metrics.listen.parse::<std::net::SocketAddr>().is_ok(),
+            "metrics.listen",
+            format!("{:?}", self.metrics.listen),
+            "\"host:port\" (e.g. \"127.0.0.1:9464\") or \"\"",
+        );
 
         let a = &self.active;
         check(a.budget > 0.0 && a.budget <= 1.0, "active.budget", a.budget.to_string(), "a fraction in (0, 1]");
         check(a.gamma >= 0.0, "active.gamma", a.gamma.to_string(), "a number >= 0");
-        check(a.pi_low >= 0.0 && a.pi_low < a.pi_high, "active.pi_low", a.pi_low.to_string(),
-            "a number >= 0 and below active.pi_high");
+        check(
+            a.pi_low >= 0.0 && a.pi_low < a.pi_high,
+            "active.pi_low",
+            a.pi_low.to_string(),
+            "a number >= 0 and below active.pi_high",
+        );
         check(a.decay > 0.0 && a.decay < 1.0, "active.decay", a.decay.to_string(), "a rate in (0, 1)");
 
         let c = &self.contrast;
         for level in &c.levels {
-            check(matches!(level.as_str(), "intra-image" | "cross-image" | "cross-domain"), "contrast.levels",
-                format!("{level:?}"), "\"intra-image\", \"cross-image\" or \"cross-domain\"");
+            check(
+                matches!(level.as_str(), "intra-image" | "cross-image" | "cross-domain"),
+                "contrast.levels",
+                format!("{level:?}"),
+                "\"intra-image\", \"cross-image\" or \"cross-domain\"",
+            );
         }
-        check((0.0..1.0).contains(&c.dccm_momentum), "contrast.dccm_momentum", c.dccm_momentum.to_string(),
-            "a number in [0, 1)");
+        check(
+            (0.0..1.0).contains(&c.dccm_momentum),
+            "contrast.dccm_momentum",
+            c.dccm_momentum.to_string(),
+            "a number in [0, 1)",
+        );
         check(c.temperature > 0.0, "contrast.temperature", c.temperature.to_string(), "a positive number");
         check(c.weight >= 0.0, "contrast.weight", c.weight.to_string(), "a number >= 0");
         check(c.max_anchors >= 1, "contrast.max_anchors", c.max_anchors.to_string(), "at least 1");
         check(c.max_keys >= 2, "contrast.max_keys", c.max_keys.to_string(), "at least 2");
         for v in &self.demo.variants {
-            check(crate::ablation::PRESETS.contains(&v.as_str()), "demo.variants", format!("{v:?}"),
-                &format!("one of {:?}", crate::ablation::PRESETS));
+            check(
+                crate::ablation::PRESETS.contains(&v.as_str()),
+                "demo.variants",
+                format!("{v:?}"),
+                &format!("one of {:?}", crate::ablation::PRESETS),
+            );
         }
         check(self.demo.repeats >= 1, "demo.repeats", self.demo.repeats.to_string(), "at least 1");
 
         let e = &self.eval;
-        check((e.input_size[0] == 0) == (e.input_size[1] == 0), "eval.input_size",
-            format!("{:?}", e.input_size), "[height, width], both 0 or both positive");
+        check(
+            (e.input_size[0] == 0) == (e.input_size[1] == 0),
+            "eval.input_size",
+            format!("{:?}", e.input_size),
+            "[height, width], both 0 or both positive",
+        );
     }
 
     /// The augmentation of one set: `[augment]` with the set's own resize and crop.
     pub fn augment_for(&self, set: &DatasetConfig) -> AugmentConfig {
-        AugmentConfig { resize: set.resize.unwrap_or(self.augment.resize), crop: set.crop.unwrap_or(self.augment.crop),
-            ..self.augment.clone() }
+        AugmentConfig {
+            resize: set.resize.unwrap_or(self.augment.resize),
+            crop: set.crop.unwrap_or(self.augment.crop),
+            ..self.augment.clone()
+        }
     }
 
     /// Like `load`, with `key=value` overrides (TOML values, dotted keys) applied first.
@@ -705,14 +808,29 @@ impl Config {
 /// device and its threads, the memory layout, how the loaders are staffed, how often the run
 /// reports, checkpoints and evaluates, and the parts `adamcu train` does not read.
 const KEYS_RESUME_MAY_CHANGE: &[&str] = &[
-    "run.name", "run.runs_dir", "run.device", "run.threads",
-    "data.on_bad_sample", "data.workers", "data.channel_capacity",
-    "data.source.root", "data.source.labels_root", "data.target.root", "data.target.labels_root",
-    "data.target_val.root", "data.target_val.labels_root",
-    "model.pretrained", "train.channels_last",
-    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
+    "run.name",
+    "run.runs_dir",
+    "run.device",
+    "run.threads",
+    "data.on_bad_sample",
+    "data.workers",
+    "data.channel_capacity",
+    "data.source.root",
+    "data.source.labels_root",
+    "data.target.root",
+    "data.target.labels_root",
+    "data.target_val.root",
+    "data.target_val.labels_root",
+    "model.pretrained",
+    "train.channels_last",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.eval_every",
     "train.target_supervised_iterations",
-    "metrics", "demo", "synth",
+    "metrics",
+    "demo",
+    "synth",
 ];
 
 /// One key whose value differs between the config a run was started with and the current one.
@@ -727,9 +845,8 @@ pub struct ConfigChange {
 
 /// Keys (besides `KEYS_RESUME_MAY_CHANGE`) that source-only pretraining does not read: the
 /// target side, the active-learning and contrastive settings, evaluation.
-const KEYS_AFTER_SOURCE_STAGE: &[&str] = &[
-    "data.target", "data.target_val", "train.batch_target", "active", "contrast", "eval",
-];
+const KEYS_AFTER_SOURCE_STAGE: &[&str] =
+    &["data.target", "data.target_val", "train.batch_target", "active", "contrast", "eval"];
 
 impl ConfigChange {
     /// Whether the change alters what the run computes (anything not in
@@ -781,10 +898,12 @@ fn set_dotted(table: &mut toml::Table, parts: &[&str], value: toml::Value) -> Re
             table.insert(last.to_string(), value);
             Ok(())
         }
-        [first, rest @ ..] => match table.entry(first.to_string()).or_insert_with(|| toml::Value::Table(Default::default())) {
-            toml::Value::Table(inner) => set_dotted(inner, rest, value),
-            _ => Err(format!("{first} is not a table")),
-        },
+        [first, rest @ ..] => {
+            match table.entry(first.to_string()).or_insert_with(|| toml::Value::Table(Default::default())) {
+                toml::Value::Table(inner) => set_dotted(inner, rest, value),
+                _ => Err(format!("{first} is not a table")),
+            }
+        }
     }
 }
 
@@ -826,8 +945,11 @@ impl DeviceChoice {
             DeviceChoice::Cpu => Ok(tch::Device::Cpu),
             DeviceChoice::Cuda(i) => {
                 let count = tch::Cuda::device_count();
-                anyhow::ensure!((i as i64) < count, "CUDA device {i} asked for, but libtorch sees {count} CUDA device(s) \
-                    (no NVIDIA driver, or a CPU-only libtorch?): expected \"auto\" or \"cpu\" here, or a GPU machine");
+                anyhow::ensure!(
+                    (i as i64) < count,
+                    "CUDA device {i} asked for, but libtorch sees {count} CUDA device(s) \
+                    (no NVIDIA driver, or a CPU-only libtorch?): expected \"auto\" or \"cpu\" here, or a GPU machine"
+                );
                 Ok(tch::Device::Cuda(i))
             }
         }

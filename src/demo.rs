@@ -10,12 +10,12 @@ use crate::config::{Config, RunConfig};
 use crate::train::ada::AdaSummary;
 use crate::train::embeddings::{compactness, draw_panels, val_embeddings, Compactness};
 use crate::train::eval::{markdown_table, EvalRow};
-use tch::Tensor;
 use crate::train::{CurvePoint, SupervisedStage, Trainer};
 use anyhow::Result;
 use serde_json::json;
 use std::path::Path;
 use std::time::Instant;
+use tch::Tensor;
 
 /// One seed's table: source-only, the variants, target-supervised; and what each variant bought.
 struct SeedRun {
@@ -51,12 +51,18 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
     }
     println!("\n{}", markdown_table(&rows));
     if runs[0].curves.iter().any(|(_, c)| !c.is_empty()) {
-        println!("\ntarget val mIoU over each row's steps (train.eval_every; mean over seeds): does more training help?");
+        println!(
+            "\ntarget val mIoU over each row's steps (train.eval_every; mean over seeds): does more training help?"
+        );
         for (i, (name, curve)) in runs[0].curves.iter().enumerate() {
-            let points: Vec<String> = curve.iter().enumerate().map(|(k, p)| {
-                let mean = runs.iter().map(|r| r.curves[i].1[k].miou).sum::<f64>() / runs.len() as f64;
-                format!("{}: {mean:.1}", p.step)
-            }).collect();
+            let points: Vec<String> = curve
+                .iter()
+                .enumerate()
+                .map(|(k, p)| {
+                    let mean = runs.iter().map(|r| r.curves[i].1[k].miou).sum::<f64>() / runs.len() as f64;
+                    format!("{}: {mean:.1}", p.step)
+                })
+                .collect();
             println!("  {name:<26} {}", points.join(", "));
         }
     }
@@ -72,27 +78,39 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
     for (v, row) in rows[1..rows.len() - 1].iter().enumerate() {
         let spent = runs.iter().map(|r| r.budgets[v].spent as f64).sum::<f64>() / runs.len() as f64;
         let AdaSummary { budget, total_pixels, pixels, .. } = &runs[0].budgets[v];
-        println!("{:<26} closes {:>5.1}% of the gap; bought {spent:.0} of Me = {budget} ({:.3}% of Mt = \
-                  {total_pixels} {pixels})", row.name, 100.0 * (row.miou - low) / (high - low),
-            100.0 * spent / *total_pixels as f64);
+        println!(
+            "{:<26} closes {:>5.1}% of the gap; bought {spent:.0} of Me = {budget} ({:.3}% of Mt = \
+                  {total_pixels} {pixels})",
+            row.name,
+            100.0 * (row.miou - low) / (high - low),
+            100.0 * spent / *total_pixels as f64
+        );
     }
     // Fig. 5 from the first seed; compactness for every seed.
     let mut compactness_rows = Vec::new();
     for (i, (variant, _, _, _)) in runs[0].embeddings.iter().enumerate() {
         let per_seed: Vec<Compactness> = runs.iter().map(|r| r.embeddings[i].3).collect();
         let mean = |f: fn(&Compactness) -> f64| per_seed.iter().map(f).sum::<f64>() / per_seed.len() as f64;
-        println!("{:<26} target val embeddings: mean cosine same class {:.3}, other classes {:.3} (gap {:.3})",
-            crate::ablation::row_name(variant), mean(|c| c.intra), mean(|c| c.inter), mean(|c| c.intra - c.inter));
+        println!(
+            "{:<26} target val embeddings: mean cosine same class {:.3}, other classes {:.3} (gap {:.3})",
+            crate::ablation::row_name(variant),
+            mean(|c| c.intra),
+            mean(|c| c.inter),
+            mean(|c| c.intra - c.inter)
+        );
         compactness_rows.push(json!({ "variant": variant, "row": crate::ablation::row_name(variant),
             "intra_mean": mean(|c| c.intra), "inter_mean": mean(|c| c.inter), "per_seed": per_seed }));
     }
     let fig5 = config.run_dir().join("fig5.png");
     if !runs[0].embeddings.is_empty() {
-        let panels: Vec<(Tensor, Tensor)> = runs[0].embeddings.iter().map(|(_, e, c, _)| (e.shallow_clone(), c.shallow_clone())).collect();
+        let panels: Vec<(Tensor, Tensor)> =
+            runs[0].embeddings.iter().map(|(_, e, c, _)| (e.shallow_clone(), c.shallow_clone())).collect();
         draw_panels(&panels, config.data.classes, 480, &fig5)?;
-        println!("Fig. 5 (PCA of target val pixel embeddings, Cityscapes colours; {}): {}",
+        println!(
+            "Fig. 5 (PCA of target val pixel embeddings, Cityscapes colours; {}): {}",
             runs[0].embeddings.iter().map(|e| crate::ablation::row_name(&e.0)).collect::<Vec<_>>().join(" | "),
-            fig5.display());
+            fig5.display()
+        );
     }
     let seconds = started.elapsed().as_secs_f64();
     println!("demo took {seconds:.0} s");
@@ -121,8 +139,10 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
     trainer.save(&source, None, json!({"stage": "source"}))?;
     let source_only = trainer.evaluate("source-only", 0.0)?;
     tracing::info!("source-only mIoU {:.1}", source_only.miou);
-    let mut curves = vec![("source-only".to_string(),
-        trainer.curve_end(source_curve, config.train.source_iterations, &source_only))];
+    let mut curves = vec![(
+        "source-only".to_string(),
+        trainer.curve_end(source_curve, config.train.source_iterations, &source_only),
+    )];
     let mut rows = vec![source_only];
     let mut budgets = Vec::new();
     let mut embeddings = Vec::new();
@@ -136,16 +156,30 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
         let ledger = dir.join("ledger.bin");
         let _ = std::fs::remove_file(&ledger);
         let (summary, _) = ada.train_ada(&ledger, config.active.iterations)?;
-        ada.save(&dir.join("model.safetensors"), None, json!({"stage": "ada", "variant": variant, "summary": summary}))?;
+        ada.save(
+            &dir.join("model.safetensors"),
+            None,
+            json!({"stage": "ada", "variant": variant, "summary": summary}),
+        )?;
         let row = ada.evaluate(crate::ablation::row_name(variant), summary.labelled_fraction())?;
-        tracing::info!("{}: mIoU {:.1}, bought {} of {} {}", row.name, row.miou, summary.spent, summary.budget,
-            summary.pixels);
+        tracing::info!(
+            "{}: mIoU {:.1}, bought {} of {} {}",
+            row.name,
+            row.miou,
+            summary.spent,
+            summary.budget,
+            summary.pixels
+        );
         if FIG5_VARIANTS.contains(&variant.as_str()) {
             // 200 labelled pixels from each of 20 val images: 4,000 points, as Fig. 5 plots.
             let (points, classes) = val_embeddings(&ada, 20, 200, config.run.seed as i64)?;
             let c = compactness(&points, &classes);
-            tracing::info!("{}: target val embeddings: mean cosine same class {:.3}, other classes {:.3}",
-                row.name, c.intra, c.inter);
+            tracing::info!(
+                "{}: target val embeddings: mean cosine same class {:.3}, other classes {:.3}",
+                row.name,
+                c.intra,
+                c.inter
+            );
             embeddings.push((variant.clone(), points, classes, c));
         }
         curves.push((row.name.clone(), ada.curve_end(summary.curve.clone(), config.active.iterations, &row)));
@@ -179,8 +213,18 @@ impl std::fmt::Display for PairedGain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "  {:<26} over {:<26} {:+.2} mIoU points", self.to, self.from, self.mean)?;
         match self.interval95 {
-            Some((lo, hi)) => write!(f, ", 95 % interval [{lo:+.2}, {hi:+.2}] over {} seeds{}", self.per_seed.len(),
-                if lo > 0.0 { ": a gain" } else if hi < 0.0 { ": a loss" } else { ": not told from noise" }),
+            Some((lo, hi)) => write!(
+                f,
+                ", 95 % interval [{lo:+.2}, {hi:+.2}] over {} seeds{}",
+                self.per_seed.len(),
+                if lo > 0.0 {
+                    ": a gain"
+                } else if hi < 0.0 {
+                    ": a loss"
+                } else {
+                    ": not told from noise"
+                }
+            ),
             None => write!(f, " (one seed: no interval)"),
         }
     }
@@ -191,18 +235,28 @@ impl std::fmt::Display for PairedGain {
 /// source-only, then the variants in order). With the paper's order (AL w/o AS, AL w AS,
 /// MCU-i, MCU-d, full) these are Table VI's steps: AS, MCU-i, MCU-d and the DCCM.
 fn paired_gains(variants: &[String], runs: &[SeedRun]) -> Vec<PairedGain> {
-    (1..=variants.len()).map(|b| {
-        let a = b - 1;
-        let per_seed: Vec<f64> = runs.iter().map(|r| r.rows[b].miou - r.rows[a].miou).collect();
-        let n = per_seed.len() as f64;
-        let mean = per_seed.iter().sum::<f64>() / n;
-        let interval95 = (per_seed.len() > 1).then(|| {
-            let sd = crate::train::eval::sample_std(&per_seed);
-            let t = statrs::distribution::ContinuousCDF::inverse_cdf(
-                &statrs::distribution::StudentsT::new(0.0, 1.0, n - 1.0).expect("n > 1"), 0.975);
-            (mean - t * sd / n.sqrt(), mean + t * sd / n.sqrt())
-        });
-        PairedGain { step: variants[b - 1].clone(), from: runs[0].rows[a].name.clone(), to: runs[0].rows[b].name.clone(),
-            per_seed, mean, interval95 }
-    }).collect()
+    (1..=variants.len())
+        .map(|b| {
+            let a = b - 1;
+            let per_seed: Vec<f64> = runs.iter().map(|r| r.rows[b].miou - r.rows[a].miou).collect();
+            let n = per_seed.len() as f64;
+            let mean = per_seed.iter().sum::<f64>() / n;
+            let interval95 = (per_seed.len() > 1).then(|| {
+                let sd = crate::train::eval::sample_std(&per_seed);
+                let t = statrs::distribution::ContinuousCDF::inverse_cdf(
+                    &statrs::distribution::StudentsT::new(0.0, 1.0, n - 1.0).expect("n > 1"),
+                    0.975,
+                );
+                (mean - t * sd / n.sqrt(), mean + t * sd / n.sqrt())
+            });
+            PairedGain {
+                step: variants[b - 1].clone(),
+                from: runs[0].rows[a].name.clone(),
+                to: runs[0].rows[b].name.clone(),
+                per_seed,
+                mean,
+                interval95,
+            }
+        })
+        .collect()
 }

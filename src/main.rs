@@ -10,8 +10,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "adamcu", version, about = "Active domain adaptation for semantic segmentation \
-    with multi-level contrastive units (ADA-MCU)")]
+#[command(
+    name = "adamcu",
+    version,
+    about = "Active domain adaptation for semantic segmentation \
+    with multi-level contrastive units (ADA-MCU)"
+)]
 struct Cli {
     /// Override a config value: KEY=VALUE with a dotted key and a TOML value
     /// (e.g. --set active.budget=0.017); repeatable.
@@ -33,9 +37,7 @@ enum Command {
     #[command(subcommand)]
     Config(ConfigCommand),
     /// What a weights file (.pth, .safetensors) holds and the config lines that use it.
-    Weights {
-        file: PathBuf,
-    },
+    Weights { file: PathBuf },
     /// Data sets: generate the synthetic benchmark, check configured sets.
     #[command(subcommand)]
     Datasets(DatasetsCommand),
@@ -209,9 +211,12 @@ fn configured_sets(config: &Config) -> Vec<(&'static str, &DatasetConfig)> {
 }
 
 fn pick_set<'a>(config: &'a Config, name: &str) -> Result<&'a DatasetConfig> {
-    configured_sets(config).into_iter().find(|(n, _)| *n == name).map(|(_, s)| s)
-        .ok_or_else(|| anyhow!("--set {name:?}: expected one of the configured sets: {}",
-            configured_sets(config).iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")))
+    configured_sets(config).into_iter().find(|(n, _)| *n == name).map(|(_, s)| s).ok_or_else(|| {
+        anyhow!(
+            "--set {name:?}: expected one of the configured sets: {}",
+            configured_sets(config).iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+        )
+    })
 }
 
 fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
@@ -235,8 +240,11 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
             let config = load_config(&config, overrides)?;
             let started = std::time::Instant::now();
             adamcu::data::synth::generate(&config.synth)?;
-            println!("synthetic benchmark ready in {} ({:.1} s)", config.synth.root.display(),
-                started.elapsed().as_secs_f64());
+            println!(
+                "synthetic benchmark ready in {} ({:.1} s)",
+                config.synth.root.display(),
+                started.elapsed().as_secs_f64()
+            );
         }
         Command::Datasets(DatasetsCommand::Check { config, set }) => {
             let config = load_config(&config, overrides)?;
@@ -261,8 +269,8 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
             let config = load_config(&config, overrides)?;
             let set = pick_set(&config, &set)?;
             let size = size.map(|s| parse_size(&s)).transpose()?;
-            let source = adamcu::data::source::SampleSource::open(set, config.data.classes)
-                .map_err(|e| anyhow!("{e}"))?;
+            let source =
+                adamcu::data::source::SampleSource::open(set, config.data.classes).map_err(|e| anyhow!("{e}"))?;
             let n = adamcu::data::pack::pack(&source, &out, config.data.classes, size)?;
             println!("packed {n} sample(s) into {}", out.display());
         }
@@ -280,13 +288,22 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
                     bail!("--accept-config-changes goes with --resume or --continue");
                 }
                 let config_changes = if accept_config_changes { ConfigChanges::Accept } else { ConfigChanges::Refuse };
-                let start = if resume { Start::Resume } else if continue_run { Start::ResumeIfAny } else { Start::Fresh };
+                let start = if resume {
+                    Start::Resume
+                } else if continue_run {
+                    Start::ResumeIfAny
+                } else {
+                    Start::Fresh
+                };
                 let options = DaemonOptions { start, init, config_changes };
                 let outcome = adamcu::pipeline::daemon::run(&config, options)?;
-                println!("{}", match outcome {
-                    adamcu::pipeline::daemon::Outcome::Finished => "finished",
-                    adamcu::pipeline::daemon::Outcome::Stopped => "stopped; go on with --resume (or --continue)",
-                });
+                println!(
+                    "{}",
+                    match outcome {
+                        adamcu::pipeline::daemon::Outcome::Finished => "finished",
+                        adamcu::pipeline::daemon::Outcome::Stopped => "stopped; go on with --resume (or --continue)",
+                    }
+                );
                 return Ok(ExitCode::SUCCESS);
             }
             if resume || continue_run || accept_config_changes {
@@ -317,8 +334,13 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
                 }
                 None => {
                     let (summary, _) = trainer.train_ada(&run_dir.join("ledger.bin"), config.active.iterations)?;
-                    println!("bought {} of {} {} ({:.3}% of the target set)", summary.spent, summary.budget,
-                        summary.pixels, 100.0 * summary.labelled_fraction());
+                    println!(
+                        "bought {} of {} {} ({:.3}% of the target set)",
+                        summary.spent,
+                        summary.budget,
+                        summary.pixels,
+                        100.0 * summary.labelled_fraction()
+                    );
                     (run_dir.join("ada.safetensors"), serde_json::json!({"stage": "ada", "summary": summary}))
                 }
             };
@@ -334,7 +356,8 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
                     trainer.evaluate(&checkpoint.file_stem().unwrap().to_string_lossy(), f64::NAN)?
                 }
                 (None, Some(dir)) => {
-                    let labels = adamcu::train::open_set(&config.data.target_val, "data.target_val", config.data.classes)?;
+                    let labels =
+                        adamcu::train::open_set(&config.data.target_val, "data.target_val", config.data.classes)?;
                     let confusion = adamcu::predict::score_folder(&dir, &labels, config.data.classes)?;
                     EvalRow::from_confusion(&dir.display().to_string(), &confusion, f64::NAN)
                 }
@@ -348,8 +371,13 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
         Command::Status { run_dir } => {
             let status = adamcu::pipeline::status::Status::read(&run_dir)?;
             let alive = adamcu::pipeline::lock::RunLock::is_held(&run_dir);
-            println!("{} ({}; pid {}, daemon {})", status.line(), status.state, status.pid,
-                if alive { "running" } else { "not running" });
+            println!(
+                "{} ({}; pid {}, daemon {})",
+                status.line(),
+                status.state,
+                status.pid,
+                if alive { "running" } else { "not running" }
+            );
         }
         Command::Predict { config, checkpoint, images, out } => {
             let config = load_config(&config, overrides)?;
@@ -358,8 +386,17 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
             let n = adamcu::predict::predict_folder(&trainer, &images, &out, &options)?;
             println!("wrote masks and overlays for {n} image(s) to {}", out.display());
         }
-        Command::Bench(BenchCommand::Step { config, source_size, target_size, batch, iterations, warmup, top_ops, python,
-            reference }) => {
+        Command::Bench(BenchCommand::Step {
+            config,
+            source_size,
+            target_size,
+            batch,
+            iterations,
+            warmup,
+            top_ops,
+            python,
+            reference,
+        }) => {
             let config = load_config(&config, overrides)?;
             // Sizes are HEIGHTxWIDTH here, as the reference script takes them.
             let size = |given: Option<String>, set: &Option<DatasetConfig>| -> Result<(i64, i64)> {
@@ -369,9 +406,18 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
                 };
                 Ok((height as i64, width as i64))
             };
-            let (source_size, target_size) = (size(source_size, &config.data.source)?, size(target_size, &config.data.target)?);
-            adamcu::bench::step(&adamcu::bench::StepBenchOptions { config, source_size, target_size, batch, iterations,
-                warmup, top_ops, reference: python.map(|p| (p, reference)) })?;
+            let (source_size, target_size) =
+                (size(source_size, &config.data.source)?, size(target_size, &config.data.target)?);
+            adamcu::bench::step(&adamcu::bench::StepBenchOptions {
+                config,
+                source_size,
+                target_size,
+                batch,
+                iterations,
+                warmup,
+                top_ops,
+                reference: python.map(|p| (p, reference)),
+            })?;
         }
         Command::Bench(BenchCommand::Loader { dir, images, python, reference }) => {
             adamcu::bench::loader(&adamcu::bench::LoaderBenchOptions { dir, images, python, reference })?;
@@ -392,8 +438,7 @@ fn parse_size(text: &str) -> Result<(u32, u32)> {
 fn main() -> ExitCode {
     adamcu::torch_ext::keep_freed_memory();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| "info".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

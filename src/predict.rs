@@ -17,9 +17,12 @@ pub fn colourise(ids: &[u8], classes: usize) -> Vec<u8> {
 
 pub fn predict_folder(trainer: &Trainer, images: &Path, out: &Path, options: &EvalOptions) -> Result<usize> {
     std::fs::create_dir_all(out)?;
-    let mut files: Vec<_> = std::fs::read_dir(images).with_context(|| format!("{}: cannot list", images.display()))?
-        .flatten().map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"))).collect();
+    let mut files: Vec<_> = std::fs::read_dir(images)
+        .with_context(|| format!("{}: cannot list", images.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
+        .collect();
     files.sort();
     if files.is_empty() {
         bail!("{}: no PNG images to predict", images.display());
@@ -35,7 +38,8 @@ pub fn predict_folder(trainer: &Trainer, images: &Path, out: &Path, options: &Ev
             let stem = path.file_stem().unwrap().to_string_lossy().replace("_leftImg8bit", "");
             let (w, h) = (rgb.width, rgb.height);
             let colour = colourise(&ids, classes);
-            let overlay: Vec<u8> = rgb.pixels.iter().zip(&colour).map(|(&a, &b)| ((a as u16 + b as u16) / 2) as u8).collect();
+            let overlay: Vec<u8> =
+                rgb.pixels.iter().zip(&colour).map(|(&a, &b)| ((a as u16 + b as u16) / 2) as u8).collect();
             GrayImage::from_raw(w, h, ids).unwrap().save(out.join(format!("{stem}.png")))?;
             RgbImage::from_raw(w, h, colour).unwrap().save(out.join(format!("{stem}_color.png")))?;
             RgbImage::from_raw(w, h, overlay).unwrap().save(out.join(format!("{stem}_overlay.png")))?;
@@ -51,9 +55,16 @@ pub fn score_folder(dir: &Path, labels: &SampleSource, classes: usize) -> Result
     for i in 0..labels.len() {
         let path = dir.join(format!("{}.png", labels.id(i)));
         let (_, label) = labels.load_full(i).map_err(|e| anyhow!("{e}"))?;
-        let prediction = image::open(&path).with_context(|| format!("{}: cannot read prediction", path.display()))?.into_luma8();
+        let prediction =
+            image::open(&path).with_context(|| format!("{}: cannot read prediction", path.display()))?.into_luma8();
         if prediction.dimensions() != (label.width, label.height) {
-            bail!("{}: prediction is {:?}, its label {}x{}", path.display(), prediction.dimensions(), label.width, label.height);
+            bail!(
+                "{}: prediction is {:?}, its label {}x{}",
+                path.display(),
+                prediction.dimensions(),
+                label.width,
+                label.height
+            );
         }
         for (&p, &l) in prediction.as_raw().iter().zip(&label.ids) {
             if l == IGNORE {

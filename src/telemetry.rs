@@ -101,16 +101,25 @@ fn describe() {
     // Served as 0 from the start, so that an alert on its increase has a series to watch.
     counter!(EVAL_FAILURES).absolute(0);
     describe_counter!(LOADER_ERRORS, "Samples a loader could not use, by domain and kind.");
-    describe_histogram!(CHECKPOINT_SECONDS, "Seconds to write a checkpoint (on the writer thread; the pause it \
-        costs training is adamcu_stage_wait_seconds{stage=\"train\",side=\"output\"}).");
+    describe_histogram!(
+        CHECKPOINT_SECONDS,
+        "Seconds to write a checkpoint (on the writer thread; the pause it \
+        costs training is adamcu_stage_wait_seconds{stage=\"train\",side=\"output\"})."
+    );
     describe_gauge!(GPU_MEMORY_PEAK, "Peak bytes allocated on the CUDA device (CUDA runs only).");
     describe_gauge!(CHECKPOINT_BYTES, "Bytes of the last checkpoint (model, optimizer, ledger snapshot).");
     describe_gauge!(RUN_DIR_FREE, "Bytes free to the daemon on the file system of its run directory.");
-    describe_gauge!(CONTRAST_ANCHORS, "Usable p2p anchors (a positive and a negative) of the last step, by level \
-        and anchor domain, summed over its contrastive units.");
+    describe_gauge!(
+        CONTRAST_ANCHORS,
+        "Usable p2p anchors (a positive and a negative) of the last step, by level \
+        and anchor domain, summed over its contrastive units."
+    );
     describe_gauge!(CONTRAST_POSITIVES, "Positive pairs of those anchors, by level and anchor domain.");
-    describe_gauge!(CONTRAST_GRADIENT_RATIO, "|grad of weighted L_con| / |grad of L_seg| at the backbone's output, \
-        measured on log steps.");
+    describe_gauge!(
+        CONTRAST_GRADIENT_RATIO,
+        "|grad of weighted L_con| / |grad of L_seg| at the backbone's output, \
+        measured on log steps."
+    );
     describe_gauge!(DCCM_MAX, "The largest entry of the DCCM W.");
     describe_gauge!(BUILD_INFO, "Always 1; labels give the adamcu and libtorch versions.");
 }
@@ -186,8 +195,9 @@ pub fn groups(high: u64, medium: u64, low: u64, pi_high: f64, pi_low: f64) {
 /// The contrastive units' diagnostics of the last step (`ContrastDiagnostics`).
 pub fn contrast(d: &crate::train::ada::ContrastDiagnostics) {
     for l in &d.levels {
-        for (domain, anchors, positives) in [("source", l.source_anchors, l.source_positives),
-            ("target", l.target_anchors, l.target_positives)] {
+        for (domain, anchors, positives) in
+            [("source", l.source_anchors, l.source_positives), ("target", l.target_anchors, l.target_positives)]
+        {
             gauge!(CONTRAST_ANCHORS, "level" => l.level.clone(), "domain" => domain).set(anchors);
             gauge!(CONTRAST_POSITIVES, "level" => l.level.clone(), "domain" => domain).set(positives);
         }

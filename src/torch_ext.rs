@@ -7,13 +7,29 @@ extern "C" {
     fn adamcu_cuda_peak_bytes(device: i32) -> i64;
     fn adamcu_cuda_reset_peak(device: i32);
     fn adamcu_cuda_set_sync_debug(level: i32) -> i32;
-    fn adamcu_sgd_foreach(params: *const *mut torch_sys::C_tensor, buffers: *const *mut torch_sys::C_tensor, n: i32,
-        lr: f64, momentum: f64, weight_decay: f64, error: *mut std::ffi::c_char, error_len: i32) -> i32;
+    fn adamcu_sgd_foreach(
+        params: *const *mut torch_sys::C_tensor,
+        buffers: *const *mut torch_sys::C_tensor,
+        n: i32,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+        error: *mut std::ffi::c_char,
+        error_len: i32,
+    ) -> i32;
     fn adamcu_clear_grads(params: *const *mut torch_sys::C_tensor, n: i32);
-    fn adamcu_pin_memory(tensor: *const torch_sys::C_tensor, error: *mut std::ffi::c_char, error_len: i32)
-        -> *mut torch_sys::C_tensor;
-    fn adamcu_empty_pinned(sizes: *const i64, ndim: i32, like: *const torch_sys::C_tensor, error: *mut std::ffi::c_char,
-        error_len: i32) -> *mut torch_sys::C_tensor;
+    fn adamcu_pin_memory(
+        tensor: *const torch_sys::C_tensor,
+        error: *mut std::ffi::c_char,
+        error_len: i32,
+    ) -> *mut torch_sys::C_tensor;
+    fn adamcu_empty_pinned(
+        sizes: *const i64,
+        ndim: i32,
+        like: *const torch_sys::C_tensor,
+        error: *mut std::ffi::c_char,
+        error_len: i32,
+    ) -> *mut torch_sys::C_tensor;
     fn adamcu_op_count_start();
     fn adamcu_op_count_stop(out: *mut std::ffi::c_char, out_len: i32) -> i64;
 }
@@ -34,7 +50,8 @@ fn shim_tensor(call: impl FnOnce(*mut std::ffi::c_char, i32) -> *mut torch_sys::
         let handle = call(error, len);
         // SAFETY: a fresh handle from the shim, owned by the returned tensor.
         (!handle.is_null()).then(|| unsafe { tch::Tensor::from_ptr(handle) })
-    }).unwrap_or_else(|e| panic!("cannot page-lock a tensor: {e}"))
+    })
+    .unwrap_or_else(|e| panic!("cannot page-lock a tensor: {e}"))
 }
 
 /// A page-locked copy of a CPU tensor (CUDA only), so that copies to the device can be
@@ -52,7 +69,9 @@ pub fn empty_pinned(size: &[i64], kind: tch::Kind) -> tch::Tensor {
     // Carries the dtype across (tch does not expose its dtype codes).
     let like = tch::Tensor::empty([0], (kind, tch::Device::Cpu));
     // SAFETY: `size` and `like` outlive the call.
-    shim_tensor(|error, len| unsafe { adamcu_empty_pinned(size.as_ptr(), size.len() as i32, like.as_ptr(), error, len) })
+    shim_tensor(|error, len| unsafe {
+        adamcu_empty_pinned(size.as_ptr(), size.len() as i32, like.as_ptr(), error, len)
+    })
 }
 
 fn handles(tensors: &[&tch::Tensor]) -> Vec<*mut torch_sys::C_tensor> {
@@ -62,8 +81,13 @@ fn handles(tensors: &[&tch::Tensor]) -> Vec<*mut torch_sys::C_tensor> {
 /// One SGD step (PyTorch's semantics: `buf = momentum * buf + grad + weight_decay * p`,
 /// `p -= lr * buf`) for parameters that all have a gradient, with their momentum buffers
 /// (zero before the first step), as libtorch's multi-tensor kernels.
-pub fn sgd_foreach(params: &[&tch::Tensor], buffers: &[&tch::Tensor], lr: f64, momentum: f64, weight_decay: f64)
-    -> Result<(), String> {
+pub fn sgd_foreach(
+    params: &[&tch::Tensor],
+    buffers: &[&tch::Tensor],
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+) -> Result<(), String> {
     assert_eq!(params.len(), buffers.len(), "one momentum buffer per parameter");
     let (p, b) = (handles(params), handles(buffers));
     with_error_buffer(|error, len| {
@@ -85,8 +109,13 @@ pub fn clear_grads(params: &[&tch::Tensor]) {
 
 /// What `cpu_data` and `cpu_data_mut` rely on to view a tensor's storage as a `[T]`.
 fn check_cpu_elements<T: tch::kind::Element>(tensor: &tch::Tensor) {
-    assert!(tensor.device() == tch::Device::Cpu && tensor.is_contiguous() && tensor.kind() == T::KIND,
-        "expected a contiguous CPU tensor of {:?}, got {:?} on {:?}", T::KIND, tensor.kind(), tensor.device());
+    assert!(
+        tensor.device() == tch::Device::Cpu && tensor.is_contiguous() && tensor.kind() == T::KIND,
+        "expected a contiguous CPU tensor of {:?}, got {:?} on {:?}",
+        T::KIND,
+        tensor.kind(),
+        tensor.device()
+    );
 }
 
 /// The elements of a contiguous CPU tensor of kind `T`, to fill it in place.
@@ -258,9 +287,20 @@ pub struct OpCount {
 /// `_local_scalar_dense` under it, `is_nonzero`, `equal`), or an output whose size depends on
 /// the data (`nonzero`, under boolean indexing too, `masked_select`, `unique`, `bincount`,
 /// `repeat_interleave` without its output size).
-const WAITS_ON_CUDA: [&str; 12] = ["aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal",
-    "aten::nonzero", "aten::masked_select", "aten::_unique", "aten::_unique2", "aten::unique_dim",
-    "aten::unique_consecutive", "aten::bincount", "aten::repeat_interleave"];
+const WAITS_ON_CUDA: [&str; 12] = [
+    "aten::item",
+    "aten::_local_scalar_dense",
+    "aten::is_nonzero",
+    "aten::equal",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::_unique",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+    "aten::bincount",
+    "aten::repeat_interleave",
+];
 
 impl OpCount {
     /// The operators called (at any depth) that would make the host wait on a CUDA device,

@@ -57,8 +57,12 @@ fn info_nce(a: &Tensor, ac: &Tensor, k: &Tensor, kc: &Tensor, t: f64, w: Option<
     let all = |c: &Tensor| Tensor::ones(c.size(), (Kind::Bool, Device::Cpu));
     let (av, kv) = (all(ac), all(kc));
     let w = w.map(|w| w.unsqueeze(0));
-    let units = info_nce_units(&Points { embeddings: &a.unsqueeze(0), classes: &ac.unsqueeze(0), valid: &av.unsqueeze(0), ids: None },
-        &Points { embeddings: &k.unsqueeze(0), classes: &kc.unsqueeze(0), valid: &kv.unsqueeze(0), ids: None }, t, w.as_ref());
+    let units = info_nce_units(
+        &Points { embeddings: &a.unsqueeze(0), classes: &ac.unsqueeze(0), valid: &av.unsqueeze(0), ids: None },
+        &Points { embeddings: &k.unsqueeze(0), classes: &kc.unsqueeze(0), valid: &kv.unsqueeze(0), ids: None },
+        t,
+        w.as_ref(),
+    );
     (units.usable.int64_value(&[0]) != 0).then(|| units.loss.double_value(&[0]))
 }
 
@@ -83,9 +87,21 @@ fn info_nce_with_several_positives_matches_the_hand_computed_value() {
     assert!(info_nce(&a, &ac, &keys.narrow(0, 0, 2), &kc.narrow(0, 0, 2), t, None).is_none());
     // Invalid (padding) keys are ignored: padding the negative away leaves no usable anchor.
     let units = info_nce_units(
-        &Points { embeddings: &a.unsqueeze(0), classes: &ac.unsqueeze(0), valid: &Tensor::from_slice(&[true]).view([1, 1]), ids: None },
-        &Points { embeddings: &keys.unsqueeze(0), classes: &kc.unsqueeze(0), valid: &Tensor::from_slice(&[true, true, false]).view([1, 3]), ids: None },
-        t, None);
+        &Points {
+            embeddings: &a.unsqueeze(0),
+            classes: &ac.unsqueeze(0),
+            valid: &Tensor::from_slice(&[true]).view([1, 1]),
+            ids: None,
+        },
+        &Points {
+            embeddings: &keys.unsqueeze(0),
+            classes: &kc.unsqueeze(0),
+            valid: &Tensor::from_slice(&[true, true, false]).view([1, 3]),
+            ids: None,
+        },
+        t,
+        None,
+    );
     assert_eq!(units.usable.int64_value(&[0]), 0);
     assert_eq!(units.loss.double_value(&[0]), 0.0);
     assert_eq!(units.anchors.double_value(&[0]), 0.0);
@@ -104,25 +120,49 @@ fn an_anchor_is_never_its_own_positive() {
     let t = 0.5;
     let (s2, n) = (0.0 / t, -1.0 / t);
     let expected = -(s2 - (f64::exp(s2) + f64::exp(n)).ln());
-    let units = info_nce_units(&Points { embeddings: &a, classes: &ac, valid: &av, ids: Some(&a_ids) },
-        &Points { embeddings: &keys, classes: &kc, valid: &kv, ids: Some(&k_ids) }, t, None);
+    let units = info_nce_units(
+        &Points { embeddings: &a, classes: &ac, valid: &av, ids: Some(&a_ids) },
+        &Points { embeddings: &keys, classes: &kc, valid: &kv, ids: Some(&k_ids) },
+        t,
+        None,
+    );
     let got = units.loss.double_value(&[0]);
-    assert!(close(got, expected), "{got} vs {expected} (with the self-pair it would be {})",
-        info_nce(&a.squeeze_dim(0), &ac.squeeze_dim(0), &keys.squeeze_dim(0), &kc.squeeze_dim(0), t, None).unwrap());
+    assert!(
+        close(got, expected),
+        "{got} vs {expected} (with the self-pair it would be {})",
+        info_nce(&a.squeeze_dim(0), &ac.squeeze_dim(0), &keys.squeeze_dim(0), &kc.squeeze_dim(0), t, None).unwrap()
+    );
     assert_eq!(units.positives.double_value(&[0]), 1.0, "k2 is the one positive");
     // Its only positive being itself, an anchor is not usable.
-    let only_self = info_nce_units(&Points { embeddings: &a, classes: &ac, valid: &av, ids: Some(&a_ids) },
-        &Points { embeddings: &keys.narrow(1, 0, 1).shallow_clone(), classes: &kc.narrow(1, 0, 1).shallow_clone(),
-            valid: &kv.narrow(1, 0, 1).shallow_clone(), ids: Some(&k_ids.narrow(1, 0, 1).shallow_clone()) }, t, None);
+    let only_self = info_nce_units(
+        &Points { embeddings: &a, classes: &ac, valid: &av, ids: Some(&a_ids) },
+        &Points {
+            embeddings: &keys.narrow(1, 0, 1).shallow_clone(),
+            classes: &kc.narrow(1, 0, 1).shallow_clone(),
+            valid: &kv.narrow(1, 0, 1).shallow_clone(),
+            ids: Some(&k_ids.narrow(1, 0, 1).shallow_clone()),
+        },
+        t,
+        None,
+    );
     assert_eq!(only_self.usable.int64_value(&[0]), 0);
     // Through the units: an intra-image unit whose every pixel is an anchor and a key, with
     // distinct classes except one pair; no anchor may count itself among its positives.
     let emb = Tensor::eye(4, (Kind::Float, Device::Cpu)).view([1, 4, 2, 2]); // 4 orthogonal pixels
     let labels = Tensor::from_slice(&[0i64, 0, 1, 2]).view([1, 2, 2]);
-    let batch = DomainBatch { embedding: emb.shallow_clone(), labels: labels.shallow_clone(),
-        anchors: Tensor::ones([1, 2, 2], (Kind::Bool, Device::Cpu)), low: Tensor::zeros([1, 2, 2], (Kind::Bool, Device::Cpu)),
-        center_classes: labels.shallow_clone() };
-    let config = ContrastConfig { levels: vec!["intra-image".into()], c2c: false, temperature: 1.0, ..ContrastConfig::default() };
+    let batch = DomainBatch {
+        embedding: emb.shallow_clone(),
+        labels: labels.shallow_clone(),
+        anchors: Tensor::ones([1, 2, 2], (Kind::Bool, Device::Cpu)),
+        low: Tensor::zeros([1, 2, 2], (Kind::Bool, Device::Cpu)),
+        center_classes: labels.shallow_clone(),
+    };
+    let config = ContrastConfig {
+        levels: vec!["intra-image".into()],
+        c2c: false,
+        temperature: 1.0,
+        ..ContrastConfig::default()
+    };
     let _generator = seeded(0);
     let l = contrastive_losses(&batch, &batch, &config, None, 3);
     let usage = Vec::<f32>::try_from(l.usage.unwrap().flatten(0, -1)).unwrap();
@@ -165,7 +205,8 @@ fn dccm_is_an_ema_of_per_class_error_rates_and_skips_unseen_classes() {
     assert!(close(w(&d, 0, 1), 0.9 * 0.025 + 0.1 * 1.0));
     assert!(close(w(&d, 1, 0), 0.05), "class 1 absent: its row keeps its value");
     assert!(close(w(&d, 2, 0), 0.1));
-    let weights = d.weights_batched(&Tensor::from_slice(&[0i64]).view([1, 1]), &Tensor::from_slice(&[1i64, 0, 255]).view([1, 3]));
+    let weights =
+        d.weights_batched(&Tensor::from_slice(&[0i64]).view([1, 1]), &Tensor::from_slice(&[1i64, 0, 255]).view([1, 3]));
     assert!(close(weights.double_value(&[0, 0, 0]), 1.0 + w(&d, 0, 1)) && close(weights.double_value(&[0, 0, 1]), 1.0));
     assert!(close(weights.double_value(&[0, 0, 2]), 1.0), "ignore/padding classes weigh 1");
 }
@@ -243,7 +284,10 @@ fn the_device_sees_what_the_ledger_shows_bought_pixel_by_pixel_pending_purchases
     // An upscaled, mirrored crop: repeated and reversed original columns and rows; the same
     // crop of image 0 beside it in the batch.
     let (xs, ys) = (vec![12u32, 12, 8, 7, 6, 5, 1, 0], vec![0u32, 0, 1, 3, 3, 4, 8]);
-    let crops = [CropPixels { image: 1, columns: xs.clone(), rows: ys.clone() }, CropPixels { image: 0, columns: xs.clone(), rows: ys.clone() }];
+    let crops = [
+        CropPixels { image: 1, columns: xs.clone(), rows: ys.clone() },
+        CropPixels { image: 0, columns: xs.clone(), rows: ys.clone() },
+    ];
     let (original, bought) = bought_before(&resumed, &crops, Device::Cpu);
     let original: Vec<i64> = Vec::try_from(original.flatten(0, -1)).unwrap();
     let bought: Vec<bool> = Vec::try_from(bought.flatten(0, -1)).unwrap();
@@ -269,17 +313,35 @@ fn the_oracle_reveals_only_bought_pixels() {
 }
 
 fn active(schedule: Schedule, adaptive: bool, budget: f64) -> ActiveConfig {
-    ActiveConfig { budget, pi_high: 0.8, pi_low: 0.2, decay: 0.9, schedule, adaptive_sampling: adaptive,
-        ..ActiveConfig::default() }
+    ActiveConfig {
+        budget,
+        pi_high: 0.8,
+        pi_low: 0.2,
+        decay: 0.9,
+        schedule,
+        adaptive_sampling: adaptive,
+        ..ActiveConfig::default()
+    }
 }
 
 /// Scores of a 20x10 crop: a stripe of high (0.95), a stripe of low (0.05), medium elsewhere.
 fn scores() -> Vec<f32> {
-    (0..200).map(|i| match (i % 20) / 5 { 0 => 0.95, 1 => 0.05, _ => 0.5 }).collect()
+    (0..200)
+        .map(|i| match (i % 20) / 5 {
+            0 => 0.95,
+            1 => 0.05,
+            _ => 0.5,
+        })
+        .collect()
 }
 
 /// One step's draw for a batch of crops (`scores`: each crop's, concatenated), settled.
-fn draw(sampler: &mut Sampler, ledger: &mut Ledger, scores: &[f32], crops: &[(usize, Geometry)]) -> (BatchSelection, Settled) {
+fn draw(
+    sampler: &mut Sampler,
+    ledger: &mut Ledger,
+    scores: &[f32],
+    crops: &[(usize, Geometry)],
+) -> (BatchSelection, Settled) {
     let (h, w) = (crops[0].1.crop_height as i64, crops[0].1.crop_width as i64);
     let scores = Tensor::from_slice(scores).view([crops.len() as i64, h, w]);
     let pixels: Vec<CropPixels> = crops.iter().map(|(image, g)| CropPixels::of(*image, g, ledger)).collect();
@@ -308,7 +370,8 @@ fn algorithm_1_buys_from_g_h_until_half_the_budget_then_from_g_m_then_stops() {
         let bought = ledger.spent() - before;
         assert_eq!(bought, settled.bought);
         assert!(ledger.spent() <= ledger.budget());
-        let (labelled, high, low, pseudo) = (bools(&sel.labelled), bools(&sel.high), bools(&sel.low), bools(&sel.pseudo));
+        let (labelled, high, low, pseudo) =
+            (bools(&sel.labelled), bools(&sel.high), bools(&sel.low), bools(&sel.pseudo));
         for (p, &labelled) in labelled.iter().enumerate() {
             assert_eq!(labelled, ledger.is_bought(image, p as u32 % 20, p as u32 / 20), "labelled = bought, pixel {p}");
         }
@@ -325,8 +388,9 @@ fn algorithm_1_buys_from_g_h_until_half_the_budget_then_from_g_m_then_stops() {
     assert_eq!((first, first_high), (20, 20));
     // Exactly Me/2 = 100 from G_h, then G_m until Me = 200, then nothing.
     assert_eq!(phase_counts.iter().take_while(|c| c.0 < 100).map(|c| c.1).sum::<u64>(), 100);
-    let high_total: u64 = (0..10).map(|i| (0..200u32).filter(|&p| ledger.is_bought(i, p % 20, p / 20)
-        && (p % 20) / 5 == 0).count() as u64).sum();
+    let high_total: u64 = (0..10)
+        .map(|i| (0..200u32).filter(|&p| ledger.is_bought(i, p % 20, p / 20) && (p % 20) / 5 == 0).count() as u64)
+        .sum();
     assert_eq!(high_total, 100, "the first half of the budget is G_h");
     assert_eq!(ledger.spent(), 200, "the whole budget is spent, exactly");
     assert_eq!(phase_counts.last().unwrap().1, 0);
@@ -387,7 +451,11 @@ fn the_device_draws_a_uniform_subset_of_the_candidates() {
     let mut values = vec![0.5f32; 200];
     high.iter().for_each(|&i| values[i] = 0.95);
     let counts = counts_over_draws(&Tensor::from_slice(&values).view([1, 10, 20]), 6);
-    assert!(high.iter().all(|&i| (910..=1090).contains(&counts[i])), "{:?}", high.iter().map(|&i| counts[i]).collect::<Vec<_>>());
+    assert!(
+        high.iter().all(|&i| (910..=1090).contains(&counts[i])),
+        "{:?}",
+        high.iter().map(|&i| counts[i]).collect::<Vec<_>>()
+    );
     assert_eq!(counts.iter().sum::<u32>(), 6 * 2000, "only G_h pixels, 6 per draw");
 }
 
@@ -399,8 +467,17 @@ fn an_upscaled_crop_labels_every_copy_of_a_bought_pixel_and_pays_for_it_once() {
     let mut ledger = Ledger::open_or_create(&dir.path().join("l.bin"), &imgs, 40).unwrap();
     let mut sampler = Sampler::new(&active(Schedule::Sequential, true, 0.1), None);
     // Image 1 at 2x, mirrored: every original pixel shows 4 times in the 20x10 crop.
-    let g = Geometry { original_width: 10, original_height: 5, scaled_width: 20, scaled_height: 10,
-        crop_x: 0, crop_y: 0, crop_width: 20, crop_height: 10, flipped: true };
+    let g = Geometry {
+        original_width: 10,
+        original_height: 5,
+        scaled_width: 20,
+        scaled_height: 10,
+        crop_x: 0,
+        crop_y: 0,
+        crop_width: 20,
+        crop_height: 10,
+        flipped: true,
+    };
     let (xs, ys) = (g.original_columns(), g.original_rows());
     let (sel, settled) = draw(&mut sampler, &mut ledger, &scores(), &[(1, g)]);
     assert!(settled.bought > 0);
@@ -427,8 +504,22 @@ fn the_budget_holds_over_many_iterations_and_across_resume() {
         let mut sampler = Sampler::new(&active(Schedule::Simultaneous, true, 0.05), None);
         for k in 0..25u32 {
             // Two crops per step, which may show the same image and overlap.
-            let crop = |k: u32| (k as usize % 6, Geometry { original_width: 32, original_height: 16, scaled_width: 32,
-                scaled_height: 16, crop_x: k % 16, crop_y: 0, crop_width: 16, crop_height: 16, flipped: k.is_multiple_of(2) });
+            let crop = |k: u32| {
+                (
+                    k as usize % 6,
+                    Geometry {
+                        original_width: 32,
+                        original_height: 16,
+                        scaled_width: 32,
+                        scaled_height: 16,
+                        crop_x: k % 16,
+                        crop_y: 0,
+                        crop_width: 16,
+                        crop_height: 16,
+                        flipped: k.is_multiple_of(2),
+                    },
+                )
+            };
             let s: Vec<f32> = (0..2 * 16 * 16).map(|i| ((i * 7919 + k * 31) % 100) as f32 / 100.0).collect();
             let before = ledger.spent();
             let (_, settled) = draw(&mut sampler, &mut ledger, &s, &[crop(2 * k), crop(k * 3 % 6)]);
@@ -484,7 +575,8 @@ fn the_budget_counts_the_pixels_the_network_sees_at_the_training_resolution() {
 
 #[test]
 fn every_loss_term_reaches_the_gradient() {
-    let _generator = global_generator(); // the trainer seeds it, and the step draws from it
+    // The trainer seeds the generator, and the step draws from it.
+    let _generator = global_generator();
     // Equal crops, and source and target crops of different sizes either way round (the
     // paper's source crops, 1280x720, are the larger).
     for (source_crop, target_crop) in [(None, None), (None, Some([24, 48])), (Some([24, 48]), None)] {
@@ -521,8 +613,11 @@ impl AdaBatch {
             let samples: Vec<_> = (0..2).map(|i| set.load_augmented(i, &mut augmenter, &mut rng).unwrap()).collect();
             let images: Vec<u8> = samples.iter().flat_map(|s| s.image.clone()).collect();
             let labels: Vec<u8> = samples.iter().flat_map(|s| s.label.clone()).collect();
-            (Tensor::from_slice(&images).view([2, h, w, 3]), Tensor::from_slice(&labels).view([2, h, w]).to_kind(Kind::Int64),
-             samples.iter().map(|s| s.geometry).collect::<Vec<_>>())
+            (
+                Tensor::from_slice(&images).view([2, h, w, 3]),
+                Tensor::from_slice(&labels).view([2, h, w]).to_kind(Kind::Int64),
+                samples.iter().map(|s| s.geometry).collect::<Vec<_>>(),
+            )
         };
         let (si, sl, _) = batch(&source, &config.data.source);
         let (ti, tl, tg) = batch(&target, &config.data.target);
@@ -553,15 +648,29 @@ fn every_loss_term_reaches_the_gradient_with(source_crop: Option<[u32; 2]>, targ
         }
         loss.backward();
         let grad = |prefix: &str| -> f64 {
-            trainer.vs.variables().iter().filter(|(n, t)| n.starts_with(prefix) && t.requires_grad())
-                .map(|(_, t)| { let g = t.grad(); if g.defined() { g.abs().sum(Kind::Float).double_value(&[]) } else { 0.0 } })
+            trainer
+                .vs
+                .variables()
+                .iter()
+                .filter(|(n, t)| n.starts_with(prefix) && t.requires_grad())
+                .map(|(_, t)| {
+                    let g = t.grad();
+                    if g.defined() {
+                        g.abs().sum(Kind::Float).double_value(&[])
+                    } else {
+                        0.0
+                    }
+                })
                 .sum()
         };
         let reached = if term >= 2 { grad("projection.") } else { grad("main.") };
         assert!(reached > 0.0, "{case}: {name} gives no gradient to its head");
         assert!(grad("backbone.") > 0.0, "{case}: {name} gives no gradient to the backbone");
         // The total includes the term (weight > 0): the step uses it.
-        assert!(out.total.double_value(&[]) >= loss.double_value(&[]) * if term >= 2 { config.contrast.weight } else { 1.0 } - 1e-6);
+        assert!(
+            out.total.double_value(&[])
+                >= loss.double_value(&[]) * if term >= 2 { config.contrast.weight } else { 1.0 } - 1e-6
+        );
     }
 }
 
@@ -585,7 +694,11 @@ fn the_ada_step_dispatches_no_operator_that_would_wait_for_a_gpu() {
             });
             assert!(out.terms.iter().all(Option::is_some), "the full step ran");
             assert!(ops.total > 100, "{ops:?}");
-            assert!(ops.waits_on_cuda().is_empty(), "step {step}, target crop {target_crop:?}: {:?}", ops.waits_on_cuda());
+            assert!(
+                ops.waits_on_cuda().is_empty(),
+                "step {step}, target crop {target_crop:?}: {:?}",
+                ops.waits_on_cuda()
+            );
             batch.trainer.ada_settle(&mut batch.state, &out); // the step's one read, after the update
         }
     }
@@ -604,9 +717,13 @@ fn contrastive_losses_need_anchors_and_keys_in_both_domains() {
     let emb = Tensor::randn([2, 8, 4, 4], (Kind::Float, Device::Cpu));
     let emb = &emb / emb.norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
     let labels = Tensor::randint(3, [2, 4, 4], (Kind::Int64, Device::Cpu));
-    let batch = |anchors: bool| DomainBatch { embedding: emb.shallow_clone(), labels: labels.shallow_clone(),
+    let batch = |anchors: bool| DomainBatch {
+        embedding: emb.shallow_clone(),
+        labels: labels.shallow_clone(),
         anchors: Tensor::full([2, 4, 4], anchors as i64, (Kind::Bool, Device::Cpu)),
-        low: Tensor::ones([2, 4, 4], (Kind::Bool, Device::Cpu)), center_classes: labels.shallow_clone() };
+        low: Tensor::ones([2, 4, 4], (Kind::Bool, Device::Cpu)),
+        center_classes: labels.shallow_clone(),
+    };
     let config = ContrastConfig::default();
     let l = contrastive_losses(&batch(true), &batch(true), &config, None, 3);
     assert!(l.p2p.is_some() && l.c2c.is_some());
@@ -624,14 +741,27 @@ fn a_domain_with_fewer_pixels_than_the_other_is_padded_without_changing_its_loss
     let unit = |t: Tensor| &t / t.norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
     let domain = |side: i64, anchors: bool| {
         let labels = Tensor::randint(3, [2, side, side], (Kind::Int64, Device::Cpu));
-        DomainBatch { embedding: unit(Tensor::randn([2, 8, side, side], (Kind::Float, Device::Cpu))),
-            labels: labels.shallow_clone(), anchors: Tensor::full([2, side, side], anchors as i64, (Kind::Bool, Device::Cpu)),
-            low: Tensor::ones([2, side, side], (Kind::Bool, Device::Cpu)), center_classes: labels }
+        DomainBatch {
+            embedding: unit(Tensor::randn([2, 8, side, side], (Kind::Float, Device::Cpu))),
+            labels: labels.shallow_clone(),
+            anchors: Tensor::full([2, side, side], anchors as i64, (Kind::Bool, Device::Cpu)),
+            low: Tensor::ones([2, side, side], (Kind::Bool, Device::Cpu)),
+            center_classes: labels,
+        }
     };
     let target = domain(4, true);
-    let config = ContrastConfig { levels: vec!["intra-image".into()], max_anchors: 100, max_keys: 100, ..ContrastConfig::default() };
-    let p2p = |source: &DomainBatch| contrastive_losses(source, &target, &config, None, 3).p2p.unwrap().double_value(&[]);
+    let config = ContrastConfig {
+        levels: vec!["intra-image".into()],
+        max_anchors: 100,
+        max_keys: 100,
+        ..ContrastConfig::default()
+    };
+    let p2p =
+        |source: &DomainBatch| contrastive_losses(source, &target, &config, None, 3).p2p.unwrap().double_value(&[]);
     let (same_size, larger_source) = (p2p(&domain(4, false)), p2p(&domain(8, false)));
     assert!(same_size > 0.0, "{same_size}");
-    assert!((same_size - larger_source).abs() < 1e-5, "p2p {same_size} beside a 4x4 source, {larger_source} beside 8x8");
+    assert!(
+        (same_size - larger_source).abs() < 1e-5,
+        "p2p {same_size} beside a 4x4 source, {larger_source} beside 8x8"
+    );
 }

@@ -6,15 +6,33 @@ mod common;
 fn the_step_benchmark_runs_every_variant_on_the_cpu() {
     // Source crops larger than the target's, as in the paper (1280x720 and 1024x512).
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_adamcu"))
-        .args(["bench", "step", "--config", "pipelines/synth.toml", "--set", "model.tiny_width=8",
-            "--source-size", "40x72", "--target-size", "32x64", "--iterations", "2", "--warmup", "1", "--python"])
+        .args([
+            "bench",
+            "step",
+            "--config",
+            "pipelines/synth.toml",
+            "--set",
+            "model.tiny_width=8",
+            "--source-size",
+            "40x72",
+            "--target-size",
+            "32x64",
+            "--iterations",
+            "2",
+            "--warmup",
+            "1",
+            "--python",
+        ])
         .arg(common::python())
-        .output().unwrap();
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     // The reference always runs the paper's network: beside the tiny one, the bench says so.
-    assert!(stdout.contains("NOT LIKE FOR LIKE: this config's network is deeplabv2 tiny, 19 classes, 64-d projection"),
-        "{stdout}");
+    assert!(
+        stdout.contains("NOT LIKE FOR LIKE: this config's network is deeplabv2 tiny, 19 classes, 64-d projection"),
+        "{stdout}"
+    );
     for row in ["seg    fp32", "full   fp32", "seg    bf16+cl", "full   bf16+cl"] {
         let line = stdout.lines().find(|l| l.starts_with(row)).unwrap_or_else(|| panic!("no {row:?} row in {stdout}"));
         let ms: f64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
@@ -33,7 +51,8 @@ fn the_step_benchmark_runs_every_variant_on_the_cpu() {
     assert_eq!(checks.len(), 4, "{stdout}");
     assert!(checks.iter().all(|l| l.ends_with("not checked (needs CUDA and a warm-up iteration)")), "{stdout}");
     // What can be checked here: no operator of the step is one that waits on a GPU.
-    let op_checks: Vec<&str> = stdout.lines().filter(|l| l.starts_with("operators that wait for a GPU inside")).collect();
+    let op_checks: Vec<&str> =
+        stdout.lines().filter(|l| l.starts_with("operators that wait for a GPU inside")).collect();
     assert_eq!(op_checks.len(), 4, "{stdout}");
     assert!(op_checks.iter().all(|l| l.ends_with("step: none")), "{stdout}");
 }
@@ -116,11 +135,32 @@ fn every_benchmark_configs_step_runs_with_its_classes_network_head_and_crop_size
         };
         let (source, target) = (quarter(&config.data.source), quarter(&config.data.target));
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_adamcu"))
-            .args(["bench", "step", "--config", &path, "--set", "model.backbone=\"tiny\"", "--set", "model.tiny_width=8",
-                "--source-size", &source, "--target-size", &target, "--iterations", "1", "--warmup", "0"])
-            .output().unwrap();
+            .args([
+                "bench",
+                "step",
+                "--config",
+                &path,
+                "--set",
+                "model.backbone=\"tiny\"",
+                "--set",
+                "model.tiny_width=8",
+                "--source-size",
+                &source,
+                "--target-size",
+                &target,
+                "--iterations",
+                "1",
+                "--warmup",
+                "0",
+            ])
+            .output()
+            .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{file} ({source} and {target}): {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{file} ({source} and {target}): {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(stdout.lines().any(|l| l.starts_with("full   bf16+cl")), "{file}: {stdout}");
     }
 }
@@ -145,13 +185,22 @@ fn the_operator_count_sees_outermost_forward_ops_and_backward_nodes_then_stops()
     assert_eq!(count.total, count.by_name.iter().map(|(c, _, _)| c).sum::<u64>());
     assert!(loss.requires_grad());
     // A panic inside goes through; the next count holds its own operators only.
-    let inside = std::panic::catch_unwind(|| count_ops(|| { let _ = x.relu(); panic!("inside") }));
+    let inside = std::panic::catch_unwind(|| {
+        count_ops(|| {
+            let _ = x.relu();
+            panic!("inside")
+        })
+    });
     assert!(inside.is_err());
     let (_, next) = count_ops(|| x.sigmoid());
     assert_eq!((next.total, next.by_name[0].2.as_str()), (1, "aten::sigmoid"), "{next:?}");
     // Another thread's operators are its own.
-    let (_, alone) = count_ops(|| std::thread::scope(|s| {
-        s.spawn(|| { let _ = Tensor::ones([4], (Kind::Float, Device::Cpu)).relu(); });
-    }));
+    let (_, alone) = count_ops(|| {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _ = Tensor::ones([4], (Kind::Float, Device::Cpu)).relu();
+            });
+        })
+    });
     assert_eq!(alone.total, 0, "{alone:?}");
 }

@@ -17,8 +17,7 @@ fn the_embedded_default_config_is_valid() {
 
 #[test]
 fn a_good_file_is_read_with_defaults_filled_in() {
-    let config = Config::from_toml_str("[run]\nname = \"x\"\nseed = 3\n[train]\nlr = 0.01\n")
-        .expect("valid");
+    let config = Config::from_toml_str("[run]\nname = \"x\"\nseed = 3\n[train]\nlr = 0.01\n").expect("valid");
     assert_eq!(config.run.seed, 3);
     assert_eq!(config.train.lr, 0.01);
     assert_eq!(config.train.momentum, 0.9, "unset keys take their defaults");
@@ -54,8 +53,13 @@ fn environment_variables_expand_in_paths_and_a_missing_one_is_named() {
 
     let errors = Config::from_toml_str("[synth]\nroot = \"${ADAMCU_TEST_UNSET_B}/synth\"\n").unwrap_err();
     assert_eq!(errors.len(), 1);
-    assert!(errors[0].starts_with("synth.root = \"${ADAMCU_TEST_UNSET_B}/synth\": environment \
-        variable ${ADAMCU_TEST_UNSET_B} is not set"), "{errors:#?}");
+    assert!(
+        errors[0].starts_with(
+            "synth.root = \"${ADAMCU_TEST_UNSET_B}/synth\": environment \
+        variable ${ADAMCU_TEST_UNSET_B} is not set"
+        ),
+        "{errors:#?}"
+    );
 }
 
 #[test]
@@ -68,14 +72,16 @@ fn config_check_prints_the_resolved_config_or_every_error_with_exit_code_2() {
     let printed = String::from_utf8(out.stdout).unwrap();
     assert!(printed.contains("name = \"ok\"") && printed.contains("momentum = 0.9"), "{printed}");
 
-    let bad = write(&dir, "bad.toml",
-        "[train]\nmomentum = 2.0\nbatch_source = 0\n[data]\nclasses = 20\n");
+    let bad = write(&dir, "bad.toml", "[train]\nmomentum = 2.0\nbatch_source = 0\n[data]\nclasses = 20\n");
     let out = Command::new(bin).args(["config", "check"]).arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("3 error(s)"), "{stderr}");
-    for expected in ["train.momentum = 2: expected", "train.batch_source = 0: expected at least 1",
-        "data.classes = 20: expected 19 or 16"] {
+    for expected in [
+        "train.momentum = 2: expected",
+        "train.batch_source = 0: expected at least 1",
+        "data.classes = 20: expected 19 or 16",
+    ] {
         assert!(stderr.contains(expected), "missing {expected:?} in {stderr}");
     }
 }
@@ -117,12 +123,28 @@ fn changes_since_a_recorded_config_name_each_key_and_whether_it_alters_the_exper
     let recorded: serde_json::Value = serde_json::from_slice(&serde_json::to_vec(&base.recorded()).unwrap()).unwrap();
     assert_eq!(base.changes_since(&recorded), []);
 
-    let changed = Config::load_with_overrides(path, &[budget, "contrast.temperature=0.2".into(),
-        "train.log_every=7".into(), "data.target.root=/elsewhere".into(), "augment.crop=[256, 512]".into()]).unwrap();
+    let changed = Config::load_with_overrides(
+        path,
+        &[
+            budget,
+            "contrast.temperature=0.2".into(),
+            "train.log_every=7".into(),
+            "data.target.root=/elsewhere".into(),
+            "augment.crop=[256, 512]".into(),
+        ],
+    )
+    .unwrap();
     let changes: Vec<(String, bool)> =
         changed.changes_since(&recorded).iter().map(|c| (c.key.clone(), c.changes_experiment())).collect();
-    assert_eq!(changes, [("augment.crop".to_string(), true), ("contrast.temperature".into(), true),
-        ("data.target.root".into(), false), ("train.log_every".into(), false)]);
+    assert_eq!(
+        changes,
+        [
+            ("augment.crop".to_string(), true),
+            ("contrast.temperature".into(), true),
+            ("data.target.root".into(), false),
+            ("train.log_every".into(), false)
+        ]
+    );
     let temperature = changed.changes_since(&recorded).into_iter().find(|c| c.key == "contrast.temperature").unwrap();
     assert_eq!(temperature.to_string(), "contrast.temperature: was 0.1, now 0.2");
 
@@ -130,7 +152,9 @@ fn changes_since_a_recorded_config_name_each_key_and_whether_it_alters_the_exper
     let mut without_val = base.clone();
     without_val.data.target_val = None;
     let changes = without_val.changes_since(&recorded);
-    assert!(changes.iter().any(|c| c.key == "data.target_val.kind" && c.now.is_null() && c.changes_experiment()),
-        "{changes:?}");
+    assert!(
+        changes.iter().any(|c| c.key == "data.target_val.kind" && c.now.is_null() && c.changes_experiment()),
+        "{changes:?}"
+    );
     assert!(changes.iter().any(|c| c.key == "data.target_val.root" && !c.changes_experiment()), "{changes:?}");
 }

@@ -15,8 +15,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn daemon(config: &Path, extra: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_adamcu")).args(["train", "--config"]).arg(config).args(extra)
-        .stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_adamcu"))
+        .args(["train", "--config"])
+        .arg(config)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 fn finish(child: Child) -> (bool, String) {
@@ -60,7 +66,9 @@ fn kill_9_at_random_points_then_resume_loses_nothing_and_matches_an_uninterrupte
         if child.try_wait().unwrap().is_some() || kills == 3 {
             let (ok, log) = finish(child);
             assert!(ok, "{log}");
-            if log.contains("finished") || adamcu::pipeline::status::Status::read(&killed.run_dir()).unwrap().state == "finished" {
+            if log.contains("finished")
+                || adamcu::pipeline::status::Status::read(&killed.run_dir()).unwrap().state == "finished"
+            {
                 break;
             }
             continue;
@@ -84,11 +92,14 @@ fn kill_9_at_random_points_then_resume_loses_nothing_and_matches_an_uninterrupte
     }
     assert!(kills >= 1, "the run was never interrupted");
     // The same pixels were bought as in the uninterrupted run.
-    assert!(ledger_bits(&killed.run_dir()) == ledger_bits(&reference.run_dir()),
-        "ledgers differ after {kills} kill(s) and resumes");
+    assert!(
+        ledger_bits(&killed.run_dir()) == ledger_bits(&reference.run_dir()),
+        "ledgers differ after {kills} kill(s) and resumes"
+    );
     let trainer = adamcu::train::Trainer::new(&killed).unwrap();
     let images = trainer.open_ledger(&killed.run_dir().join("ledger.bin")).unwrap();
-    let ledger = Ledger::open_or_create(&killed.run_dir().join("ledger.bin"), images.images(), images.budget()).unwrap();
+    let ledger =
+        Ledger::open_or_create(&killed.run_dir().join("ledger.bin"), images.images(), images.budget()).unwrap();
     assert_eq!(ledger.charged(), ledger.budget(), "the whole budget was spent");
 }
 
@@ -124,7 +135,11 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0_and_the_lock_stops_
     assert!(started.elapsed() < Duration::from_secs(30), "bounded shutdown time");
     let s = adamcu::pipeline::status::Status::read(&config.run_dir()).unwrap();
     assert_eq!(s.state, "stopped");
-    assert!(s.last_eval.is_some_and(|e| e.step > 0 && e.step % 5 == 0), "the last periodic evaluation: {:?}", s.last_eval);
+    assert!(
+        s.last_eval.is_some_and(|e| e.step > 0 && e.step % 5 == 0),
+        "the last periodic evaluation: {:?}",
+        s.last_eval
+    );
     let rotation = Rotation { dir: config.run_dir().join("checkpoints"), keep: 2 };
     assert_eq!(rotation.latest(), Some(s.step), "the final checkpoint is at the step it stopped");
     assert!(rotation.steps().len() <= 2, "only the last N are kept");
@@ -137,8 +152,11 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0_and_the_lock_stops_
     // meanwhile: within 1% and 256 MiB).
     let df = Command::new("df").args(["--output=avail", "-B1"]).arg(config.run_dir()).output().unwrap();
     let available: u64 = String::from_utf8_lossy(&df.stdout).lines().nth(1).unwrap().trim().parse().unwrap();
-    assert!(s.disk_free_bytes.abs_diff(available) < available / 100 + (256 << 20),
-        "status says {} bytes free, df {available}", s.disk_free_bytes);
+    assert!(
+        s.disk_free_bytes.abs_diff(available) < available / 100 + (256 << 20),
+        "status says {} bytes free, df {available}",
+        s.disk_free_bytes
+    );
     assert!(text.contains(" free"), "{text}");
     // And a fresh start on it is refused instead of silently mixing runs.
     let (ok, log) = finish(daemon(&path, &[]));
@@ -151,9 +169,20 @@ fn a_slow_consumer_makes_the_loader_block_with_a_bounded_queue() {
     let config = tiny_daemon_config(dir.path(), "slow", 1);
     let source = adamcu::train::open_set(&config.data.source, "s", 19).unwrap();
     let capacity = 3;
-    let loader = adamcu::data::loader::Loader::spawn(source, &config.augment, adamcu::data::loader::LoaderOptions {
-        domain: "source", batch_size: 2, workers: 2, capacity, seed: 0,
-        on_bad_sample: adamcu::config::OnBadSample::Stop, start_at: 0, pinned: false });
+    let loader = adamcu::data::loader::Loader::spawn(
+        source,
+        &config.augment,
+        adamcu::data::loader::LoaderOptions {
+            domain: "source",
+            batch_size: 2,
+            workers: 2,
+            capacity,
+            seed: 0,
+            on_bad_sample: adamcu::config::OnBadSample::Stop,
+            start_at: 0,
+            pinned: false,
+        },
+    );
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(loader.batches.len(), capacity, "the channel fills to its capacity and no further");
     std::thread::sleep(Duration::from_millis(400));
@@ -179,8 +208,12 @@ fn loader_errors_show_up_as_metrics() {
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut found = String::new();
     while Instant::now() < deadline {
-        if let Some(body) = ureq::get(&format!("http://127.0.0.1:{port}/metrics")).call().ok().and_then(|r| r.into_string().ok()) {
-            if let Some(line) = body.lines().find(|l| l.starts_with("adamcu_loader_errors_total{") && l.contains("corrupt")) {
+        if let Some(body) =
+            ureq::get(&format!("http://127.0.0.1:{port}/metrics")).call().ok().and_then(|r| r.into_string().ok())
+        {
+            if let Some(line) =
+                body.lines().find(|l| l.starts_with("adamcu_loader_errors_total{") && l.contains("corrupt"))
+            {
                 found = line.to_string();
                 break;
             }
@@ -232,8 +265,9 @@ fn a_checkpoint_written_while_training_goes_on_holds_the_state_of_its_step() {
     }
     // The snapshot is the ledger of step 3: resumed from it, the later purchases are pending.
     let (images, budget) = (run.state.ledger.images().to_vec(), run.state.ledger.budget());
-    let resumed = Ledger::open_resumed(&config.run_dir().join("ledger.bin"), &images, budget,
-        &rotation.path_for(3, "ledger")).unwrap();
+    let resumed =
+        Ledger::open_resumed(&config.run_dir().join("ledger.bin"), &images, budget, &rotation.path_for(3, "ledger"))
+            .unwrap();
     assert_eq!(resumed.spent(), charged);
     assert_eq!(loaded.meta["charged"], charged);
 }
@@ -277,8 +311,13 @@ fn a_ledger_unchanged_since_the_last_checkpoint_is_not_copied_again() {
     assert_ne!(inode(3), inode(2));
     let (images, budget) = (run.state.ledger.images().to_vec(), run.state.ledger.budget());
     for (step, expected) in [(2, charged), (3, run.state.ledger.charged())] {
-        let resumed = Ledger::open_resumed(&config.run_dir().join("ledger.bin"), &images, budget,
-            &rotation.path_for(step, "ledger")).unwrap();
+        let resumed = Ledger::open_resumed(
+            &config.run_dir().join("ledger.bin"),
+            &images,
+            budget,
+            &rotation.path_for(step, "ledger"),
+        )
+        .unwrap();
         assert_eq!(resumed.spent(), expected, "snapshot of step {step}");
     }
 }
@@ -294,10 +333,15 @@ fn a_resume_that_would_change_the_experiment_is_refused_unless_accepted() {
     assert_eq!(step(), 7);
 
     // Changed keys that alter what the run computes: refused, each named with both values.
-    let (ok, log) = finish(daemon(&path, &["--resume", "--set", "contrast.temperature=0.2", "--set", "active.iterations=14"]));
+    let (ok, log) =
+        finish(daemon(&path, &["--resume", "--set", "contrast.temperature=0.2", "--set", "active.iterations=14"]));
     assert!(!ok, "{log}");
-    assert!(log.contains("active.iterations: was 7, now 14") && log.contains("contrast.temperature: was 0.1, now 0.2")
-        && log.contains("--accept-config-changes"), "{log}");
+    assert!(
+        log.contains("active.iterations: was 7, now 14")
+            && log.contains("contrast.temperature: was 0.1, now 0.2")
+            && log.contains("--accept-config-changes"),
+        "{log}"
+    );
     assert_eq!(step(), 7, "nothing ran");
 
     // Where it reports and how the loaders are staffed leave the experiment as it was.
@@ -317,16 +361,23 @@ fn the_runs_source_checkpoint_is_reused_only_if_pretraining_would_be_the_same() 
     let dir = tempfile::tempdir().unwrap();
     let config = tiny_daemon_config(dir.path(), "reuse", 7);
     let path = write_config(dir.path(), &config);
-    let out = Command::new(env!("CARGO_BIN_EXE_adamcu")).args(["train", "--stage", "source", "--config"]).arg(&path)
-        .output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_adamcu"))
+        .args(["train", "--stage", "source", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let source = config.run_dir().join("source.safetensors");
     let pretrained = std::fs::read(&source).unwrap();
 
     // A longer pretraining schedule would give another source model: refused, named.
     let (ok, log) = finish(daemon(&path, &["--set", "train.source_iterations=11", "--set", "augment.flip=false"]));
-    assert!(!ok && log.contains("train.source_iterations: was 10, now 11") && log.contains("augment.flip: was true, now false")
-        && log.contains("--init"), "{log}");
+    assert!(
+        !ok && log.contains("train.source_iterations: was 10, now 11")
+            && log.contains("augment.flip: was true, now false")
+            && log.contains("--init"),
+        "{log}"
+    );
     // Settings that only ADA-MCU reads leave it as it was: reused, not retrained.
     let (ok, log) = finish(daemon(&path, &["--set", "active.budget=0.05", "--set", "contrast.temperature=0.2"]));
     assert!(ok, "{log}");

@@ -27,15 +27,46 @@ fn five_gta5_frames(dir: &Path) -> Arc<SampleSource> {
 
 /// A loader of batches of 3 from `source` that stops at a bad sample.
 fn batches_of_three(source: &Arc<SampleSource>, augment: &AugmentConfig, workers: usize, seed: u64) -> Loader {
-    Loader::spawn(source.clone(), augment, LoaderOptions { domain: "source", batch_size: 3, workers, capacity: 2, seed,
-        on_bad_sample: OnBadSample::Stop, start_at: 0, pinned: false })
+    Loader::spawn(
+        source.clone(),
+        augment,
+        LoaderOptions {
+            domain: "source",
+            batch_size: 3,
+            workers,
+            capacity: 2,
+            seed,
+            on_bad_sample: OnBadSample::Stop,
+            start_at: 0,
+            pinned: false,
+        },
+    )
 }
 
 #[test]
 fn label_maps_match_the_published_tables() {
     // peers.md: GTA5 / Cityscapes label ids -> 19 train ids.
-    let published_19 = [(7, 0), (8, 1), (11, 2), (12, 3), (13, 4), (17, 5), (19, 6), (20, 7), (21, 8),
-        (22, 9), (23, 10), (24, 11), (25, 12), (26, 13), (27, 14), (28, 15), (31, 16), (32, 17), (33, 18)];
+    let published_19 = [
+        (7, 0),
+        (8, 1),
+        (11, 2),
+        (12, 3),
+        (13, 4),
+        (17, 5),
+        (19, 6),
+        (20, 7),
+        (21, 8),
+        (22, 9),
+        (23, 10),
+        (24, 11),
+        (25, 12),
+        (26, 13),
+        (27, 14),
+        (28, 15),
+        (31, 16),
+        (32, 17),
+        (33, 18),
+    ];
     let map = LabelMap::new(LabelEncoding::CityscapesIds, 19).unwrap();
     for id in 0..=33u16 {
         let expected = published_19.iter().find(|(k, _)| *k == id).map_or(IGNORE, |(_, v)| *v);
@@ -43,8 +74,24 @@ fn label_maps_match_the_published_tables() {
     }
     assert_eq!(map.train_id(34), Err(34), "ids past 33 are outside the map");
 
-    let published_synthia = [(3, 0), (4, 1), (2, 2), (21, 3), (5, 4), (7, 5), (15, 6), (9, 7), (6, 8),
-        (1, 9), (10, 10), (17, 11), (8, 12), (19, 13), (12, 14), (11, 15)];
+    let published_synthia = [
+        (3, 0),
+        (4, 1),
+        (2, 2),
+        (21, 3),
+        (5, 4),
+        (7, 5),
+        (15, 6),
+        (9, 7),
+        (6, 8),
+        (1, 9),
+        (10, 10),
+        (17, 11),
+        (8, 12),
+        (19, 13),
+        (12, 14),
+        (11, 15),
+    ];
     let map = LabelMap::new(LabelEncoding::SynthiaIds, 16).unwrap();
     for id in 0..=22u16 {
         let expected = published_synthia.iter().find(|(k, _)| *k == id).map_or(IGNORE, |(_, v)| *v);
@@ -83,8 +130,11 @@ fn each_reader_lists_and_decodes_its_layout() {
     assert_eq!(&label.ids[0..16], &[0, 0, 0, 0, 13, 13, 13, 13, 10, 10, 10, 10, 255, 255, 255, 255]);
     assert_eq!(&image.pixels[12..15], &colour_of(26));
 
-    let city = SampleSource::open(&DatasetConfig { split: Some("val".into()),
-        ..set(DatasetKind::Cityscapes, &root.join("cityscapes")) }, 19).unwrap();
+    let city = SampleSource::open(
+        &DatasetConfig { split: Some("val".into()), ..set(DatasetKind::Cityscapes, &root.join("cityscapes")) },
+        19,
+    )
+    .unwrap();
     assert_eq!(city.len(), 2);
     assert_eq!(city.id(1), "aachen_000000_000002");
 
@@ -108,14 +158,20 @@ fn translated_images_pair_with_labels_by_name_and_missing_frames_are_reported() 
     for i in [1, 3, 4, 9] {
         write_rgb(&translated.join(format!("{i:05}.png")), 16, 8, |_, _| [9, 9, 9]);
     }
-    let listing = list(&DatasetConfig { labels_kind: Some(DatasetKind::Gta5), labels_root: Some(original.clone()), ..DatasetConfig::at(DatasetKind::Translated, translated.clone()) }).unwrap();
+    let listing = list(&DatasetConfig {
+        labels_kind: Some(DatasetKind::Gta5),
+        labels_root: Some(original.clone()),
+        ..DatasetConfig::at(DatasetKind::Translated, translated.clone())
+    })
+    .unwrap();
     let ids: Vec<_> = listing.samples.iter().map(|s| s.id.as_str()).collect();
     assert_eq!(ids, ["00001", "00003", "00004"]);
     for s in &listing.samples {
         assert_eq!(s.label.file_name(), s.image.file_name(), "paired by name, never by index");
         assert!(s.image.starts_with(&translated) && s.label.starts_with(&original));
     }
-    let skipped: Vec<_> = listing.skipped.iter().map(|e| e.path.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    let skipped: Vec<_> =
+        listing.skipped.iter().map(|e| e.path.file_name().unwrap().to_string_lossy().into_owned()).collect();
     assert!(skipped.contains(&"00009.png".to_string()) && skipped.contains(&"00002.png".to_string()), "{skipped:?}");
     assert!(listing.skipped.iter().all(|e| e.kind == DataErrorKind::MissingCounterpart));
 }
@@ -163,7 +219,10 @@ fn bad_input_gets_an_error_that_names_the_file_and_the_problem() {
     let config = dir.path().join("c.toml");
     std::fs::write(&config, format!("[data.source]\nkind = \"gta5\"\nroot = {:?}\n", root)).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_adamcu"))
-        .args(["datasets", "check", "--config"]).arg(&config).output().unwrap();
+        .args(["datasets", "check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert_eq!(stdout.matches("ERROR").count(), 5, "{stdout}");
@@ -178,8 +237,16 @@ fn the_loader_skips_or_stops_on_a_bad_sample_as_configured() {
     std::fs::write(root.join("images/00002.png"), b"broken").unwrap();
     let source = Arc::new(SampleSource::open(&set(DatasetKind::Gta5, &root), 19).unwrap());
     let augment = AugmentConfig { crop: [16, 16], ..AugmentConfig::default() };
-    let options = |policy| LoaderOptions { domain: "source", batch_size: 2, workers: 2, capacity: 2, seed: 1,
-        on_bad_sample: policy, start_at: 0, pinned: false };
+    let options = |policy| LoaderOptions {
+        domain: "source",
+        batch_size: 2,
+        workers: 2,
+        capacity: 2,
+        seed: 1,
+        on_bad_sample: policy,
+        start_at: 0,
+        pinned: false,
+    };
 
     let loader = Loader::spawn(source.clone(), &augment, options(OnBadSample::Skip));
     for _ in 0..4 {
@@ -222,7 +289,11 @@ fn image_and_label_stay_aligned_through_scale_crop_and_flip() {
                 assert_eq!(out.label[i], label[(oy * w + ox) as usize], "label at {x},{y} of {geometry:?}");
                 // The image value sampled there is within one source pixel of the same spot.
                 let red = out.image[3 * i] as f32;
-                assert!((red - (ox * 4) as f32).abs() <= 4.0 * 1.5 + 1.0, "red {red} vs {} at {x},{y} {geometry:?}", ox * 4);
+                assert!(
+                    (red - (ox * 4) as f32).abs() <= 4.0 * 1.5 + 1.0,
+                    "red {red} vs {} at {x},{y} {geometry:?}",
+                    ox * 4
+                );
                 let green = out.image[3 * i + 1] as f32;
                 assert!((green - (oy * 5) as f32).abs() <= 5.0 * 1.5 + 1.0, "green {green} at {x},{y}");
             }
@@ -241,8 +312,9 @@ fn a_flipped_crop_is_the_mirror_of_the_unflipped_one_at_any_width_and_scale() {
     let label: Vec<u8> = (0..w * h).map(|_| noise() % 19).collect();
     use rand::SeedableRng;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    for (crop_w, crop_h, scale) in [(37u32, 19u32, [0.25f32, 0.3]), (53, 23, [0.9, 1.1]), (100, 40, [1.8, 2.0]),
-        (16, 8, [0.5, 1.5])] {
+    for (crop_w, crop_h, scale) in
+        [(37u32, 19u32, [0.25f32, 0.3]), (53, 23, [0.9, 1.1]), (100, 40, [1.8, 2.0]), (16, 8, [0.5, 1.5])]
+    {
         let config = AugmentConfig { crop: [crop_h, crop_w], scale, flip: false, ..AugmentConfig::default() };
         let mut augmenter = Augmenter::new(&config);
         for _ in 0..5 {
@@ -252,7 +324,11 @@ fn a_flipped_crop_is_the_mirror_of_the_unflipped_one_at_any_width_and_scale() {
             for y in 0..crop_h as usize {
                 for x in 0..crop_w as usize {
                     let (i, j) = (y * crop_w as usize + x, y * crop_w as usize + crop_w as usize - 1 - x);
-                    assert_eq!(mirrored.image[3 * i..3 * i + 3], plain.image[3 * j..3 * j + 3], "pixel {x},{y} of {geometry:?}");
+                    assert_eq!(
+                        mirrored.image[3 * i..3 * i + 3],
+                        plain.image[3 * j..3 * j + 3],
+                        "pixel {x},{y} of {geometry:?}"
+                    );
                     assert_eq!(mirrored.label[i], plain.label[j], "label {x},{y} of {geometry:?}");
                     let (ox, oy) = geometry.to_original(x as u32, y as u32);
                     assert_eq!(plain.label[i], label[(oy * w + ox) as usize], "label {x},{y} of {geometry:?}");
@@ -274,9 +350,17 @@ fn an_upscaled_crop_matches_one_fast_image_resize_call_on_its_window() {
     let (crop_w, crop_h) = (120u32, 50u32);
     for (scale, crop_y) in [(1.3f64, 0u32), (1.3, 29), (2.0, 0), (2.0, 72), (1.7, 33), (1.1, 11)] {
         let (scaled_w, scaled_h) = ((w as f64 * scale) as u32, (h as f64 * scale) as u32);
-        let geometry = Geometry { original_width: w, original_height: h, scaled_width: scaled_w,
-            scaled_height: scaled_h, crop_x: scaled_w - crop_w - 3, crop_y: crop_y.min(scaled_h - crop_h),
-            crop_width: crop_w, crop_height: crop_h, flipped: false };
+        let geometry = Geometry {
+            original_width: w,
+            original_height: h,
+            scaled_width: scaled_w,
+            scaled_height: scaled_h,
+            crop_x: scaled_w - crop_w - 3,
+            crop_y: crop_y.min(scaled_h - crop_h),
+            crop_width: crop_w,
+            crop_height: crop_h,
+            flipped: false,
+        };
         let window = geometry.window_in_original();
         assert!(window.3 < crop_h as f64, "the rows of {geometry:?} are upscaled");
         let ours = Augmenter::new(&AugmentConfig::default()).apply(&rgb, &label, geometry).image;
@@ -298,19 +382,35 @@ fn a_column_major_crop_matches_one_fast_image_resize_call_on_its_window() {
     let mut noise = noise_bytes(13);
     let rgb: Vec<u8> = (0..w * h * 3).map(|_| noise()).collect();
     // Column by column, written out here rather than with the crate's transpose.
-    let columns: Vec<u8> = (0..w).flat_map(|x| (0..h).map(move |y| (x, y)))
-        .flat_map(|(x, y)| rgb[3 * (y * w + x) as usize..3 * (y * w + x) as usize + 3].to_vec()).collect();
+    let columns: Vec<u8> = (0..w)
+        .flat_map(|x| (0..h).map(move |y| (x, y)))
+        .flat_map(|(x, y)| rgb[3 * (y * w + x) as usize..3 * (y * w + x) as usize + 3].to_vec())
+        .collect();
     let label = vec![0u8; (w * h) as usize];
     let mut augmenter = Augmenter::new(&AugmentConfig::default());
-    for ((crop_w, crop_h), (scale_x, scale_y), (crop_x, crop_y), flipped) in [((120u32, 50u32), (0.62f64, 0.83f64),
-        (0u32, 0u32), false), ((120, 50), (0.62, 0.83), (6, 0), true), ((120, 50), (1.3, 1.3), (0, 29), false),
-        ((120, 50), (2.0, 2.0), (286, 72), true), ((120, 50), (1.7, 0.9), (33, 4), false),
-        ((120, 50), (0.8, 1.5), (41, 41), true), ((40, 20), (0.3, 0.5), (7, 5), false), ((40, 20), (0.4, 0.45), (21, 7), true),
-        ((40, 12), (0.25, 0.25), (21, 1), false)] {
+    for ((crop_w, crop_h), (scale_x, scale_y), (crop_x, crop_y), flipped) in [
+        ((120u32, 50u32), (0.62f64, 0.83f64), (0u32, 0u32), false),
+        ((120, 50), (0.62, 0.83), (6, 0), true),
+        ((120, 50), (1.3, 1.3), (0, 29), false),
+        ((120, 50), (2.0, 2.0), (286, 72), true),
+        ((120, 50), (1.7, 0.9), (33, 4), false),
+        ((120, 50), (0.8, 1.5), (41, 41), true),
+        ((40, 20), (0.3, 0.5), (7, 5), false),
+        ((40, 20), (0.4, 0.45), (21, 7), true),
+        ((40, 12), (0.25, 0.25), (21, 1), false),
+    ] {
         let (scaled_w, scaled_h) = (crop_w.max((w as f64 * scale_x) as u32), crop_h.max((h as f64 * scale_y) as u32));
-        let geometry = Geometry { original_width: w, original_height: h, scaled_width: scaled_w,
-            scaled_height: scaled_h, crop_x: crop_x.min(scaled_w - crop_w), crop_y: crop_y.min(scaled_h - crop_h),
-            crop_width: crop_w, crop_height: crop_h, flipped };
+        let geometry = Geometry {
+            original_width: w,
+            original_height: h,
+            scaled_width: scaled_w,
+            scaled_height: scaled_h,
+            crop_x: crop_x.min(scaled_w - crop_w),
+            crop_y: crop_y.min(scaled_h - crop_h),
+            crop_width: crop_w,
+            crop_height: crop_h,
+            flipped,
+        };
         let ours = augmenter.apply_column_major(&columns, &label, geometry).image;
         let expected = one_call_crop(&rgb, &geometry);
         assert_eq!(ours.len(), expected.len(), "bytes of the crop of {geometry:?}");
@@ -328,11 +428,14 @@ fn a_column_major_crop_matches_one_fast_image_resize_call_on_its_window() {
 /// The oracle of the crop tests: fast_image_resize's own one-call bilinear resample of the
 /// crop window of a row-major RGB image, unmirrored.
 fn one_call_crop(rgb: &[u8], g: &Geometry) -> Vec<u8> {
-    use fast_image_resize::{images::{Image, ImageRef}, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+    use fast_image_resize::{
+        images::{Image, ImageRef},
+        FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer,
+    };
     let (left, top, width, height) = g.window_in_original();
     let mut crop = Image::new(g.crop_width, g.crop_height, PixelType::U8x3);
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
-        .crop(left, top, width, height);
+    let options =
+        ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)).crop(left, top, width, height);
     let image = ImageRef::new(g.original_width, g.original_height, rgb, PixelType::U8x3).unwrap();
     Resizer::new().resize(&image, &mut crop, &options).unwrap();
     crop.into_vec()
@@ -342,7 +445,10 @@ fn one_call_crop(rgb: &[u8], g: &Geometry) -> Vec<u8> {
 /// from the wrong row or column shows.
 fn noise_bytes(seed: u32) -> impl FnMut() -> u8 {
     let mut state = seed;
-    move || { state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223); (state >> 24) as u8 }
+    move || {
+        state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        (state >> 24) as u8
+    }
 }
 
 #[test]
@@ -410,14 +516,18 @@ fn shards_round_trip_and_detect_corruption_and_truncation() {
     use rand::SeedableRng;
     let augment = AugmentConfig { crop: [8, 16], scale: [0.6, 1.6], flip: true, ..AugmentConfig::default() };
     let mut augmenter = Augmenter::new(&augment);
-    let (mut rng_files, mut rng_shard) = (rand_chacha::ChaCha8Rng::seed_from_u64(4), rand_chacha::ChaCha8Rng::seed_from_u64(4));
+    let (mut rng_files, mut rng_shard) =
+        (rand_chacha::ChaCha8Rng::seed_from_u64(4), rand_chacha::ChaCha8Rng::seed_from_u64(4));
     for i in (0..3).cycle().take(12) {
         let from_files = files.load_augmented(i, &mut augmenter, &mut rng_files).unwrap();
         let from_shard = shard.load_augmented(i, &mut augmenter, &mut rng_shard).unwrap();
         assert_eq!((from_files.geometry, &from_files.label), (from_shard.geometry, &from_shard.label));
         assert_eq!(from_files.image.len(), from_shard.image.len());
-        assert!(from_files.image.iter().zip(&from_shard.image).all(|(a, b)| a.abs_diff(*b) <= 2),
-            "crop of sample {i}, {:?}", from_files.geometry);
+        assert!(
+            from_files.image.iter().zip(&from_shard.image).all(|(a, b)| a.abs_diff(*b) <= 2),
+            "crop of sample {i}, {:?}",
+            from_files.geometry
+        );
     }
     let resized = dir.path().join("small.shard");
     adamcu::data::pack::pack(&files, &resized, 19, Some((12, 6))).unwrap();
@@ -466,7 +576,11 @@ fn tree_bytes(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).unwrap().flatten() {
             let p = entry.path();
-            if p.is_dir() { stack.push(p) } else { out.push((p.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&p).unwrap())) }
+            if p.is_dir() {
+                stack.push(p)
+            } else {
+                out.push((p.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&p).unwrap()))
+            }
         }
     }
     out.sort();
@@ -476,8 +590,16 @@ fn tree_bytes(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 #[test]
 fn the_synthetic_benchmark_is_deterministic_and_readable_by_the_real_readers() {
     let dir = tempfile::tempdir().unwrap();
-    let config = |root: PathBuf, seed| SynthConfig { root, width: 64, height: 32, source_images: 3,
-        target_train_images: 2, target_val_images: 2, translation_strength: 0.3, seed };
+    let config = |root: PathBuf, seed| SynthConfig {
+        root,
+        width: 64,
+        height: 32,
+        source_images: 3,
+        target_train_images: 2,
+        target_val_images: 2,
+        translation_strength: 0.3,
+        seed,
+    };
     let a = adamcu::data::synth::generate(&config(dir.path().join("a"), 5)).unwrap();
     adamcu::data::synth::generate(&config(dir.path().join("b"), 5)).unwrap();
     adamcu::data::synth::generate(&config(dir.path().join("c"), 6)).unwrap();
@@ -486,16 +608,24 @@ fn the_synthetic_benchmark_is_deterministic_and_readable_by_the_real_readers() {
 
     let source = SampleSource::open(&set(DatasetKind::Gta5, &a.source), 19).unwrap();
     assert_eq!(source.len(), 3);
-    let target = SampleSource::open(&DatasetConfig { split: Some("val".into()),
-        ..set(DatasetKind::Cityscapes, &a.target) }, 19).unwrap();
+    let target =
+        SampleSource::open(&DatasetConfig { split: Some("val".into()), ..set(DatasetKind::Cityscapes, &a.target) }, 19)
+            .unwrap();
     assert_eq!(target.len(), 2);
-    let translated = list(&DatasetConfig { labels_kind: Some(DatasetKind::Gta5), labels_root: Some(a.source.clone()), ..DatasetConfig::at(DatasetKind::Translated, a.translated.clone()) }).unwrap();
+    let translated = list(&DatasetConfig {
+        labels_kind: Some(DatasetKind::Gta5),
+        labels_root: Some(a.source.clone()),
+        ..DatasetConfig::at(DatasetKind::Translated, a.translated.clone())
+    })
+    .unwrap();
     assert_eq!(translated.samples.len(), 3);
     // Translated frames keep the source's layout but not its exact appearance.
     let map = LabelMap::new(LabelEncoding::CityscapesIds, 19).unwrap();
     assert_eq!(decode_label(&translated.samples[0].label, &map).unwrap().ids, source.load_full(0).unwrap().1.ids);
-    assert_ne!(std::fs::read(&translated.samples[0].image).unwrap(),
-        std::fs::read(a.source.join("images/00001.png")).unwrap());
+    assert_ne!(
+        std::fs::read(&translated.samples[0].image).unwrap(),
+        std::fs::read(a.source.join("images/00001.png")).unwrap()
+    );
 }
 
 #[test]

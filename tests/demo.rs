@@ -31,7 +31,8 @@ fn the_demo_prints_the_table_and_with_two_seeds_their_mean_and_spread() {
         assert!(run_dir.join(format!("seed-{seed}/full/ledger.bin")).exists());
         assert!(run_dir.join(format!("seed-{seed}/target-supervised.safetensors")).exists());
     }
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(run_dir.join("report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["seeds"], serde_json::json!([5, 6]));
     assert_eq!(report["config"]["demo"]["repeats"], 2, "the report records its config");
     let miou = |seed: usize, row: usize| report["per_seed"][seed]["rows"][row]["miou"].as_f64().unwrap();
@@ -41,8 +42,10 @@ fn the_demo_prints_the_table_and_with_two_seeds_their_mean_and_spread() {
         let (a, b) = (miou(0, row), miou(1, row));
         let mean = report["rows"][row]["miou"].as_f64().unwrap();
         let std = report["rows"][row]["miou_std"].as_f64().unwrap();
-        assert!((mean - (a + b) / 2.0).abs() < 1e-9 && (std - (a - b).abs() / 2f64.sqrt()).abs() < 1e-9,
-            "row {row}: {a} and {b} gave {mean} ± {std}");
+        assert!(
+            (mean - (a + b) / 2.0).abs() < 1e-9 && (std - (a - b).abs() / 2f64.sqrt()).abs() < 1e-9,
+            "row {row}: {a} and {b} gave {mean} ± {std}"
+        );
         assert!(stdout.contains(&format!("**{mean:.1}** ± {std:.1}")), "{stdout}");
     }
     // Each variant's gain over the row before, paired by seed: the mean of the per-seed

@@ -23,17 +23,30 @@ fn doctor_command_reports_versions_and_passes_on_cpu() {
 fn a_cuda_device_that_is_not_there_is_a_clear_error_not_a_crash() {
     // An index past what libtorch sees: none here, one past the last on a GPU machine.
     let missing = format!("cuda:{}", tch::Cuda::device_count());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_adamcu")).args(["doctor", "--device", &missing])
-        .output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_adamcu"))
+        .args(["doctor", "--device", &missing])
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains(&format!("--device \"{missing}\"")) && stderr.contains("CUDA device(s)"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     // The same for a config's run.device, through any command that builds the network.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_adamcu"))
-        .args(["bench", "step", "--config", "pipelines/synth.toml", "--set", &format!("run.device=\"{missing}\""),
-            "--iterations", "1", "--warmup", "0"])
-        .output().unwrap();
+        .args([
+            "bench",
+            "step",
+            "--config",
+            "pipelines/synth.toml",
+            "--set",
+            &format!("run.device=\"{missing}\""),
+            "--iterations",
+            "1",
+            "--warmup",
+            "0",
+        ])
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains(&format!("run.device = \"{missing}\"")), "{stderr}");

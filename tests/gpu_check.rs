@@ -9,18 +9,31 @@ fn the_gpu_check_script_runs_its_checks_on_the_cpu() {
     let work = tempfile::tempdir().unwrap();
     // The paper config's network head and settings, on the tiny backbone at small crops (the
     // source's larger than the target's, as there); metrics off so that no port is shared.
-    let extra = ["model.backbone=\"tiny\"", "model.tiny_width=8", "data.source.resize=[96,160]",
-        "data.source.crop=[96,160]", "data.target.resize=[64,128]", "data.target.crop=[64,128]",
-        "eval.input_size=[64,128]", "data.workers=1", "metrics.listen=\"\""]
-        .map(|s| format!("--set {s}")).join(" ");
-    let out = std::process::Command::new("bash").arg("scripts/gpu-check.sh")
+    let extra = [
+        "model.backbone=\"tiny\"",
+        "model.tiny_width=8",
+        "data.source.resize=[96,160]",
+        "data.source.crop=[96,160]",
+        "data.target.resize=[64,128]",
+        "data.target.crop=[64,128]",
+        "eval.input_size=[64,128]",
+        "data.workers=1",
+        "metrics.listen=\"\"",
+    ]
+    .map(|s| format!("--set {s}"))
+    .join(" ");
+    let out = std::process::Command::new("bash")
+        .arg("scripts/gpu-check.sh")
         .env("ADAMCU_BIN", env!("CARGO_BIN_EXE_adamcu"))
         .envs([("DEVICE", "cpu"), ("SYNTH_IMAGES", "4"), ("SOURCE_STEPS", "2"), ("ADA_STEPS", "3")])
         // The step benchmark beside the reference, at sizes a CPU takes in seconds.
         .envs([("SOURCE_SIZE", "40x72"), ("TARGET_SIZE", "32x64"), ("ITERATIONS", "1"), ("WARMUP", "1")])
         .env("PYTHON", common::python())
-        .env("WORK", work.path()).env("EXTRA_SETS", extra).env_remove("OUT")
-        .output().unwrap();
+        .env("WORK", work.path())
+        .env("EXTRA_SETS", extra)
+        .env_remove("OUT")
+        .output()
+        .unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let log = format!("{stdout}{stderr}");
     assert!(out.status.success(), "{log}");
@@ -35,12 +48,21 @@ fn the_gpu_check_script_runs_its_checks_on_the_cpu() {
     assert!(!stdout.contains("NOT LIKE FOR LIKE"), "the paper's network is the reference's: {log}");
     for row in ["seg    fp32", "full   fp32", "seg    bf16+cl", "full   bf16+cl"] {
         let line = stdout.lines().find(|l| l.starts_with(row)).unwrap_or_else(|| panic!("no {row:?} row: {log}"));
-        let reference: f64 = line.split('|').nth(1).unwrap().split_whitespace().next().unwrap().parse()
+        let reference: f64 = line
+            .split('|')
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
             .unwrap_or_else(|_| panic!("no reference figure: {line}"));
         assert!(reference > 0.0 && reference.is_finite(), "{line}");
     }
     for precision in ["fp32", "bf16+cl"] {
-        let line = stdout.lines().find(|l| l.starts_with(&format!("our full {precision} step: ")))
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("our full {precision} step: ")))
             .unwrap_or_else(|| panic!("no {precision} comparison: {log}"));
         assert!(line.contains("x the reference's seg step") && line.contains("x its full step"), "{line}");
     }

@@ -9,8 +9,16 @@ use tch::{Device, Kind, Tensor};
 fn model(arch: &str, backbone: &str, classes: usize) -> (VarStore, SegNet) {
     tch::manual_seed(0);
     let vs = VarStore::new(Device::Cpu);
-    let config = ModelConfig { arch: arch.into(), backbone: backbone.into(), tiny_width: 8, projection_dim: 16,
-        bn_stats: "batch".into(), aspp_dilations: vec![1, 2, 3, 4], v3plus_width: 32, ..ModelConfig::default() };
+    let config = ModelConfig {
+        arch: arch.into(),
+        backbone: backbone.into(),
+        tiny_width: 8,
+        projection_dim: 16,
+        bn_stats: "batch".into(),
+        aspp_dilations: vec![1, 2, 3, 4],
+        v3plus_width: 32,
+        ..ModelConfig::default()
+    };
     let net = SegNet::new(&vs.root(), &config, classes).unwrap();
     (vs, net)
 }
@@ -18,9 +26,14 @@ fn model(arch: &str, backbone: &str, classes: usize) -> (VarStore, SegNet) {
 #[test]
 fn output_shapes_and_strides_of_each_model() {
     let input = Tensor::randn([2, 3, 64, 96], (Kind::Float, Device::Cpu));
-    for (arch, backbone, main_stride) in [("deeplabv2", "tiny", 8), ("deeplabv2", "resnet18", 8),
-        ("deeplabv2", "resnet50", 8), ("deeplabv2", "resnet101", 8), ("deeplabv3plus", "tiny", 4),
-        ("deeplabv3plus", "resnet50", 4)] {
+    for (arch, backbone, main_stride) in [
+        ("deeplabv2", "tiny", 8),
+        ("deeplabv2", "resnet18", 8),
+        ("deeplabv2", "resnet50", 8),
+        ("deeplabv2", "resnet101", 8),
+        ("deeplabv3plus", "tiny", 4),
+        ("deeplabv3plus", "resnet50", 4),
+    ] {
         let (_, net) = model(arch, backbone, 19);
         let out = tch::no_grad(|| net.forward_t(&input, false));
         assert_eq!(out.main.size(), [2, 19, 64 / main_stride, 96 / main_stride], "{arch} {backbone} main");
@@ -44,7 +57,9 @@ fn main_aux_and_projection_heads_all_receive_gradient() {
         let embed = out.embedding.select(1, 0).mean(Kind::Float);
         (main + aux * 0.1 + embed).backward();
         for prefix in ["backbone.", "aux.", "main.", "projection."] {
-            let grad_norm: f64 = vs.variables().iter()
+            let grad_norm: f64 = vs
+                .variables()
+                .iter()
                 .filter(|(n, t)| n.starts_with(prefix) && t.requires_grad())
                 .map(|(_, t)| t.grad().abs().sum(Kind::Float).double_value(&[]))
                 .sum();
@@ -61,8 +76,9 @@ fn main_aux_and_projection_heads_all_receive_gradient() {
 
 /// torchvision's resnet101 state-dict keys, written out from its architecture.
 fn torchvision_resnet_keys(blocks: [usize; 4]) -> Vec<String> {
-    let bn = |p: &str| ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
-        .map(|s| format!("{p}.{s}")).to_vec();
+    let bn = |p: &str| {
+        ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"].map(|s| format!("{p}.{s}")).to_vec()
+    };
     let mut keys = vec!["conv1.weight".to_string()];
     keys.extend(bn("bn1"));
     for (l, &n) in blocks.iter().enumerate() {
@@ -103,11 +119,16 @@ fn torchvision_weight_names_map_onto_the_backbone_and_load() {
     // A state dict with those names (values: a known pattern) loads into the backbone.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("resnet101.safetensors");
-    let tensors: Vec<(String, Tensor)> = keys.iter().map(|k| {
-        let shape = Layout::Torchvision.our_name(k).and_then(|n| variables.get(&n).map(|t| t.size()))
-            .unwrap_or_else(|| vec![3]);
-        (k.clone(), Tensor::full(shape, 0.25, (Kind::Float, Device::Cpu)))
-    }).collect();
+    let tensors: Vec<(String, Tensor)> = keys
+        .iter()
+        .map(|k| {
+            let shape = Layout::Torchvision
+                .our_name(k)
+                .and_then(|n| variables.get(&n).map(|t| t.size()))
+                .unwrap_or_else(|| vec![3]);
+            (k.clone(), Tensor::full(shape, 0.25, (Kind::Float, Device::Cpu)))
+        })
+        .collect();
     Tensor::write_safetensors(&tensors, &path).unwrap();
     let n = adamcu::model::weights::import(&mut vs, &path, false).unwrap().tensors;
     assert_eq!(n, mapped);
@@ -117,5 +138,8 @@ fn torchvision_weight_names_map_onto_the_backbone_and_load() {
     // The wrong depth is refused with the key named.
     let (mut small, _) = model("deeplabv2", "resnet50", 19);
     let e = adamcu::model::weights::import(&mut small, &path, false).unwrap_err();
-    assert!(e.to_string().contains("no counterpart backbone.layer3.") && e.to_string().contains("another depth"), "{e}");
+    assert!(
+        e.to_string().contains("no counterpart backbone.layer3.") && e.to_string().contains("another depth"),
+        "{e}"
+    );
 }

@@ -22,8 +22,12 @@ fn get(url: &str) -> Option<String> {
 }
 
 fn query(prometheus: u16, expr: &str) -> serde_json::Value {
-    let body = ureq::get(&format!("http://127.0.0.1:{prometheus}/api/v1/query")).query("query", expr).call()
-        .unwrap_or_else(|e| panic!("query {expr}: {e}")).into_string().unwrap();
+    let body = ureq::get(&format!("http://127.0.0.1:{prometheus}/api/v1/query"))
+        .query("query", expr)
+        .call()
+        .unwrap_or_else(|e| panic!("query {expr}: {e}"))
+        .into_string()
+        .unwrap();
     serde_json::from_str(&body).unwrap()
 }
 
@@ -32,7 +36,10 @@ fn dashboard_exprs() -> Vec<String> {
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string("monitoring/grafana/dashboards/adamcu.json").unwrap()).unwrap();
     assert!(dashboard["uid"].is_string(), "the dashboard has a uid");
-    dashboard["panels"].as_array().unwrap().iter()
+    dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
         .flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap().to_string()))
         .collect()
 }
@@ -47,8 +54,15 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_and_rule_expression_returns
     // One unreadable frame, so the loader-error panel has real data.
     std::fs::write(dir.path().join("data/source/images/00003.png"), b"broken").unwrap();
     let config_path = write_config(dir.path(), &config);
-    let _daemon = Killed(Command::new(env!("CARGO_BIN_EXE_adamcu")).args(["train", "--config"]).arg(&config_path)
-        .stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    let _daemon = Killed(
+        Command::new(env!("CARGO_BIN_EXE_adamcu"))
+            .args(["train", "--config"])
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
 
     // Prometheus, scraping every second, with our rules.
     let prom_port = free_port();
@@ -57,12 +71,16 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_and_rule_expression_returns
     std::fs::write(&prom_config, format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: adamcu\n    \
          static_configs:\n      - targets: [\"127.0.0.1:{metrics_port}\"]\n", rules.display())).unwrap();
-    let _prometheus = Killed(Command::new("prometheus")
-        .arg(format!("--config.file={}", prom_config.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-        .stdout(Stdio::null()).stderr(Stdio::null())
-        .spawn().expect("Debian's prometheus package (make test installs it)"));
+    let _prometheus = Killed(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", prom_config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("Debian's prometheus package (make test installs it)"),
+    );
 
     // promtool accepts what the endpoint serves.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -75,12 +93,21 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_and_rule_expression_returns
         assert!(Instant::now() < deadline, "the daemon never served its metrics");
         std::thread::sleep(Duration::from_millis(250));
     };
-    let mut promtool = Command::new("promtool").args(["check", "metrics"]).stdin(Stdio::piped())
-        .stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     std::io::Write::write_all(promtool.stdin.as_mut().unwrap(), body.as_bytes()).unwrap();
     let out = promtool.wait_with_output().unwrap();
-    assert!(out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
-        "promtool: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Expressions to check: dashboard panels, recording rules (by name), alert signals.
     let rules_text = std::fs::read_to_string(&rules).unwrap();
@@ -92,10 +119,14 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_and_rule_expression_returns
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut missing: Vec<String>;
     loop {
-        missing = exprs.iter().filter(|e| {
-            let r = query(prom_port, e);
-            r["status"] != "success" || r["data"]["result"].as_array().is_none_or(|a| a.is_empty())
-        }).cloned().collect();
+        missing = exprs
+            .iter()
+            .filter(|e| {
+                let r = query(prom_port, e);
+                r["status"] != "success" || r["data"]["result"].as_array().is_none_or(|a| a.is_empty())
+            })
+            .cloned()
+            .collect();
         if missing.is_empty() || Instant::now() > deadline {
             break;
         }
@@ -106,19 +137,22 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_and_rule_expression_returns
     // The checkpoint size it reports is that of the files of the newest checkpoint (a run's
     // later checkpoints differ only by a few bytes of metadata; the one at step 0 has no
     // momentum buffers yet, and may still be there when the daemon is slow).
-    let reported = query(prom_port, "adamcu_checkpoint_bytes")["data"]["result"][0]["value"][1].as_str().unwrap()
-        .parse::<f64>().unwrap() as u64;
+    let reported = query(prom_port, "adamcu_checkpoint_bytes")["data"]["result"][0]["value"][1]
+        .as_str()
+        .unwrap()
+        .parse::<f64>()
+        .unwrap() as u64;
     let rotation = adamcu::train::checkpoint::Rotation { dir: config.run_dir().join("checkpoints"), keep: 3 };
     let step = rotation.latest().unwrap();
-    let on_disk: u64 = ["safetensors", "ledger"].iter()
-        .map(|e| std::fs::metadata(rotation.path_for(step, e)).unwrap().len()).sum();
+    let on_disk: u64 =
+        ["safetensors", "ledger"].iter().map(|e| std::fs::metadata(rotation.path_for(step, e)).unwrap().len()).sum();
     assert!(reported.abs_diff(on_disk) < 1024, "reported {reported} bytes, the files have {on_disk}");
 
     // Every alert rule evaluates without error; none fires on a healthy daemon.
     let rules_api: serde_json::Value =
         serde_json::from_str(&get(&format!("http://127.0.0.1:{prom_port}/api/v1/rules")).unwrap()).unwrap();
-    let all: Vec<&serde_json::Value> = rules_api["data"]["groups"].as_array().unwrap().iter()
-        .flat_map(|g| g["rules"].as_array().unwrap()).collect();
+    let all: Vec<&serde_json::Value> =
+        rules_api["data"]["groups"].as_array().unwrap().iter().flat_map(|g| g["rules"].as_array().unwrap()).collect();
     assert_eq!(all.len(), 10);
     for rule in all {
         assert_eq!(rule["health"], "ok", "{rule}");
@@ -130,8 +164,14 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_and_rule_expression_returns
 
 #[test]
 fn the_alert_rules_pass_their_promtool_unit_test() {
-    let out = Command::new("promtool").args(["test", "rules", "monitoring/prometheus/alerts.test.yml"]).output()
+    let out = Command::new("promtool")
+        .args(["test", "rules", "monitoring/prometheus/alerts.test.yml"])
+        .output()
         .expect("promtool, from Debian's prometheus package (make test installs it)");
-    assert!(out.status.success(), "promtool test rules: {}{}", String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "promtool test rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -137,8 +137,11 @@ fn checkpoint_round_trip_gives_identical_outputs_and_next_step() {
         assert!(va.equal(vb), "{name} differs after the next step");
     }
     // No temporary file is left behind.
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
     assert!(leftovers.is_empty());
 }
 
@@ -197,7 +200,10 @@ fn a_missing_imagenet_file_is_reported_with_its_key_and_path() {
     for name in ["resnet-imagenet.safetensors", "resnet-imagenet.pth"] {
         config.model.pretrained = Some(dir.path().join(name));
         let error = format!("{:#}", Trainer::new(&config).err().expect("no weights file"));
-        assert!(error.starts_with("model.pretrained = ") && error.contains(name) && error.contains("No such file"), "{error}");
+        assert!(
+            error.starts_with("model.pretrained = ") && error.contains(name) && error.contains("No such file"),
+            "{error}"
+        );
     }
 }
 
@@ -214,8 +220,11 @@ fn bf16_channels_last_runs_the_network_in_bf16_keeps_fp32_outside_and_checkpoint
     b.vs.copy(&a.vs).unwrap();
     let input = Tensor::randn([2, 3, 64, 128], (Kind::Float, Device::Cpu));
     let (out_a, out_b) = tch::no_grad(|| (a.forward(&input, false), b.forward(&input, false)));
-    for (name, x, y) in [("main", &out_a.main, &out_b.main), ("aux", &out_a.aux, &out_b.aux),
-        ("embedding", &out_a.embedding, &out_b.embedding)] {
+    for (name, x, y) in [
+        ("main", &out_a.main, &out_b.main),
+        ("aux", &out_a.aux, &out_b.aux),
+        ("embedding", &out_a.embedding, &out_b.embedding),
+    ] {
         assert_eq!(y.kind(), Kind::Float, "{name}: the losses and the uncertainty take fp32");
         // bf16's 8-bit mantissa moves the outputs a little, not much.
         let difference = (x - y).abs().max().double_value(&[]);
@@ -229,7 +238,8 @@ fn bf16_channels_last_runs_the_network_in_bf16_keeps_fp32_outside_and_checkpoint
     let labels = Tensor::randint(19, [2, 64, 128], (Kind::Int64, Device::Cpu));
     let run = |t: &Trainer| {
         let mut optimizer = t.optimizer();
-        let losses = (0..20).map(|step| t.supervised_step(&mut optimizer, &input, &labels, step, 20).0).collect::<Vec<f64>>();
+        let losses =
+            (0..20).map(|step| t.supervised_step(&mut optimizer, &input, &labels, step, 20).0).collect::<Vec<f64>>();
         (losses, optimizer)
     };
     let ((losses_fp32, _), (losses, optimizer)) = (run(&a), run(&b));

@@ -21,7 +21,8 @@ fn reference(style: &str, blocks: &str, more: &[String]) -> tempfile::TempDir {
     let out = std::process::Command::new(python())
         .args(["tests/reference/deeplabv2.py", dir.path().to_str().unwrap(), "--style", style, "--blocks", blocks])
         .args(more)
-        .output().expect("run the Python reference (set ADAMCU_PYTHON to a Python with torch)");
+        .output()
+        .expect("run the Python reference (set ADAMCU_PYTHON to a Python with torch)");
     assert!(out.status.success(), "tests/reference/deeplabv2.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
     dir
 }
@@ -29,7 +30,8 @@ fn reference(style: &str, blocks: &str, more: &[String]) -> tempfile::TempDir {
 /// The paper's DeepLab v2 config (pipelines/gta5-cityscapes.toml) on the CPU, in eval mode's
 /// terms: BatchNorm on the stored statistics.
 fn paper_config(backbone: &str, caffe_style: bool, pretrained: Option<PathBuf>) -> Config {
-    let mut config = Config::from_toml_str(&std::fs::read_to_string("pipelines/gta5-cityscapes.toml").unwrap()).unwrap();
+    let mut config =
+        Config::from_toml_str(&std::fs::read_to_string("pipelines/gta5-cityscapes.toml").unwrap()).unwrap();
     config.run.device = "cpu".into();
     config.model.backbone = backbone.into();
     config.model.caffe_style = caffe_style;
@@ -44,7 +46,11 @@ fn paper_config(backbone: &str, caffe_style: bool, pretrained: Option<PathBuf>) 
 /// The reference's Caffe-style network reads its input as B, G, R (as Caffe's did); ours,
 /// with conv1's input channels reversed on import, reads R, G, B: the same image reversed.
 fn as_ours(reference_input: &Tensor, caffe_style: bool) -> Tensor {
-    if caffe_style { reference_input.flip([1]) } else { reference_input.shallow_clone() }
+    if caffe_style {
+        reference_input.flip([1])
+    } else {
+        reference_input.shallow_clone()
+    }
 }
 
 fn read(path: &Path) -> HashMap<String, Tensor> {
@@ -76,14 +82,16 @@ fn assert_computes_the_reference(trainer: &Trainer, dir: &Path, what: &str) {
 fn copy_reference_classifiers(vs: &VarStore, dir: &Path) {
     let variables = vs.variables();
     let mut copied = 0;
-    tch::no_grad(|| for (key, tensor) in weights::read_state_dict(&dir.join("deeplabv2.pth")).unwrap() {
-        let ours = match key.split_once('.') {
-            Some(("layer5", rest)) => format!("aux.{rest}"),
-            Some(("layer6", rest)) => format!("main.{rest}"),
-            _ => continue,
-        };
-        variables[&ours].shallow_clone().copy_(&tensor);
-        copied += 1;
+    tch::no_grad(|| {
+        for (key, tensor) in weights::read_state_dict(&dir.join("deeplabv2.pth")).unwrap() {
+            let ours = match key.split_once('.') {
+                Some(("layer5", rest)) => format!("aux.{rest}"),
+                Some(("layer6", rest)) => format!("main.{rest}"),
+                _ => continue,
+            };
+            variables[&ours].shallow_clone().copy_(&tensor);
+            copied += 1;
+        }
     });
     assert_eq!(copied, 16, "two classifiers of four dilated convs, weight and bias each");
 }
@@ -122,18 +130,33 @@ fn caffe_imagenet_weights_and_advent_models_compute_what_pytorch_computes() {
     let mut torchvision_input = paper_config("resnet101", true, Some(deeplab.clone()));
     (torchvision_input.augment.mean, torchvision_input.augment.std) = Layout::Torchvision.normalisation();
     let error = format!("{:#}", Trainer::new(&torchvision_input).err().unwrap());
-    assert!(error.contains("was trained on other input than augment.mean = [0.485, 0.456, 0.406]")
-        && error.contains("[augment]\n  mean = [0.4810") && error.contains("std = [0.003921"), "{error}");
+    assert!(
+        error.contains("was trained on other input than augment.mean = [0.485, 0.456, 0.406]")
+            && error.contains("[augment]\n  mean = [0.4810")
+            && error.contains("std = [0.003921"),
+        "{error}"
+    );
 
     // Weights in the other bottleneck layout, or for another number of classes, are refused.
     let error = format!("{:#}", Trainer::new(&paper_config("resnet101", false, Some(imagenet.clone()))).err().unwrap());
-    assert!(error.contains("imagenet.pth") && error.contains("set model.caffe_style = true, and for the input it was \
-        trained on\n  [augment]\n  mean = [0.4810"), "{error}");
+    assert!(
+        error.contains("imagenet.pth")
+            && error.contains(
+                "set model.caffe_style = true, and for the input it was \
+        trained on\n  [augment]\n  mean = [0.4810"
+            ),
+        "{error}"
+    );
     let mut sixteen = paper_config("resnet101", true, Some(deeplab.clone()));
     sixteen.data.classes = 16;
     let error = format!("{:#}", Trainer::new(&sixteen).err().unwrap());
-    assert!(error.contains("deeplabv2.pth: layer5.conv2d_list.0.bias has shape [19], the model's aux.conv2d_list.0.bias \
-                            has [16] (a model for another number of classes"), "{error}");
+    assert!(
+        error.contains(
+            "deeplabv2.pth: layer5.conv2d_list.0.bias has shape [19], the model's aux.conv2d_list.0.bias \
+                            has [16] (a model for another number of classes"
+        ),
+        "{error}"
+    );
 }
 
 #[test]
@@ -147,8 +170,12 @@ fn torchvision_imagenet_weights_compute_what_pytorch_computes() {
     let error = format!("{:#}", Trainer::new(&paper_config("resnet50", true, Some(imagenet))).err().unwrap());
     assert!(error.contains("set model.caffe_style = false"), "{error}");
     // The depth must match too.
-    let error = format!("{:#}", Trainer::new(&paper_config("resnet101", false, Some(dir.path().join("imagenet.pth")))).err().unwrap());
-    assert!(error.contains("no weights for 255 variable(s) of the model"), "{error}"); // 17 blocks of 15
+    let error = format!(
+        "{:#}",
+        Trainer::new(&paper_config("resnet101", false, Some(dir.path().join("imagenet.pth")))).err().unwrap()
+    );
+    assert!(error.contains("no weights for 255 variable(s) of the model"), "{error}");
+    // 17 blocks of 15
 }
 
 #[test]
@@ -171,15 +198,23 @@ fn a_checkpoint_wrapper_and_dataparallel_prefix_are_taken_off() {
 
     // Something else is named with its keys.
     let other = dir.path().join("other.safetensors");
-    Tensor::write_safetensors(&[("encoder.weight", Tensor::ones([2], (Kind::Float, tch::Device::Cpu)))], &other).unwrap();
+    Tensor::write_safetensors(&[("encoder.weight", Tensor::ones([2], (Kind::Float, tch::Device::Cpu)))], &other)
+        .unwrap();
     let mut vs = VarStore::new(tch::Device::Cpu);
     let error = weights::import(&mut vs, &other, false).unwrap_err().to_string();
-    assert!(error.contains("other.safetensors: not a state dict adamcu knows") && error.contains("encoder.weight"), "{error}");
+    assert!(
+        error.contains("other.safetensors: not a state dict adamcu knows") && error.contains("encoder.weight"),
+        "{error}"
+    );
 }
 
 /// A Caffe-layout variable as the file holds it (conv1's input channels back in B, G, R order).
 fn file_order(name: &str, ours: &Tensor) -> Tensor {
-    if name == "backbone.conv1.weight" { ours.flip([1]) } else { ours.shallow_clone() }
+    if name == "backbone.conv1.weight" {
+        ours.flip([1])
+    } else {
+        ours.shallow_clone()
+    }
 }
 
 #[test]
@@ -189,10 +224,19 @@ fn the_supervised_step_changes_the_weights_as_torch_optim_sgd_does() {
     config.train.lr = 0.01;
     let t = &config.train;
     let (steps, iterations) = (3, 10);
-    let args: Vec<String> = [("--sgd-steps", steps as f64), ("--iterations", iterations as f64), ("--lr", t.lr),
-        ("--momentum", t.momentum), ("--weight-decay", t.weight_decay), ("--head-lr-mult", t.head_lr_mult),
-        ("--aux-weight", t.aux_weight), ("--poly-power", t.poly_power)]
-        .iter().flat_map(|(k, v)| [k.to_string(), v.to_string()]).collect();
+    let args: Vec<String> = [
+        ("--sgd-steps", steps as f64),
+        ("--iterations", iterations as f64),
+        ("--lr", t.lr),
+        ("--momentum", t.momentum),
+        ("--weight-decay", t.weight_decay),
+        ("--head-lr-mult", t.head_lr_mult),
+        ("--aux-weight", t.aux_weight),
+        ("--poly-power", t.poly_power),
+    ]
+    .iter()
+    .flat_map(|(k, v)| [k.to_string(), v.to_string()])
+    .collect();
     let dir = reference("caffe", "3,4,6,3", &args);
     config.model.pretrained = Some(dir.path().join("deeplabv2.pth"));
     let trainer = Trainer::new(&config).unwrap();
@@ -233,9 +277,14 @@ fn a_peers_deeplab_v2_is_evaluated_and_predicted_from_the_command_line() {
     let (mean, std) = Layout::DeepLabCaffe.normalisation();
     // The paper's config as written names an ImageNet file that is not here: with every weight
     // from --checkpoint it is not read.
-    let sets = ["model.backbone=\"resnet50\"".to_string(), "model.caffe_style=true".into(), format!("augment.mean={mean:?}"),
-        format!("augment.std={std:?}"), "eval.input_size=[0, 0]".into(),
-        format!("data.target_val.root=\"{}\"", cityscapes.display())];
+    let sets = [
+        "model.backbone=\"resnet50\"".to_string(),
+        "model.caffe_style=true".into(),
+        format!("augment.mean={mean:?}"),
+        format!("augment.std={std:?}"),
+        "eval.input_size=[0, 0]".into(),
+        format!("data.target_val.root=\"{}\"", cityscapes.display()),
+    ];
     let adamcu = |args: &[&str], sets: &[String]| {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_adamcu"));
         command.args(args).args(["--config", "pipelines/gta5-cityscapes.toml"]);
@@ -248,9 +297,15 @@ fn a_peers_deeplab_v2_is_evaluated_and_predicted_from_the_command_line() {
     // `adamcu weights` tells what the file is and the config lines that use it.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_adamcu")).arg("weights").arg(&deeplab).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("ADVENT's naming") && text.contains("classes = 19")
-        && text.contains("backbone = \"resnet50\"") && text.contains("caffe_style = true")
-        && text.contains(&format!("mean = {mean:?}")), "{text}");
+    assert!(
+        out.status.success()
+            && text.contains("ADVENT's naming")
+            && text.contains("classes = 19")
+            && text.contains("backbone = \"resnet50\"")
+            && text.contains("caffe_style = true")
+            && text.contains(&format!("mean = {mean:?}")),
+        "{text}"
+    );
     let json = dir.path().join("row.json");
     let out = adamcu(&["eval", "--checkpoint", deeplab.to_str().unwrap(), "--json", json.to_str().unwrap()], &sets);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -266,8 +321,18 @@ fn a_peers_deeplab_v2_is_evaluated_and_predicted_from_the_command_line() {
 
     let masks = dir.path().join("masks");
     let images = cityscapes.join("leftImg8bit/val/aachen");
-    let out = adamcu(&["predict", "--checkpoint", deeplab.to_str().unwrap(), "--images", images.to_str().unwrap(),
-        "--out", masks.to_str().unwrap()], &sets);
+    let out = adamcu(
+        &[
+            "predict",
+            "--checkpoint",
+            deeplab.to_str().unwrap(),
+            "--images",
+            images.to_str().unwrap(),
+            "--out",
+            masks.to_str().unwrap(),
+        ],
+        &sets,
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("for 2 image(s)"));
 
@@ -275,5 +340,8 @@ fn a_peers_deeplab_v2_is_evaluated_and_predicted_from_the_command_line() {
     let without_normalisation = [&sets[..2], &sets[4..]].concat();
     let out = adamcu(&["eval", "--checkpoint", deeplab.to_str().unwrap()], &without_normalisation);
     let error = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && error.contains("was trained on other input") && error.contains("[augment]"), "{error}");
+    assert!(
+        !out.status.success() && error.contains("was trained on other input") && error.contains("[augment]"),
+        "{error}"
+    );
 }

@@ -46,7 +46,8 @@ impl LedgerSnapshot {
     /// corruption). fsync through a second handle writes back the mapping's dirty pages too:
     /// on Linux they live in the same page cache.
     pub fn write(&self, path: &Path) -> Result<()> {
-        std::fs::File::open(&self.ledger_path).and_then(|f| f.sync_all())
+        std::fs::File::open(&self.ledger_path)
+            .and_then(|f| f.sync_all())
             .with_context(|| format!("{}: cannot flush the ledger", self.ledger_path.display()))?;
         crate::train::checkpoint::write_atomically(path, |temp| Ok(std::fs::write(temp, &self.bytes)?))
     }
@@ -109,21 +110,30 @@ impl Ledger {
                 Ok(())
             })?;
         }
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(path)
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
             .with_context(|| format!("{}: cannot open the ledger", path.display()))?;
         // SAFETY: the run-directory lock gives this process sole use of the file.
         let map = unsafe { MmapMut::map_mut(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
         let stored_version = map.get(8..12).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
         if map.len() >= 12 && map[..8] == MAGIC[..] && stored_version != Some(VERSION) {
-            bail!("{}: ledger format version {:?}, this adamcu reads version {VERSION} (budget counted at the \
+            bail!(
+                "{}: ledger format version {:?}, this adamcu reads version {VERSION} (budget counted at the \
                    training resolution); finish that run with the adamcu that began it, or start a new run directory",
-                  path.display(), stored_version.unwrap_or(0));
+                path.display(),
+                stored_version.unwrap_or(0)
+            );
         }
         if map.len() != size || map[..header.len()] != header[..] {
             let stored_budget = map.get(16..24).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
-            bail!("{}: this ledger was made for other target images or another budget (stored budget {:?} \
+            bail!(
+                "{}: this ledger was made for other target images or another budget (stored budget {:?} \
                    pixels, configured {budget}); use a new run directory to change the experiment",
-                  path.display(), stored_budget);
+                path.display(),
+                stored_budget
+            );
         }
         let mut offsets = Vec::with_capacity(images.len());
         let mut at = header.len();
@@ -136,14 +146,25 @@ impl Ledger {
         if spent > budget {
             bail!("{}: {spent} pixels bought, more than the budget {budget}: the ledger is corrupt", path.display());
         }
-        Ok(Ledger { path: path.to_path_buf(), map, images: images.to_vec(), offsets, spent, budget, total,
-            pending: Vec::new(), pending_count: 0, bits_start: header.len() })
+        Ok(Ledger {
+            path: path.to_path_buf(),
+            map,
+            images: images.to_vec(),
+            offsets,
+            spent,
+            budget,
+            total,
+            pending: Vec::new(),
+            pending_count: 0,
+            bits_start: header.len(),
+        })
     }
 
     /// Opens the ledger of a run resumed from a checkpoint whose ledger snapshot is `snapshot`.
     pub fn open_resumed(path: &Path, images: &[LedgerImage], budget: u64, snapshot: &Path) -> Result<Ledger> {
         let mut ledger = Ledger::open_or_create(path, images, budget)?;
-        let saved = std::fs::read(snapshot).with_context(|| format!("{}: cannot read the ledger snapshot", snapshot.display()))?;
+        let saved = std::fs::read(snapshot)
+            .with_context(|| format!("{}: cannot read the ledger snapshot", snapshot.display()))?;
         if saved.len() != ledger.map.len() || saved[..ledger.bits_start] != ledger.map[..ledger.bits_start] {
             bail!("{}: snapshot does not belong to the ledger {}", snapshot.display(), path.display());
         }
@@ -199,8 +220,9 @@ impl Ledger {
     /// image)", or "(per image)" when the sizes differ.
     pub fn pixel_unit(&self) -> String {
         match self.images.first() {
-            Some(first) if self.images.iter().all(|i| (i.width, i.height) == (first.width, first.height)) =>
-                format!("pixels at the training resolution ({}x{} per image)", first.width, first.height),
+            Some(first) if self.images.iter().all(|i| (i.width, i.height) == (first.width, first.height)) => {
+                format!("pixels at the training resolution ({}x{} per image)", first.width, first.height)
+            }
             _ => "pixels at the training resolution (per image)".into(),
         }
     }

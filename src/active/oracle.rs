@@ -18,7 +18,6 @@ pub struct Oracle;
 impl Oracle {
     /// Labels where `bought` is true, 255 elsewhere. `bought`: [B, H, W] bool on the labels' device.
     pub fn reveal(labels: &SealedLabels, bought: &Tensor) -> Tensor {
-        crate::torch_ext::labels_on(&labels.0, bought.device())
-            .where_scalarother(bought, 255i64)
+        crate::torch_ext::labels_on(&labels.0, bought.device()).where_scalarother(bought, 255i64)
     }
 }

@@ -110,15 +110,22 @@ pub fn bought_before(ledger: &Ledger, crops: &[CropPixels], device: Device) -> (
     }
     let bits = upload(&Tensor::from_slice(&bits), device);
     let byte = i64s(starts).view([b, 1]) + original.bitwise_right_shift_tensor_scalar(3);
-    let bought = bits.index_select(0, &byte.flatten(0, -1)).view([b, -1]).to_kind(Kind::Int64)
-        .bitwise_right_shift(&original.bitwise_and(7)).bitwise_and(1).ne(0);
+    let bought = bits
+        .index_select(0, &byte.flatten(0, -1))
+        .view([b, -1])
+        .to_kind(Kind::Int64)
+        .bitwise_right_shift(&original.bitwise_and(7))
+        .bitwise_and(1)
+        .ne(0);
     (original, bought)
 }
 
 impl Sampler {
     pub fn new(config: &ActiveConfig, thresholds: Option<Thresholds>) -> Sampler {
-        Sampler { config: config.clone(),
-            thresholds: thresholds.unwrap_or(Thresholds { pi_high: config.pi_high, pi_low: config.pi_low }) }
+        Sampler {
+            config: config.clone(),
+            thresholds: thresholds.unwrap_or(Thresholds { pi_high: config.pi_high, pi_low: config.pi_low }),
+        }
     }
 
     fn decay(&mut self) {
@@ -136,33 +143,36 @@ impl Sampler {
     fn plan(&self, images: &[usize], pixels: i64, ledger: &Ledger) -> Vec<CropPlan> {
         let quota = self.quota(pixels);
         let (spent, half_budget) = (ledger.spent() as i64, ledger.budget() as i64 / 2);
-        let sequential_high_phase = self.config.adaptive_sampling && self.config.schedule == Schedule::Sequential
-            && spent < half_budget;
+        let sequential_high_phase =
+            self.config.adaptive_sampling && self.config.schedule == Schedule::Sequential && spent < half_budget;
         let mut left = ledger.remaining() as i64;
         let mut high_phase_left = half_budget - spent;
-        images.iter().map(|&image| {
-            let (wanted_high, wanted_medium) = if left == 0 {
-                (0, 0)
-            } else if !self.config.adaptive_sampling {
-                (quota, 0)
-            } else {
-                match self.config.schedule {
-                    Schedule::Sequential if sequential_high_phase => (quota, 0),
-                    Schedule::Sequential => (0, quota),
-                    Schedule::Simultaneous => ((quota + 1) / 2, quota / 2),
+        images
+            .iter()
+            .map(|&image| {
+                let (wanted_high, wanted_medium) = if left == 0 {
+                    (0, 0)
+                } else if !self.config.adaptive_sampling {
+                    (quota, 0)
+                } else {
+                    match self.config.schedule {
+                        Schedule::Sequential if sequential_high_phase => (quota, 0),
+                        Schedule::Sequential => (0, quota),
+                        Schedule::Simultaneous => ((quota + 1) / 2, quota / 2),
+                    }
+                };
+                let mut cap_high = wanted_high.min(left);
+                // In the sequential schedule the G_h phase stops at exactly Me/2.
+                if sequential_high_phase {
+                    cap_high = cap_high.min(high_phase_left);
+                    high_phase_left -= cap_high;
                 }
-            };
-            let mut cap_high = wanted_high.min(left);
-            // In the sequential schedule the G_h phase stops at exactly Me/2.
-            if sequential_high_phase {
-                cap_high = cap_high.min(high_phase_left);
-                high_phase_left -= cap_high;
-            }
-            left -= cap_high;
-            let cap_medium = wanted_medium.min(left);
-            left -= cap_medium;
-            CropPlan { image, wanted_high, cap_high, cap_medium }
-        }).collect()
+                left -= cap_high;
+                let cap_medium = wanted_medium.min(left);
+                left -= cap_medium;
+                CropPlan { image, wanted_high, cap_high, cap_medium }
+            })
+            .collect()
     }
 
     /// Groups a batch of crops by their scores ([B, H, W] f32, on the device), and queues the
@@ -176,8 +186,10 @@ impl Sampler {
         let (high, low) = (scores.gt(t.pi_high), scores.lt(t.pi_low));
         let plans = self.plan(&crops.iter().map(|c| c.image).collect::<Vec<_>>(), pixels, ledger);
         let caps = |cap: fn(&CropPlan) -> i64| {
-            (upload(&Tensor::from_slice(&plans.iter().map(cap).collect::<Vec<_>>()), device),
-             plans.iter().map(cap).max().unwrap_or(0))
+            (
+                upload(&Tensor::from_slice(&plans.iter().map(cap).collect::<Vec<_>>()), device),
+                plans.iter().map(cap).max().unwrap_or(0),
+            )
         };
         let (original, was_bought) = bought_before(ledger, crops, device);
         let not_bought = was_bought.logical_not();
@@ -192,8 +204,8 @@ impl Sampler {
         let (cap_medium, max_medium) = caps(|p| p.cap_medium);
         let (from_medium, medium_valid) = random_subset(&candidates_medium, max_medium, Some(&cap_medium));
         let picks = Tensor::cat(&[from_high, from_medium], 1);
-        let bought = original.gather(1, &picks, false)
-            .where_scalarother(&Tensor::cat(&[high_valid, medium_valid], 1), -1);
+        let bought =
+            original.gather(1, &picks, false).where_scalarother(&Tensor::cat(&[high_valid, medium_valid], 1), -1);
         let (bought_now, shown_bought) = shows_any(&original, &bought);
         let labelled = was_bought.logical_or(&shown_bought);
 
@@ -212,8 +224,15 @@ impl Sampler {
         let count = |m: &Tensor| m.sum_dim_intlist([1i64].as_slice(), true, Kind::Int64);
         let report = Tensor::cat(&[available_high.unsqueeze(1), count(&high), count(&low), bought], 1);
         let crop = |m: Tensor| m.view(size.as_slice());
-        BatchSelection { labelled: crop(labelled), pseudo: crop(pseudo), high: crop(high), low: crop(low), report,
-            plans, crop_pixels: pixels as u64 }
+        BatchSelection {
+            labelled: crop(labelled),
+            pseudo: crop(pseudo),
+            high: crop(high),
+            low: crop(low),
+            report,
+            plans,
+            crop_pixels: pixels as u64,
+        }
     }
 
     /// Reads a step's draw back (the step's one wait for the device, after its update),
@@ -254,8 +273,13 @@ fn shows_any(original: &Tensor, bought: &Tensor) -> (Tensor, Tensor) {
     }
     let (sorted, _) = bought.sort(1, false);
     let real = sorted.ge(0);
-    let first_of_its_value = real.narrow(1, 1, k - 1).logical_and(&sorted.narrow(1, 1, k - 1).ne_tensor(&sorted.narrow(1, 0, k - 1)));
-    let distinct = Tensor::cat(&[real.narrow(1, 0, 1), first_of_its_value], 1).sum_dim_intlist([1i64].as_slice(), false, Kind::Int64);
+    let first_of_its_value =
+        real.narrow(1, 1, k - 1).logical_and(&sorted.narrow(1, 1, k - 1).ne_tensor(&sorted.narrow(1, 0, k - 1)));
+    let distinct = Tensor::cat(&[real.narrow(1, 0, 1), first_of_its_value], 1).sum_dim_intlist(
+        [1i64].as_slice(),
+        false,
+        Kind::Int64,
+    );
     let at = original.searchsorted(&sorted, false, false, "left", None::<Tensor>).clamp_max(k - 1);
     (distinct, sorted.gather(1, &at, false).eq_tensor(original))
 }

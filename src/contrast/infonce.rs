@@ -50,8 +50,8 @@ pub fn info_nce_units(anchors: &Points, keys: &Points, temperature: f64, weights
     let log_prob = &logits - logits.logaddexp(&negative_lse);
     let positives = positive.sum_dim_intlist([2i64].as_slice(), false, Kind::Float);
     let usable = positives.gt(0.0).logical_and(&negative.any_dim(2, false));
-    let per_anchor = -log_prob.where_scalarother(&positive, 0.0)
-        .sum_dim_intlist([2i64].as_slice(), false, Kind::Float) / positives.clamp_min(1.0);
+    let per_anchor = -log_prob.where_scalarother(&positive, 0.0).sum_dim_intlist([2i64].as_slice(), false, Kind::Float)
+        / positives.clamp_min(1.0);
     let usable_f = usable.to_kind(Kind::Float);
     let sum = |t: &Tensor| t.sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
     let anchors_usable = sum(&usable_f);

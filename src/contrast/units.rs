@@ -59,8 +59,12 @@ impl Sample {
             (Some(x), Some(y)) => Some(cat(x, y)),
             _ => None,
         };
-        Sample { embeddings: cat(&a.embeddings, &b.embeddings), classes: cat(&a.classes, &b.classes),
-            valid: cat(&a.valid, &b.valid), ids }
+        Sample {
+            embeddings: cat(&a.embeddings, &b.embeddings),
+            classes: cat(&a.classes, &b.classes),
+            valid: cat(&a.valid, &b.valid),
+            ids,
+        }
     }
 
     /// `n` points per image: the extra ones are zero and not valid.
@@ -81,8 +85,12 @@ impl Sample {
 
     /// `embeddings` through `f3`, every [B, N] tensor through `f2`.
     fn map(&self, f3: impl Fn(&Tensor) -> Tensor, f2: impl Fn(&Tensor) -> Tensor) -> Sample {
-        Sample { embeddings: f3(&self.embeddings), classes: f2(&self.classes), valid: f2(&self.valid),
-            ids: self.ids.as_ref().map(&f2) }
+        Sample {
+            embeddings: f3(&self.embeddings),
+            classes: f2(&self.classes),
+            valid: f2(&self.valid),
+            ids: self.ids.as_ref().map(&f2),
+        }
     }
 
     fn points(&self) -> Points<'_> {
@@ -97,16 +105,22 @@ impl Sample {
 pub fn embeddings_at(embedding: &Tensor, positions: &Tensor, width: i64, height: i64) -> Tensor {
     let to_grid = |v: Tensor, size: i64| (v.to_kind(Kind::Float) + 0.5) * (2.0 / size as f64) - 1.0;
     let (x, y) = (to_grid(positions.remainder(width), width), to_grid(positions.floor_divide_scalar(width), height));
-    let grid = Tensor::stack(&[x, y], 2).unsqueeze(1).to_kind(embedding.kind()); // [B, 1, N, 2]
-    // Bilinear (0), border padding (1): a crop's edge pixels read the map's edge.
+    // [B, 1, N, 2]. Bilinear (0), border padding (1): a crop's edge pixels read the map's edge.
+    let grid = Tensor::stack(&[x, y], 2).unsqueeze(1).to_kind(embedding.kind());
     l2_normalised(&embedding.grid_sampler_2d(&grid, 0, 1, false).squeeze_dim(2).transpose(1, 2), 2)
 }
 
 /// Up to `max` pixels per image drawn uniformly from `mask` [B, H*W] (random keys + top-k), with
 /// their embeddings read from the map at their positions. Ids: `first_image` + b, times 2^32,
 /// plus the pixel.
-fn sample(embedding: &Tensor, labels: &Tensor, mask: &Tensor, max: usize, (width, height): (i64, i64),
-    first_image: i64) -> Sample {
+fn sample(
+    embedding: &Tensor,
+    labels: &Tensor,
+    mask: &Tensor,
+    max: usize,
+    (width, height): (i64, i64),
+    first_image: i64,
+) -> Sample {
     let (b, p) = (mask.size()[0], mask.size()[1]);
     let (positions, valid) = crate::torch_ext::random_subset(mask, (max as i64).min(p), None);
     let images = Tensor::arange_start(first_image, first_image + b, (Kind::Int64, mask.device())).unsqueeze(1);
@@ -189,10 +203,14 @@ pub fn unit_pairs(level: &str, ns: usize, nt: usize) -> Vec<(usize, usize)> {
     let domains = [(0..ns).collect::<Vec<_>>(), (ns..ns + nt).collect()];
     match level {
         "intra-image" => (0..ns + nt).map(|i| (i, i)).collect(),
-        "cross-image" => domains.iter().filter(|d| d.len() >= 2)
-            .flat_map(|d| (0..d.len()).map(move |j| (d[j], d[(j + 1) % d.len()]))).collect(),
-        "cross-domain" if ns > 0 && nt > 0 => (0..ns).map(|j| (j, ns + j % nt))
-            .chain((0..nt).map(|j| (ns + j, j % ns))).collect(),
+        "cross-image" => domains
+            .iter()
+            .filter(|d| d.len() >= 2)
+            .flat_map(|d| (0..d.len()).map(move |j| (d[j], d[(j + 1) % d.len()])))
+            .collect(),
+        "cross-domain" if ns > 0 && nt > 0 => {
+            (0..ns).map(|j| (j, ns + j % nt)).chain((0..nt).map(|j| (ns + j, j % ns))).collect()
+        }
         _ => Vec::new(),
     }
 }
@@ -206,12 +224,20 @@ fn sum_of_level_means(per_unit: &Tensor, usable: &Tensor, level_of_unit: &Tensor
     (sums / counts.clamp_min(1.0)).sum(Kind::Float)
 }
 
-pub fn contrastive_losses(source: &DomainBatch, target: &DomainBatch, config: &ContrastConfig,
-    dccm: Option<&Dccm>, classes: i64) -> ContrastLosses {
+pub fn contrastive_losses(
+    source: &DomainBatch,
+    target: &DomainBatch,
+    config: &ContrastConfig,
+    dccm: Option<&Dccm>,
+    classes: i64,
+) -> ContrastLosses {
     let (ns, nt) = (source.embedding.size()[0] as usize, target.embedding.size()[0] as usize);
     let (s, t) = (views(source, config, classes, 0), views(target, config, classes, ns as i64));
     // Every unit of every level, as index tensors into the concatenated images.
-    let pairs: Vec<(i64, i64, i64)> = config.levels.iter().enumerate()
+    let pairs: Vec<(i64, i64, i64)> = config
+        .levels
+        .iter()
+        .enumerate()
         .flat_map(|(l, level)| unit_pairs(level, ns, nt).into_iter().map(move |(a, k)| (a as i64, k as i64, l as i64)))
         .collect();
     if pairs.is_empty() {
@@ -235,11 +261,15 @@ pub fn contrastive_losses(source: &DomainBatch, target: &DomainBatch, config: &C
     if config.p2p {
         let (loss, units) = unit_loss(s.anchors.cat(&t.anchors), s.keys.cat(&t.keys));
         let counts = Tensor::stack(&[units.anchors, units.positives], 1); // [U, 2]
-        usage = Some(Tensor::zeros([levels * 2, 2], (Kind::Float, device)).index_add(0, &usage_row, &counts)
-            .view([levels, 2, 2]));
+        usage = Some(
+            Tensor::zeros([levels * 2, 2], (Kind::Float, device))
+                .index_add(0, &usage_row, &counts)
+                .view([levels, 2, 2]),
+        );
         p2p = Some(loss);
     }
-    let c2c = config.c2c.then(|| unit_loss(s.anchor_centers.cat(&t.anchor_centers),
-        s.category_centers.cat(&t.category_centers)).0);
+    let c2c = config
+        .c2c
+        .then(|| unit_loss(s.anchor_centers.cat(&t.anchor_centers), s.category_centers.cat(&t.category_centers)).0);
     ContrastLosses { p2p, c2c, usage }
 }

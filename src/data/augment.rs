@@ -9,7 +9,10 @@
 //! ledger uses, so a label and the pixel it is charged to can never disagree.
 
 use crate::config::AugmentConfig;
-use fast_image_resize::{images::{Image, ImageRef}, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use fast_image_resize::{
+    images::{Image, ImageRef},
+    FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer,
+};
 use rand::Rng;
 
 /// Where a crop came from, so a training pixel maps back to its original-image pixel
@@ -31,9 +34,17 @@ pub struct Geometry {
 impl Geometry {
     /// The identity geometry of an unaugmented image.
     pub fn identity(width: u32, height: u32) -> Geometry {
-        Geometry { original_width: width, original_height: height, scaled_width: width,
-            scaled_height: height, crop_x: 0, crop_y: 0, crop_width: width, crop_height: height,
-            flipped: false }
+        Geometry {
+            original_width: width,
+            original_height: height,
+            scaled_width: width,
+            scaled_height: height,
+            crop_x: 0,
+            crop_y: 0,
+            crop_width: width,
+            crop_height: height,
+            flipped: false,
+        }
     }
 
     /// The original-image pixel (x, y) that crop pixel (x, y) was sampled from (nearest).
@@ -60,8 +71,12 @@ impl Geometry {
         let (left, top) = (self.crop_x as f64 * sx, self.crop_y as f64 * sy);
         // min(): the products can overshoot the image edge by a rounding error, which the
         // resizer rejects.
-        (left, top, (self.crop_width as f64 * sx).min(self.original_width as f64 - left),
-            (self.crop_height as f64 * sy).min(self.original_height as f64 - top))
+        (
+            left,
+            top,
+            (self.crop_width as f64 * sx).min(self.original_width as f64 - left),
+            (self.crop_height as f64 * sy).min(self.original_height as f64 - top),
+        )
     }
 
     /// `to_original` per axis: the mapping is separable, so a crop's original pixels are
@@ -112,9 +127,12 @@ pub struct Augmenter {
 
 impl Augmenter {
     pub fn new(config: &AugmentConfig) -> Augmenter {
-        Augmenter { config: config.clone(), resizer: Resizer::new(),
+        Augmenter {
+            config: config.clone(),
+            resizer: Resizer::new(),
             resampled_rows: Vec::new(),
-            resampled_columns: Vec::new() }
+            resampled_columns: Vec::new(),
+        }
     }
 
     /// Draws the random geometry for an image of `width` x `height`.
@@ -128,8 +146,17 @@ impl Augmenter {
         let crop_x = rng.gen_range(0..=scaled_w - crop_w);
         let crop_y = rng.gen_range(0..=scaled_h - crop_h);
         let flipped = c.flip && rng.gen_bool(0.5);
-        Geometry { original_width: width, original_height: height, scaled_width: scaled_w,
-            scaled_height: scaled_h, crop_x, crop_y, crop_width: crop_w, crop_height: crop_h, flipped }
+        Geometry {
+            original_width: width,
+            original_height: height,
+            scaled_width: scaled_w,
+            scaled_height: scaled_h,
+            crop_x,
+            crop_y,
+            crop_width: crop_w,
+            crop_height: crop_h,
+            flipped,
+        }
     }
 
     /// Applies `geometry` to an RGB image (row by row, as decoded) and its label map (both
@@ -141,8 +168,11 @@ impl Augmenter {
     /// `apply` for an image stored column by column (a shard's layout, see `shard`); the
     /// label map is row by row as always. The result is the same crop, row by row.
     pub fn apply_column_major(&mut self, columns: &[u8], label: &[u8], geometry: Geometry) -> Augmented {
-        Augmented { image: self.resample_column_major(columns, &geometry), label: sample_label(label, &geometry),
-            geometry }
+        Augmented {
+            image: self.resample_column_major(columns, &geometry),
+            label: sample_label(label, &geometry),
+            geometry,
+        }
     }
 
     /// Resamples the crop window of a row-major RGB image to the crop's size, mirrored in
@@ -160,11 +190,16 @@ impl Augmenter {
         if window.3 < out_h as f64 {
             let rows = SourceRows::under(window, h, out_h);
             let buffer = grown(&mut self.resampled_rows, 3 * (out_w * rows.count) as usize);
-            let mut resampled_rows = Image::from_slice_u8(out_w, rows.count, buffer, PixelType::U8x3)
-                .expect("buffer matches its size");
+            let mut resampled_rows =
+                Image::from_slice_u8(out_w, rows.count, buffer, PixelType::U8x3).expect("buffer matches its size");
             // Whole rows, so that this call makes no vertical pass.
-            self.resizer.resize(&src, &mut resampled_rows, &crop_options((window.0, rows.first as f64, window.2,
-                rows.count as f64))).expect("window inside the image");
+            self.resizer
+                .resize(
+                    &src,
+                    &mut resampled_rows,
+                    &crop_options((window.0, rows.first as f64, window.2, rows.count as f64)),
+                )
+                .expect("window inside the image");
             rows.resample_vertically(&mut self.resizer, &resampled_rows, window, &mut image);
         } else {
             self.resizer.resize(&src, &mut image, &crop_options(window)).expect("window inside the image");
@@ -184,15 +219,20 @@ impl Augmenter {
         let rows = SourceRows::under(window, h, out_h);
         let bytes = 3 * (out_w * rows.count) as usize;
         let buffer = grown(&mut self.resampled_columns, bytes);
-        let mut resampled_columns = Image::from_slice_u8(rows.count, out_w, buffer, PixelType::U8x3)
-            .expect("buffer matches its size");
+        let mut resampled_columns =
+            Image::from_slice_u8(rows.count, out_w, buffer, PixelType::U8x3).expect("buffer matches its size");
         // Whole source rows (the columns' x), so that this call makes only a vertical pass.
-        self.resizer.resize(&src, &mut resampled_columns, &crop_options((rows.first as f64, window.0,
-            rows.count as f64, window.2))).expect("window inside the image");
+        self.resizer
+            .resize(
+                &src,
+                &mut resampled_columns,
+                &crop_options((rows.first as f64, window.0, rows.count as f64, window.2)),
+            )
+            .expect("window inside the image");
         let resampled_rows = grown(&mut self.resampled_rows, bytes);
         transpose_rgb(resampled_columns.buffer(), resampled_rows, rows.count, out_w);
-        let resampled_rows = ImageRef::new(out_w, rows.count, resampled_rows, PixelType::U8x3)
-            .expect("buffer matches its size");
+        let resampled_rows =
+            ImageRef::new(out_w, rows.count, resampled_rows, PixelType::U8x3).expect("buffer matches its size");
         let mut image = Image::new(out_w, out_h, PixelType::U8x3);
         rows.resample_vertically(&mut self.resizer, &resampled_rows, window, &mut image);
         finish(image, g.flipped)
@@ -238,11 +278,17 @@ impl SourceRows {
 
     /// The crop from these rows, already at the crop's width: a vertical pass only. The
     /// filter's reach is inside them, so the result is the one-call resample of the window.
-    fn resample_vertically(&self, resizer: &mut Resizer, rows: &impl fast_image_resize::IntoImageView,
-        window: (f64, f64, f64, f64), image: &mut Image) {
+    fn resample_vertically(
+        &self,
+        resizer: &mut Resizer,
+        rows: &impl fast_image_resize::IntoImageView,
+        window: (f64, f64, f64, f64),
+        image: &mut Image,
+    ) {
         let top = window.1 - self.first as f64;
         let width = image.width() as f64;
-        resizer.resize(rows, image, &crop_options((0.0, top, width, window.3.min(self.count as f64 - top))))
+        resizer
+            .resize(rows, image, &crop_options((0.0, top, width, window.3.min(self.count as f64 - top))))
             .expect("window inside the rows");
     }
 }
@@ -334,12 +380,17 @@ impl RowGather {
 
     fn new(xs: Vec<u32>, row_len: usize) -> RowGather {
         // A mirrored crop's xs run backwards, so the stretch starts at the block's smallest x.
-        let shuffles = xs.chunks_exact(Self::BLOCK).map(|block| {
-            let base = *block.iter().min().unwrap() as usize;
-            let last = *block.iter().max().unwrap() as usize;
-            let fits = last < base + 16 && base + 16 <= row_len;
-            fits.then(|| (base, std::array::from_fn(|j| if j < Self::BLOCK { (block[j] as usize - base) as u8 } else { 0 })))
-        }).collect();
+        let shuffles = xs
+            .chunks_exact(Self::BLOCK)
+            .map(|block| {
+                let base = *block.iter().min().unwrap() as usize;
+                let last = *block.iter().max().unwrap() as usize;
+                let fits = last < base + 16 && base + 16 <= row_len;
+                fits.then(|| {
+                    (base, std::array::from_fn(|j| if j < Self::BLOCK { (block[j] as usize - base) as u8 } else { 0 }))
+                })
+            })
+            .collect();
         RowGather { xs, shuffles }
     }
 
@@ -366,8 +417,10 @@ impl RowGather {
                     // SAFETY: unaligned loads of two 16-byte arrays and an 8-byte store into an
                     // 8-byte array; SSSE3 is enabled for this function.
                     unsafe {
-                        let picked = _mm_shuffle_epi8(_mm_loadu_si128(stretch.as_ptr() as *const __m128i),
-                            _mm_loadu_si128(offsets.as_ptr() as *const __m128i));
+                        let picked = _mm_shuffle_epi8(
+                            _mm_loadu_si128(stretch.as_ptr() as *const __m128i),
+                            _mm_loadu_si128(offsets.as_ptr() as *const __m128i),
+                        );
                         _mm_storel_epi64(block.as_mut_ptr() as *mut __m128i, picked);
                     }
                 }

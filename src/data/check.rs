@@ -49,8 +49,15 @@ impl CheckReport {
 
 /// Decodes every sample of a configured set and collects what it finds.
 pub fn check(name: &str, set: &DatasetConfig, classes: usize) -> CheckReport {
-    let mut report = CheckReport { name: name.to_string(), samples: 0, class_pixels: vec![0; classes],
-        ignored_pixels: 0, sizes: BTreeMap::new(), errors: Vec::new(), skipped: Vec::new() };
+    let mut report = CheckReport {
+        name: name.to_string(),
+        samples: 0,
+        class_pixels: vec![0; classes],
+        ignored_pixels: 0,
+        sizes: BTreeMap::new(),
+        errors: Vec::new(),
+        skipped: Vec::new(),
+    };
     let source = match SampleSource::open(set, classes) {
         Ok(s) => s,
         Err(e) => {

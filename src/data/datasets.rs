@@ -40,8 +40,11 @@ pub fn list(set: &DatasetConfig) -> Result<Listing, DataError> {
         DatasetKind::Synscapes => flat_pairs(root, "img/rgb", "img/class", LabelEncoding::CityscapesIds),
         DatasetKind::Cityscapes => cityscapes(root, set.split.as_deref().unwrap_or("train")),
         DatasetKind::Translated => translated(set),
-        DatasetKind::Shard => Err(DataError::new(DataErrorKind::Layout, root,
-            "a shard is read with data::shard::Shard, not listed as PNG files")),
+        DatasetKind::Shard => Err(DataError::new(
+            DataErrorKind::Layout,
+            root,
+            "a shard is read with data::shard::Shard, not listed as PNG files",
+        )),
     }
 }
 
@@ -81,21 +84,26 @@ fn pair_by_name(
     for (name, image) in images {
         match labels.remove(&label_name_of(&name)) {
             Some(label) => samples.push(SampleFiles { id: id_of(&name), image, label }),
-            None => skipped.push(DataError::new(DataErrorKind::MissingCounterpart, &image,
-                format!("no label {} in {}", label_name_of(&name), label_dir.display()))),
+            None => skipped.push(DataError::new(
+                DataErrorKind::MissingCounterpart,
+                &image,
+                format!("no label {} in {}", label_name_of(&name), label_dir.display()),
+            )),
         }
     }
     for (_, label) in labels {
-        skipped.push(DataError::new(DataErrorKind::MissingCounterpart, &label,
-            "label without an image (skipped)"));
+        skipped.push(DataError::new(DataErrorKind::MissingCounterpart, &label, "label without an image (skipped)"));
     }
     (samples, skipped)
 }
 
 fn non_empty(listing: Listing, root: &Path) -> Result<Listing, DataError> {
     if listing.samples.is_empty() {
-        Err(DataError::new(DataErrorKind::Empty, root, format!(
-            "no image/label pairs found ({} unpaired file(s))", listing.skipped.len())))
+        Err(DataError::new(
+            DataErrorKind::Empty,
+            root,
+            format!("no image/label pairs found ({} unpaired file(s))", listing.skipped.len()),
+        ))
     } else {
         Ok(listing)
     }
@@ -105,13 +113,12 @@ fn stem(name: &str) -> String {
     name.rsplit_once('.').map_or(name, |(s, _)| s).to_string()
 }
 
-fn flat_pairs(root: &Path, image_dir: &str, label_dir: &str, encoding: LabelEncoding)
-    -> Result<Listing, DataError> {
+fn flat_pairs(root: &Path, image_dir: &str, label_dir: &str, encoding: LabelEncoding) -> Result<Listing, DataError> {
     let (image_dir, label_dir) = (root.join(image_dir), root.join(label_dir));
     require_dir(&image_dir, "the images folder of this layout")?;
     require_dir(&label_dir, "the labels folder of this layout")?;
-    let (samples, skipped) = pair_by_name(png_files(&image_dir)?, png_files(&label_dir)?,
-        stem, |n| n.to_string(), &label_dir);
+    let (samples, skipped) =
+        pair_by_name(png_files(&image_dir)?, png_files(&label_dir)?, stem, |n| n.to_string(), &label_dir);
     non_empty(Listing { samples, skipped, encoding }, root)
 }
 
@@ -129,16 +136,18 @@ fn cityscapes(root: &Path, split: &str) -> Result<Listing, DataError> {
     cities.sort();
     let (mut samples, mut skipped) = (Vec::new(), Vec::new());
     for city in cities {
-        let images = png_files(&image_root.join(&city))?
-            .into_iter()
-            .filter(|(n, _)| n.ends_with("_leftImg8bit.png"))
-            .collect();
+        let images =
+            png_files(&image_root.join(&city))?.into_iter().filter(|(n, _)| n.ends_with("_leftImg8bit.png")).collect();
         let label_dir = label_root.join(&city);
         let labels = if label_dir.is_dir() { png_files(&label_dir)? } else { BTreeMap::new() };
         let labels = labels.into_iter().filter(|(n, _)| n.ends_with("_gtFine_labelIds.png")).collect();
-        let (s, k) = pair_by_name(images, labels,
+        let (s, k) = pair_by_name(
+            images,
+            labels,
             |n| n.trim_end_matches("_leftImg8bit.png").to_string(),
-            |n| n.replace("_leftImg8bit.png", "_gtFine_labelIds.png"), &label_dir);
+            |n| n.replace("_leftImg8bit.png", "_gtFine_labelIds.png"),
+            &label_dir,
+        );
         samples.extend(s);
         skipped.extend(k);
     }
@@ -146,16 +155,20 @@ fn cityscapes(root: &Path, split: &str) -> Result<Listing, DataError> {
 }
 
 fn translated(set: &DatasetConfig) -> Result<Listing, DataError> {
-    let labels_kind = set.labels_kind.ok_or_else(|| DataError::new(DataErrorKind::Layout, &set.root,
-        "a translated set needs labels_kind (the original set)"))?;
-    let labels_root = set.labels_root.clone().ok_or_else(|| DataError::new(DataErrorKind::Layout,
-        &set.root, "a translated set needs labels_root (the original set's root)"))?;
+    let labels_kind = set.labels_kind.ok_or_else(|| {
+        DataError::new(DataErrorKind::Layout, &set.root, "a translated set needs labels_kind (the original set)")
+    })?;
+    let labels_root = set.labels_root.clone().ok_or_else(|| {
+        DataError::new(DataErrorKind::Layout, &set.root, "a translated set needs labels_root (the original set's root)")
+    })?;
     let original = list(&DatasetConfig::at(labels_kind, labels_root))?;
     let image_dir = if set.root.join("images").is_dir() { set.root.join("images") } else { set.root.clone() };
     require_dir(&image_dir, "a folder of translated images")?;
     let translated = png_files(&image_dir)?;
     // Pair by file name, never by index: published translated sets lack some frames.
-    let labels: BTreeMap<String, PathBuf> = original.samples.iter()
+    let labels: BTreeMap<String, PathBuf> = original
+        .samples
+        .iter()
         .map(|s| (s.image.file_name().unwrap().to_string_lossy().into_owned(), s.label.clone()))
         .collect();
     let label_dir = original.samples[0].label.parent().unwrap_or(Path::new("")).to_path_buf();
@@ -197,26 +210,36 @@ pub fn decode_image(path: &Path) -> Result<Rgb, DataError> {
 /// raw) and maps it to training ids.
 pub fn decode_label(path: &Path, map: &LabelMap) -> Result<Label, DataError> {
     let bytes = read_file(path)?;
-    let corrupt = |e: png::DecodingError| DataError::new(DataErrorKind::Corrupt, path,
-        format!("not a readable PNG label map: {e}"));
+    let corrupt = |e: png::DecodingError| {
+        DataError::new(DataErrorKind::Corrupt, path, format!("not a readable PNG label map: {e}"))
+    };
     let mut decoder = png::Decoder::new(std::io::Cursor::new(&bytes));
     decoder.set_transformations(png::Transformations::IDENTITY);
     let mut reader = decoder.read_info().map_err(corrupt)?;
-    let size = reader.output_buffer_size().ok_or_else(|| DataError::new(DataErrorKind::Corrupt, path,
-        "label map too large"))?;
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| DataError::new(DataErrorKind::Corrupt, path, "label map too large"))?;
     let mut buffer = vec![0u8; size];
     let info = reader.next_frame(&mut buffer).map_err(corrupt)?;
     let channels = info.color_type.samples();
     let sixteen_bit = info.bit_depth == png::BitDepth::Sixteen;
     if !sixteen_bit && info.bit_depth != png::BitDepth::Eight {
-        return Err(DataError::new(DataErrorKind::Corrupt, path,
-            format!("label bit depth {:?}: expected 8 or 16 bits", info.bit_depth)));
+        return Err(DataError::new(
+            DataErrorKind::Corrupt,
+            path,
+            format!("label bit depth {:?}: expected 8 or 16 bits", info.bit_depth),
+        ));
     }
     let bytes_per_pixel = channels * if sixteen_bit { 2 } else { 1 };
     let (width, height) = (info.width, info.height);
     let mut ids = Vec::with_capacity((width * height) as usize);
-    let out_of_map = |bad| DataError::new(DataErrorKind::LabelOutOfMap, path,
-        format!("label id {bad} is outside the {:?} map", map.encoding));
+    let out_of_map = |bad| {
+        DataError::new(
+            DataErrorKind::LabelOutOfMap,
+            path,
+            format!("label id {bad} is outside the {:?} map", map.encoding),
+        )
+    };
     for row in buffer.chunks_exact(info.line_size).take(height as usize) {
         if bytes_per_pixel == 1 {
             map.extend_train_ids(&row[..width as usize], &mut ids).map_err(out_of_map)?;
@@ -237,9 +260,18 @@ pub fn decode_sample(files: &SampleFiles, map: &LabelMap) -> Result<(Rgb, Label)
     let image = decode_image(&files.image)?;
     let label = decode_label(&files.label, map)?;
     if (image.width, image.height) != (label.width, label.height) {
-        return Err(DataError::new(DataErrorKind::SizeMismatch, &files.label, format!(
-            "label is {}x{} but its image {} is {}x{}", label.width, label.height,
-            files.image.display(), image.width, image.height)));
+        return Err(DataError::new(
+            DataErrorKind::SizeMismatch,
+            &files.label,
+            format!(
+                "label is {}x{} but its image {} is {}x{}",
+                label.width,
+                label.height,
+                files.image.display(),
+                image.width,
+                image.height
+            ),
+        ));
     }
     Ok((image, label))
 }

@@ -4,13 +4,44 @@
 pub const IGNORE: u8 = 255;
 
 pub const CLASSES_19: [&str; 19] = [
-    "road", "sidewalk", "building", "wall", "fence", "pole", "light", "sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "light",
+    "sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
 ];
 
 pub const CLASSES_16: [&str; 16] = [
-    "road", "sidewalk", "building", "wall", "fence", "pole", "light", "sign", "vegetation", "sky",
-    "person", "rider", "car", "bus", "motorcycle", "bicycle",
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "light",
+    "sign",
+    "vegetation",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "bus",
+    "motorcycle",
+    "bicycle",
 ];
 
 /// In the 16-class setting, the 13-class mIoU drops wall, fence and pole.
@@ -18,18 +49,31 @@ pub const DROPPED_FOR_13: [usize; 3] = [3, 4, 5];
 
 /// Cityscapes colour palette for the 19 training classes.
 pub const PALETTE_19: [[u8; 3]; 19] = [
-    [128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156], [190, 153, 153],
-    [153, 153, 153], [250, 170, 30], [220, 220, 0], [107, 142, 35], [152, 251, 152],
-    [70, 130, 180], [220, 20, 60], [255, 0, 0], [0, 0, 142], [0, 0, 70], [0, 60, 100],
-    [0, 80, 100], [0, 0, 230], [119, 11, 32],
+    [128, 64, 128],
+    [244, 35, 232],
+    [70, 70, 70],
+    [102, 102, 156],
+    [190, 153, 153],
+    [153, 153, 153],
+    [250, 170, 30],
+    [220, 220, 0],
+    [107, 142, 35],
+    [152, 251, 152],
+    [70, 130, 180],
+    [220, 20, 60],
+    [255, 0, 0],
+    [0, 0, 142],
+    [0, 0, 70],
+    [0, 60, 100],
+    [0, 80, 100],
+    [0, 0, 230],
+    [119, 11, 32],
 ];
 
 /// Cityscapes label ids of the 19 training classes, in training-id order.
-pub const CITYSCAPES_IDS_19: [u16; 19] =
-    [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33];
+pub const CITYSCAPES_IDS_19: [u16; 19] = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33];
 /// Cityscapes label ids of the 16 SYNTHIA-setting classes, in training-id order.
-pub const CITYSCAPES_IDS_16: [u16; 16] =
-    [7, 8, 11, 12, 13, 17, 19, 20, 21, 23, 24, 25, 26, 28, 32, 33];
+pub const CITYSCAPES_IDS_16: [u16; 16] = [7, 8, 11, 12, 13, 17, 19, 20, 21, 23, 24, 25, 26, 28, 32, 33];
 /// SYNTHIA-RAND-CITYSCAPES class ids of the 16 classes, in training-id order
 /// (road 3, sidewalk 4, building 2, wall 21, fence 5, pole 7, light 15, sign 9, vegetation 6,
 /// sky 1, person 10, rider 17, car 8, bus 19, motorcycle 12, bicycle 11).

@@ -65,16 +65,20 @@ impl Loader {
             let (tx, rx) = bounded::<(usize, Result<Augmented, DataError>)>(options.batch_size * 2);
             worker_outputs.push(rx);
             let (source, augment, seed, start) = (source.clone(), augment.clone(), options.seed, options.start_at);
-            threads.push(std::thread::Builder::new()
-                .name(format!("load-{}-{w}", options.domain))
-                .spawn(move || worker(&source, &augment, seed, start, w as u64, workers as u64, tx))
-                .expect("spawn loader worker"));
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("load-{}-{w}", options.domain))
+                    .spawn(move || worker(&source, &augment, seed, start, w as u64, workers as u64, tx))
+                    .expect("spawn loader worker"),
+            );
         }
         let (tx, rx) = bounded(options.capacity);
-        threads.push(std::thread::Builder::new()
-            .name(format!("batch-{}", options.domain))
-            .spawn(move || batcher(&source, worker_outputs, options, tx))
-            .expect("spawn batcher"));
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("batch-{}", options.domain))
+                .spawn(move || batcher(&source, worker_outputs, options, tx))
+                .expect("spawn batcher"),
+        );
         Loader { batches: rx, threads }
     }
 
@@ -95,8 +99,15 @@ pub fn epoch_order(epoch: u64, len: usize, seed: u64) -> Vec<usize> {
     order
 }
 
-fn worker(source: &SampleSource, augment: &AugmentConfig, seed: u64, start: u64, w: u64, workers: u64,
-    tx: Sender<(usize, Result<Augmented, DataError>)>) {
+fn worker(
+    source: &SampleSource,
+    augment: &AugmentConfig,
+    seed: u64,
+    start: u64,
+    w: u64,
+    workers: u64,
+    tx: Sender<(usize, Result<Augmented, DataError>)>,
+) {
     let mut augmenter = Augmenter::new(augment);
     let len = source.len();
     let mut epoch_cache: Option<(u64, Vec<usize>)> = None;
@@ -116,8 +127,12 @@ fn worker(source: &SampleSource, augment: &AugmentConfig, seed: u64, start: u64,
     }
 }
 
-fn batcher(source: &SampleSource, workers: Vec<Receiver<(usize, Result<Augmented, DataError>)>>,
-    options: LoaderOptions, tx: Sender<Result<Batch, DataError>>) {
+fn batcher(
+    source: &SampleSource,
+    workers: Vec<Receiver<(usize, Result<Augmented, DataError>)>>,
+    options: LoaderOptions,
+    tx: Sender<Result<Batch, DataError>>,
+) {
     let stage = telemetry::Stage::new(&format!("load_{}", options.domain));
     let mut next_worker = 0;
     let mut sequence = 0u64;
@@ -139,9 +154,17 @@ fn batcher(source: &SampleSource, workers: Vec<Receiver<(usize, Result<Augmented
                     consecutive_failures += 1;
                     let give_up = consecutive_failures >= source.len();
                     if options.on_bad_sample == OnBadSample::Stop || give_up {
-                        let error = if give_up { DataError { reason: format!(
-                            "every sample of the {} set failed; last: {}", options.domain, error.reason),
-                            ..error } } else { error };
+                        let error = if give_up {
+                            DataError {
+                                reason: format!(
+                                    "every sample of the {} set failed; last: {}",
+                                    options.domain, error.reason
+                                ),
+                                ..error
+                            }
+                        } else {
+                            error
+                        };
                         let _ = tx.send(Err(error));
                         return;
                     }
@@ -167,16 +190,23 @@ fn collate(sequence: u64, source: &SampleSource, samples: Vec<(usize, Augmented)
     let (h, w) = (samples[0].1.geometry.crop_height as i64, samples[0].1.geometry.crop_width as i64);
     // Allocated where the batch will be read from (page-locked for a CUDA trainer) and filled
     // in place: one copy of each sample.
-    let new = |size: &[i64]| if pinned { crate::torch_ext::empty_pinned(size, Kind::Uint8) }
-        else { Tensor::empty(size, (Kind::Uint8, Device::Cpu)) };
+    let new = |size: &[i64]| {
+        if pinned {
+            crate::torch_ext::empty_pinned(size, Kind::Uint8)
+        } else {
+            Tensor::empty(size, (Kind::Uint8, Device::Cpu))
+        }
+    };
     let (mut images, mut labels) = (new(&[b, h, w, 3]), new(&[b, h, w]));
     // SAFETY: both tensors were just created here and are not shared yet.
     let (image_bytes, label_bytes) = unsafe {
-        (crate::torch_ext::cpu_data_mut::<u8>(&mut images), crate::torch_ext::cpu_data_mut::<u8>(&mut labels)) };
+        (crate::torch_ext::cpu_data_mut::<u8>(&mut images), crate::torch_ext::cpu_data_mut::<u8>(&mut labels))
+    };
     let mut sample_indices = Vec::new();
     let mut ids = Vec::new();
     let mut geometries = Vec::new();
-    let per_sample = image_bytes.chunks_exact_mut((h * w * 3) as usize).zip(label_bytes.chunks_exact_mut((h * w) as usize));
+    let per_sample =
+        image_bytes.chunks_exact_mut((h * w * 3) as usize).zip(label_bytes.chunks_exact_mut((h * w) as usize));
     for ((index, s), (image, label)) in samples.into_iter().zip(per_sample) {
         image.copy_from_slice(&s.image);
         label.copy_from_slice(&s.label);

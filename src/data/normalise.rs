@@ -35,7 +35,8 @@ impl Normaliser {
     /// [B, H, W, 3] u8 -> [B, 3, H, W] f32 on the device.
     pub fn to_input(&self, images: &Tensor) -> Tensor {
         if self.device.is_cuda() {
-            let images = crate::torch_ext::to_device_async(images, self.device).permute([0, 3, 1, 2]).to_kind(Kind::Float);
+            let images =
+                crate::torch_ext::to_device_async(images, self.device).permute([0, 3, 1, 2]).to_kind(Kind::Float);
             return (images * &self.scale + &self.shift).contiguous();
         }
         let images = images.to_device(Device::Cpu).contiguous();

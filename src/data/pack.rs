@@ -4,7 +4,10 @@ use super::datasets::{Label, Rgb};
 use super::shard::ShardWriter;
 use super::source::SampleSource;
 use anyhow::Result;
-use fast_image_resize::{images::{Image, ImageRef}, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use fast_image_resize::{
+    images::{Image, ImageRef},
+    FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer,
+};
 use std::path::Path;
 
 /// Resizes an image (bicubic) and its label map (nearest) to `width` x `height`.

@@ -57,8 +57,15 @@ impl ShardWriter {
         let temp = path.with_extension("shard.tmp");
         let mut file = std::io::BufWriter::new(std::fs::File::create(&temp)?);
         file.write_all(&[0u8; HEADER_LEN])?;
-        Ok(ShardWriter { path: path.to_path_buf(), temp, file, offset: HEADER_LEN as u64,
-            classes: classes as u32, entries: Vec::new(), columns: Vec::new() })
+        Ok(ShardWriter {
+            path: path.to_path_buf(),
+            temp,
+            file,
+            offset: HEADER_LEN as u64,
+            classes: classes as u32,
+            entries: Vec::new(),
+            columns: Vec::new(),
+        })
     }
 
     /// Adds a sample: `rgb` row by row, as decoded.
@@ -72,8 +79,15 @@ impl ShardWriter {
         let label_offset = image_offset + rgb.len() as u64;
         self.file.write_all(label)?;
         self.offset = label_offset + label.len() as u64;
-        self.entries.push(ShardEntry { id: id.to_string(), width, height, image_offset, label_offset,
-            image_crc: crc32fast::hash(&self.columns), label_crc: crc32fast::hash(label) });
+        self.entries.push(ShardEntry {
+            id: id.to_string(),
+            width,
+            height,
+            image_offset,
+            label_offset,
+            image_crc: crc32fast::hash(&self.columns),
+            label_crc: crc32fast::hash(label),
+        });
         Ok(())
     }
 
@@ -142,9 +156,15 @@ impl<'a> Cursor<'a> {
         self.at += n;
         Some(slice)
     }
-    fn u16(&mut self) -> Option<u16> { Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?)) }
-    fn u32(&mut self) -> Option<u32> { Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?)) }
-    fn u64(&mut self) -> Option<u64> { Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?)) }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
 }
 
 impl Shard {
@@ -172,16 +192,30 @@ impl Shard {
             return Err(corrupt(path, "header checksum mismatch"));
         }
         if version == 1 {
-            return Err(DataError::new(DataErrorKind::Layout, path, format!("shard version 1 (images row by row) \
+            return Err(DataError::new(
+                DataErrorKind::Layout,
+                path,
+                format!(
+                    "shard version 1 (images row by row) \
                 is no longer read; version {VERSION} stores them column by column: pack the data set again \
-                with `adamcu pack`")));
+                with `adamcu pack`"
+                ),
+            ));
         }
         if version != VERSION {
             return Err(corrupt(path, format!("version {version}, expected {VERSION}")));
         }
-        let index_end = index_offset.checked_add(index_len).filter(|&end| end == map.len() as u64)
-            .ok_or_else(|| corrupt(path, format!("index ends at {} but the file has {} bytes",
-                index_offset.saturating_add(index_len), map.len())))?;
+        let index_end =
+            index_offset.checked_add(index_len).filter(|&end| end == map.len() as u64).ok_or_else(|| {
+                corrupt(
+                    path,
+                    format!(
+                        "index ends at {} but the file has {} bytes",
+                        index_offset.saturating_add(index_len),
+                        map.len()
+                    ),
+                )
+            })?;
         let index = &map[index_offset as usize..index_end as usize];
         if crc32fast::hash(index) != index_crc {
             return Err(corrupt(path, "index checksum mismatch"));
@@ -192,8 +226,15 @@ impl Shard {
             let entry = (|| {
                 let id_len = c.u16()? as usize;
                 let id = String::from_utf8(c.take(id_len)?.to_vec()).ok()?;
-                Some(ShardEntry { id, width: c.u32()?, height: c.u32()?, image_offset: c.u64()?,
-                    label_offset: c.u64()?, image_crc: c.u32()?, label_crc: c.u32()? })
+                Some(ShardEntry {
+                    id,
+                    width: c.u32()?,
+                    height: c.u32()?,
+                    image_offset: c.u64()?,
+                    label_offset: c.u64()?,
+                    image_crc: c.u32()?,
+                    label_crc: c.u32()?,
+                })
             })()
             .ok_or_else(|| corrupt(path, format!("index entry {i} is cut short")))?;
             let pixels = entry.width as u64 * entry.height as u64;

@@ -19,8 +19,11 @@ impl SampleSource {
         if set.kind == DatasetKind::Shard {
             let shard = Shard::open(&set.root)?;
             if shard.classes != classes {
-                return Err(DataError::new(super::error::DataErrorKind::Layout, &set.root, format!(
-                    "shard was packed for {} classes, the config trains {classes}", shard.classes)));
+                return Err(DataError::new(
+                    super::error::DataErrorKind::Layout,
+                    &set.root,
+                    format!("shard was packed for {} classes, the config trains {classes}", shard.classes),
+                ));
             }
             return Ok(SampleSource::Shard(shard));
         }
@@ -53,8 +56,13 @@ impl SampleSource {
         match self {
             SampleSource::Files { listing, .. } => {
                 let path = &listing.samples[i].image;
-                image::image_dimensions(path).map_err(|e| DataError::new(super::error::DataErrorKind::Corrupt,
-                    path, format!("cannot read the PNG header: {e}")))
+                image::image_dimensions(path).map_err(|e| {
+                    DataError::new(
+                        super::error::DataErrorKind::Corrupt,
+                        path,
+                        format!("cannot read the PNG header: {e}"),
+                    )
+                })
             }
             SampleSource::Shard(shard) => Ok((shard.entries[i].width, shard.entries[i].height)),
         }
@@ -77,15 +85,21 @@ impl SampleSource {
                 let e = &shard.entries[i];
                 let mut pixels = vec![0; columns.len()];
                 super::augment::transpose_rgb(columns, &mut pixels, e.height, e.width);
-                Ok((Rgb { width: e.width, height: e.height, pixels },
-                    Label { width: e.width, height: e.height, ids: label.to_vec() }))
+                Ok((
+                    Rgb { width: e.width, height: e.height, pixels },
+                    Label { width: e.width, height: e.height, ids: label.to_vec() },
+                ))
             }
         }
     }
 
     /// Sample `i` with a random geometry drawn from `rng`.
-    pub fn load_augmented(&self, i: usize, augmenter: &mut Augmenter, rng: &mut impl Rng)
-        -> Result<Augmented, DataError> {
+    pub fn load_augmented(
+        &self,
+        i: usize,
+        augmenter: &mut Augmenter,
+        rng: &mut impl Rng,
+    ) -> Result<Augmented, DataError> {
         match self {
             SampleSource::Files { .. } => {
                 let (rgb, label) = self.load_full(i)?;

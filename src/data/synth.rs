@@ -78,38 +78,76 @@ fn style(domain: Domain) -> Style {
         // Game-like: saturated, clean, sharp, high camera, many cars.
         Domain::Source => Style {
             palette: palette(&[
-                (ROAD, [95.0, 92.0, 100.0]), (SIDEWALK, [185.0, 160.0, 150.0]),
-                (BUILDING, [150.0, 120.0, 95.0]), (WALL, [200.0, 190.0, 120.0]),
-                (FENCE, [120.0, 150.0, 160.0]), (POLE, [60.0, 60.0, 60.0]),
-                (LIGHT, [240.0, 200.0, 40.0]), (SIGN, [230.0, 40.0, 40.0]),
-                (VEGETATION, [60.0, 150.0, 40.0]), (TERRAIN, [170.0, 150.0, 70.0]),
-                (SKY, [110.0, 170.0, 240.0]), (PERSON, [200.0, 60.0, 90.0]),
-                (RIDER, [240.0, 120.0, 30.0]), (CAR, [30.0, 60.0, 200.0]),
-                (TRUCK, [40.0, 110.0, 110.0]), (BUS, [220.0, 200.0, 30.0]),
-                (TRAIN, [150.0, 40.0, 160.0]), (MOTORCYCLE, [20.0, 20.0, 30.0]),
-                (BICYCLE, [160.0, 30.0, 40.0]), (EGO, [20.0, 20.0, 20.0]),
+                (ROAD, [95.0, 92.0, 100.0]),
+                (SIDEWALK, [185.0, 160.0, 150.0]),
+                (BUILDING, [150.0, 120.0, 95.0]),
+                (WALL, [200.0, 190.0, 120.0]),
+                (FENCE, [120.0, 150.0, 160.0]),
+                (POLE, [60.0, 60.0, 60.0]),
+                (LIGHT, [240.0, 200.0, 40.0]),
+                (SIGN, [230.0, 40.0, 40.0]),
+                (VEGETATION, [60.0, 150.0, 40.0]),
+                (TERRAIN, [170.0, 150.0, 70.0]),
+                (SKY, [110.0, 170.0, 240.0]),
+                (PERSON, [200.0, 60.0, 90.0]),
+                (RIDER, [240.0, 120.0, 30.0]),
+                (CAR, [30.0, 60.0, 200.0]),
+                (TRUCK, [40.0, 110.0, 110.0]),
+                (BUS, [220.0, 200.0, 30.0]),
+                (TRAIN, [150.0, 40.0, 160.0]),
+                (MOTORCYCLE, [20.0, 20.0, 30.0]),
+                (BICYCLE, [160.0, 30.0, 40.0]),
+                (EGO, [20.0, 20.0, 20.0]),
             ]),
-            texture: 0.08, noise: 3.0, blur: 0, horizon: (0.36, 0.44), brightness: (0.95, 1.1),
-            cars: 3.0, big_vehicles: 0.8, two_wheelers: 0.6, persons: 1.5, poles: 3.0, ego_rows: 0.0,
+            texture: 0.08,
+            noise: 3.0,
+            blur: 0,
+            horizon: (0.36, 0.44),
+            brightness: (0.95, 1.1),
+            cars: 3.0,
+            big_vehicles: 0.8,
+            two_wheelers: 0.6,
+            persons: 1.5,
+            poles: 3.0,
+            ego_rows: 0.0,
         },
         // Camera-like: muted, darker, noisy, blurred, lower camera, more people.
         Domain::Target => Style {
             palette: palette(&[
                 // Misleading on purpose: target sidewalk = source road colour, terrain =
                 // source vegetation, wall = source building.
-                (ROAD, [125.0, 118.0, 110.0]), (SIDEWALK, [95.0, 92.0, 100.0]),
-                (BUILDING, [105.0, 105.0, 115.0]), (WALL, [150.0, 120.0, 95.0]),
-                (FENCE, [140.0, 130.0, 120.0]), (POLE, [90.0, 90.0, 85.0]),
-                (LIGHT, [200.0, 170.0, 80.0]), (SIGN, [180.0, 170.0, 60.0]),
-                (VEGETATION, [70.0, 100.0, 50.0]), (TERRAIN, [60.0, 150.0, 40.0]),
-                (SKY, [190.0, 200.0, 210.0]), (PERSON, [120.0, 70.0, 80.0]),
-                (RIDER, [160.0, 90.0, 60.0]), (CAR, [60.0, 70.0, 110.0]),
-                (TRUCK, [80.0, 100.0, 90.0]), (BUS, [170.0, 150.0, 70.0]),
-                (TRAIN, [120.0, 80.0, 120.0]), (MOTORCYCLE, [40.0, 40.0, 45.0]),
-                (BICYCLE, [120.0, 50.0, 60.0]), (EGO, [30.0, 30.0, 35.0]),
+                (ROAD, [125.0, 118.0, 110.0]),
+                (SIDEWALK, [95.0, 92.0, 100.0]),
+                (BUILDING, [105.0, 105.0, 115.0]),
+                (WALL, [150.0, 120.0, 95.0]),
+                (FENCE, [140.0, 130.0, 120.0]),
+                (POLE, [90.0, 90.0, 85.0]),
+                (LIGHT, [200.0, 170.0, 80.0]),
+                (SIGN, [180.0, 170.0, 60.0]),
+                (VEGETATION, [70.0, 100.0, 50.0]),
+                (TERRAIN, [60.0, 150.0, 40.0]),
+                (SKY, [190.0, 200.0, 210.0]),
+                (PERSON, [120.0, 70.0, 80.0]),
+                (RIDER, [160.0, 90.0, 60.0]),
+                (CAR, [60.0, 70.0, 110.0]),
+                (TRUCK, [80.0, 100.0, 90.0]),
+                (BUS, [170.0, 150.0, 70.0]),
+                (TRAIN, [120.0, 80.0, 120.0]),
+                (MOTORCYCLE, [40.0, 40.0, 45.0]),
+                (BICYCLE, [120.0, 50.0, 60.0]),
+                (EGO, [30.0, 30.0, 35.0]),
             ]),
-            texture: 0.14, noise: 7.0, blur: 1, horizon: (0.44, 0.52), brightness: (0.75, 1.0),
-            cars: 2.0, big_vehicles: 0.4, two_wheelers: 1.0, persons: 3.0, poles: 4.0, ego_rows: 0.06,
+            texture: 0.14,
+            noise: 7.0,
+            blur: 1,
+            horizon: (0.44, 0.52),
+            brightness: (0.75, 1.0),
+            cars: 2.0,
+            big_vehicles: 0.4,
+            two_wheelers: 1.0,
+            persons: 3.0,
+            poles: 4.0,
+            ego_rows: 0.06,
         },
     }
 }
@@ -192,8 +230,13 @@ fn scene(w: u32, h: u32, style: &Style, rng: &mut ChaCha8Rng) -> Vec<u8> {
             0..=5 => c.rect(x, top, x + seg, horizon + 1, BUILDING),
             6..=8 => {
                 c.rect(x, top + seg / 3, x + seg, horizon + 1, VEGETATION);
-                c.ellipse((x + seg / 2) as f32, (top + seg / 3) as f32, seg as f32 * 0.6,
-                    seg as f32 * 0.45, VEGETATION);
+                c.ellipse(
+                    (x + seg / 2) as f32,
+                    (top + seg / 3) as f32,
+                    seg as f32 * 0.6,
+                    seg as f32 * 0.45,
+                    VEGETATION,
+                );
             }
             _ => {}
         }
@@ -309,12 +352,12 @@ fn scene(w: u32, h: u32, style: &Style, rng: &mut ChaCha8Rng) -> Vec<u8> {
 fn render(ids: &[u8], w: u32, h: u32, style: &Style, rng: &mut ChaCha8Rng) -> RgbImage {
     let brightness = rng.gen_range(style.brightness.0..style.brightness.1);
     // Per-image colour variation per class (instances look alike within an image).
-    let jitter: Vec<[f32; 3]> = (0..34).map(|_| [rng.gen_range(-12.0..12.0), rng.gen_range(-12.0..12.0),
-        rng.gen_range(-12.0..12.0)]).collect();
+    let jitter: Vec<[f32; 3]> =
+        (0..34).map(|_| [rng.gen_range(-12.0..12.0), rng.gen_range(-12.0..12.0), rng.gen_range(-12.0..12.0)]).collect();
     // 6.28, not TAU: every seeded data set already generated depends on this exact value.
     #[allow(clippy::approx_constant)]
-    let waves: Vec<(f32, f32, f32)> = (0..34).map(|_| (rng.gen_range(0.05..0.4), rng.gen_range(0.05..0.4),
-        rng.gen_range(0.0..6.28))).collect();
+    let waves: Vec<(f32, f32, f32)> =
+        (0..34).map(|_| (rng.gen_range(0.05..0.4), rng.gen_range(0.05..0.4), rng.gen_range(0.0..6.28))).collect();
     let mut pixels = vec![0f32; (w * h * 3) as usize];
     for y in 0..h {
         // Light falls off toward the top and bottom edges.
@@ -332,9 +375,8 @@ fn render(ids: &[u8], w: u32, h: u32, style: &Style, rng: &mut ChaCha8Rng) -> Rg
     if style.blur > 0 {
         pixels = box_blur(&pixels, w as usize, h as usize, style.blur);
     }
-    let bytes = pixels.iter()
-        .map(|&v| (v + rng.gen_range(-1.0f32..1.0) * style.noise * 1.7).clamp(0.0, 255.0) as u8)
-        .collect();
+    let bytes =
+        pixels.iter().map(|&v| (v + rng.gen_range(-1.0f32..1.0) * style.noise * 1.7).clamp(0.0, 255.0) as u8).collect();
     RgbImage::from_raw(w, h, bytes).expect("buffer matches the size")
 }
 
@@ -376,8 +418,11 @@ pub struct SynthLayout {
 
 impl SynthLayout {
     pub fn new(root: &Path) -> SynthLayout {
-        SynthLayout { source: root.join("source"), translated: root.join("source_translated"),
-            target: root.join("target") }
+        SynthLayout {
+            source: root.join("source"),
+            translated: root.join("source_translated"),
+            target: root.join("target"),
+        }
     }
 }
 
@@ -414,10 +459,19 @@ pub fn generate(config: &SynthConfig) -> anyhow::Result<SynthLayout> {
             let mut rng = image_rng(config.seed, stream, i);
             let ids = scene(w, h, &target_style, &mut rng);
             let image = render(&ids, w, h, &target_style, &mut rng);
-            write_png(&image, &layout.target.join("leftImg8bit").join(split).join("synthcity")
-                .join(format!("{stem}_leftImg8bit.png")))?;
-            write_png(&GrayImage::from_raw(w, h, ids).unwrap(), &layout.target.join("gtFine").join(split)
-                .join("synthcity").join(format!("{stem}_gtFine_labelIds.png")))
+            write_png(
+                &image,
+                &layout
+                    .target
+                    .join("leftImg8bit")
+                    .join(split)
+                    .join("synthcity")
+                    .join(format!("{stem}_leftImg8bit.png")),
+            )?;
+            write_png(
+                &GrayImage::from_raw(w, h, ids).unwrap(),
+                &layout.target.join("gtFine").join(split).join("synthcity").join(format!("{stem}_gtFine_labelIds.png")),
+            )
         })?;
     }
     std::fs::write(&stamp, settings)?;

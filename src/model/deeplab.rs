@@ -16,12 +16,21 @@ struct AsppV2 {
 
 impl AsppV2 {
     fn new(p: &nn::Path, c_in: i64, classes: i64, dilations: &[i64]) -> AsppV2 {
-        let branches = dilations.iter().enumerate().map(|(i, &d)| {
-            let config = nn::ConvConfig { padding: d, dilation: d, bias: true,
-                ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.01 }, bs_init: nn::Init::Const(0.0),
-                ..Default::default() };
-            nn::conv2d(p / "conv2d_list" / i, c_in, classes, 3, config)
-        }).collect();
+        let branches = dilations
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| {
+                let config = nn::ConvConfig {
+                    padding: d,
+                    dilation: d,
+                    bias: true,
+                    ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.01 },
+                    bs_init: nn::Init::Const(0.0),
+                    ..Default::default()
+                };
+                nn::conv2d(p / "conv2d_list" / i, c_in, classes, 3, config)
+            })
+            .collect();
         AsppV2 { branches }
     }
     fn forward(&self, xs: &Tensor) -> Tensor {
@@ -43,8 +52,10 @@ struct ProjectionHead {
 
 impl ProjectionHead {
     fn new(p: &nn::Path, c_in: i64, dim: i64, batch_stats: bool) -> ProjectionHead {
-        ProjectionHead { hidden: ConvBnRelu::new(&(p / "hidden"), c_in, c_in, 1, 1, batch_stats),
-            out: nn::conv2d(p / "out", c_in, dim, 1, Default::default()) }
+        ProjectionHead {
+            hidden: ConvBnRelu::new(&(p / "hidden"), c_in, c_in, 1, 1, batch_stats),
+            out: nn::conv2d(p / "out", c_in, dim, 1, Default::default()),
+        }
     }
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         crate::torch_ext::l2_normalised(&self.hidden.forward_t(xs, train).apply(&self.out), 1)
@@ -91,16 +102,29 @@ struct V3PlusHead {
 }
 
 impl V3PlusHead {
-    fn new(p: &nn::Path, c_in: i64, c_low: i64, width: i64, classes: i64, dilations: &[i64], batch_stats: bool) -> V3PlusHead {
+    fn new(
+        p: &nn::Path,
+        c_in: i64,
+        c_low: i64,
+        width: i64,
+        classes: i64,
+        dilations: &[i64],
+        batch_stats: bool,
+    ) -> V3PlusHead {
         V3PlusHead {
             aspp_1x1: ConvBnRelu::new(&(p / "aspp_1x1"), c_in, width, 1, 1, batch_stats),
-            aspp_separable: dilations.iter().enumerate()
-                .map(|(i, &d)| SeparableConv::new(&(p / "aspp" / i), c_in, width, d, batch_stats)).collect(),
+            aspp_separable: dilations
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| SeparableConv::new(&(p / "aspp" / i), c_in, width, d, batch_stats))
+                .collect(),
             pooling: nn::conv2d(p / "pooling", c_in, width, 1, Default::default()),
             project: ConvBnRelu::new(&(p / "project"), width * (dilations.len() as i64 + 2), width, 1, 1, batch_stats),
             low_level: ConvBnRelu::new(&(p / "low_level"), c_low, 48, 1, 1, batch_stats),
-            decoder: vec![SeparableConv::new(&(p / "decoder" / 0), width + 48, width, 1, batch_stats),
-                SeparableConv::new(&(p / "decoder" / 1), width, width, 1, batch_stats)],
+            decoder: vec![
+                SeparableConv::new(&(p / "decoder" / 0), width + 48, width, 1, batch_stats),
+                SeparableConv::new(&(p / "decoder" / 1), width, width, 1, batch_stats),
+            ],
             classifier: nn::conv2d(p / "classifier", width, classes, 1, Default::default()),
         }
     }
@@ -166,13 +190,25 @@ impl SegNet {
         let backbone = ResNet::new(&(root / "backbone"), depth, batch_stats, config.caffe_style);
         let aux = AsppV2::new(&(root / "aux"), backbone.layer3_channels, classes, &config.aspp_dilations);
         let (main, projection_in) = match config.arch.as_str() {
-            "deeplabv2" => (MainHead::V2(AsppV2::new(&(root / "main"), backbone.layer4_channels, classes,
-                &config.aspp_dilations)), backbone.layer4_channels),
+            "deeplabv2" => (
+                MainHead::V2(AsppV2::new(&(root / "main"), backbone.layer4_channels, classes, &config.aspp_dilations)),
+                backbone.layer4_channels,
+            ),
             "deeplabv3plus" => {
                 let width = config.v3plus_width;
                 let dilations: Vec<i64> = config.aspp_dilations.iter().skip(1).copied().collect();
-                (MainHead::V3Plus(V3PlusHead::new(&(root / "main"), backbone.layer4_channels,
-                    backbone.low_channels, width, classes, &dilations, batch_stats)), width)
+                (
+                    MainHead::V3Plus(V3PlusHead::new(
+                        &(root / "main"),
+                        backbone.layer4_channels,
+                        backbone.low_channels,
+                        width,
+                        classes,
+                        &dilations,
+                        batch_stats,
+                    )),
+                    width,
+                )
             }
             other => anyhow::bail!("model.arch = {other:?}: expected \"deeplabv2\" or \"deeplabv3plus\""),
         };

@@ -30,15 +30,24 @@ impl FrozenBatchNorm {
 
 impl ModuleT for FrozenBatchNorm {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        Tensor::batch_norm(xs, Some(&self.weight), Some(&self.bias), Some(&self.running_mean),
-            Some(&self.running_var), train && self.batch_stats, 0.1, 1e-5, true)
+        Tensor::batch_norm(
+            xs,
+            Some(&self.weight),
+            Some(&self.bias),
+            Some(&self.running_mean),
+            Some(&self.running_var),
+            train && self.batch_stats,
+            0.1,
+            1e-5,
+            true,
+        )
     }
 }
 
 /// A bias-free convolution as used in ResNets (Kaiming-initialised).
 pub fn conv(p: nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, dilation: i64) -> nn::Conv2D {
-    let config = nn::ConvConfig { stride, padding: dilation * (k - 1) / 2, dilation, bias: false,
-        ..Default::default() };
+    let config =
+        nn::ConvConfig { stride, padding: dilation * (k - 1) / 2, dilation, bias: false, ..Default::default() };
     nn::conv2d(p, c_in, c_out, k, config)
 }
 
@@ -51,8 +60,10 @@ pub struct ConvBnRelu {
 
 impl ConvBnRelu {
     pub fn new(p: &nn::Path, c_in: i64, c_out: i64, k: i64, dilation: i64, batch_stats: bool) -> ConvBnRelu {
-        ConvBnRelu { conv: conv(p / "conv", c_in, c_out, k, 1, dilation),
-            bn: FrozenBatchNorm::new(p / "bn", c_out, batch_stats) }
+        ConvBnRelu {
+            conv: conv(p / "conv", c_in, c_out, k, 1, dilation),
+            bn: FrozenBatchNorm::new(p / "bn", c_out, batch_stats),
+        }
     }
 }
 

@@ -111,20 +111,37 @@ impl ResNet {
                 let bp = &lp / b;
                 let s = if b == 0 { stride } else { 1 };
                 let downsample = (b == 0 && (s != 1 || c_in != c_out)).then(|| {
-                    (conv(&bp / "downsample" / 0, c_in, c_out, 1, s, 1),
-                     FrozenBatchNorm::new(&bp / "downsample" / 1, c_out, batch_stats))
+                    (
+                        conv(&bp / "downsample" / 0, c_in, c_out, 1, s, 1),
+                        FrozenBatchNorm::new(&bp / "downsample" / 1, c_out, batch_stats),
+                    )
                 });
                 let convs = if depth.bottleneck() {
                     let (s1, s2) = if caffe_style { (s, 1) } else { (1, s) };
                     vec![
-                        (conv(&bp / "conv1", c_in, width, 1, s1, 1), FrozenBatchNorm::new(&bp / "bn1", width, batch_stats)),
-                        (conv(&bp / "conv2", width, width, 3, s2, dilation), FrozenBatchNorm::new(&bp / "bn2", width, batch_stats)),
-                        (conv(&bp / "conv3", width, c_out, 1, 1, 1), FrozenBatchNorm::new(&bp / "bn3", c_out, batch_stats)),
+                        (
+                            conv(&bp / "conv1", c_in, width, 1, s1, 1),
+                            FrozenBatchNorm::new(&bp / "bn1", width, batch_stats),
+                        ),
+                        (
+                            conv(&bp / "conv2", width, width, 3, s2, dilation),
+                            FrozenBatchNorm::new(&bp / "bn2", width, batch_stats),
+                        ),
+                        (
+                            conv(&bp / "conv3", width, c_out, 1, 1, 1),
+                            FrozenBatchNorm::new(&bp / "bn3", c_out, batch_stats),
+                        ),
                     ]
                 } else {
                     vec![
-                        (conv(&bp / "conv1", c_in, width, 3, s, dilation), FrozenBatchNorm::new(&bp / "bn1", width, batch_stats)),
-                        (conv(&bp / "conv2", width, width, 3, 1, dilation), FrozenBatchNorm::new(&bp / "bn2", width, batch_stats)),
+                        (
+                            conv(&bp / "conv1", c_in, width, 3, s, dilation),
+                            FrozenBatchNorm::new(&bp / "bn1", width, batch_stats),
+                        ),
+                        (
+                            conv(&bp / "conv2", width, width, 3, 1, dilation),
+                            FrozenBatchNorm::new(&bp / "bn2", width, batch_stats),
+                        ),
                     ]
                 };
                 blocks.push(Block { convs, downsample });
@@ -132,8 +149,15 @@ impl ResNet {
             }
             layers.push(blocks);
         }
-        ResNet { conv1, bn1, layers, ceil_mode: caffe_style, low_channels: widths[0] * expansion,
-            layer3_channels: widths[2] * expansion, layer4_channels: widths[3] * expansion }
+        ResNet {
+            conv1,
+            bn1,
+            layers,
+            ceil_mode: caffe_style,
+            low_channels: widths[0] * expansion,
+            layer3_channels: widths[2] * expansion,
+            layer4_channels: widths[3] * expansion,
+        }
     }
 
     pub fn features(&self, xs: &Tensor, train: bool) -> Features {

@@ -137,8 +137,9 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
 }
 
 fn read_torch_save(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let reader = pytorch_reader::PytorchReader::new(path).with_context(|| format!(
-        "{}: cannot read it as a torch.save file (nor is it named .safetensors)", path.display()))?;
+    let reader = pytorch_reader::PytorchReader::new(path).with_context(|| {
+        format!("{}: cannot read it as a torch.save file (nor is it named .safetensors)", path.display())
+    })?;
     let mut tensors = Vec::with_capacity(reader.len());
     for (name, tensor) in reader.into_tensors() {
         let kind = match tensor.dtype() {
@@ -165,8 +166,8 @@ fn unwrap_state_dict(tensors: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
     let mut tensors = tensors;
     for wrapper in ["state_dict.", "model_state_dict."] {
         if tensors.iter().any(|(k, _)| k.starts_with(wrapper)) {
-            tensors = tensors.into_iter()
-                .filter_map(|(k, t)| k.strip_prefix(wrapper).map(|k| (k.to_string(), t))).collect();
+            tensors =
+                tensors.into_iter().filter_map(|(k, t)| k.strip_prefix(wrapper).map(|k| (k.to_string(), t))).collect();
             break;
         }
     }
@@ -190,14 +191,24 @@ pub fn import(vs: &mut VarStore, path: &Path, caffe_style: bool) -> Result<Impor
 }
 
 /// `import` for tensors already read from `path` (named in errors).
-pub fn import_tensors(vs: &mut VarStore, path: &Path, tensors: Vec<(String, Tensor)>, caffe_style: bool)
-    -> Result<Imported> {
+pub fn import_tensors(
+    vs: &mut VarStore,
+    path: &Path,
+    tensors: Vec<(String, Tensor)>,
+    caffe_style: bool,
+) -> Result<Imported> {
     let shown = path.display();
     let layout = detect_layout(path, &tensors)?;
     if layout.caffe_style() != caffe_style {
-        bail!("{shown}: {} was trained with {}, and the model is set up with {}: set model.caffe_style = {}, \
-               and for the input it was trained on{}", layout.describe(), stride_layout(layout.caffe_style()),
-              stride_layout(caffe_style), layout.caffe_style(), layout.normalisation_toml());
+        bail!(
+            "{shown}: {} was trained with {}, and the model is set up with {}: set model.caffe_style = {}, \
+               and for the input it was trained on{}",
+            layout.describe(),
+            stride_layout(layout.caffe_style()),
+            stride_layout(caffe_style),
+            layout.caffe_style(),
+            layout.normalisation_toml()
+        );
     }
     let variables = vs.variables();
     let mut loaded = HashSet::new();
@@ -210,7 +221,9 @@ pub fn import_tensors(vs: &mut VarStore, path: &Path, tensors: Vec<(String, Tens
             if var.size() != tensor.size() {
                 let hint = if name.starts_with("aux.") || name.starts_with("main.") {
                     " (a model for another number of classes than data.classes?)"
-                } else { "" };
+                } else {
+                    ""
+                };
                 bail!("{shown}: {key} has shape {:?}, the model's {name} has {:?}{hint}", tensor.size(), var.size());
             }
             if layout.caffe_style() && name == "backbone.conv1.weight" {
@@ -223,13 +236,19 @@ pub fn import_tensors(vs: &mut VarStore, path: &Path, tensors: Vec<(String, Tens
         }
         Ok(())
     })?;
-    let covered = |name: &str| name.starts_with("backbone.")
-        || (layout.has_classifiers() && (name.starts_with("aux.") || name.starts_with("main.")));
+    let covered = |name: &str| {
+        name.starts_with("backbone.")
+            || (layout.has_classifiers() && (name.starts_with("aux.") || name.starts_with("main.")))
+    };
     let mut missing: Vec<&String> = variables.keys().filter(|k| covered(k) && !loaded.contains(*k)).collect();
     if !missing.is_empty() {
         missing.sort();
-        bail!("{shown}: no weights for {} variable(s) of the model, e.g. {} ({})", missing.len(), missing[0],
-              layout.describe());
+        bail!(
+            "{shown}: no weights for {} variable(s) of the model, e.g. {} ({})",
+            missing.len(),
+            missing[0],
+            layout.describe()
+        );
     }
     Ok(Imported { layout, tensors: loaded.len() })
 }
@@ -237,10 +256,14 @@ pub fn import_tensors(vs: &mut VarStore, path: &Path, tensors: Vec<(String, Tens
 /// The layout of a file's tensors, or an error that shows its first keys.
 fn detect_layout(path: &Path, tensors: &[(String, Tensor)]) -> Result<Layout> {
     let keys = tensors.iter().map(|(k, _)| k.as_str());
-    Layout::detect(keys.clone()).with_context(|| format!(
-        "{}: not a state dict adamcu knows (torchvision's ResNet, DeepLab's Caffe-converted ResNet with keys \
+    Layout::detect(keys.clone()).with_context(|| {
+        format!(
+            "{}: not a state dict adamcu knows (torchvision's ResNet, DeepLab's Caffe-converted ResNet with keys \
          under Scale., or ADVENT's DeepLab v2); its first keys: {}",
-        path.display(), keys.take(5).collect::<Vec<_>>().join(", ")))
+            path.display(),
+            keys.take(5).collect::<Vec<_>>().join(", ")
+        )
+    })
 }
 
 fn stride_layout(caffe_style: bool) -> &'static str {
@@ -269,8 +292,7 @@ pub fn summarise(path: &Path) -> Result<Summary> {
     let names: Vec<String> = tensors.iter().filter_map(|(k, _)| layout.our_name(k)).collect();
     let blocks = std::array::from_fn(|stage| {
         let prefix = format!("backbone.layer{}.", stage + 1);
-        let indices: HashSet<&str> = names.iter()
-            .filter_map(|n| n.strip_prefix(&prefix)?.split('.').next()).collect();
+        let indices: HashSet<&str> = names.iter().filter_map(|n| n.strip_prefix(&prefix)?.split('.').next()).collect();
         indices.len()
     });
     let backbone = match blocks {
@@ -287,7 +309,11 @@ impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "{}, {} tensors", self.layout.describe(), self.tensors)?;
         let [a, b, c, d] = self.blocks;
-        writeln!(f, "blocks per stage: {a}, {b}, {c}, {d} ({})", self.backbone.unwrap_or("not a ResNet adamcu builds"))?;
+        writeln!(
+            f,
+            "blocks per stage: {a}, {b}, {c}, {d} ({})",
+            self.backbone.unwrap_or("not a ResNet adamcu builds")
+        )?;
         match self.classes {
             Some(classes) => writeln!(f, "classifiers: {classes} classes; give it as --init or model.pretrained")?,
             None => writeln!(f, "classifiers: none used; give it as model.pretrained")?,

@@ -62,23 +62,29 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
         tracing::info!("resuming: --init applies only to a new run");
     }
     let (state, point) = if resuming {
-        let step = rotation.latest().with_context(|| format!("--resume: no checkpoint in {}", rotation.dir.display()))?;
+        let step =
+            rotation.latest().with_context(|| format!("--resume: no checkpoint in {}", rotation.dir.display()))?;
         let path = rotation.path_for(step, "safetensors");
         tracing::info!("resuming from {}", path.display());
         let (state, point) = resume(&mut trainer, &path, &ledger_path, options.config_changes)?;
         (state, Some(point))
     } else {
         if rotation.latest().is_some() {
-            bail!("{} already holds a run (checkpoints): add --resume to go on, or choose another run.name",
-                  run_dir.display());
+            bail!(
+                "{} already holds a run (checkpoints): add --resume to go on, or choose another run.name",
+                run_dir.display()
+            );
         }
         // A ledger without checkpoints is one a kill left before the first step: nothing was
         // bought, and the new run takes it over. One with purchases is never dropped.
         if ledger_path.exists() {
             let charged = trainer.open_ledger(&ledger_path)?.charged();
             if charged > 0 {
-                bail!("{} holds {charged} bought pixel labels but no checkpoint to go on from: move it away to \
-                       start a new run, or choose another run.name", ledger_path.display());
+                bail!(
+                    "{} holds {charged} bought pixel labels but no checkpoint to go on from: move it away to \
+                       start a new run, or choose another run.name",
+                    ledger_path.display()
+                );
             }
         }
         match &options.init {
@@ -109,8 +115,16 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
 
     // A resumed run keeps showing the evaluation it had.
     let last_eval = if fresh { None } else { Status::read(&run_dir).ok().and_then(|s| s.last_eval) };
-    let mut reporter = Reporter { run_dir: run_dir.clone(), since: Instant::now(), step: run.step, waited: run.waited,
-        stepped: run.stepped, rate: 0.0, wait_share: 0.0, last_eval };
+    let mut reporter = Reporter {
+        run_dir: run_dir.clone(),
+        since: Instant::now(),
+        step: run.step,
+        waited: run.waited,
+        stepped: run.stepped,
+        rate: 0.0,
+        wait_share: 0.0,
+        last_eval,
+    };
     while !run.done() && !control.stop_requested() {
         run.step(&trainer)?;
         if run.step % config.train.checkpoint_every as u64 == 0 {
@@ -140,9 +154,13 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
 fn check_source_config(changes: Vec<ConfigChange>, source: &Path) -> Result<()> {
     let changed: Vec<ConfigChange> = changes.into_iter().filter(ConfigChange::changes_source_stage).collect();
     if !changed.is_empty() {
-        bail!("{}: this run's source checkpoint was pretrained with other settings:{}\nset them back, remove the \
+        bail!(
+            "{}: this run's source checkpoint was pretrained with other settings:{}\nset them back, remove the \
                file to pretrain again, or start from it regardless with --init {}",
-              source.display(), listed(&changed), source.display());
+            source.display(),
+            listed(&changed),
+            source.display()
+        );
     }
     Ok(())
 }
@@ -169,13 +187,22 @@ impl Reporter {
         let disk_free_bytes = crate::train::checkpoint::free_bytes(&self.run_dir)?;
         crate::telemetry::run_dir_free(disk_free_bytes);
         let status = Status {
-            pid: std::process::id(), state: state.into(), step: run.step, iterations: run.iterations,
-            iterations_per_second: self.rate, eta_seconds: (run.iterations - run.step) as f64 / self.rate.max(1e-9),
-            budget_spent_pixels: ledger.charged(), budget_limit_pixels: ledger.budget(), budget_pixels: ledger.pixel_unit(),
+            pid: std::process::id(),
+            state: state.into(),
+            step: run.step,
+            iterations: run.iterations,
+            iterations_per_second: self.rate,
+            eta_seconds: (run.iterations - run.step) as f64 / self.rate.max(1e-9),
+            budget_spent_pixels: ledger.charged(),
+            budget_limit_pixels: ledger.budget(),
+            budget_pixels: ledger.pixel_unit(),
             contrast: run.last.contrast.clone(),
             labeled_fraction: ledger.labelled_fraction(),
-            trainer_wait_share: self.wait_share, bottleneck: bottleneck(self.wait_share).into(), loss: run.last.total,
-            disk_free_bytes, last_eval: self.last_eval,
+            trainer_wait_share: self.wait_share,
+            bottleneck: bottleneck(self.wait_share).into(),
+            loss: run.last.total,
+            disk_free_bytes,
+            last_eval: self.last_eval,
             updated_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         };
         tracing::info!("{}", status.line());

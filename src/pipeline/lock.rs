@@ -13,7 +13,11 @@ impl RunLock {
     pub fn acquire(run_dir: &Path) -> Result<RunLock> {
         std::fs::create_dir_all(run_dir)?;
         let path = run_dir.join("lock");
-        let file = File::options().create(true).truncate(false).write(true).open(&path)
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
             .with_context(|| format!("{}: cannot open the lock file", path.display()))?;
         match file.try_lock() {
             Ok(()) => {

@@ -62,12 +62,17 @@ impl Status {
 
     pub fn read(run_dir: &Path) -> Result<Status> {
         let path = run_dir.join("status.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("{}: no status (has a daemon run here?)", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: no status (has a daemon run here?)", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("{}: not a status file", path.display()))
     }
 }
 
 /// Which stage the others wait on, from the trainer's share of time blocked on its input.
 pub fn bottleneck(trainer_wait_share: f64) -> &'static str {
-    if trainer_wait_share > 0.05 { "loaders" } else { "trainer" }
+    if trainer_wait_share > 0.05 {
+        "loaders"
+    } else {
+        "trainer"
+    }
 }

@@ -21,7 +21,8 @@ impl CheckpointWriter {
         let (checkpoints, received) = crossbeam_channel::bounded::<AdaCheckpoint>(0);
         let thread = std::thread::Builder::new().name("checkpoint-writer".into()).spawn(move || {
             for checkpoint in received {
-                let path = checkpoint.write(&rotation)
+                let path = checkpoint
+                    .write(&rotation)
                     .with_context(|| format!("writing the checkpoint of step {}", checkpoint.step))?;
                 tracing::debug!("wrote {}", path.display());
             }

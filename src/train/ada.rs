@@ -6,9 +6,6 @@
 use super::checkpoint;
 use super::optimizer::{poly_lr, Sgd};
 use super::{open_set, segmentation_loss, Trainer};
-use crate::telemetry;
-use indicatif::HumanBytes;
-use std::time::Instant;
 use crate::active::ledger::{Ledger, LedgerImage, LedgerSnapshot};
 use crate::active::oracle::{Oracle, SealedLabels};
 use crate::active::sampling::{BatchSelection, CropPixels, Sampler, Settled, Thresholds};
@@ -20,8 +17,11 @@ use crate::data::loader::{Loader, LoaderOptions};
 use crate::model::deeplab::upsample;
 use crate::model::SegOutput;
 use crate::pipeline::writer::CheckpointWriter;
+use crate::telemetry;
 use anyhow::{anyhow, bail, Context, Result};
+use indicatif::HumanBytes;
 use std::path::Path;
+use std::time::Instant;
 use tch::{Kind, Tensor};
 
 /// Loss terms of one iteration (for logs, metrics and the gradient tests).
@@ -59,10 +59,17 @@ pub struct LevelUsage {
 impl ContrastDiagnostics {
     /// One line for logs and `adamcu status`.
     pub fn line(&self) -> String {
-        let levels: Vec<String> = self.levels.iter().map(|l| format!("{} {:.0}/{:.0}", l.level, l.source_anchors,
-            l.target_anchors)).collect();
-        format!("p2p anchors (source/target) {}; |grad L_con|/|grad L_seg| {}; max W {:.3}", levels.join(", "),
-            self.gradient_ratio.map_or("-".into(), |r| format!("{r:.3}")), self.dccm_max)
+        let levels: Vec<String> = self
+            .levels
+            .iter()
+            .map(|l| format!("{} {:.0}/{:.0}", l.level, l.source_anchors, l.target_anchors))
+            .collect();
+        format!(
+            "p2p anchors (source/target) {}; |grad L_con|/|grad L_seg| {}; max W {:.3}",
+            levels.join(", "),
+            self.gradient_ratio.map_or("-".into(), |r| format!("{r:.3}")),
+            self.dccm_max
+        )
     }
 }
 
@@ -136,11 +143,18 @@ impl Trainer {
     /// (a Cityscapes frame stored at 2048x1024 and trained at 1024x512 counts 524,288 pixels).
     fn ledger_layout(&self) -> Result<(Vec<LedgerImage>, u64)> {
         let target = open_set(&self.config.data.target, "data.target", self.config.data.classes)?;
-        let [resize_h, resize_w] = self.config.augment_for(self.config.data.target.as_ref().expect("open_set checked it")).resize;
-        let images = (0..target.len()).map(|i| {
-            let (width, height) = if resize_h > 0 { (resize_w, resize_h) } else { target.dimensions(i).map_err(|e| anyhow!("{e}"))? };
-            Ok(LedgerImage { id: target.id(i).to_string(), width, height })
-        }).collect::<Result<Vec<_>>>()?;
+        let [resize_h, resize_w] =
+            self.config.augment_for(self.config.data.target.as_ref().expect("open_set checked it")).resize;
+        let images = (0..target.len())
+            .map(|i| {
+                let (width, height) = if resize_h > 0 {
+                    (resize_w, resize_h)
+                } else {
+                    target.dimensions(i).map_err(|e| anyhow!("{e}"))?
+                };
+                Ok(LedgerImage { id: target.id(i).to_string(), width, height })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let total: u64 = images.iter().map(|i| i.width as u64 * i.height as u64).sum();
         Ok((images, (self.config.active.budget * total as f64).round() as u64))
     }
@@ -152,15 +166,25 @@ impl Trainer {
     }
 
     pub fn new_ada_state(&self, ledger: Ledger) -> AdaState {
-        AdaState { ledger, sampler: Sampler::new(&self.config.active, None),
-            dccm: Dccm::new(self.config.data.classes as i64, self.config.contrast.dccm_momentum, self.device) }
+        AdaState {
+            ledger,
+            sampler: Sampler::new(&self.config.active, None),
+            dccm: Dccm::new(self.config.data.classes as i64, self.config.contrast.dccm_momentum, self.device),
+        }
     }
 
     /// The forward pass and every loss of one ADA-MCU iteration.
     #[allow(clippy::too_many_arguments)]
-    pub fn ada_losses(&self, state: &mut AdaState, source_images: &Tensor, source_labels: &Tensor,
-        target_images: &Tensor, target_labels: &SealedLabels, target_samples: &[usize],
-        target_geometry: &[crate::data::augment::Geometry]) -> StepOutput {
+    pub fn ada_losses(
+        &self,
+        state: &mut AdaState,
+        source_images: &Tensor,
+        source_labels: &Tensor,
+        target_images: &Tensor,
+        target_labels: &SealedLabels,
+        target_samples: &[usize],
+        target_geometry: &[crate::data::augment::Geometry],
+    ) -> StepOutput {
         let c = &self.config;
         let classes = c.data.classes as i64;
         let (xs, xt) = (self.normaliser.to_input(source_images), self.normaliser.to_input(target_images));
@@ -169,8 +193,11 @@ impl Trainer {
             let out = self.forward(&Tensor::cat(&[&xs, &xt], 0), true);
             let split = |t: &Tensor| (t.narrow(0, 0, ns), t.narrow(0, ns, t.size()[0] - ns));
             let ((ms, mt), (as_, at), (es, et)) = (split(&out.main), split(&out.aux), split(&out.embedding));
-            (SegOutput { main: ms, aux: as_, embedding: es, features: out.features.shallow_clone() },
-             SegOutput { main: mt, aux: at, embedding: et, features: out.features.shallow_clone() }, vec![out.features])
+            (
+                SegOutput { main: ms, aux: as_, embedding: es, features: out.features.shallow_clone() },
+                SegOutput { main: mt, aux: at, embedding: et, features: out.features.shallow_clone() },
+                vec![out.features],
+            )
         } else {
             let (s, t) = (self.forward(&xs, true), self.forward(&xt, true));
             let features = vec![s.features.shallow_clone(), t.features.shallow_clone()];
@@ -184,8 +211,8 @@ impl Trainer {
         let (h, w) = (xt.size()[2], xt.size()[3]);
         let (main_t, aux_t) = (upsample(&out_t.main, h, w), upsample(&out_t.aux, h, w));
         let scores = uncertainty(&main_t, &aux_t, c.active.gamma);
-        let crops: Vec<CropPixels> = target_samples.iter().zip(target_geometry)
-            .map(|(&i, g)| CropPixels::of(i, g, &state.ledger)).collect();
+        let crops: Vec<CropPixels> =
+            target_samples.iter().zip(target_geometry).map(|(&i, g)| CropPixels::of(i, g, &state.ledger)).collect();
         let selection = state.sampler.select(&scores, &crops, &state.ledger);
         let (labelled, pseudo) = (&selection.labelled, &selection.pseudo);
         let revealed = Oracle::reveal(target_labels, labelled);
@@ -194,17 +221,21 @@ impl Trainer {
         let train_labels_t = prediction_t.where_self(pseudo, &revealed);
         // A crop may have no labelled or pseudo-labelled pixel: the loss is then 0, with no host check.
         // On the logits already upsampled for the scores (one copy at crop size per head, not two).
-        let loss_target = segmentation_loss(&main_t, &train_labels_t) + segmentation_loss(&aux_t, &train_labels_t) * c.train.aux_weight;
+        let loss_target = segmentation_loss(&main_t, &train_labels_t)
+            + segmentation_loss(&aux_t, &train_labels_t) * c.train.aux_weight;
 
         // DCCM (Eqs. 7-8) from the pixels whose true label is known this iteration: the
         // target's revealed labels, and with `dccm_from = "both"` the source's ground truth.
-        let prediction_s = upsample(&out_s.main, source_labels.size()[1], source_labels.size()[2]).detach().argmax(1, false);
+        let prediction_s =
+            upsample(&out_s.main, source_labels.size()[1], source_labels.size()[2]).detach().argmax(1, false);
         let dccm_on = c.contrast.enabled && c.contrast.dccm;
         if dccm_on {
             let (labels, predictions) = match c.contrast.dccm_from {
                 DccmFrom::Target => (revealed.flatten(0, -1), prediction_t.flatten(0, -1)),
-                DccmFrom::Both => (Tensor::cat(&[source_labels.flatten(0, -1), revealed.flatten(0, -1)], 0),
-                    Tensor::cat(&[prediction_s.flatten(0, -1), prediction_t.flatten(0, -1)], 0)),
+                DccmFrom::Both => (
+                    Tensor::cat(&[source_labels.flatten(0, -1), revealed.flatten(0, -1)], 0),
+                    Tensor::cat(&[prediction_s.flatten(0, -1), prediction_t.flatten(0, -1)], 0),
+                ),
             };
             state.dccm.update(&labels, &predictions);
         }
@@ -216,8 +247,10 @@ impl Trainer {
             // Keys and anchors at each crop's own resolution (every bought label can be one);
             // G_l and the category centers' classes at the embedding's (stride 8). Source and
             // target crops differ in size in the paper's setting (1280x720 and 1024x512).
-            let ((fh, fw), (th, tw)) = ((out_s.embedding.size()[2], out_s.embedding.size()[3]),
-                (out_t.embedding.size()[2], out_t.embedding.size()[3]));
+            let ((fh, fw), (th, tw)) = (
+                (out_s.embedding.size()[2], out_s.embedding.size()[3]),
+                (out_t.embedding.size()[2], out_t.embedding.size()[3]),
+            );
             let down_t = |t: &Tensor| nearest(t, th, tw).to_kind(Kind::Int64);
             let labels_s_low = nearest(&source_labels, fh, fw).to_kind(Kind::Int64);
             let scores_s = uncertainty(&upsample(&out_s.main, fh, fw), &upsample(&out_s.aux, fh, fw), c.active.gamma);
@@ -240,7 +273,8 @@ impl Trainer {
             };
             let dccm = c.contrast.dccm.then_some(&state.dccm);
             let losses = contrastive_losses(&source, &target, &c.contrast, dccm, classes);
-            let weighted: Vec<Tensor> = [&losses.p2p, &losses.c2c].into_iter().flatten().map(|t| t * c.contrast.weight).collect();
+            let weighted: Vec<Tensor> =
+                [&losses.p2p, &losses.c2c].into_iter().flatten().map(|t| t * c.contrast.weight).collect();
             if !weighted.is_empty() {
                 let sum = Tensor::stack(&weighted, 0).sum(Kind::Float);
                 total = total + &sum;
@@ -249,8 +283,17 @@ impl Trainer {
             (p2p, c2c, usage) = (losses.p2p, losses.c2c, losses.usage);
         }
         let dccm_max = dccm_on.then(|| state.dccm.w.max());
-        StepOutput { total, terms: [Some(loss_source), Some(loss_target), p2p, c2c], selection, seg, con, features,
-            usage, dccm_max, gradient_ratio: None }
+        StepOutput {
+            total,
+            terms: [Some(loss_source), Some(loss_target), p2p, c2c],
+            selection,
+            seg,
+            con,
+            features,
+            usage,
+            dccm_max,
+            gradient_ratio: None,
+        }
     }
 
     /// The backward pass and the SGD update at `lr`: queued on the device, nothing read back.
@@ -269,24 +312,47 @@ impl Trainer {
     pub fn ada_settle(&self, state: &mut AdaState, out: &StepOutput) -> (StepLosses, Settled) {
         // Every value in one device-to-host copy: the five losses, max(W), the gradient ratio
         // (-1 where not measured), then the usage table.
-        let scalar = |t: Option<&Tensor>, none: f64| t.map_or_else(|| Tensor::full([1], none, (Kind::Float, self.device)),
-            |t| t.detach().to_kind(Kind::Float).reshape([1]));
+        let scalar = |t: Option<&Tensor>, none: f64| {
+            t.map_or_else(
+                || Tensor::full([1], none, (Kind::Float, self.device)),
+                |t| t.detach().to_kind(Kind::Float).reshape([1]),
+            )
+        };
         let mut parts: Vec<Tensor> = out.terms.iter().map(|t| scalar(t.as_ref(), 0.0)).collect();
-        parts.extend([scalar(Some(&out.total), 0.0), scalar(out.dccm_max.as_ref(), 0.0),
-            scalar(out.gradient_ratio.as_ref(), -1.0)]);
+        parts.extend([
+            scalar(Some(&out.total), 0.0),
+            scalar(out.dccm_max.as_ref(), 0.0),
+            scalar(out.gradient_ratio.as_ref(), -1.0),
+        ]);
         parts.extend(out.usage.iter().map(|u| u.flatten(0, -1)));
         let values = Vec::<f32>::try_from(Tensor::cat(&parts, 0).to_device(tch::Device::Cpu)).expect("f32 losses");
         let settled = state.sampler.settle(&out.selection, &mut state.ledger);
         let contrast = out.con.as_ref().map(|_| ContrastDiagnostics {
-            levels: self.config.contrast.levels.iter().zip(values[7..].chunks(4))
-                .map(|(level, u)| LevelUsage { level: level.clone(), source_anchors: u[0] as f64,
-                    source_positives: u[1] as f64, target_anchors: u[2] as f64, target_positives: u[3] as f64 })
+            levels: self
+                .config
+                .contrast
+                .levels
+                .iter()
+                .zip(values[7..].chunks(4))
+                .map(|(level, u)| LevelUsage {
+                    level: level.clone(),
+                    source_anchors: u[0] as f64,
+                    source_positives: u[1] as f64,
+                    target_anchors: u[2] as f64,
+                    target_positives: u[3] as f64,
+                })
                 .collect(),
             gradient_ratio: (values[6] >= 0.0).then_some(values[6] as f64),
             dccm_max: values[5] as f64,
         });
-        let losses = StepLosses { source: values[0] as f64, target: values[1] as f64, p2p: values[2] as f64,
-            c2c: values[3] as f64, total: values[4] as f64, contrast };
+        let losses = StepLosses {
+            source: values[0] as f64,
+            target: values[1] as f64,
+            p2p: values[2] as f64,
+            c2c: values[3] as f64,
+            total: values[4] as f64,
+            contrast,
+        };
         (losses, settled)
     }
 
@@ -295,7 +361,8 @@ impl Trainer {
     pub fn train_ada(&mut self, ledger_path: &Path, iterations: usize) -> Result<(AdaSummary, AdaState)> {
         let state = self.new_ada_state(self.open_ledger(ledger_path)?);
         let mut run = AdaRun::start(self, state, None, iterations as u64)?;
-        let mut progress = super::progress::Progress::new("ada-mcu", iterations as u64, self.config.train.log_every as u64);
+        let mut progress =
+            super::progress::Progress::new("ada-mcu", iterations as u64, self.config.train.log_every as u64);
         let mut curve = Vec::new();
         while !run.done() {
             let total = run.step(self)?.total;
@@ -304,9 +371,14 @@ impl Trainer {
         }
         progress.finish();
         let ledger = &run.state.ledger;
-        tracing::info!("ada-mcu: bought {} of {} {} ({:.2}% of the target set), pi_high {:.4}",
-            ledger.charged(), ledger.budget(), ledger.pixel_unit(),
-            100.0 * ledger.labelled_fraction(), run.state.sampler.thresholds.pi_high);
+        tracing::info!(
+            "ada-mcu: bought {} of {} {} ({:.2}% of the target set), pi_high {:.4}",
+            ledger.charged(),
+            ledger.budget(),
+            ledger.pixel_unit(),
+            100.0 * ledger.labelled_fraction(),
+            run.state.sampler.thresholds.pi_high
+        );
         let (mut summary, state) = run.finish()?;
         summary.curve = curve;
         Ok((summary, state))
@@ -340,9 +412,12 @@ fn check_config(changes: Vec<ConfigChange>, checkpoint: &Path, policy: ConfigCha
         tracing::warn!("resume: going on with a changed experiment (--accept-config-changes):{changes}");
         return Ok(());
     }
-    bail!("{}: the config differs from the one this run was started with, in keys that change the experiment:\
+    bail!(
+        "{}: the config differs from the one this run was started with, in keys that change the experiment:\
            {changes}\nset them back (config file or --set), or add --accept-config-changes to go on with the \
-           new values (active.budget and the target set stay fixed by the run's ledger)", checkpoint.display())
+           new values (active.budget and the target set stay fixed by the run's ledger)",
+        checkpoint.display()
+    )
 }
 
 /// Where a resumed run picks up (from a checkpoint).
@@ -392,9 +467,13 @@ impl AdaCheckpoint {
         let free = checkpoint::free_bytes(&rotation.dir)?;
         telemetry::run_dir_free(free);
         if free < 2 * bytes {
-            tracing::warn!("{} free on the file system of {}: room for fewer than two more checkpoints of {} \
+            tracing::warn!(
+                "{} free on the file system of {}: room for fewer than two more checkpoints of {} \
                             (a write that does not fit stops the daemon; the checkpoints before it stay whole)",
-                           HumanBytes(free), rotation.dir.display(), HumanBytes(bytes));
+                HumanBytes(free),
+                rotation.dir.display(),
+                HumanBytes(bytes)
+            );
         }
         Ok(path)
     }
@@ -429,18 +508,42 @@ impl AdaRun {
             None => 0,
         };
         // The data order resumes too: the loaders skip the samples already drawn.
-        let options = |domain, batch_size: usize, seed| LoaderOptions { domain, batch_size, workers: c.data.workers,
-            capacity: c.data.channel_capacity, seed, on_bad_sample: c.data.on_bad_sample,
-            start_at: step * batch_size as u64, pinned: trainer.device.is_cuda() };
+        let options = |domain, batch_size: usize, seed| LoaderOptions {
+            domain,
+            batch_size,
+            workers: c.data.workers,
+            capacity: c.data.channel_capacity,
+            seed,
+            on_bad_sample: c.data.on_bad_sample,
+            start_at: step * batch_size as u64,
+            pinned: trainer.device.is_cuda(),
+        };
         let (source_cfg, target_cfg) = (c.data.source.as_ref(), c.data.target.as_ref());
         let source_set = open_set(&c.data.source, "data.source", c.data.classes)?;
         let target_set = open_set(&c.data.target, "data.target", c.data.classes)?;
-        let source = Loader::spawn(source_set, &c.augment_for(source_cfg.unwrap()),
-            options("source", c.train.batch_source, c.run.seed));
-        let target = Loader::spawn(target_set, &c.augment_for(target_cfg.unwrap()),
-            options("target", c.train.batch_target, c.run.seed.wrapping_add(1)));
-        Ok(AdaRun { state, optimizer, source, target, step, iterations, last: StepLosses::default(),
-            stage: telemetry::Stage::new("train"), waited: 0.0, stepped: 0.0, last_snapshot: None })
+        let source = Loader::spawn(
+            source_set,
+            &c.augment_for(source_cfg.unwrap()),
+            options("source", c.train.batch_source, c.run.seed),
+        );
+        let target = Loader::spawn(
+            target_set,
+            &c.augment_for(target_cfg.unwrap()),
+            options("target", c.train.batch_target, c.run.seed.wrapping_add(1)),
+        );
+        Ok(AdaRun {
+            state,
+            optimizer,
+            source,
+            target,
+            step,
+            iterations,
+            last: StepLosses::default(),
+            stage: telemetry::Stage::new("train"),
+            waited: 0.0,
+            stepped: 0.0,
+            last_snapshot: None,
+        })
     }
 
     pub fn done(&self) -> bool {
@@ -459,8 +562,15 @@ impl AdaRun {
         // Every random draw of the step is seeded by (seed, step): a resumed run replays it.
         tch::manual_seed((c.run.seed ^ self.step.wrapping_mul(0x9E37_79B9_7F4A_7C15)) as i64);
         let sealed = SealedLabels::seal(tb.labels);
-        let mut out = trainer.ada_losses(&mut self.state, &sb.images, &sb.labels, &tb.images, &sealed,
-            &tb.sample_indices, &tb.geometries);
+        let mut out = trainer.ada_losses(
+            &mut self.state,
+            &sb.images,
+            &sb.labels,
+            &tb.images,
+            &sealed,
+            &tb.sample_indices,
+            &tb.geometries,
+        );
         let lr = poly_lr(c.train.lr, self.step, self.iterations, c.train.poly_power);
         // The gradient ratio costs two backward passes through the heads: on log steps only.
         let diagnose = c.train.log_every > 0 && self.step.is_multiple_of(c.train.log_every as u64);
@@ -473,15 +583,23 @@ impl AdaRun {
         let seconds = started.elapsed().as_secs_f64();
         (self.waited, self.stepped) = (self.waited + waited.as_secs_f64(), self.stepped + seconds);
         let l = &self.last;
-        telemetry::step(seconds, lr, &[("source", l.source), ("target", l.target), ("p2p", l.p2p), ("c2c", l.c2c),
-            ("total", l.total)]);
+        telemetry::step(
+            seconds,
+            lr,
+            &[("source", l.source), ("target", l.target), ("p2p", l.p2p), ("c2c", l.c2c), ("total", l.total)],
+        );
         telemetry::images("source", sb.ids.len());
         telemetry::images("target", tb.ids.len());
         telemetry::channel("source_batches", self.source.batches.len(), c.data.channel_capacity);
         telemetry::channel("target_batches", self.target.batches.len(), c.data.channel_capacity);
         // After the metrics, so that a NaN shows on the dashboard (and fires its alert).
-        anyhow::ensure!(self.last.total.is_finite(), "ada-mcu: loss is {} at step {}{}", self.last.total, self.step - 1,
-            trainer.divergence_hint());
+        anyhow::ensure!(
+            self.last.total.is_finite(),
+            "ada-mcu: loss is {} at step {}{}",
+            self.last.total,
+            self.step - 1,
+            trainer.divergence_hint()
+        );
         if let Some(d) = &self.last.contrast {
             telemetry::contrast(d);
             if diagnose {
@@ -525,23 +643,34 @@ impl AdaRun {
         self.source.stop();
         self.target.stop();
         self.state.ledger.flush()?;
-        let summary = AdaSummary { iterations: self.step as usize, pixels: self.state.ledger.pixel_unit(),
+        let summary = AdaSummary {
+            iterations: self.step as usize,
+            pixels: self.state.ledger.pixel_unit(),
             spent: self.state.ledger.charged(),
-            budget: self.state.ledger.budget(), total_pixels: self.state.ledger.total_pixels(),
-            thresholds: self.state.sampler.thresholds, last_losses: self.last, curve: Vec::new() };
+            budget: self.state.ledger.budget(),
+            total_pixels: self.state.ledger.total_pixels(),
+            thresholds: self.state.sampler.thresholds,
+            last_losses: self.last,
+            curve: Vec::new(),
+        };
         Ok((summary, self.state))
     }
 }
 
 /// Restores the model, DCCM and thresholds from an ADA checkpoint and opens the ledger with
 /// the checkpoint's snapshot; returns the state and where the run resumes.
-pub fn resume(trainer: &mut Trainer, checkpoint_path: &Path, ledger_path: &Path, config_changes: ConfigChanges)
-    -> Result<(AdaState, ResumePoint)> {
+pub fn resume(
+    trainer: &mut Trainer,
+    checkpoint_path: &Path,
+    ledger_path: &Path,
+    config_changes: ConfigChanges,
+) -> Result<(AdaState, ResumePoint)> {
     let loaded = trainer.load(checkpoint_path)?;
     check_config(loaded.config_changes(&trainer.config, checkpoint_path), checkpoint_path, config_changes)?;
     let meta = &loaded.meta;
     let step = meta["step"].as_u64().context("checkpoint lacks its step")?;
-    let thresholds: Thresholds = serde_json::from_value(meta["thresholds"].clone()).context("checkpoint lacks thresholds")?;
+    let thresholds: Thresholds =
+        serde_json::from_value(meta["thresholds"].clone()).context("checkpoint lacks thresholds")?;
     let (images, budget) = trainer.ledger_layout()?;
     let ledger = Ledger::open_resumed(ledger_path, &images, budget, &checkpoint_path.with_extension("ledger"))?;
     let mut state = trainer.new_ada_state(ledger);

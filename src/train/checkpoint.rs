@@ -34,9 +34,15 @@ pub struct Captured {
 
 /// Captures the model, the optimizer state, `extra` tensors (stage state such as the DCCM, as
 /// `state.<name>`) and `meta`.
-pub fn capture(vs: &VarStore, optimizer: Option<&Sgd>, extra: &[(String, Tensor)], meta: &serde_json::Value) -> Captured {
+pub fn capture(
+    vs: &VarStore,
+    optimizer: Option<&Sgd>,
+    extra: &[(String, Tensor)],
+    meta: &serde_json::Value,
+) -> Captured {
     let copy = |name: String, t: &Tensor| (name, owned_host_copy(t));
-    let mut tensors: Vec<(String, Tensor)> = vs.variables().iter().map(|(n, t)| copy(format!("model.{n}"), t)).collect();
+    let mut tensors: Vec<(String, Tensor)> =
+        vs.variables().iter().map(|(n, t)| copy(format!("model.{n}"), t)).collect();
     if let Some(opt) = optimizer {
         tensors.extend(opt.state().iter().map(|(n, t)| copy(format!("optim.{n}"), t)));
     }
@@ -68,7 +74,10 @@ impl Loaded {
         match self.meta.get("config") {
             Some(recorded) => config.changes_since(recorded),
             None => {
-                tracing::warn!("{}: records no config (written by an older adamcu); it is used unchecked", path.display());
+                tracing::warn!(
+                    "{}: records no config (written by an older adamcu); it is used unchecked",
+                    path.display()
+                );
                 Vec::new()
             }
         }
@@ -77,7 +86,8 @@ impl Loaded {
 
 /// Loads a checkpoint into `vs` (every model variable must be present with its shape).
 pub fn load(path: &Path, vs: &mut VarStore) -> Result<Loaded> {
-    let tensors = Tensor::read_safetensors(path).with_context(|| format!("{}: cannot read checkpoint", path.display()))?;
+    let tensors =
+        Tensor::read_safetensors(path).with_context(|| format!("{}: cannot read checkpoint", path.display()))?;
     load_tensors(path, tensors, vs)
 }
 
@@ -100,10 +110,18 @@ pub fn load_tensors(path: &Path, tensors: Vec<(String, Tensor)>, vs: &mut VarSto
                 extra.push((name.to_string(), t));
             } else if let Some(name) = key.strip_prefix("model.") {
                 let Some(var) = variables.get(name) else {
-                    bail!("{}: checkpoint variable {name} is not in this model (another architecture?)", path.display());
+                    bail!(
+                        "{}: checkpoint variable {name} is not in this model (another architecture?)",
+                        path.display()
+                    );
                 };
                 if var.size() != t.size() {
-                    bail!("{}: {name} has shape {:?} in the checkpoint, {:?} in the model", path.display(), t.size(), var.size());
+                    bail!(
+                        "{}: {name} has shape {:?} in the checkpoint, {:?} in the model",
+                        path.display(),
+                        t.size(),
+                        var.size()
+                    );
                 }
                 var.shallow_clone().copy_(&t);
                 loaded.insert(name.to_string());
@@ -139,7 +157,10 @@ impl Rotation {
 
     /// Steps that have a complete checkpoint, oldest first.
     pub fn steps(&self) -> Vec<u64> {
-        let mut steps: Vec<u64> = std::fs::read_dir(&self.dir).into_iter().flatten().flatten()
+        let mut steps: Vec<u64> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
             .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.strip_suffix(".safetensors")?.parse().ok())
             .collect();
         steps.sort();

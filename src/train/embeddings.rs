@@ -22,13 +22,18 @@ pub fn val_embeddings(trainer: &Trainer, images: usize, per_image: i64, seed: i6
             let bytes = Tensor::from_slice(&rgb.pixels).view([1, rgb.height as i64, rgb.width as i64, 3]);
             let embedding = trainer.model.forward_t(&trainer.normaliser.to_input(&bytes), false).embedding;
             let (d, h, w) = (embedding.size()[1], embedding.size()[2], embedding.size()[3]);
-            let labels = Tensor::from_slice(&label.ids).view([1, 1, label.height as i64, label.width as i64])
-                .to_kind(Kind::Float).upsample_nearest2d([h, w], None, None).view([-1]).to_kind(Kind::Int64)
+            let labels = Tensor::from_slice(&label.ids)
+                .view([1, 1, label.height as i64, label.width as i64])
+                .to_kind(Kind::Float)
+                .upsample_nearest2d([h, w], None, None)
+                .view([-1])
+                .to_kind(Kind::Int64)
                 .to_device(embedding.device());
             let (positions, valid) = crate::torch_ext::random_subset(&labels.ne(255).unsqueeze(0), per_image, None);
             // Host-side selection of the valid draws: a figure, not the training step.
             let positions = positions.squeeze_dim(0).masked_select(&valid.squeeze_dim(0));
-            embeddings.push(embedding.view([d, -1]).transpose(0, 1).index_select(0, &positions).to_device(tch::Device::Cpu));
+            embeddings
+                .push(embedding.view([d, -1]).transpose(0, 1).index_select(0, &positions).to_device(tch::Device::Cpu));
             classes.push(labels.index_select(0, &positions).to_device(tch::Device::Cpu));
         }
         Ok(())
@@ -69,8 +74,11 @@ pub fn pca_2d(embeddings: &Tensor) -> Tensor {
 /// class on white, panels side by side with a grey rule between, written as a PNG.
 pub fn draw_panels(panels: &[(Tensor, Tensor)], classes: usize, side: u32, path: &Path) -> Result<()> {
     let gap = 4;
-    let mut canvas = RgbImage::from_pixel(side * panels.len() as u32 + gap * (panels.len() as u32 - 1), side,
-        image::Rgb([255, 255, 255]));
+    let mut canvas = RgbImage::from_pixel(
+        side * panels.len() as u32 + gap * (panels.len() as u32 - 1),
+        side,
+        image::Rgb([255, 255, 255]),
+    );
     for (p, (embeddings, labels)) in panels.iter().enumerate() {
         let xy = pca_2d(embeddings);
         let (lo, hi) = (xy.amin([0i64].as_slice(), false), xy.amax([0i64].as_slice(), false));

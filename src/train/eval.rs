@@ -22,7 +22,8 @@ pub fn confusion_counts(labels: &Tensor, predictions: &Tensor, classes: i64) -> 
     let index = (labels * classes + predictions).where_scalarother(&valid, classes * classes);
     Tensor::zeros([classes * classes + 1], (Kind::Int64, index.device()))
         .scatter_add(0, &index, &index.ones_like())
-        .narrow(0, 0, classes * classes).view([classes, classes])
+        .narrow(0, 0, classes * classes)
+        .view([classes, classes])
 }
 
 #[derive(Debug, Clone)]
@@ -55,22 +56,31 @@ impl Confusion {
     /// IoU per class; None for a class absent from both labels and predictions.
     pub fn iou(&self) -> Vec<Option<f64>> {
         let k = self.classes;
-        (0..k).map(|c| {
-            let tp = self.counts[c * k + c];
-            let label_total: u64 = self.counts[c * k..(c + 1) * k].iter().sum();
-            let pred_total: u64 = (0..k).map(|r| self.counts[r * k + c]).sum();
-            let union = label_total + pred_total - tp;
-            (union > 0).then(|| tp as f64 / union as f64)
-        }).collect()
+        (0..k)
+            .map(|c| {
+                let tp = self.counts[c * k + c];
+                let label_total: u64 = self.counts[c * k..(c + 1) * k].iter().sum();
+                let pred_total: u64 = (0..k).map(|r| self.counts[r * k + c]).sum();
+                let union = label_total + pred_total - tp;
+                (union > 0).then(|| tp as f64 / union as f64)
+            })
+            .collect()
     }
 
     /// Mean IoU over the classes in `subset` (all when None) that are present.
     pub fn miou(&self, subset: Option<&[usize]>) -> f64 {
         let iou = self.iou();
-        let present: Vec<f64> = iou.iter().enumerate()
+        let present: Vec<f64> = iou
+            .iter()
+            .enumerate()
             .filter(|(c, _)| subset.is_none_or(|s| s.contains(c)))
-            .filter_map(|(_, v)| *v).collect();
-        if present.is_empty() { 0.0 } else { present.iter().sum::<f64>() / present.len() as f64 }
+            .filter_map(|(_, v)| *v)
+            .collect();
+        if present.is_empty() {
+            0.0
+        } else {
+            present.iter().sum::<f64>() / present.len() as f64
+        }
     }
 }
 
@@ -95,14 +105,19 @@ pub struct EvalRow {
 impl EvalRow {
     pub fn from_confusion(name: &str, confusion: &Confusion, target_labeled_fraction: f64) -> EvalRow {
         let names = LabelMap::class_names(confusion.classes);
-        let per_class = names.iter().zip(confusion.iou())
-            .map(|(n, v)| (n.to_string(), v.map(|v| 100.0 * v))).collect();
+        let per_class = names.iter().zip(confusion.iou()).map(|(n, v)| (n.to_string(), v.map(|v| 100.0 * v))).collect();
         let miou13 = (confusion.classes == 16).then(|| {
             let keep: Vec<usize> = (0..16).filter(|c| !DROPPED_FOR_13.contains(c)).collect();
             100.0 * confusion.miou(Some(&keep))
         });
-        EvalRow { name: name.to_string(), miou: 100.0 * confusion.miou(None), miou13, per_class,
-            target_labeled_fraction, miou_std: None }
+        EvalRow {
+            name: name.to_string(),
+            miou: 100.0 * confusion.miou(None),
+            miou13,
+            per_class,
+            target_labeled_fraction,
+            miou_std: None,
+        }
     }
 
     /// The same method's rows from runs with different seeds, averaged: each value is the mean
@@ -110,7 +125,10 @@ impl EvalRow {
     pub fn mean(runs: &[EvalRow]) -> EvalRow {
         let first = &runs[0];
         let miou: Vec<f64> = runs.iter().map(|r| r.miou).collect();
-        let per_class = first.per_class.iter().enumerate()
+        let per_class = first
+            .per_class
+            .iter()
+            .enumerate()
             .map(|(c, (name, _))| (name.clone(), mean_of(runs.iter().filter_map(|r| r.per_class[c].1))))
             .collect();
         EvalRow {
@@ -175,8 +193,12 @@ pub struct EvalOptions {
 }
 
 /// Predicted training ids at the label's full resolution for one image.
-pub fn predict_full(model: &SegNet, normaliser: &Normaliser, rgb: &crate::data::datasets::Rgb,
-    options: &EvalOptions) -> Tensor {
+pub fn predict_full(
+    model: &SegNet,
+    normaliser: &Normaliser,
+    rgb: &crate::data::datasets::Rgb,
+    options: &EvalOptions,
+) -> Tensor {
     let (h, w) = (rgb.height as i64, rgb.width as i64);
     let bytes = Tensor::from_slice(&rgb.pixels).view([1, h, w, 3]);
     let mut input = normaliser.to_input(&bytes);
@@ -193,8 +215,13 @@ pub fn predict_full(model: &SegNet, normaliser: &Normaliser, rgb: &crate::data::
 }
 
 /// Confusion matrix of `model` over every sample of `source`.
-pub fn evaluate(model: &SegNet, normaliser: &Normaliser, source: &SampleSource, classes: usize,
-    options: &EvalOptions) -> Result<Confusion> {
+pub fn evaluate(
+    model: &SegNet,
+    normaliser: &Normaliser,
+    source: &SampleSource,
+    classes: usize,
+    options: &EvalOptions,
+) -> Result<Confusion> {
     let mut confusion = Confusion::new(classes);
     tch::no_grad(|| -> Result<()> {
         for i in 0..source.len() {

@@ -46,8 +46,8 @@ pub fn channels_last(t: &Tensor) -> Tensor {
 /// the labelled pixels (255 = ignore); 0 when a batch has none, where a plain mean would be NaN.
 pub fn segmentation_loss(logits: &Tensor, labels: &Tensor) -> Tensor {
     let size = labels.size();
-    let per_pixel = upsample(logits, size[1], size[2])
-        .cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::None, 255, 0.0);
+    let per_pixel =
+        upsample(logits, size[1], size[2]).cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::None, 255, 0.0);
     per_pixel.sum(tch::Kind::Float) / labels.ne(255).sum(tch::Kind::Float).clamp_min(1.0)
 }
 
@@ -90,15 +90,24 @@ pub fn open_set(set: &Option<DatasetConfig>, key: &str, classes: usize) -> Resul
 /// must fit `model.caffe_style` (checked by the import) and the loader's normalisation: they see
 /// the input they were trained on only if the loader normalises as their layout expects
 /// (Caffe's BGR mean on bytes, or torchvision's ImageNet mean and std).
-fn import_weights(vs: &mut VarStore, config: &Config, path: &Path, tensors: Vec<(String, Tensor)>)
-    -> Result<crate::model::weights::Imported> {
+fn import_weights(
+    vs: &mut VarStore,
+    config: &Config,
+    path: &Path,
+    tensors: Vec<(String, Tensor)>,
+) -> Result<crate::model::weights::Imported> {
     let imported = crate::model::weights::import_tensors(vs, path, tensors, config.model.caffe_style)?;
     let (mean, std) = imported.layout.normalisation();
     let close = |a: &[f32; 3], b: &[f32; 3]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-3 * y.abs());
     if !close(&config.augment.mean, &mean) || !close(&config.augment.std, &std) {
-        bail!("{}: {} was trained on other input than augment.mean = {:?}, augment.std = {:?} give; set{}",
-              path.display(), imported.layout.describe(), config.augment.mean, config.augment.std,
-              imported.layout.normalisation_toml());
+        bail!(
+            "{}: {} was trained on other input than augment.mean = {:?}, augment.std = {:?} give; set{}",
+            path.display(),
+            imported.layout.describe(),
+            config.augment.mean,
+            config.augment.std,
+            imported.layout.normalisation_toml()
+        );
     }
     Ok(imported)
 }
@@ -114,10 +123,19 @@ impl Trainer {
         let model = SegNet::new(&vs.root(), &config.model, config.data.classes)?;
         if let Some(path) = &config.model.pretrained {
             let tensors = crate::model::weights::read_state_dict(path);
-            let imported = tensors.and_then(|t| import_weights(&mut vs, config, path, t)).with_context(|| format!(
-                "model.pretrained = {:?}: the weights to start from (ImageNet's, or a whole DeepLab v2; \
-                src/model/weights.rs lists the files and layouts adamcu reads)", path.display().to_string()))?;
-            tracing::info!("loaded {} tensors of {} from {}", imported.tensors, imported.layout.describe(), path.display());
+            let imported = tensors.and_then(|t| import_weights(&mut vs, config, path, t)).with_context(|| {
+                format!(
+                    "model.pretrained = {:?}: the weights to start from (ImageNet's, or a whole DeepLab v2; \
+                src/model/weights.rs lists the files and layouts adamcu reads)",
+                    path.display().to_string()
+                )
+            })?;
+            tracing::info!(
+                "loaded {} tensors of {} from {}",
+                imported.tensors,
+                imported.layout.describe(),
+                path.display()
+            );
         }
         let normaliser = Normaliser::new(&config.augment, device);
         let trainer = Trainer { config: config.clone(), device, vs, model, normaliser, curve_every: 0 };
@@ -154,7 +172,12 @@ impl Trainer {
         let out = crate::torch_ext::autocast_bf16(self.device, || self.model.forward_t(&images, train));
         let f = |t: Tensor| t.to_kind(tch::Kind::Float);
         // The features stay as computed: the losses are reached through them, not a cast copy.
-        crate::model::SegOutput { main: f(out.main), aux: f(out.aux), embedding: f(out.embedding), features: out.features }
+        crate::model::SegOutput {
+            main: f(out.main),
+            aux: f(out.aux),
+            embedding: f(out.embedding),
+            features: out.features,
+        }
     }
 
     /// Why a loss may have diverged, when the config makes it likely: BatchNorm on stored
@@ -210,9 +233,20 @@ impl Trainer {
         };
         let source = open_set(set, key, classes)?;
         let augment = c.augment_for(set.as_ref().expect("open_set checked it"));
-        let loader = Loader::spawn(source, &augment, LoaderOptions { domain, batch_size,
-            workers: c.data.workers, capacity: c.data.channel_capacity, seed: c.run.seed,
-            on_bad_sample: c.data.on_bad_sample, start_at: 0, pinned: self.device.is_cuda() });
+        let loader = Loader::spawn(
+            source,
+            &augment,
+            LoaderOptions {
+                domain,
+                batch_size,
+                workers: c.data.workers,
+                capacity: c.data.channel_capacity,
+                seed: c.run.seed,
+                on_bad_sample: c.data.on_bad_sample,
+                start_at: 0,
+                pinned: self.device.is_cuda(),
+            },
+        );
         let mut optimizer = self.optimizer();
         let mut progress = progress::Progress::new(stage.name(), iterations as u64, c.train.log_every as u64);
         let mut losses = Vec::with_capacity(iterations);
@@ -223,8 +257,12 @@ impl Trainer {
             let images = self.normaliser.to_input(&batch.images);
             let labels = crate::torch_ext::labels_on(&batch.labels, self.device);
             let (value, lr) = self.supervised_step(&mut optimizer, &images, &labels, step, iterations);
-            anyhow::ensure!(value.is_finite(), "{} stage: loss is {value} at step {step}{}", stage.name(),
-                self.divergence_hint());
+            anyhow::ensure!(
+                value.is_finite(),
+                "{} stage: loss is {value} at step {step}{}",
+                stage.name(),
+                self.divergence_hint()
+            );
             losses.push(value);
             progress.step(value, lr);
             curve.extend(self.curve_point(step + 1, iterations, labeled)?);
@@ -237,8 +275,14 @@ impl Trainer {
     /// One SGD step of a supervised stage on a batch (normalised images, training ids on the
     /// device): main + aux_weight x auxiliary cross-entropy, the poly learning rate at `step` of
     /// `iterations`. Returns the loss and the base learning rate.
-    pub fn supervised_step(&self, optimizer: &mut Sgd, images: &Tensor, labels: &Tensor, step: usize,
-                           iterations: usize) -> (f64, f64) {
+    pub fn supervised_step(
+        &self,
+        optimizer: &mut Sgd,
+        images: &Tensor,
+        labels: &Tensor,
+        step: usize,
+        iterations: usize,
+    ) -> (f64, f64) {
         let t = &self.config.train;
         let out = self.forward(images, true);
         let loss = segmentation_loss(&out.main, labels) + segmentation_loss(&out.aux, labels) * t.aux_weight;
@@ -259,8 +303,12 @@ impl Trainer {
 
     /// The model, `optimizer`'s state, `extra` tensors and `meta` (a JSON object) copied for a
     /// checkpoint, with the resolved config recorded under `meta.config`.
-    pub fn capture(&self, optimizer: Option<&Sgd>, extra: &[(String, Tensor)], mut meta: serde_json::Value)
-        -> checkpoint::Captured {
+    pub fn capture(
+        &self,
+        optimizer: Option<&Sgd>,
+        extra: &[(String, Tensor)],
+        mut meta: serde_json::Value,
+    ) -> checkpoint::Captured {
         meta["config"] = self.config.recorded();
         checkpoint::capture(&self.vs, optimizer, extra, &meta)
     }
@@ -296,11 +344,18 @@ impl Trainer {
         let imported = import_weights(&mut self.vs, &self.config, path, tensors)
             .with_context(|| format!("{}: not an adamcu checkpoint, read as a peer's model", path.display()))?;
         if !imported.layout.has_classifiers() {
-            bail!("{}: holds {} without classifiers; give it as model.pretrained", path.display(),
-                  imported.layout.describe());
+            bail!(
+                "{}: holds {} without classifiers; give it as model.pretrained",
+                path.display(),
+                imported.layout.describe()
+            );
         }
-        tracing::info!("loaded {} tensors of {} from {}; the projection head keeps its initialisation",
-                       imported.tensors, imported.layout.describe(), path.display());
+        tracing::info!(
+            "loaded {} tensors of {} from {}; the projection head keeps its initialisation",
+            imported.tensors,
+            imported.layout.describe(),
+            path.display()
+        );
         Ok(())
     }
 }

@@ -25,7 +25,9 @@ pub fn poly_lr(base: f64, step: u64, total: u64, power: f64) -> f64 {
 
 impl Sgd {
     pub fn new(vs: &VarStore, momentum: f64, weight_decay: f64, head_lr_mult: f64) -> Sgd {
-        let params = vs.variables().into_iter()
+        let params = vs
+            .variables()
+            .into_iter()
             .filter(|(_, t)| t.requires_grad())
             .map(|(name, t)| {
                 let mult = if HEAD_PREFIXES.iter().any(|p| name.starts_with(p)) { head_lr_mult } else { 1.0 };
@@ -55,7 +57,9 @@ impl Sgd {
             }
             // Zero before the first step: momentum * 0 + d is PyTorch's first-step copy of d.
             // Without momentum there are no buffers (the kernel ignores them).
-            let buffer = if self.momentum == 0.0 { param } else {
+            let buffer = if self.momentum == 0.0 {
+                param
+            } else {
                 self.buffers.entry(name.clone()).or_insert_with(|| param.zeros_like().detach())
             };
             let group = groups.entry(mult.to_bits()).or_insert_with(|| (Vec::new(), Vec::new(), *mult));
@@ -72,8 +76,8 @@ impl Sgd {
 
     /// Momentum buffers (`momentum.<name>`) and the step (`step`), for a checkpoint.
     pub fn state(&self) -> Vec<(String, Tensor)> {
-        let mut out: Vec<(String, Tensor)> = self.buffers.iter()
-            .map(|(n, b)| (format!("momentum.{n}"), b.shallow_clone())).collect();
+        let mut out: Vec<(String, Tensor)> =
+            self.buffers.iter().map(|(n, b)| (format!("momentum.{n}"), b.shallow_clone())).collect();
         out.push(("step".into(), Tensor::from_slice(&[self.step as i64])));
         out
     }

@@ -19,13 +19,23 @@ impl Progress {
     pub fn new(name: &str, total: u64, every: u64) -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total);
-            bar.set_style(ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {pos}/{len} {per_sec} ETA {eta} {msg}").unwrap().progress_chars("=> "));
+            bar.set_style(
+                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {per_sec} ETA {eta} {msg}")
+                    .unwrap()
+                    .progress_chars("=> "),
+            );
             bar.set_prefix(name.to_string());
             bar
         });
-        Progress { name: name.to_string(), bar, total, done: 0, every: every.max(1), started: Instant::now(),
-            recent_loss: f64::NAN }
+        Progress {
+            name: name.to_string(),
+            bar,
+            total,
+            done: 0,
+            every: every.max(1),
+            started: Instant::now(),
+            recent_loss: f64::NAN,
+        }
     }
 
     pub fn step(&mut self, loss: f64, lr: f64) {
@@ -41,8 +51,15 @@ impl Progress {
                 let elapsed = self.started.elapsed().as_secs_f64();
                 let rate = self.done as f64 / elapsed.max(1e-9);
                 let eta = (self.total - self.done) as f64 / rate.max(1e-9);
-                tracing::info!("{} {}/{} {:.2} it/s ETA {:.0}s loss {:.4} lr {lr:.2e}", self.name, self.done,
-                    self.total, rate, eta, self.recent_loss);
+                tracing::info!(
+                    "{} {}/{} {:.2} it/s ETA {:.0}s loss {:.4} lr {lr:.2e}",
+                    self.name,
+                    self.done,
+                    self.total,
+                    rate,
+                    eta,
+                    self.recent_loss
+                );
             }
             None => {}
         }

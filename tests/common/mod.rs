@@ -57,8 +57,9 @@ pub fn gta5(root: &Path, n: usize, w: u32, h: u32) {
 pub fn cityscapes(root: &Path, split: &str, n: usize, w: u32, h: u32) {
     for i in 1..=n {
         let stem = format!("aachen_000000_{i:06}");
-        write_rgb(&root.join(format!("leftImg8bit/{split}/aachen/{stem}_leftImg8bit.png")), w, h,
-            |x, y| colour_of(stripes(x, y)));
+        write_rgb(&root.join(format!("leftImg8bit/{split}/aachen/{stem}_leftImg8bit.png")), w, h, |x, y| {
+            colour_of(stripes(x, y))
+        });
         write_label8(&root.join(format!("gtFine/{split}/aachen/{stem}_gtFine_labelIds.png")), w, h, stripes);
     }
 }
@@ -75,8 +76,14 @@ pub fn synthetic_config(dir: &Path, size: (u32, u32), counts: (usize, usize, usi
     (c.synth.width, c.synth.height) = size;
     (c.synth.source_images, c.synth.target_train_images, c.synth.target_val_images) = counts;
     c.data.source = Some(DatasetConfig::at(DatasetKind::Gta5, data.join("source")));
-    c.data.target = Some(DatasetConfig { split: Some("train".into()), ..DatasetConfig::at(DatasetKind::Cityscapes, data.join("target")) });
-    c.data.target_val = Some(DatasetConfig { split: Some("val".into()), ..DatasetConfig::at(DatasetKind::Cityscapes, data.join("target")) });
+    c.data.target = Some(DatasetConfig {
+        split: Some("train".into()),
+        ..DatasetConfig::at(DatasetKind::Cityscapes, data.join("target"))
+    });
+    c.data.target_val = Some(DatasetConfig {
+        split: Some("val".into()),
+        ..DatasetConfig::at(DatasetKind::Cityscapes, data.join("target"))
+    });
     c.augment.crop = [size.1, size.0];
     c.model.tiny_width = 8;
     adamcu::data::synth::generate(&c.synth).unwrap();
