@@ -19,7 +19,7 @@ endif
 # Python of the libtorch virtualenv, for the reference scripts in bench/reference/.
 REF_PYTHON := $(abspath $(LIBTORCH)/../../../../bin/python)
 
-.PHONY: build demo test test-deps doctor bench-loader
+.PHONY: build demo test test-deps lint doctor bench-loader
 build:
 	$(CARGO) build --release --locked
 ifneq ($(TARGET_DIR),target)
@@ -41,7 +41,14 @@ test-deps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
 
-test: build test-deps
+# One formatting (rustfmt.toml), no clippy warning, no import cycle between modules.
+lint:
+	@command -v cargo-clippy >/dev/null && command -v rustfmt >/dev/null || rustup component add clippy rustfmt
+	$(CARGO) fmt --check
+	$(CARGO) clippy --release --locked --all-targets -- -D warnings
+	python3 scripts/module-cycles.py
+
+test: build test-deps lint
 	$(CARGO) test --release --locked -- --test-threads=2
 
 # Loader throughput against bench/reference/loader_bench.py (PIL + torch) in the same run.

@@ -2,7 +2,7 @@
 //! side by side with the PIL/PyTorch reference (`bench/reference/loader_bench.py`) on the same
 //! files in the same run.
 
-use crate::config::{AugmentConfig, DatasetConfig, DatasetKind};
+use crate::config::{AugmentConfig, BnStats, DatasetConfig, DatasetKind, Precision, Preset};
 use crate::data::augment::Augmenter;
 use crate::data::normalise::Normaliser;
 use crate::data::source::SampleSource;
@@ -184,13 +184,13 @@ fn time_step(
     use crate::active::ledger::{Ledger, LedgerImage};
     use crate::data::augment::Geometry;
     use tch::{Kind, Tensor};
-    let mut config = crate::ablation::apply(base, if variant == "seg" { "al-w-as" } else { "full" })?;
+    let mut config = crate::ablation::apply(base, if variant == "seg" { Preset::AlWAs } else { Preset::Full });
     config.model.pretrained = None;
     // As the reference (a torchvision ResNet in training mode, affine frozen): BatchNorm on the
     // batch's statistics. The stored ones of an untrained ResNet-101 make it diverge at once,
     // and the step of a diverged network (NaN scores, empty groups) is not a real step.
-    config.model.bn_stats = "batch".into();
-    config.train.precision = if bf16_channels_last { "bf16".into() } else { "fp32".into() };
+    config.model.bn_stats = BnStats::Batch;
+    config.train.precision = if bf16_channels_last { Precision::Bf16 } else { Precision::Fp32 };
     config.train.channels_last = bf16_channels_last;
     let trainer = crate::train::Trainer::new(&config)?;
     let device = trainer.device;

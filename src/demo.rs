@@ -6,7 +6,7 @@
 //! in `runs/<name>/seed-<s>/`) and the table gives each row's mean, and its mIoU's ± std.
 //! Each demo run is a fresh experiment: the variants' ledgers from an earlier demo are removed.
 
-use crate::config::{Config, RunConfig};
+use crate::config::{Config, Named, Preset, RunConfig};
 use crate::train::ada::AdaSummary;
 use crate::train::embeddings::{compactness, draw_panels, val_embeddings, Compactness};
 use crate::train::eval::{markdown_table, EvalRow};
@@ -24,13 +24,13 @@ struct SeedRun {
     budgets: Vec<AdaSummary>,
     /// Fig. 5's rows (AL w AS, the full model): target val pixel embeddings, their classes and
     /// their compactness.
-    embeddings: Vec<(String, Tensor, Tensor, Compactness)>,
+    embeddings: Vec<(Preset, Tensor, Tensor, Compactness)>,
     /// Each row's target val mIoU over its steps (`train.eval_every`; empty when 0).
     curves: Vec<(String, Vec<CurvePoint>)>,
 }
 
 /// The variants whose embeddings Fig. 5 compares.
-const FIG5_VARIANTS: [&str; 2] = ["al-w-as", "full"];
+const FIG5_VARIANTS: [Preset; 2] = [Preset::AlWAs, Preset::Full];
 
 pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
     let started = Instant::now();
@@ -93,12 +93,12 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
         let mean = |f: fn(&Compactness) -> f64| per_seed.iter().map(f).sum::<f64>() / per_seed.len() as f64;
         println!(
             "{:<26} target val embeddings: mean cosine same class {:.3}, other classes {:.3} (gap {:.3})",
-            crate::ablation::row_name(variant),
+            variant.row_name(),
             mean(|c| c.intra),
             mean(|c| c.inter),
             mean(|c| c.intra - c.inter)
         );
-        compactness_rows.push(json!({ "variant": variant, "row": crate::ablation::row_name(variant),
+        compactness_rows.push(json!({ "variant": variant, "row": variant.row_name(),
             "intra_mean": mean(|c| c.intra), "inter_mean": mean(|c| c.inter), "per_seed": per_seed }));
     }
     let fig5 = config.run_dir().join("fig5.png");
@@ -108,7 +108,7 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
         draw_panels(&panels, config.data.classes, 480, &fig5)?;
         println!(
             "Fig. 5 (PCA of target val pixel embeddings, Cityscapes colours; {}): {}",
-            runs[0].embeddings.iter().map(|e| crate::ablation::row_name(&e.0)).collect::<Vec<_>>().join(" | "),
+            runs[0].embeddings.iter().map(|e| e.0.row_name()).collect::<Vec<_>>().join(" | "),
             fig5.display()
         );
     }
@@ -119,7 +119,7 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
         "paired_gains": gains, "compactness": compactness_rows, "per_seed": per_seed, "budget_pixels": runs[0].budgets.first().map(|b| b.pixels.clone()),
         "config": config.recorded() });
     let path = config.run_dir().join("report.json");
-    crate::train::checkpoint::write_atomically(&path, |temp| {
+    crate::files::write_atomically(&path, |temp| {
         std::fs::write(temp, serde_json::to_vec_pretty(&report)?)?;
         Ok(())
     })?;
@@ -146,12 +146,12 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
     let mut rows = vec![source_only];
     let mut budgets = Vec::new();
     let mut embeddings = Vec::new();
-    for variant in &config.demo.variants {
-        let variant_config = crate::ablation::apply(config, variant)?;
+    for &variant in &config.demo.variants {
+        let variant_config = crate::ablation::apply(config, variant);
         let mut ada = Trainer::new(&variant_config)?;
         ada.curve_every = config.demo.eval_every;
         ada.load(&source)?;
-        let dir = run_dir.join(variant);
+        let dir = run_dir.join(variant.name());
         std::fs::create_dir_all(&dir)?;
         let ledger = dir.join("ledger.bin");
         let _ = std::fs::remove_file(&ledger);
@@ -161,7 +161,7 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
             None,
             json!({"stage": "ada", "variant": variant, "summary": summary}),
         )?;
-        let row = ada.evaluate(crate::ablation::row_name(variant), summary.labelled_fraction())?;
+        let row = ada.evaluate(variant.row_name(), summary.labelled_fraction())?;
         tracing::info!(
             "{}: mIoU {:.1}, bought {} of {} {}",
             row.name,
@@ -170,7 +170,7 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
             summary.budget,
             summary.pixels
         );
-        if FIG5_VARIANTS.contains(&variant.as_str()) {
+        if FIG5_VARIANTS.contains(&variant) {
             // 200 labelled pixels from each of 20 val images: 4,000 points, as Fig. 5 plots.
             let (points, classes) = val_embeddings(&ada, 20, 200, config.run.seed as i64)?;
             let c = compactness(&points, &classes);
@@ -180,7 +180,7 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
                 c.intra,
                 c.inter
             );
-            embeddings.push((variant.clone(), points, classes, c));
+            embeddings.push((variant, points, classes, c));
         }
         curves.push((row.name.clone(), ada.curve_end(summary.curve.clone(), config.active.iterations, &row)));
         budgets.push(summary);
@@ -201,7 +201,7 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
 /// with n - 1 degrees of freedom; none with one seed). `step` is the row's variant.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PairedGain {
-    pub step: String,
+    pub step: Preset,
     pub from: String,
     pub to: String,
     pub per_seed: Vec<f64>,
@@ -234,7 +234,7 @@ impl std::fmt::Display for PairedGain {
 /// `demo.variants`; the first over source-only), from the per-seed rows (`runs[s].rows[0]` is
 /// source-only, then the variants in order). With the paper's order (AL w/o AS, AL w AS,
 /// MCU-i, MCU-d, full) these are Table VI's steps: AS, MCU-i, MCU-d and the DCCM.
-fn paired_gains(variants: &[String], runs: &[SeedRun]) -> Vec<PairedGain> {
+fn paired_gains(variants: &[Preset], runs: &[SeedRun]) -> Vec<PairedGain> {
     (1..=variants.len())
         .map(|b| {
             let a = b - 1;
@@ -250,7 +250,7 @@ fn paired_gains(variants: &[String], runs: &[SeedRun]) -> Vec<PairedGain> {
                 (mean - t * sd / n.sqrt(), mean + t * sd / n.sqrt())
             });
             PairedGain {
-                step: variants[b - 1].clone(),
+                step: variants[b - 1],
                 from: runs[0].rows[a].name.clone(),
                 to: runs[0].rows[b].name.clone(),
                 per_seed,

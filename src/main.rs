@@ -1,12 +1,13 @@
 //! The `adamcu` command line: one subcommand per job; the work lives in the library.
 
-use adamcu::config::{parse_device, Config, DatasetConfig};
+use adamcu::config::{parse_device, Config, DatasetConfig, Preset};
 use adamcu::train::ada::ConfigChanges;
 use adamcu::train::eval::{markdown_table, EvalOptions, EvalRow};
-use adamcu::train::{SupervisedStage, Trainer};
+use adamcu::train::stage::Stage;
+use adamcu::train::Trainer;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -68,11 +69,9 @@ enum Command {
     Train {
         #[arg(long, default_value = "pipelines/synth.toml")]
         config: PathBuf,
-        /// "all" (the daemon: source pretraining if the run has none, then ADA-MCU with periodic
-        /// checkpoints; SIGTERM/SIGINT stop it cleanly), "source" (source-only pretraining),
-        /// "ada" (one uninterrupted ADA-MCU pass, start it with --init) or "target-supervised".
-        #[arg(long, default_value = "all")]
-        stage: String,
+        /// The stages to run.
+        #[arg(long, value_enum, default_value_t = Stage::All)]
+        stage: Stage,
         /// Go on from the run's newest checkpoint (--stage all). Refused when the config changed
         /// a key that alters the experiment since that checkpoint (the error lists them).
         #[arg(long)]
@@ -85,10 +84,9 @@ enum Command {
         /// a warning).
         #[arg(long)]
         accept_config_changes: bool,
-        /// For --stage ada: an ablation preset (al-wo-as, al-w-as, mcu-i, mcu-d, p2p, p2p-c2c,
-        /// full); default: the config as written.
-        #[arg(long)]
-        ablation: Option<String>,
+        /// For --stage ada: an ablation preset (a row of Table VI); default: the config as written.
+        #[arg(long, value_enum)]
+        ablation: Option<Preset>,
         /// Start from these weights: an adamcu checkpoint, or a peer's whole DeepLab v2 in
         /// ADVENT's naming (.pth or .safetensors, e.g. a source-only warm-up model).
         #[arg(long)]
@@ -171,36 +169,39 @@ enum BenchCommand {
     },
     /// ms/iter, images/s, peak GPU memory and operators per step of the real training step (seg-only and full
     /// ADA-MCU; fp32 and bf16 + channels-last), optionally beside bench/reference/ada_mcu_step.py.
-    Step {
-        /// Model and ADA-MCU settings (pretrained weights are not loaded).
-        #[arg(long, default_value = "pipelines/gta5-cityscapes.toml")]
-        config: PathBuf,
-        /// HEIGHTxWIDTH of the source crops [default: the config's, 720x1280 in the paper's]
-        #[arg(long)]
-        source_size: Option<String>,
-        /// HEIGHTxWIDTH of the target crops [default: the config's, 512x1024 in the paper's]
-        #[arg(long)]
-        target_size: Option<String>,
-        #[arg(long, default_value_t = 2)]
-        batch: i64,
-        #[arg(long, default_value_t = 20)]
-        iterations: usize,
-        /// Warm-up iterations; the last one also counts the operators a step dispatches (ops/step)
-        #[arg(long, default_value_t = 5)]
-        warmup: usize,
-        /// List the N most called operators of each row (calls and their wall time)
-        #[arg(long, value_name = "N", default_value_t = 0)]
-        top_ops: usize,
-        /// Python with torch to run the reference with the same shapes in the same call.
-        #[arg(long)]
-        python: Option<PathBuf>,
-        #[arg(long, default_value = "bench/reference/ada_mcu_step.py")]
-        reference: PathBuf,
-    },
+    Step(StepArgs),
 }
 
-fn load_config(path: &std::path::Path, overrides: &[String]) -> Result<Config> {
-    Config::load_with_overrides(path, overrides).map_err(|e| anyhow!("{e}"))
+#[derive(clap::Args)]
+struct StepArgs {
+    /// Model and ADA-MCU settings (pretrained weights are not loaded).
+    #[arg(long, default_value = "pipelines/gta5-cityscapes.toml")]
+    config: PathBuf,
+    /// HEIGHTxWIDTH of the source crops [default: the config's, 720x1280 in the paper's]
+    #[arg(long)]
+    source_size: Option<String>,
+    /// HEIGHTxWIDTH of the target crops [default: the config's, 512x1024 in the paper's]
+    #[arg(long)]
+    target_size: Option<String>,
+    #[arg(long, default_value_t = 2)]
+    batch: i64,
+    #[arg(long, default_value_t = 20)]
+    iterations: usize,
+    /// Warm-up iterations; the last one also counts the operators a step dispatches (ops/step)
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// List the N most called operators of each row (calls and their wall time)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    top_ops: usize,
+    /// Python with torch to run the reference with the same shapes in the same call.
+    #[arg(long)]
+    python: Option<PathBuf>,
+    #[arg(long, default_value = "bench/reference/ada_mcu_step.py")]
+    reference: PathBuf,
+}
+
+fn load_config(path: &Path, overrides: &[String]) -> Result<Config> {
+    Ok(Config::load_with_overrides(path, overrides)?)
 }
 
 fn configured_sets(config: &Config) -> Vec<(&'static str, &DatasetConfig)> {
@@ -221,208 +222,213 @@ fn pick_set<'a>(config: &'a Config, name: &str) -> Result<&'a DatasetConfig> {
 
 fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
     match command {
-        Command::Weights { file } => {
-            println!("{}: {}", file.display(), adamcu::model::weights::summarise(&file)?);
-        }
-        Command::Doctor { device } => {
-            let choice = parse_device(&device)
-                .ok_or_else(|| anyhow!("--device {device:?}: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\""))?;
-            adamcu::doctor::run(choice).with_context(|| format!("--device {device:?}"))?;
-        }
-        Command::Config(ConfigCommand::Check { file }) => match Config::load_with_overrides(&file, overrides) {
-            Ok(config) => print!("{}", toml::to_string_pretty(&config)?),
-            Err(errors) => {
-                eprint!("{errors}");
-                return Ok(ExitCode::from(2));
-            }
-        },
-        Command::Datasets(DatasetsCommand::Synth { config }) => {
-            let config = load_config(&config, overrides)?;
-            let started = std::time::Instant::now();
-            adamcu::data::synth::generate(&config.synth)?;
-            println!(
-                "synthetic benchmark ready in {} ({:.1} s)",
-                config.synth.root.display(),
-                started.elapsed().as_secs_f64()
-            );
-        }
+        Command::Weights { file } => weights(&file),
+        Command::Doctor { device } => doctor(&device),
+        Command::Config(ConfigCommand::Check { file }) => config_check(&file, overrides),
+        Command::Datasets(DatasetsCommand::Synth { config }) => datasets_synth(&load_config(&config, overrides)?),
         Command::Datasets(DatasetsCommand::Check { config, set }) => {
-            let config = load_config(&config, overrides)?;
-            let sets = match &set {
-                Some(name) => vec![(name.as_str(), pick_set(&config, name)?)],
-                None => configured_sets(&config),
-            };
-            if sets.is_empty() {
-                bail!("no data sets configured ([data.source], [data.target], [data.target_val])");
-            }
-            let mut usable = true;
-            for (name, set) in sets {
-                let report = adamcu::data::check::check(name, set, config.data.classes);
-                report.print(config.data.classes);
-                usable &= report.usable();
-            }
-            if !usable {
-                return Ok(ExitCode::FAILURE);
-            }
+            datasets_check(&load_config(&config, overrides)?, set.as_deref())
         }
-        Command::Pack { config, set, out, size } => {
-            let config = load_config(&config, overrides)?;
-            let set = pick_set(&config, &set)?;
-            let size = size.map(|s| parse_size(&s)).transpose()?;
-            let source =
-                adamcu::data::source::SampleSource::open(set, config.data.classes).map_err(|e| anyhow!("{e}"))?;
-            let n = adamcu::data::pack::pack(&source, &out, config.data.classes, size)?;
-            println!("packed {n} sample(s) into {}", out.display());
-        }
+        Command::Pack { config, set, out, size } => pack(&load_config(&config, overrides)?, &set, &out, size),
         Command::Demo { config } => {
             adamcu::demo::run(&load_config(&config, overrides)?)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Train { config, stage, init, ablation, resume, continue_run, accept_config_changes } => {
             let mut config = load_config(&config, overrides)?;
-            if let Some(preset) = &ablation {
-                config = adamcu::ablation::apply(&config, preset)?;
+            if let Some(preset) = ablation {
+                config = adamcu::ablation::apply(&config, preset);
             }
-            if stage == "all" {
-                use adamcu::pipeline::daemon::{DaemonOptions, Start};
-                if accept_config_changes && !resume && !continue_run {
-                    bail!("--accept-config-changes goes with --resume or --continue");
-                }
-                let config_changes = if accept_config_changes { ConfigChanges::Accept } else { ConfigChanges::Refuse };
-                let start = if resume {
-                    Start::Resume
-                } else if continue_run {
-                    Start::ResumeIfAny
-                } else {
-                    Start::Fresh
-                };
-                let options = DaemonOptions { start, init, config_changes };
-                let outcome = adamcu::pipeline::daemon::run(&config, options)?;
-                println!(
-                    "{}",
-                    match outcome {
-                        adamcu::pipeline::daemon::Outcome::Finished => "finished",
-                        adamcu::pipeline::daemon::Outcome::Stopped => "stopped; go on with --resume (or --continue)",
-                    }
-                );
-                return Ok(ExitCode::SUCCESS);
-            }
-            if resume || continue_run || accept_config_changes {
-                bail!("--resume, --continue and --accept-config-changes go with --stage all (the daemon)");
-            }
-            let stage = match stage.as_str() {
-                "source" => Some(SupervisedStage::Source),
-                "target-supervised" => Some(SupervisedStage::TargetSupervised),
-                "ada" => None,
-                other => bail!("--stage {other:?}: expected \"all\", \"source\", \"ada\" or \"target-supervised\""),
-            };
-            let mut trainer = Trainer::new(&config)?;
-            // A single stage logs its val curve (is more training still helping?) on the
-            // daemon's cadence; the checkpoint's metadata keeps it.
-            trainer.curve_every = config.train.eval_every;
-            if let Some(init) = init {
-                trainer.load_network(&init).context("--init")?;
-            }
-            let run_dir = config.run_dir();
-            let (path, meta) = match stage {
-                Some(stage) => {
-                    let iterations = match stage {
-                        SupervisedStage::Source => config.train.source_iterations,
-                        SupervisedStage::TargetSupervised => config.train.target_supervised_iterations,
-                    };
-                    trainer.train_supervised(stage, iterations)?;
-                    (run_dir.join(format!("{}.safetensors", stage.name())), serde_json::json!({"stage": stage.name()}))
-                }
-                None => {
-                    let (summary, _) = trainer.train_ada(&run_dir.join("ledger.bin"), config.active.iterations)?;
-                    println!(
-                        "bought {} of {} {} ({:.3}% of the target set)",
-                        summary.spent,
-                        summary.budget,
-                        summary.pixels,
-                        100.0 * summary.labelled_fraction()
-                    );
-                    (run_dir.join("ada.safetensors"), serde_json::json!({"stage": "ada", "summary": summary}))
-                }
-            };
-            trainer.save(&path, None, meta)?;
-            println!("checkpoint: {}", path.display());
+            let restart = Restart { resume, continue_run, accept_config_changes };
+            train(&config, stage, init, restart)
         }
         Command::Eval { config, checkpoint, predictions, flip, json } => {
-            let mut config = load_config(&config, overrides)?;
-            config.eval.flip |= flip;
-            let row = match (checkpoint, predictions) {
-                (Some(checkpoint), _) => {
-                    let trainer = Trainer::with_network(&config, &checkpoint).context("--checkpoint")?;
-                    trainer.evaluate(&checkpoint.file_stem().unwrap().to_string_lossy(), f64::NAN)?
-                }
-                (None, Some(dir)) => {
-                    let labels =
-                        adamcu::train::open_set(&config.data.target_val, "data.target_val", config.data.classes)?;
-                    let confusion = adamcu::predict::score_folder(&dir, &labels, config.data.classes)?;
-                    EvalRow::from_confusion(&dir.display().to_string(), &confusion, f64::NAN)
-                }
-                (None, None) => unreachable!("clap requires one"),
-            };
-            print!("{}", markdown_table(std::slice::from_ref(&row)));
-            if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_vec_pretty(&row)?)?;
-            }
+            eval(load_config(&config, overrides)?, checkpoint, predictions, flip, json)
         }
-        Command::Status { run_dir } => {
-            let status = adamcu::pipeline::status::Status::read(&run_dir)?;
-            let alive = adamcu::pipeline::lock::RunLock::is_held(&run_dir);
-            println!(
-                "{} ({}; pid {}, daemon {})",
-                status.line(),
-                status.state,
-                status.pid,
-                if alive { "running" } else { "not running" }
-            );
-        }
+        Command::Status { run_dir } => status(&run_dir),
         Command::Predict { config, checkpoint, images, out } => {
-            let config = load_config(&config, overrides)?;
-            let trainer = Trainer::with_network(&config, &checkpoint).context("--checkpoint")?;
-            let options = EvalOptions { flip: config.eval.flip, input_size: config.eval.input_size };
-            let n = adamcu::predict::predict_folder(&trainer, &images, &out, &options)?;
-            println!("wrote masks and overlays for {n} image(s) to {}", out.display());
+            predict(&load_config(&config, overrides)?, &checkpoint, &images, &out)
         }
-        Command::Bench(BenchCommand::Step {
-            config,
-            source_size,
-            target_size,
-            batch,
-            iterations,
-            warmup,
-            top_ops,
-            python,
-            reference,
-        }) => {
-            let config = load_config(&config, overrides)?;
-            // Sizes are HEIGHTxWIDTH here, as the reference script takes them.
-            let size = |given: Option<String>, set: &Option<DatasetConfig>| -> Result<(i64, i64)> {
-                let [height, width] = match given {
-                    Some(text) => parse_size(&text)?.into(),
-                    None => set.as_ref().map_or(config.augment.crop, |set| config.augment_for(set).crop),
-                };
-                Ok((height as i64, width as i64))
-            };
-            let (source_size, target_size) =
-                (size(source_size, &config.data.source)?, size(target_size, &config.data.target)?);
-            adamcu::bench::step(&adamcu::bench::StepBenchOptions {
-                config,
-                source_size,
-                target_size,
-                batch,
-                iterations,
-                warmup,
-                top_ops,
-                reference: python.map(|p| (p, reference)),
-            })?;
-        }
+        Command::Bench(BenchCommand::Step(args)) => bench_step(args, overrides),
         Command::Bench(BenchCommand::Loader { dir, images, python, reference }) => {
             adamcu::bench::loader(&adamcu::bench::LoaderBenchOptions { dir, images, python, reference })?;
+            Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn weights(file: &Path) -> Result<ExitCode> {
+    println!("{}: {}", file.display(), adamcu::model::weights::summarise(file)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn doctor(device: &str) -> Result<ExitCode> {
+    let choice = parse_device(device)
+        .ok_or_else(|| anyhow!("--device {device:?}: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\""))?;
+    adamcu::doctor::run(choice).with_context(|| format!("--device {device:?}"))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the resolved config, or every error with exit code 2.
+fn config_check(file: &Path, overrides: &[String]) -> Result<ExitCode> {
+    match Config::load_with_overrides(file, overrides) {
+        Ok(config) => {
+            print!("{}", toml::to_string_pretty(&config)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            eprint!("{errors}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+fn datasets_synth(config: &Config) -> Result<ExitCode> {
+    let started = std::time::Instant::now();
+    adamcu::data::synth::generate(&config.synth)?;
+    println!("synthetic benchmark ready in {} ({:.1} s)", config.synth.root.display(), started.elapsed().as_secs_f64());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Decodes every sample of the configured sets (or `only`); fails unless each is usable.
+fn datasets_check(config: &Config, only: Option<&str>) -> Result<ExitCode> {
+    let sets = match only {
+        Some(name) => vec![(name, pick_set(config, name)?)],
+        None => configured_sets(config),
+    };
+    if sets.is_empty() {
+        bail!("no data sets configured ([data.source], [data.target], [data.target_val])");
+    }
+    let mut usable = true;
+    for (name, set) in sets {
+        let report = adamcu::data::check::check(name, set, config.data.classes);
+        report.print(config.data.classes);
+        usable &= report.usable();
+    }
+    Ok(if usable { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn pack(config: &Config, set: &str, out: &Path, size: Option<String>) -> Result<ExitCode> {
+    let set = pick_set(config, set)?;
+    let size = size.map(|s| parse_size(&s)).transpose()?;
+    let source = adamcu::data::source::SampleSource::open(set, config.data.classes)?;
+    let n = adamcu::data::pack::pack(&source, out, config.data.classes, size)?;
+    println!("packed {n} sample(s) into {}", out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How `train --stage all` starts: `--resume`, `--continue`, `--accept-config-changes`.
+struct Restart {
+    resume: bool,
+    continue_run: bool,
+    accept_config_changes: bool,
+}
+
+fn train(config: &Config, stage: Stage, init: Option<PathBuf>, restart: Restart) -> Result<ExitCode> {
+    use adamcu::pipeline::daemon::{DaemonOptions, Outcome, Start};
+    let Restart { resume, continue_run, accept_config_changes } = restart;
+    if stage != Stage::All {
+        if resume || continue_run || accept_config_changes {
+            bail!("--resume, --continue and --accept-config-changes go with --stage all (the daemon)");
+        }
+        let path = adamcu::train::stage::train_one(config, stage, init.as_deref())?;
+        println!("checkpoint: {}", path.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if accept_config_changes && !resume && !continue_run {
+        bail!("--accept-config-changes goes with --resume or --continue");
+    }
+    let config_changes = if accept_config_changes { ConfigChanges::Accept } else { ConfigChanges::Refuse };
+    let start = match (resume, continue_run) {
+        (true, _) => Start::Resume,
+        (false, true) => Start::ResumeIfAny,
+        (false, false) => Start::Fresh,
+    };
+    let outcome = adamcu::pipeline::daemon::run(config, DaemonOptions { start, init, config_changes })?;
+    println!(
+        "{}",
+        match outcome {
+            Outcome::Finished => "finished",
+            Outcome::Stopped => "stopped; go on with --resume (or --continue)",
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn eval(
+    mut config: Config,
+    checkpoint: Option<PathBuf>,
+    predictions: Option<PathBuf>,
+    flip: bool,
+    json: Option<PathBuf>,
+) -> Result<ExitCode> {
+    config.eval.flip |= flip;
+    let row = match (checkpoint, predictions) {
+        (Some(checkpoint), _) => {
+            let trainer = Trainer::with_network(&config, &checkpoint).context("--checkpoint")?;
+            trainer.evaluate(&checkpoint.file_stem().unwrap().to_string_lossy(), f64::NAN)?
+        }
+        (None, Some(dir)) => {
+            let labels = adamcu::train::open_set(&config.data.target_val, "data.target_val", config.data.classes)?;
+            let confusion = adamcu::predict::score_folder(&dir, &labels, config.data.classes)?;
+            EvalRow::from_confusion(&dir.display().to_string(), &confusion, f64::NAN)
+        }
+        (None, None) => unreachable!("clap requires one"),
+    };
+    print!("{}", markdown_table(std::slice::from_ref(&row)));
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_vec_pretty(&row)?)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(run_dir: &Path) -> Result<ExitCode> {
+    let status = adamcu::pipeline::status::Status::read(run_dir)?;
+    let alive = adamcu::pipeline::lock::RunLock::is_held(run_dir);
+    println!(
+        "{} ({}; pid {}, daemon {})",
+        status.line(),
+        status.state,
+        status.pid,
+        if alive { "running" } else { "not running" }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn predict(config: &Config, checkpoint: &Path, images: &Path, out: &Path) -> Result<ExitCode> {
+    let trainer = Trainer::with_network(config, checkpoint).context("--checkpoint")?;
+    let options = EvalOptions { flip: config.eval.flip, input_size: config.eval.input_size };
+    let n = adamcu::predict::predict_folder(&trainer, images, out, &options)?;
+    println!("wrote masks and overlays for {n} image(s) to {}", out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The step benchmark on the config's model and ADA-MCU settings, with crop sizes given as
+/// HEIGHTxWIDTH (as the reference script takes them) or the config's.
+fn bench_step(args: StepArgs, overrides: &[String]) -> Result<ExitCode> {
+    let config = load_config(&args.config, overrides)?;
+    let size = |given: Option<String>, set: &Option<DatasetConfig>| -> Result<(i64, i64)> {
+        let [height, width] = match given {
+            Some(text) => parse_size(&text)?.into(),
+            None => set.as_ref().map_or(config.augment.crop, |set| config.augment_for(set).crop),
+        };
+        Ok((height as i64, width as i64))
+    };
+    let source_size = size(args.source_size, &config.data.source)?;
+    let target_size = size(args.target_size, &config.data.target)?;
+    let reference = args.python.map(|python| (python, args.reference));
+    let (batch, iterations, warmup, top_ops) = (args.batch, args.iterations, args.warmup, args.top_ops);
+    let options = adamcu::bench::StepBenchOptions {
+        config,
+        source_size,
+        target_size,
+        batch,
+        iterations,
+        warmup,
+        top_ops,
+        reference,
+    };
+    adamcu::bench::step(&options)?;
     Ok(ExitCode::SUCCESS)
 }
 

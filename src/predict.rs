@@ -7,7 +7,7 @@ use crate::data::labels::{palette_colour, IGNORE};
 use crate::data::source::SampleSource;
 use crate::train::eval::{predict_full, Confusion, EvalOptions};
 use crate::train::Trainer;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use image::{GrayImage, RgbImage};
 use std::path::Path;
 
@@ -30,7 +30,7 @@ pub fn predict_folder(trainer: &Trainer, images: &Path, out: &Path, options: &Ev
     let classes = trainer.config.data.classes;
     tch::no_grad(|| -> Result<()> {
         for path in &files {
-            let rgb: Rgb = datasets::decode_image(path).map_err(|e| anyhow!("{e}"))?;
+            let rgb: Rgb = datasets::decode_image(path)?;
             let prediction = predict_full(&trainer.model, &trainer.normaliser, &rgb, options).to_kind(tch::Kind::Uint8);
             let n = prediction.numel();
             let mut ids = vec![0u8; n];
@@ -54,7 +54,7 @@ pub fn score_folder(dir: &Path, labels: &SampleSource, classes: usize) -> Result
     let mut confusion = Confusion::new(classes);
     for i in 0..labels.len() {
         let path = dir.join(format!("{}.png", labels.id(i)));
-        let (_, label) = labels.load_full(i).map_err(|e| anyhow!("{e}"))?;
+        let (_, label) = labels.load_full(i)?;
         let prediction =
             image::open(&path).with_context(|| format!("{}: cannot read prediction", path.display()))?.into_luma8();
         if prediction.dimensions() != (label.width, label.height) {

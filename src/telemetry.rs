@@ -192,20 +192,19 @@ pub fn groups(high: u64, medium: u64, low: u64, pi_high: f64, pi_low: f64) {
     gauge!(THRESHOLD, "name" => "pi_low").set(pi_low);
 }
 
-/// The contrastive units' diagnostics of the last step (`ContrastDiagnostics`).
-pub fn contrast(d: &crate::train::ada::ContrastDiagnostics) {
-    for l in &d.levels {
-        for (domain, anchors, positives) in
-            [("source", l.source_anchors, l.source_positives), ("target", l.target_anchors, l.target_positives)]
-        {
-            gauge!(CONTRAST_ANCHORS, "level" => l.level.clone(), "domain" => domain).set(anchors);
-            gauge!(CONTRAST_POSITIVES, "level" => l.level.clone(), "domain" => domain).set(positives);
-        }
-    }
-    if let Some(ratio) = d.gradient_ratio {
+/// One level's usable p2p anchors and positive pairs of one anchor domain on the last step
+/// (`contrast::diagnostics::ContrastDiagnostics::publish`).
+pub fn contrast_level(level: &'static str, domain: &'static str, anchors: f64, positives: f64) {
+    gauge!(CONTRAST_ANCHORS, "level" => level, "domain" => domain).set(anchors);
+    gauge!(CONTRAST_POSITIVES, "level" => level, "domain" => domain).set(positives);
+}
+
+/// The gradient ratio (on diagnosed steps) and max(W) of the last step.
+pub fn contrast_step(gradient_ratio: Option<f64>, dccm_max: f64) {
+    if let Some(ratio) = gradient_ratio {
         gauge!(CONTRAST_GRADIENT_RATIO).set(ratio);
     }
-    gauge!(DCCM_MAX).set(d.dccm_max);
+    gauge!(DCCM_MAX).set(dccm_max);
 }
 
 pub fn evaluation_failed() {

@@ -3,15 +3,16 @@
 
 mod common;
 
-use adamcu::active::ledger::{Ledger, LedgerImage};
+use adamcu::active::ledger::{Ledger, LedgerError, LedgerImage};
 use adamcu::active::oracle::{Oracle, SealedLabels};
 use adamcu::active::sampling::{bought_before, BatchSelection, CropPixels, Sampler, Settled};
 use adamcu::active::uncertainty::uncertainty;
-use adamcu::config::{ActiveConfig, Config, ContrastConfig, Schedule};
+use adamcu::config::{ActiveConfig, Config, ContrastConfig, Level, Schedule};
 use adamcu::contrast::dccm::Dccm;
 use adamcu::contrast::infonce::{info_nce_units, Points};
 use adamcu::contrast::units::{class_centers, contrastive_losses, unit_pairs, DomainBatch};
 use adamcu::data::augment::Geometry;
+use adamcu::train::ada::LossTerm;
 use rand::SeedableRng;
 use tch::{Device, Kind, Tensor};
 
@@ -157,12 +158,8 @@ fn an_anchor_is_never_its_own_positive() {
         low: Tensor::zeros([1, 2, 2], (Kind::Bool, Device::Cpu)),
         center_classes: labels.shallow_clone(),
     };
-    let config = ContrastConfig {
-        levels: vec!["intra-image".into()],
-        c2c: false,
-        temperature: 1.0,
-        ..ContrastConfig::default()
-    };
+    let config =
+        ContrastConfig { levels: vec![Level::IntraImage], c2c: false, temperature: 1.0, ..ContrastConfig::default() };
     let _generator = seeded(0);
     let l = contrastive_losses(&batch, &batch, &config, None, 3);
     let usage = Vec::<f32>::try_from(l.usage.unwrap().flatten(0, -1)).unwrap();
@@ -227,9 +224,9 @@ fn category_centers_are_normalised_class_means() {
 
 #[test]
 fn units_pair_images_at_each_level() {
-    assert_eq!(unit_pairs("intra-image", 2, 2), [(0, 0), (1, 1), (2, 2), (3, 3)]);
-    assert_eq!(unit_pairs("cross-image", 2, 2), [(0, 1), (1, 0), (2, 3), (3, 2)]);
-    assert_eq!(unit_pairs("cross-domain", 2, 2), [(0, 2), (1, 3), (2, 0), (3, 1)]);
+    assert_eq!(unit_pairs(Level::IntraImage, 2, 2), [(0, 0), (1, 1), (2, 2), (3, 3)]);
+    assert_eq!(unit_pairs(Level::CrossImage, 2, 2), [(0, 1), (1, 0), (2, 3), (3, 2)]);
+    assert_eq!(unit_pairs(Level::CrossDomain, 2, 2), [(0, 2), (1, 3), (2, 0), (3, 1)]);
 }
 
 fn images(n: usize, w: u32, h: u32) -> Vec<LedgerImage> {
@@ -261,6 +258,11 @@ fn the_ledger_never_passes_the_budget_never_charges_twice_and_survives_reopening
     // Another budget or other images: refused, not silently reinterpreted.
     let e = Ledger::open_or_create(&path, &imgs, 60).err().unwrap();
     assert!(e.to_string().contains("another budget"), "{e}");
+    // A caller branches on the reason, not on the message's words.
+    assert!(
+        matches!(e.downcast_ref(), Some(LedgerError::OtherExperiment { stored_budget: Some(50), budget: 60, .. })),
+        "{e:?}"
+    );
     assert!(Ledger::open_or_create(&path, &images(4, 10, 7), 50).is_err());
 }
 
@@ -635,10 +637,10 @@ fn every_loss_term_reaches_the_gradient_with(source_crop: Option<[u32; 2]>, targ
     let mut batch = AdaBatch::new(source_crop, target_crop);
     let case = format!("source crop {source_crop:?}, target crop {target_crop:?}");
     let names = ["L_seg source", "L_seg target", "L_con p2p", "L_con c2c"];
-    for (term, name) in names.iter().enumerate() {
+    for (term, name) in LossTerm::ALL.into_iter().zip(names) {
         let out = batch.losses();
         let (trainer, config) = (&batch.trainer, &batch.config);
-        let loss = out.terms[term].as_ref().unwrap_or_else(|| panic!("{case}: {name} was not computed"));
+        let loss = out.terms.get(term).as_ref().unwrap_or_else(|| panic!("{case}: {name} was not computed"));
         assert!(loss.double_value(&[]) > 0.0, "{case}: {name} is zero");
         for (_, t) in trainer.vs.variables() {
             let mut g = t.grad();
@@ -663,13 +665,13 @@ fn every_loss_term_reaches_the_gradient_with(source_crop: Option<[u32; 2]>, targ
                 })
                 .sum()
         };
-        let reached = if term >= 2 { grad("projection.") } else { grad("main.") };
+        let reached = if term.is_contrastive() { grad("projection.") } else { grad("main.") };
         assert!(reached > 0.0, "{case}: {name} gives no gradient to its head");
         assert!(grad("backbone.") > 0.0, "{case}: {name} gives no gradient to the backbone");
         // The total includes the term (weight > 0): the step uses it.
         assert!(
             out.total.double_value(&[])
-                >= loss.double_value(&[]) * if term >= 2 { config.contrast.weight } else { 1.0 } - 1e-6
+                >= loss.double_value(&[]) * if term.is_contrastive() { config.contrast.weight } else { 1.0 } - 1e-6
         );
     }
 }
@@ -692,7 +694,7 @@ fn the_ada_step_dispatches_no_operator_that_would_wait_for_a_gpu() {
                 batch.trainer.ada_update(&mut out, &mut optimizer, 1e-3, step == 1);
                 out
             });
-            assert!(out.terms.iter().all(Option::is_some), "the full step ran");
+            assert!(out.terms.iter().all(|(_, t)| t.is_some()), "the full step ran");
             assert!(ops.total > 100, "{ops:?}");
             assert!(
                 ops.waits_on_cuda().is_empty(),
@@ -751,7 +753,7 @@ fn a_domain_with_fewer_pixels_than_the_other_is_padded_without_changing_its_loss
     };
     let target = domain(4, true);
     let config = ContrastConfig {
-        levels: vec!["intra-image".into()],
+        levels: vec![Level::IntraImage],
         max_anchors: 100,
         max_keys: 100,
         ..ContrastConfig::default()

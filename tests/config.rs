@@ -158,3 +158,21 @@ fn changes_since_a_recorded_config_name_each_key_and_whether_it_alters_the_exper
     );
     assert!(changes.iter().any(|c| c.key == "data.target_val.root" && !c.changes_experiment()), "{changes:?}");
 }
+
+#[test]
+fn a_misspelt_choice_names_its_key_and_the_allowed_values_beside_the_other_mistakes() {
+    let errors = Config::from_toml_str(
+        "[model]\narch = \"deeplabv4\"\n[contrast]\nlevels = [\"intra-image\", \"cross-imag\"]\n\
+         [demo]\nvariants = [\"full\", \"mcu\"]\n[train]\nlr = -1.0\n",
+    )
+    .unwrap_err();
+    assert_eq!(
+        errors,
+        [
+            "model.arch = \"deeplabv4\": expected \"deeplabv2\" or \"deeplabv3plus\"",
+            "contrast.levels = \"cross-imag\": expected \"intra-image\", \"cross-image\" or \"cross-domain\"",
+            "demo.variants = \"mcu\": expected \"al-wo-as\", \"al-w-as\", \"mcu-i\", \"mcu-d\", \"p2p\", \"p2p-c2c\" or \"full\"",
+            "train.lr = -1: expected a positive number",
+        ]
+    );
+}

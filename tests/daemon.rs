@@ -4,9 +4,10 @@
 mod common;
 
 use adamcu::active::ledger::Ledger;
+use adamcu::config::Named;
 use adamcu::pipeline::writer::CheckpointWriter;
 use adamcu::train::ada::AdaRun;
-use adamcu::train::checkpoint::Rotation;
+use adamcu::train::checkpoint::{Checkpoint, Rotation};
 use adamcu::train::Trainer;
 use common::*;
 use rand::{Rng, SeedableRng};
@@ -392,7 +393,7 @@ fn the_runs_source_checkpoint_is_reused_only_if_pretraining_would_be_the_same() 
     // So are the contrastive units' diagnostics of the last step: every configured level, and the
     // budget says what it counts.
     let contrast = status.contrast.as_ref().expect("the contrastive diagnostics");
-    let levels: Vec<&str> = contrast.levels.iter().map(|l| l.level.as_str()).collect();
+    let levels: Vec<&str> = contrast.levels.iter().map(|l| l.level.name()).collect();
     assert_eq!(levels, ["intra-image", "cross-image", "cross-domain"]);
     assert!(contrast.levels.iter().any(|l| l.source_anchors > 0.0), "{contrast:?}");
     assert!(status.line().contains("contrastive units: p2p anchors (source/target) intra-image"), "{}", status.line());
@@ -433,4 +434,16 @@ fn a_failed_evaluation_is_logged_and_training_goes_on() {
     let status = adamcu::pipeline::status::Status::read(&config.run_dir()).unwrap();
     assert_eq!(status.state, "finished");
     assert!(status.last_eval.is_none(), "no evaluation succeeded");
+}
+
+#[test]
+fn a_run_directory_held_by_a_live_daemon_is_refused_with_its_pid() {
+    use adamcu::pipeline::lock::{AnotherDaemon, RunLock};
+    let dir = tempfile::tempdir().unwrap();
+    let _held = RunLock::acquire(dir.path()).unwrap();
+    assert!(RunLock::is_held(dir.path()));
+    let error = RunLock::acquire(dir.path()).err().expect("a second lock is refused");
+    let refused: &AnotherDaemon = error.downcast_ref().expect("a typed refusal");
+    assert_eq!(refused.pid, std::process::id().to_string());
+    assert!(error.to_string().contains("another daemon"), "{error}");
 }

@@ -131,7 +131,10 @@ fn each_reader_lists_and_decodes_its_layout() {
     assert_eq!(&image.pixels[12..15], &colour_of(26));
 
     let city = SampleSource::open(
-        &DatasetConfig { split: Some("val".into()), ..set(DatasetKind::Cityscapes, &root.join("cityscapes")) },
+        &DatasetConfig {
+            split: Some(adamcu::config::Split::Val),
+            ..set(DatasetKind::Cityscapes, &root.join("cityscapes"))
+        },
         19,
     )
     .unwrap();
@@ -608,9 +611,11 @@ fn the_synthetic_benchmark_is_deterministic_and_readable_by_the_real_readers() {
 
     let source = SampleSource::open(&set(DatasetKind::Gta5, &a.source), 19).unwrap();
     assert_eq!(source.len(), 3);
-    let target =
-        SampleSource::open(&DatasetConfig { split: Some("val".into()), ..set(DatasetKind::Cityscapes, &a.target) }, 19)
-            .unwrap();
+    let target = SampleSource::open(
+        &DatasetConfig { split: Some(adamcu::config::Split::Val), ..set(DatasetKind::Cityscapes, &a.target) },
+        19,
+    )
+    .unwrap();
     assert_eq!(target.len(), 2);
     let translated = list(&DatasetConfig {
         labels_kind: Some(DatasetKind::Gta5),

@@ -3,6 +3,7 @@
 
 mod common;
 
+use adamcu::config::Preset;
 use std::process::Command;
 
 #[test]
@@ -10,7 +11,7 @@ fn the_demo_prints_the_table_and_with_two_seeds_their_mean_and_spread() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = common::tiny_daemon_config(dir.path(), "demo", 12);
     config.train.target_supervised_iterations = 10;
-    config.demo.variants = vec!["al-wo-as".into(), "full".into()];
+    config.demo.variants = vec![Preset::AlWoAs, Preset::Full];
     config.demo.repeats = 2;
     config.run.seed = 5;
     let path = common::write_config(dir.path(), &config);

@@ -10,11 +10,11 @@ fn model(arch: &str, backbone: &str, classes: usize) -> (VarStore, SegNet) {
     tch::manual_seed(0);
     let vs = VarStore::new(Device::Cpu);
     let config = ModelConfig {
-        arch: arch.into(),
-        backbone: backbone.into(),
+        arch: arch.parse().expect("an arch"),
+        backbone: backbone.parse().expect("a backbone"),
         tiny_width: 8,
         projection_dim: 16,
-        bn_stats: "batch".into(),
+        bn_stats: adamcu::config::BnStats::Batch,
         aspp_dilations: vec![1, 2, 3, 4],
         v3plus_width: 32,
         ..ModelConfig::default()

@@ -178,8 +178,8 @@ fn predicted_masks_scored_as_a_folder_match_the_checkpoint_evaluation() {
 fn resnet101_on_untrained_frozen_statistics_diverges_and_the_error_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = common::synthetic_config(dir.path(), (64, 32), (4, 4, 2));
-    config.model.backbone = "resnet101".into();
-    config.model.bn_stats = "frozen".into();
+    config.model.backbone = adamcu::config::Backbone::Resnet101;
+    config.model.bn_stats = adamcu::config::BnStats::Frozen;
     config.model.pretrained = None;
     config.train.lr = 2.5e-4; // the paper's
     (config.train.batch_source, config.run.threads) = (2, 2);
@@ -188,7 +188,7 @@ fn resnet101_on_untrained_frozen_statistics_diverges_and_the_error_says_why() {
     assert!(error.starts_with("source stage: loss is "), "{error}");
     assert!(error.contains("model.bn_stats = \"frozen\" without model.pretrained"), "{error}");
     // The remedy the message gives: the same network on batch statistics trains.
-    config.model.bn_stats = "batch".into();
+    config.model.bn_stats = adamcu::config::BnStats::Batch;
     let losses = Trainer::new(&config).unwrap().train_supervised(SupervisedStage::Source, 6).unwrap().losses;
     assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
 }
@@ -212,7 +212,7 @@ fn bf16_channels_last_runs_the_network_in_bf16_keeps_fp32_outside_and_checkpoint
     let dir = tempfile::tempdir().unwrap();
     let fp32 = tiny_config(dir.path());
     let mut bf16 = fp32.clone();
-    bf16.train.precision = "bf16".into();
+    bf16.train.precision = adamcu::config::Precision::Bf16;
     bf16.train.channels_last = true;
     let (a, mut b) = (Trainer::new(&fp32).unwrap(), Trainer::new(&bf16).unwrap());
     // The same weights (a test running beside this one may draw from the global generator

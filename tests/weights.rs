@@ -33,7 +33,7 @@ fn paper_config(backbone: &str, caffe_style: bool, pretrained: Option<PathBuf>) 
     let mut config =
         Config::from_toml_str(&std::fs::read_to_string("pipelines/gta5-cityscapes.toml").unwrap()).unwrap();
     config.run.device = "cpu".into();
-    config.model.backbone = backbone.into();
+    config.model.backbone = backbone.parse().expect("a backbone");
     config.model.caffe_style = caffe_style;
     config.model.pretrained = pretrained;
     config.train.channels_last = false;

@@ -17,9 +17,33 @@
 //! header_len u64 | then per image: id_len u16, id, width u32, height u32 | padding to 8 |
 //! bitsets, each rounded up to whole u64 words.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use memmap2::MmapMut;
 use std::path::{Path, PathBuf};
+
+/// Why a ledger cannot be opened: each a refusal a caller may branch on (start a new run
+/// directory, restore a backup), never a reason to drop the labels already bought.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error(
+        "{}: ledger format version {found}, this adamcu reads version {VERSION} (budget counted at the \
+         training resolution); finish that run with the adamcu that began it, or start a new run directory",
+        path.display()
+    )]
+    OtherVersion { path: PathBuf, found: u32 },
+    #[error(
+        "{}: this ledger was made for other target images or another budget (stored budget {stored_budget:?} \
+         pixels, configured {budget}); use a new run directory to change the experiment",
+        path.display()
+    )]
+    OtherExperiment { path: PathBuf, stored_budget: Option<u64>, budget: u64 },
+    #[error("{}: {spent} pixels bought, more than the budget {budget}: the ledger is corrupt", path.display())]
+    OverBudget { path: PathBuf, spent: u64, budget: u64 },
+    #[error("{}: snapshot does not belong to the ledger {}", snapshot.display(), path.display())]
+    ForeignSnapshot { snapshot: PathBuf, path: PathBuf },
+    #[error("{}: the snapshot holds purchases the ledger lacks: ledger corrupt", path.display())]
+    SnapshotAhead { path: PathBuf },
+}
 
 const MAGIC: &[u8; 8] = b"ADAMCULG";
 /// 2: pixels at the training resolution (1 counted stored pixels, of which a resized target
@@ -49,7 +73,7 @@ impl LedgerSnapshot {
         std::fs::File::open(&self.ledger_path)
             .and_then(|f| f.sync_all())
             .with_context(|| format!("{}: cannot flush the ledger", self.ledger_path.display()))?;
-        crate::train::checkpoint::write_atomically(path, |temp| Ok(std::fs::write(temp, &self.bytes)?))
+        crate::files::write_atomically(path, |temp| Ok(std::fs::write(temp, &self.bytes)?))
     }
 }
 
@@ -103,7 +127,7 @@ impl Ledger {
         let size = header.len() + images.iter().map(bitset_bytes).sum::<usize>();
         if !path.exists() {
             // Write the empty ledger whole under a temporary name, then rename it into place.
-            crate::train::checkpoint::write_atomically(path, |temp| {
+            crate::files::write_atomically(path, |temp| {
                 let file = std::fs::File::create(temp)?;
                 file.set_len(size as u64)?;
                 std::io::Write::write_all(&mut &file, &header)?;
@@ -119,21 +143,11 @@ impl Ledger {
         let map = unsafe { MmapMut::map_mut(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
         let stored_version = map.get(8..12).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
         if map.len() >= 12 && map[..8] == MAGIC[..] && stored_version != Some(VERSION) {
-            bail!(
-                "{}: ledger format version {:?}, this adamcu reads version {VERSION} (budget counted at the \
-                   training resolution); finish that run with the adamcu that began it, or start a new run directory",
-                path.display(),
-                stored_version.unwrap_or(0)
-            );
+            return Err(LedgerError::OtherVersion { path: path.into(), found: stored_version.unwrap_or(0) }.into());
         }
         if map.len() != size || map[..header.len()] != header[..] {
             let stored_budget = map.get(16..24).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
-            bail!(
-                "{}: this ledger was made for other target images or another budget (stored budget {:?} \
-                   pixels, configured {budget}); use a new run directory to change the experiment",
-                path.display(),
-                stored_budget
-            );
+            return Err(LedgerError::OtherExperiment { path: path.into(), stored_budget, budget }.into());
         }
         let mut offsets = Vec::with_capacity(images.len());
         let mut at = header.len();
@@ -144,7 +158,7 @@ impl Ledger {
         let spent = map[header.len()..].iter().map(|b| b.count_ones() as u64).sum();
         let total = images.iter().map(|i| i.width as u64 * i.height as u64).sum();
         if spent > budget {
-            bail!("{}: {spent} pixels bought, more than the budget {budget}: the ledger is corrupt", path.display());
+            return Err(LedgerError::OverBudget { path: path.into(), spent, budget }.into());
         }
         Ok(Ledger {
             path: path.to_path_buf(),
@@ -166,14 +180,14 @@ impl Ledger {
         let saved = std::fs::read(snapshot)
             .with_context(|| format!("{}: cannot read the ledger snapshot", snapshot.display()))?;
         if saved.len() != ledger.map.len() || saved[..ledger.bits_start] != ledger.map[..ledger.bits_start] {
-            bail!("{}: snapshot does not belong to the ledger {}", snapshot.display(), path.display());
+            return Err(LedgerError::ForeignSnapshot { snapshot: snapshot.into(), path: path.into() }.into());
         }
         let start = ledger.bits_start;
         let mut pending = vec![0u8; ledger.map.len() - start];
         for (i, p) in pending.iter_mut().enumerate() {
             let (now, then) = (ledger.map[start + i], saved[start + i]);
             if then & !now != 0 {
-                bail!("{}: the snapshot holds purchases the ledger lacks: ledger corrupt", path.display());
+                return Err(LedgerError::SnapshotAhead { path: path.into() }.into());
             }
             *p = now & !then;
         }

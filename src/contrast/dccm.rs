@@ -18,7 +18,7 @@ impl Dccm {
 
     /// The batch's error rates R from labels and predictions (1-D, 255 = no label).
     pub fn error_rates(labels: &Tensor, predictions: &Tensor, classes: i64) -> (Tensor, Tensor) {
-        let counts = crate::train::eval::confusion_counts(labels, predictions, classes).to_kind(Kind::Float);
+        let counts = crate::confusion::confusion_counts(labels, predictions, classes).to_kind(Kind::Float);
         let totals = counts.sum_dim_intlist([1i64].as_slice(), true, Kind::Float);
         let eye = Tensor::eye(classes, (Kind::Float, counts.device()));
         let rates = counts * (1.0 - eye) / totals.clamp_min(1.0);

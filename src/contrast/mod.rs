@@ -3,5 +3,6 @@
 //! pixel-to-pixel and center-to-center InfoNCE, and the dynamic category correlation matrix.
 
 pub mod dccm;
+pub mod diagnostics;
 pub mod infonce;
 pub mod units;

@@ -16,7 +16,7 @@
 
 use super::dccm::Dccm;
 use super::infonce::{info_nce_units, Points};
-use crate::config::ContrastConfig;
+use crate::config::{ContrastConfig, Level};
 use crate::torch_ext::l2_normalised;
 use tch::{Kind, Tensor};
 
@@ -199,19 +199,20 @@ pub struct ContrastLosses {
 
 /// Unit pairs (anchor image, key image) of one level over source images 0..ns and target
 /// images ns..ns+nt.
-pub fn unit_pairs(level: &str, ns: usize, nt: usize) -> Vec<(usize, usize)> {
+pub fn unit_pairs(level: Level, ns: usize, nt: usize) -> Vec<(usize, usize)> {
     let domains = [(0..ns).collect::<Vec<_>>(), (ns..ns + nt).collect()];
     match level {
-        "intra-image" => (0..ns + nt).map(|i| (i, i)).collect(),
-        "cross-image" => domains
+        Level::IntraImage => (0..ns + nt).map(|i| (i, i)).collect(),
+        Level::CrossImage => domains
             .iter()
             .filter(|d| d.len() >= 2)
             .flat_map(|d| (0..d.len()).map(move |j| (d[j], d[(j + 1) % d.len()])))
             .collect(),
-        "cross-domain" if ns > 0 && nt > 0 => {
+        Level::CrossDomain if ns > 0 && nt > 0 => {
             (0..ns).map(|j| (j, ns + j % nt)).chain((0..nt).map(|j| (ns + j, j % ns))).collect()
         }
-        _ => Vec::new(),
+        // A batch without both domains has no cross-domain units.
+        Level::CrossDomain => Vec::new(),
     }
 }
 
@@ -238,7 +239,7 @@ pub fn contrastive_losses(
         .levels
         .iter()
         .enumerate()
-        .flat_map(|(l, level)| unit_pairs(level, ns, nt).into_iter().map(move |(a, k)| (a as i64, k as i64, l as i64)))
+        .flat_map(|(l, level)| unit_pairs(*level, ns, nt).into_iter().map(move |(a, k)| (a as i64, k as i64, l as i64)))
         .collect();
     if pairs.is_empty() {
         return ContrastLosses { p2p: None, c2c: None, usage: None };

@@ -11,7 +11,7 @@
 
 use super::error::{DataError, DataErrorKind};
 use super::labels::{LabelEncoding, LabelMap};
-use crate::config::{DatasetConfig, DatasetKind};
+use crate::config::{DatasetConfig, DatasetKind, Named, Split};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -38,7 +38,7 @@ pub fn list(set: &DatasetConfig) -> Result<Listing, DataError> {
         DatasetKind::Gta5 => flat_pairs(root, "images", "labels", LabelEncoding::CityscapesIds),
         DatasetKind::Synthia => flat_pairs(root, "RGB", "GT/LABELS", LabelEncoding::SynthiaIds),
         DatasetKind::Synscapes => flat_pairs(root, "img/rgb", "img/class", LabelEncoding::CityscapesIds),
-        DatasetKind::Cityscapes => cityscapes(root, set.split.as_deref().unwrap_or("train")),
+        DatasetKind::Cityscapes => cityscapes(root, set.split.unwrap_or(Split::Train).name()),
         DatasetKind::Translated => translated(set),
         DatasetKind::Shard => Err(DataError::new(
             DataErrorKind::Layout,

@@ -1,6 +1,5 @@
 //! Data errors: each names the file and what was wrong with it.
 
-use std::fmt;
 use std::path::PathBuf;
 
 /// What kind of problem a sample had; also the `kind` label of `adamcu_loader_errors_total`.
@@ -29,7 +28,8 @@ impl DataErrorKind {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}: {reason}", path.display())]
 pub struct DataError {
     pub kind: DataErrorKind,
     pub path: PathBuf,
@@ -41,11 +41,3 @@ impl DataError {
         DataError { kind, path: path.into(), reason: reason.into() }
     }
 }
-
-impl fmt::Display for DataError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path.display(), self.reason)
-    }
-}
-
-impl std::error::Error for DataError {}

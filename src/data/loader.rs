@@ -49,6 +49,30 @@ pub struct LoaderOptions {
     pub pinned: bool,
 }
 
+impl LoaderOptions {
+    /// A loader of `domain` staffed as `[data]` says, drawing `batch_size` samples a batch in
+    /// the order `seed` fixes, from the `start_at`-th on (a resumed run's), page-locked for CUDA.
+    pub fn for_config(
+        config: &crate::config::Config,
+        domain: &'static str,
+        batch_size: usize,
+        seed: u64,
+        start_at: u64,
+        device: tch::Device,
+    ) -> LoaderOptions {
+        LoaderOptions {
+            domain,
+            batch_size,
+            workers: config.data.workers,
+            capacity: config.data.channel_capacity,
+            seed,
+            on_bad_sample: config.data.on_bad_sample,
+            start_at,
+            pinned: device.is_cuda(),
+        }
+    }
+}
+
 /// A running loader; dropping it stops its threads.
 pub struct Loader {
     pub batches: Receiver<Result<Batch, DataError>>,

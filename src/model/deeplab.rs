@@ -4,7 +4,7 @@
 
 use super::layers::{ConvBnRelu, FrozenBatchNorm};
 use super::resnet::{Depth, ResNet};
-use crate::config::ModelConfig;
+use crate::config::{Arch, BnStats, ModelConfig};
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
@@ -183,18 +183,17 @@ pub const HEAD_PREFIXES: [&str; 3] = ["aux.", "main.", "projection."];
 
 impl SegNet {
     pub fn new(root: &nn::Path, config: &ModelConfig, classes: usize) -> anyhow::Result<SegNet> {
-        let depth = Depth::parse(&config.backbone, config.tiny_width)
-            .ok_or_else(|| anyhow::anyhow!("model.backbone = {:?}: unknown", config.backbone))?;
-        let batch_stats = config.bn_stats == "batch";
+        let depth = Depth::of(config.backbone, config.tiny_width);
+        let batch_stats = config.bn_stats == BnStats::Batch;
         let classes = classes as i64;
         let backbone = ResNet::new(&(root / "backbone"), depth, batch_stats, config.caffe_style);
         let aux = AsppV2::new(&(root / "aux"), backbone.layer3_channels, classes, &config.aspp_dilations);
-        let (main, projection_in) = match config.arch.as_str() {
-            "deeplabv2" => (
+        let (main, projection_in) = match config.arch {
+            Arch::Deeplabv2 => (
                 MainHead::V2(AsppV2::new(&(root / "main"), backbone.layer4_channels, classes, &config.aspp_dilations)),
                 backbone.layer4_channels,
             ),
-            "deeplabv3plus" => {
+            Arch::Deeplabv3plus => {
                 let width = config.v3plus_width;
                 let dilations: Vec<i64> = config.aspp_dilations.iter().skip(1).copied().collect();
                 (
@@ -210,7 +209,6 @@ impl SegNet {
                     width,
                 )
             }
-            other => anyhow::bail!("model.arch = {other:?}: expected \"deeplabv2\" or \"deeplabv3plus\""),
         };
         let projection = ProjectionHead::new(&(root / "projection"), projection_in, config.projection_dim, batch_stats);
         Ok(SegNet { backbone, aux, main, projection, classes })

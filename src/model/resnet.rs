@@ -15,16 +15,16 @@ pub enum Depth {
 }
 
 impl Depth {
-    pub fn parse(name: &str, tiny_width: i64) -> Option<Depth> {
-        Some(match name {
-            "resnet101" => Depth::R101,
-            "resnet50" => Depth::R50,
-            "resnet18" => Depth::R18,
-            "tiny" => Depth::Tiny(tiny_width),
-            _ => return None,
-        })
+    pub fn of(backbone: crate::config::Backbone, tiny_width: i64) -> Depth {
+        use crate::config::Backbone;
+        match backbone {
+            Backbone::Resnet101 => Depth::R101,
+            Backbone::Resnet50 => Depth::R50,
+            Backbone::Resnet18 => Depth::R18,
+            Backbone::Tiny => Depth::Tiny(tiny_width),
+        }
     }
-    fn blocks(self) -> [usize; 4] {
+    pub fn blocks(self) -> [usize; 4] {
         match self {
             Depth::R101 => [3, 4, 23, 3],
             Depth::R50 => [3, 4, 6, 3],

@@ -27,6 +27,7 @@
 //! `module.`) is taken off first. Every model variable the layout covers must be found with
 //! its shape; a missing, surplus or misshapen tensor is an error naming it.
 
+use crate::config::{Arch, Backbone, Named};
 use anyhow::{bail, Context, Result};
 use std::collections::HashSet;
 use std::path::Path;
@@ -37,8 +38,7 @@ use tch::{Kind, Tensor};
 /// ADVENT and AdaptSegNet train from them subtract from BGR input (their `IMG_MEAN`).
 pub const CAFFE_MEAN_BGR: [f32; 3] = [104.006_99, 116.668_77, 122.678_91];
 /// torchvision's ImageNet normalisation (RGB, on bytes / 255).
-pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+pub use crate::config::{IMAGENET_MEAN, IMAGENET_STD};
 
 /// How a state dict names a ResNet / DeepLab v2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -281,7 +281,7 @@ pub struct Summary {
     pub tensors: usize,
     /// Bottleneck blocks per stage, and the `model.backbone` they make (None if no ResNet we build).
     pub blocks: [usize; 4],
-    pub backbone: Option<&'static str>,
+    pub backbone: Option<Backbone>,
     /// The classifiers' number of classes (a whole DeepLab v2 only).
     pub classes: Option<i64>,
 }
@@ -295,12 +295,10 @@ pub fn summarise(path: &Path) -> Result<Summary> {
         let indices: HashSet<&str> = names.iter().filter_map(|n| n.strip_prefix(&prefix)?.split('.').next()).collect();
         indices.len()
     });
-    let backbone = match blocks {
-        [3, 4, 23, 3] => Some("resnet101"),
-        [3, 4, 6, 3] => Some("resnet50"),
-        [2, 2, 2, 2] => Some("resnet18"),
-        _ => None,
-    };
+    let backbone = <Backbone as strum::VariantArray>::VARIANTS
+        .iter()
+        .copied()
+        .find(|&b| b != Backbone::Tiny && super::resnet::Depth::of(b, 0).blocks() == blocks);
     let classes = tensors.iter().find(|(k, _)| k == "layer6.conv2d_list.0.weight").map(|(_, t)| t.size()[0]);
     Ok(Summary { layout, tensors: tensors.len(), blocks, backbone, classes })
 }
@@ -312,7 +310,7 @@ impl std::fmt::Display for Summary {
         writeln!(
             f,
             "blocks per stage: {a}, {b}, {c}, {d} ({})",
-            self.backbone.unwrap_or("not a ResNet adamcu builds")
+            self.backbone.map_or("not a ResNet adamcu builds", |b| b.name())
         )?;
         match self.classes {
             Some(classes) => writeln!(f, "classifiers: {classes} classes; give it as --init or model.pretrained")?,
@@ -327,7 +325,7 @@ impl std::fmt::Display for Summary {
             writeln!(f, "  backbone = \"{backbone}\"")?;
         }
         if self.classes.is_some() {
-            writeln!(f, "  arch = \"deeplabv2\"")?;
+            writeln!(f, "  arch = \"{}\"", Arch::Deeplabv2)?;
         }
         write!(f, "  caffe_style = {}{}", self.layout.caffe_style(), self.layout.normalisation_toml())
     }

@@ -11,10 +11,11 @@ use super::lock::RunLock;
 use super::status::{bottleneck, LastEval, Status};
 use super::writer::CheckpointWriter;
 use crate::config::{listed, Config, ConfigChange};
-use crate::train::ada::{resume, AdaRun, ConfigChanges};
-use crate::train::checkpoint::Rotation;
-use crate::train::{SupervisedStage, Trainer};
-use anyhow::{bail, Context, Result};
+use crate::train::ada::{resume, AdaCheckpoint, AdaRun, ConfigChanges};
+use crate::train::checkpoint::{Checkpoint, Rotation};
+use crate::train::driver::{drive, Listener, StepEvent};
+use crate::train::{open_set, SupervisedStage, Trainer};
+use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -51,6 +52,7 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
     let rotation = Rotation { dir: run_dir.join("checkpoints"), keep: config.train.keep_checkpoints };
     rotation.remove_unfinished()?;
     let ledger_path = run_dir.join("ledger.bin");
+    open_every_set(config)?;
     let mut trainer = Trainer::new(config)?;
 
     let resuming = match options.start {
@@ -70,21 +72,14 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
         (state, Some(point))
     } else {
         if rotation.latest().is_some() {
-            bail!(
-                "{} already holds a run (checkpoints): add --resume to go on, or choose another run.name",
-                run_dir.display()
-            );
+            return Err(StartRefused::HoldsRun { run_dir: run_dir.clone() }.into());
         }
         // A ledger without checkpoints is one a kill left before the first step: nothing was
         // bought, and the new run takes it over. One with purchases is never dropped.
         if ledger_path.exists() {
             let charged = trainer.open_ledger(&ledger_path)?.charged();
             if charged > 0 {
-                bail!(
-                    "{} holds {charged} bought pixel labels but no checkpoint to go on from: move it away to \
-                       start a new run, or choose another run.name",
-                    ledger_path.display()
-                );
+                return Err(StartRefused::PurchasesWithoutCheckpoint { ledger: ledger_path.clone(), charged }.into());
             }
         }
         match &options.init {
@@ -111,7 +106,8 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
         // periodic one can still resume.
         run.capture_checkpoint(&trainer).write(&rotation)?;
     }
-    let mut writer = CheckpointWriter::start(rotation.clone())?;
+    let mut checkpoints =
+        Checkpoints { writer: CheckpointWriter::start(rotation.clone())?, every: config.train.checkpoint_every as u64 };
 
     // A resumed run keeps showing the evaluation it had.
     let last_eval = if fresh { None } else { Status::read(&run_dir).ok().and_then(|s| s.last_eval) };
@@ -124,21 +120,15 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
         rate: 0.0,
         wait_share: 0.0,
         last_eval,
+        log_every: config.train.log_every as u64,
+        eval_every: config.train.eval_every as u64,
     };
-    while !run.done() && !control.stop_requested() {
-        run.step(&trainer)?;
-        if run.step % config.train.checkpoint_every as u64 == 0 {
-            run.checkpoint(&trainer, &mut writer)?;
-        }
-        if run.step % config.train.log_every as u64 == 0 {
-            reporter.report(&run, "running")?;
-        }
-        if config.train.eval_every > 0 && run.step % config.train.eval_every as u64 == 0 {
-            reporter.last_eval = evaluate(&trainer, &run).or(reporter.last_eval);
-        }
-    }
-    let outcome = if run.done() { Outcome::Finished } else { Outcome::Stopped };
-    run.checkpoint(&trainer, &mut writer)?;
+    // After each step: a checkpoint, then the status line and file, then an evaluation, each
+    // on its own cadence.
+    let finished = drive(&trainer, &mut run, &mut [&mut checkpoints, &mut reporter], &|| control.stop_requested())?;
+    let outcome = if finished { Outcome::Finished } else { Outcome::Stopped };
+    let mut writer = checkpoints.writer;
+    run.checkpoint(&trainer, |c| writer.submit(c))?;
     writer.finish()?;
     tracing::info!("checkpoint {}", rotation.path_for(run.step, "safetensors").display());
     if outcome == Outcome::Finished {
@@ -149,23 +139,69 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
     Ok(outcome)
 }
 
+/// Opens every data set the run reads (the val set where one is configured) before anything
+/// starts, and reports each that cannot be read at once rather than the first, hours apart.
+fn open_every_set(config: &Config) -> Result<()> {
+    let classes = config.data.classes;
+    let errors: Vec<String> = config
+        .data_sets()
+        .into_iter()
+        .filter(|(key, set)| set.is_some() || *key != "data.target_val")
+        .filter_map(|(key, set)| open_set(&set.cloned(), key, classes).err().map(|e| format!("{e:#}")))
+        .collect();
+    anyhow::ensure!(errors.is_empty(), "the run cannot start:\n  {}", errors.join("\n  "));
+    Ok(())
+}
+
+/// Why the daemon refuses to start a run: each protects work already done (checkpoints,
+/// bought labels, a pretrained source model) from being overwritten or mixed up.
+#[derive(Debug, thiserror::Error)]
+pub enum StartRefused {
+    #[error("{} already holds a run (checkpoints): add --resume to go on, or choose another run.name", run_dir.display())]
+    HoldsRun { run_dir: PathBuf },
+    #[error(
+        "{} holds {charged} bought pixel labels but no checkpoint to go on from: move it away to \
+         start a new run, or choose another run.name",
+        ledger.display()
+    )]
+    PurchasesWithoutCheckpoint { ledger: PathBuf, charged: u64 },
+    #[error(
+        "{}: this run's source checkpoint was pretrained with other settings:{}\nset them back, remove the \
+         file to pretrain again, or start from it regardless with --init {}",
+        checkpoint.display(),
+        listed(changes),
+        checkpoint.display()
+    )]
+    SourceSettingsChanged { checkpoint: PathBuf, changes: Vec<ConfigChange> },
+}
+
 /// A run's own source checkpoint is reused only if pretraining would compute the same thing
 /// now: a changed seed, source set, augmentation, network or pretraining schedule is refused.
 fn check_source_config(changes: Vec<ConfigChange>, source: &Path) -> Result<()> {
     let changed: Vec<ConfigChange> = changes.into_iter().filter(ConfigChange::changes_source_stage).collect();
     if !changed.is_empty() {
-        bail!(
-            "{}: this run's source checkpoint was pretrained with other settings:{}\nset them back, remove the \
-               file to pretrain again, or start from it regardless with --init {}",
-            source.display(),
-            listed(&changed),
-            source.display()
-        );
+        return Err(StartRefused::SourceSettingsChanged { checkpoint: source.to_path_buf(), changes: changed }.into());
     }
     Ok(())
 }
 
-/// The log line and status file, with rates over the last log interval.
+/// Writes the run's checkpoints every `every` steps (on the writer thread).
+struct Checkpoints {
+    writer: CheckpointWriter<AdaCheckpoint>,
+    every: u64,
+}
+
+impl Listener<AdaRun> for Checkpoints {
+    fn on_step(&mut self, trainer: &Trainer, run: &mut AdaRun, _: &StepEvent) -> Result<()> {
+        if run.step.is_multiple_of(self.every) {
+            run.checkpoint(trainer, |c| self.writer.submit(c))?;
+        }
+        Ok(())
+    }
+}
+
+/// The log line and status file every `log_every` steps, with rates over the last interval,
+/// and the evaluation every `eval_every` (0: at the end only).
 struct Reporter {
     run_dir: PathBuf,
     since: Instant,
@@ -175,6 +211,20 @@ struct Reporter {
     rate: f64,
     wait_share: f64,
     last_eval: Option<LastEval>,
+    log_every: u64,
+    eval_every: u64,
+}
+
+impl Listener<AdaRun> for Reporter {
+    fn on_step(&mut self, trainer: &Trainer, run: &mut AdaRun, _: &StepEvent) -> Result<()> {
+        if run.step.is_multiple_of(self.log_every) {
+            self.report(run, "running")?;
+        }
+        if self.eval_every > 0 && run.step.is_multiple_of(self.eval_every) {
+            self.last_eval = evaluate(trainer, run).or(self.last_eval);
+        }
+        Ok(())
+    }
 }
 
 impl Reporter {

@@ -1,7 +1,15 @@
 //! One daemon per run directory: an exclusive lock on `<run dir>/lock`, held for the
 //! daemon's life (the kernel drops it when the process dies, even by kill -9).
 
-use anyhow::{bail, Context, Result};
+/// The run directory is held by another live daemon (whose pid the lock file names).
+#[derive(Debug, thiserror::Error)]
+#[error("{}: another daemon (pid {pid}) is running on this run directory", run_dir.display())]
+pub struct AnotherDaemon {
+    pub run_dir: std::path::PathBuf,
+    pub pid: String,
+}
+
+use anyhow::{Context, Result};
 use std::fs::File;
 use std::path::Path;
 
@@ -26,8 +34,8 @@ impl RunLock {
                 Ok(RunLock { _file: file })
             }
             Err(std::fs::TryLockError::WouldBlock) => {
-                let pid = std::fs::read_to_string(&path).unwrap_or_default();
-                bail!("{}: another daemon (pid {}) is running on this run directory", run_dir.display(), pid.trim())
+                let pid = std::fs::read_to_string(&path).unwrap_or_default().trim().to_string();
+                Err(AnotherDaemon { run_dir: run_dir.to_path_buf(), pid }.into())
             }
             Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("{}: cannot lock", path.display())),
         }

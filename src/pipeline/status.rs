@@ -30,7 +30,7 @@ pub struct Status {
     pub disk_free_bytes: u64,
     /// The contrastive units' diagnostics of the last step (none with them off).
     #[serde(default)]
-    pub contrast: Option<crate::train::ada::ContrastDiagnostics>,
+    pub contrast: Option<crate::contrast::diagnostics::ContrastDiagnostics>,
     /// The last evaluation on the target val set (none yet, or `train.eval_every = 0`).
     #[serde(default)]
     pub last_eval: Option<LastEval>,
@@ -55,7 +55,7 @@ impl Status {
     }
 
     pub fn write(&self, run_dir: &Path) -> Result<()> {
-        crate::train::checkpoint::write_atomically(&run_dir.join("status.json"), |temp| {
+        crate::files::write_atomically(&run_dir.join("status.json"), |temp| {
             Ok(std::fs::write(temp, serde_json::to_vec_pretty(self)?)?)
         })
     }

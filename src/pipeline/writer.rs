@@ -1,29 +1,28 @@
-//! The checkpoint writer: a thread that puts captured ADA-MCU checkpoints on disk while the
-//! device thread trains on. At the paper's scale a checkpoint is about 1.1 GB (the ledger
+//! The checkpoint writer: a thread that puts captured checkpoints (ADA-MCU's, in the daemon) on
+//! disk while the device thread trains on. At the paper's scale a checkpoint is about 1.1 GB (the ledger
 //! snapshot of Cityscapes' 2,975 train images is 780 MB, the ResNet-101 with its momentum
 //! 350 MB) and takes seconds to write and fsync; the trainer only pays for the copies.
 
-use crate::train::ada::AdaCheckpoint;
-use crate::train::checkpoint::Rotation;
+use crate::train::checkpoint::{Checkpoint, Rotation};
 use anyhow::{anyhow, Context, Result};
 use crossbeam_channel::Sender;
 use std::thread::JoinHandle;
 
-pub struct CheckpointWriter {
-    checkpoints: Option<Sender<AdaCheckpoint>>,
+pub struct CheckpointWriter<C: Checkpoint> {
+    checkpoints: Option<Sender<C>>,
     thread: Option<JoinHandle<Result<()>>>,
 }
 
-impl CheckpointWriter {
-    pub fn start(rotation: Rotation) -> Result<CheckpointWriter> {
+impl<C: Checkpoint> CheckpointWriter<C> {
+    pub fn start(rotation: Rotation) -> Result<CheckpointWriter<C>> {
         // A rendezvous channel: the trainer hands a checkpoint over only when the writer is
         // free, so at most two captured checkpoints are held in memory at once.
-        let (checkpoints, received) = crossbeam_channel::bounded::<AdaCheckpoint>(0);
+        let (checkpoints, received) = crossbeam_channel::bounded::<C>(0);
         let thread = std::thread::Builder::new().name("checkpoint-writer".into()).spawn(move || {
             for checkpoint in received {
                 let path = checkpoint
                     .write(&rotation)
-                    .with_context(|| format!("writing the checkpoint of step {}", checkpoint.step))?;
+                    .with_context(|| format!("writing the checkpoint of step {}", checkpoint.step()))?;
                 tracing::debug!("wrote {}", path.display());
             }
             Ok(())
@@ -33,7 +32,7 @@ impl CheckpointWriter {
 
     /// Hands a checkpoint to the writer, waiting while it still writes the previous one. A
     /// write that failed since comes back here as the error (the writer stops at the first).
-    pub fn submit(&mut self, checkpoint: AdaCheckpoint) -> Result<()> {
+    pub fn submit(&mut self, checkpoint: C) -> Result<()> {
         let channel = self.checkpoints.as_ref().expect("the writer is open until finish");
         if channel.send(checkpoint).is_ok() {
             return Ok(());
@@ -57,7 +56,7 @@ impl CheckpointWriter {
     }
 }
 
-impl Drop for CheckpointWriter {
+impl<C: Checkpoint> Drop for CheckpointWriter<C> {
     /// When the trainer stops on an error, the checkpoint being written still completes.
     fn drop(&mut self) {
         if let Err(e) = self.join() {

@@ -4,6 +4,7 @@
 
 use super::optimizer::Sgd;
 use crate::config::{Config, ConfigChange};
+use crate::files::write_atomically;
 use crate::torch_ext::owned_host_copy;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -13,16 +14,13 @@ use tch::{Kind, Tensor};
 /// The tensor that holds a checkpoint's JSON metadata (what tells an adamcu checkpoint apart).
 pub const META_KEY: &str = "meta";
 
-/// Writes `bytes` producer output to `path` atomically: temp file, fsync, rename, fsync dir.
-pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let temp = dir.join(format!(".{}.tmp", path.file_name().unwrap().to_string_lossy()));
-    write(&temp)?;
-    std::fs::File::open(&temp)?.sync_all()?;
-    std::fs::rename(&temp, path).with_context(|| format!("renaming {} to {}", temp.display(), path.display()))?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+/// A captured checkpoint that a writer thread (`pipeline::writer`) puts on disk while training
+/// goes on.
+pub trait Checkpoint: Send + 'static {
+    /// The step it was captured at (named in a failed write's error).
+    fn step(&self) -> u64;
+    /// Writes it into `rotation`; returns the checkpoint file's path.
+    fn write(&self, rotation: &Rotation) -> Result<std::path::PathBuf>;
 }
 
 /// A checkpoint's tensors and metadata copied off the live model at one step: the variables

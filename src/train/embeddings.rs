@@ -4,7 +4,7 @@
 
 use super::Trainer;
 use crate::data::labels::palette_colour;
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use image::RgbImage;
 use std::path::Path;
 use tch::{Kind, Tensor};
@@ -18,7 +18,7 @@ pub fn val_embeddings(trainer: &Trainer, images: usize, per_image: i64, seed: i6
     tch::no_grad(|| -> Result<()> {
         tch::manual_seed(seed);
         for i in 0..images.min(val.len()) {
-            let (rgb, label) = val.load_full(i).map_err(|e| anyhow!("{e}"))?;
+            let (rgb, label) = val.load_full(i)?;
             let bytes = Tensor::from_slice(&rgb.pixels).view([1, rgb.height as i64, rgb.width as i64, 3]);
             let embedding = trainer.model.forward_t(&trainer.normaliser.to_input(&bytes), false).embedding;
             let (d, h, w) = (embedding.size()[1], embedding.size()[2], embedding.size()[3]);
@@ -103,7 +103,7 @@ pub fn draw_panels(panels: &[(Tensor, Tensor)], classes: usize, side: u32, path:
             }
         }
     }
-    crate::train::checkpoint::write_atomically(path, |temp| {
+    crate::files::write_atomically(path, |temp| {
         canvas.save_with_format(temp, image::ImageFormat::Png)?;
         Ok(())
     })

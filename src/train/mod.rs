@@ -3,6 +3,13 @@
 //! evaluation.
 
 pub mod ada;
+pub mod checkpoint;
+pub mod driver;
+pub mod embeddings;
+pub mod eval;
+pub mod optimizer;
+pub mod progress;
+pub mod stage;
 
 /// The target val mIoU after a step.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -17,14 +24,8 @@ pub struct StageRecord {
     pub losses: Vec<f64>,
     pub curve: Vec<CurvePoint>,
 }
-pub mod checkpoint;
-pub mod embeddings;
-pub mod eval;
-pub mod optimizer;
-pub mod progress;
 
 use crate::config::{Config, DatasetConfig};
-use crate::data::loader::{Loader, LoaderOptions};
 use crate::data::normalise::Normaliser;
 use crate::data::source::SampleSource;
 use crate::model::deeplab::upsample;
@@ -166,7 +167,7 @@ impl Trainer {
     /// fp32 so that softmax statistics, uncertainty and losses are computed in fp32.
     pub fn forward(&self, images: &Tensor, train: bool) -> crate::model::SegOutput {
         let images = if self.config.train.channels_last { channels_last(images) } else { images.shallow_clone() };
-        if self.config.train.precision != "bf16" {
+        if self.config.train.precision != crate::config::Precision::Bf16 {
             return self.model.forward_t(&images, train);
         }
         let out = crate::torch_ext::autocast_bf16(self.device, || self.model.forward_t(&images, train));
@@ -186,7 +187,7 @@ impl Trainer {
     /// block after block until the loss overflows (seen: ResNet-101, NaN by the second step).
     pub fn divergence_hint(&self) -> &'static str {
         let m = &self.config.model;
-        if m.bn_stats == "frozen" && m.pretrained.is_none() {
+        if m.bn_stats == crate::config::BnStats::Frozen && m.pretrained.is_none() {
             " (model.bn_stats = \"frozen\" without model.pretrained keeps an untrained network's BatchNorm \
             statistics, on which deep backbones diverge: set model.pretrained, or model.bn_stats = \"batch\" \
             to train from scratch)"
@@ -225,51 +226,11 @@ impl Trainer {
     /// Runs a supervised stage for `iterations` steps; returns the loss of every step and the
     /// val curve (`curve_every`).
     pub fn train_supervised(&mut self, stage: SupervisedStage, iterations: usize) -> Result<StageRecord> {
-        let c = &self.config;
-        let classes = c.data.classes;
-        let (set, key, batch_size, domain) = match stage {
-            SupervisedStage::Source => (&c.data.source, "data.source", c.train.batch_source, "source"),
-            SupervisedStage::TargetSupervised => (&c.data.target, "data.target", c.train.batch_target, "target"),
-        };
-        let source = open_set(set, key, classes)?;
-        let augment = c.augment_for(set.as_ref().expect("open_set checked it"));
-        let loader = Loader::spawn(
-            source,
-            &augment,
-            LoaderOptions {
-                domain,
-                batch_size,
-                workers: c.data.workers,
-                capacity: c.data.channel_capacity,
-                seed: c.run.seed,
-                on_bad_sample: c.data.on_bad_sample,
-                start_at: 0,
-                pinned: self.device.is_cuda(),
-            },
-        );
-        let mut optimizer = self.optimizer();
-        let mut progress = progress::Progress::new(stage.name(), iterations as u64, c.train.log_every as u64);
-        let mut losses = Vec::with_capacity(iterations);
-        let mut curve = Vec::new();
-        let labeled = if stage == SupervisedStage::TargetSupervised { 1.0 } else { 0.0 };
-        for step in 0..iterations {
-            let batch = loader.batches.recv().context("loader stopped")?.map_err(|e| anyhow!("{e}"))?;
-            let images = self.normaliser.to_input(&batch.images);
-            let labels = crate::torch_ext::labels_on(&batch.labels, self.device);
-            let (value, lr) = self.supervised_step(&mut optimizer, &images, &labels, step, iterations);
-            anyhow::ensure!(
-                value.is_finite(),
-                "{} stage: loss is {value} at step {step}{}",
-                stage.name(),
-                self.divergence_hint()
-            );
-            losses.push(value);
-            progress.step(value, lr);
-            curve.extend(self.curve_point(step + 1, iterations, labeled)?);
-        }
-        progress.finish();
-        loader.stop();
-        Ok(StageRecord { losses, curve })
+        let mut run = driver::SupervisedRun::start(self, stage, iterations)?;
+        let mut progress = driver::ProgressLine::new(stage.name(), iterations as u64, self);
+        let mut curve = driver::ValCurve::default();
+        driver::drive(self, &mut run, &mut [&mut progress, &mut curve], &|| false)?;
+        Ok(StageRecord { losses: run.finish(), curve: curve.0 })
     }
 
     /// One SGD step of a supervised stage on a batch (normalised images, training ids on the

@@ -77,11 +77,11 @@ pub fn synthetic_config(dir: &Path, size: (u32, u32), counts: (usize, usize, usi
     (c.synth.source_images, c.synth.target_train_images, c.synth.target_val_images) = counts;
     c.data.source = Some(DatasetConfig::at(DatasetKind::Gta5, data.join("source")));
     c.data.target = Some(DatasetConfig {
-        split: Some("train".into()),
+        split: Some(adamcu::config::Split::Train),
         ..DatasetConfig::at(DatasetKind::Cityscapes, data.join("target"))
     });
     c.data.target_val = Some(DatasetConfig {
-        split: Some("val".into()),
+        split: Some(adamcu::config::Split::Val),
         ..DatasetConfig::at(DatasetKind::Cityscapes, data.join("target"))
     });
     c.augment.crop = [size.1, size.0];

@@ -1,0 +1,226 @@
+//! One ADA-MCU iteration: the forward pass of both domains, the uncertainty scores and the
+//! labels bought (Eqs. 1-3), pseudo labels (Eq. 5), the DCCM (Eqs. 7-8), the contrastive units
+//! (Eqs. 9-11), the update, and the one read-back of the step's figures.
+
+use super::{AdaState, StepLosses, Terms};
+use crate::active::oracle::{Oracle, SealedLabels};
+use crate::active::sampling::{BatchSelection, CropPixels, Settled};
+use crate::active::uncertainty::uncertainty;
+use crate::config::DccmFrom;
+use crate::contrast::diagnostics::{ContrastDiagnostics, LevelUsage};
+use crate::contrast::units::{contrastive_losses, DomainBatch};
+use crate::model::deeplab::upsample;
+use crate::model::SegOutput;
+use crate::torch_ext::HostReadback;
+use crate::train::optimizer::Sgd;
+use crate::train::{segmentation_loss, Trainer};
+use tch::{Kind, Tensor};
+
+/// Everything one iteration computes before the backward pass.
+pub struct StepOutput {
+    pub total: Tensor,
+    /// The terms (p2p and c2c None without contrastive units).
+    pub terms: Terms<Option<Tensor>>,
+    /// The target draw, recorded in the ledger by `Trainer::ada_settle` after the update.
+    pub selection: BatchSelection,
+    /// L_seg, and L_con as weighted in the total (for the gradient ratio).
+    seg: Tensor,
+    con: Option<Tensor>,
+    /// The backbone's output (one tensor, or one per domain when their crops differ in size).
+    features: Vec<Tensor>,
+    /// `ContrastLosses::usage` and max(W), read back with the losses.
+    usage: Option<Tensor>,
+    dccm_max: Option<Tensor>,
+    /// Set by `ada_update` on a diagnosed step.
+    gradient_ratio: Option<Tensor>,
+}
+
+fn nearest(t: &Tensor, h: i64, w: i64) -> Tensor {
+    t.unsqueeze(1).to_kind(Kind::Float).upsample_nearest2d([h, w], None, None).squeeze_dim(1)
+}
+
+/// ||d con / d features|| / ||d seg / d features|| over all feature tensors, keeping the graph
+/// for the update's backward pass. None when a loss does not reach the features.
+fn gradient_ratio(seg: &Tensor, con: &Tensor, features: &[Tensor]) -> Option<Tensor> {
+    let norm = |loss: &Tensor| -> Option<Tensor> {
+        let grads = Tensor::f_run_backward(&[loss], features, true, false).ok()?;
+        let squares: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
+        Some(Tensor::stack(&squares, 0).sum(Kind::Float).sqrt())
+    };
+    Some(norm(con)? / norm(seg)?.clamp_min(1e-20))
+}
+
+impl Trainer {
+    /// The forward pass and every loss of one ADA-MCU iteration.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ada_losses(
+        &self,
+        state: &mut AdaState,
+        source_images: &Tensor,
+        source_labels: &Tensor,
+        target_images: &Tensor,
+        target_labels: &SealedLabels,
+        target_samples: &[usize],
+        target_geometry: &[crate::data::augment::Geometry],
+    ) -> StepOutput {
+        let c = &self.config;
+        let classes = c.data.classes as i64;
+        let (xs, xt) = (self.normaliser.to_input(source_images), self.normaliser.to_input(target_images));
+        let ns = xs.size()[0];
+        let (out_s, out_t, features) = if xs.size()[1..] == xt.size()[1..] {
+            let out = self.forward(&Tensor::cat(&[&xs, &xt], 0), true);
+            let split = |t: &Tensor| (t.narrow(0, 0, ns), t.narrow(0, ns, t.size()[0] - ns));
+            let ((ms, mt), (as_, at), (es, et)) = (split(&out.main), split(&out.aux), split(&out.embedding));
+            (
+                SegOutput { main: ms, aux: as_, embedding: es, features: out.features.shallow_clone() },
+                SegOutput { main: mt, aux: at, embedding: et, features: out.features.shallow_clone() },
+                vec![out.features],
+            )
+        } else {
+            let (s, t) = (self.forward(&xs, true), self.forward(&xt, true));
+            let features = vec![s.features.shallow_clone(), t.features.shallow_clone()];
+            (s, t, features)
+        };
+        let source_labels = crate::torch_ext::labels_on(source_labels, self.device);
+        let loss_source = segmentation_loss(&out_s.main, &source_labels)
+            + segmentation_loss(&out_s.aux, &source_labels) * c.train.aux_weight;
+
+        // Score, group and sample the target crops (Eqs. 1-3, Algorithm 1), on the device.
+        let (h, w) = (xt.size()[2], xt.size()[3]);
+        let (main_t, aux_t) = (upsample(&out_t.main, h, w), upsample(&out_t.aux, h, w));
+        let scores = uncertainty(&main_t, &aux_t, c.active.gamma);
+        let crops: Vec<CropPixels> =
+            target_samples.iter().zip(target_geometry).map(|(&i, g)| CropPixels::of(i, g, &state.ledger)).collect();
+        let selection = state.sampler.select(&scores, &crops, &state.ledger);
+        let (labelled, pseudo) = (&selection.labelled, &selection.pseudo);
+        let revealed = Oracle::reveal(target_labels, labelled);
+        let prediction_t = main_t.detach().argmax(1, false);
+        // Eq. 5: the pseudo label is the prediction itself (one-hot; see docs/algorithm.md).
+        let train_labels_t = prediction_t.where_self(pseudo, &revealed);
+        // A crop may have no labelled or pseudo-labelled pixel: the loss is then 0, with no host check.
+        // On the logits already upsampled for the scores (one copy at crop size per head, not two).
+        let loss_target = segmentation_loss(&main_t, &train_labels_t)
+            + segmentation_loss(&aux_t, &train_labels_t) * c.train.aux_weight;
+
+        // DCCM (Eqs. 7-8) from the pixels whose true label is known this iteration: the
+        // target's revealed labels, and with `dccm_from = "both"` the source's ground truth.
+        let prediction_s =
+            upsample(&out_s.main, source_labels.size()[1], source_labels.size()[2]).detach().argmax(1, false);
+        let dccm_on = c.contrast.enabled && c.contrast.dccm;
+        if dccm_on {
+            let (labels, predictions) = match c.contrast.dccm_from {
+                DccmFrom::Target => (revealed.flatten(0, -1), prediction_t.flatten(0, -1)),
+                DccmFrom::Both => (
+                    Tensor::cat(&[source_labels.flatten(0, -1), revealed.flatten(0, -1)], 0),
+                    Tensor::cat(&[prediction_s.flatten(0, -1), prediction_t.flatten(0, -1)], 0),
+                ),
+            };
+            state.dccm.update(&labels, &predictions);
+        }
+
+        let seg = &loss_source + &loss_target;
+        let mut total = seg.shallow_clone();
+        let (mut p2p, mut c2c, mut con, mut usage) = (None, None, None, None);
+        if c.contrast.enabled && c.contrast.weight > 0.0 {
+            // Keys and anchors at each crop's own resolution (every bought label can be one);
+            // G_l and the category centers' classes at the embedding's (stride 8). Source and
+            // target crops differ in size in the paper's setting (1280x720 and 1024x512).
+            let ((fh, fw), (th, tw)) = (
+                (out_s.embedding.size()[2], out_s.embedding.size()[3]),
+                (out_t.embedding.size()[2], out_t.embedding.size()[3]),
+            );
+            let down_t = |t: &Tensor| nearest(t, th, tw).to_kind(Kind::Int64);
+            let labels_s_low = nearest(&source_labels, fh, fw).to_kind(Kind::Int64);
+            let scores_s = uncertainty(&upsample(&out_s.main, fh, fw), &upsample(&out_s.aux, fh, fw), c.active.gamma);
+            let t = state.sampler.thresholds;
+            let source = DomainBatch {
+                embedding: out_s.embedding.shallow_clone(),
+                anchors: source_labels.ne(255).logical_and(&prediction_s.ne_tensor(&source_labels)),
+                low: scores_s.lt(t.pi_low).logical_and(&labels_s_low.ne(255)),
+                center_classes: labels_s_low.clamp_max(classes - 1),
+                labels: source_labels.shallow_clone(),
+            };
+            // Target anchors (Section III-C.1): labels bought while in G_h, misclassified.
+            let bought_high = labelled.logical_and(&selection.high).logical_and(&revealed.ne(255));
+            let target = DomainBatch {
+                embedding: out_t.embedding.shallow_clone(),
+                anchors: bought_high.logical_and(&prediction_t.ne_tensor(&revealed)),
+                low: down_t(&selection.low).ne(0),
+                center_classes: down_t(&prediction_t),
+                labels: train_labels_t.shallow_clone(),
+            };
+            let dccm = c.contrast.dccm.then_some(&state.dccm);
+            let losses = contrastive_losses(&source, &target, &c.contrast, dccm, classes);
+            let weighted: Vec<Tensor> =
+                [&losses.p2p, &losses.c2c].into_iter().flatten().map(|t| t * c.contrast.weight).collect();
+            if !weighted.is_empty() {
+                let sum = Tensor::stack(&weighted, 0).sum(Kind::Float);
+                total = total + &sum;
+                con = Some(sum);
+            }
+            (p2p, c2c, usage) = (losses.p2p, losses.c2c, losses.usage);
+        }
+        let dccm_max = dccm_on.then(|| state.dccm.w.max());
+        StepOutput {
+            total,
+            terms: Terms { source: Some(loss_source), target: Some(loss_target), p2p, c2c },
+            selection,
+            seg,
+            con,
+            features,
+            usage,
+            dccm_max,
+            gradient_ratio: None,
+        }
+    }
+
+    /// The backward pass and the SGD update at `lr`: queued on the device, nothing read back.
+    /// A `diagnose`d step first measures the gradient ratio of `ContrastDiagnostics`.
+    pub fn ada_update(&self, out: &mut StepOutput, optimizer: &mut Sgd, lr: f64, diagnose: bool) {
+        optimizer.zero_grad();
+        if diagnose {
+            out.gradient_ratio = out.con.as_ref().and_then(|con| gradient_ratio(&out.seg, con, &out.features));
+        }
+        out.total.backward();
+        optimizer.update(lr);
+    }
+
+    /// The end of an iteration and its one wait for the device: reads the loss values (and
+    /// the diagnostics) and records the step's target draw in the ledger.
+    pub fn ada_settle(&self, state: &mut AdaState, out: &StepOutput) -> (StepLosses, Settled) {
+        // Every value in one device-to-host copy; a term not computed reads 0, a gradient ratio
+        // not measured -1.
+        let mut readback = HostReadback::new(self.device);
+        let terms = out.terms.map(|t| readback.scalar(t.as_ref(), 0.0));
+        let total = readback.scalar(Some(&out.total), 0.0);
+        let dccm_max = readback.scalar(out.dccm_max.as_ref(), 0.0);
+        let gradient_ratio = readback.scalar(out.gradient_ratio.as_ref(), -1.0);
+        // [levels, 2 (source, target), 2 (anchors, positives)]: see `ContrastLosses::usage`.
+        let usage = out.usage.as_ref().map(|u| readback.values(u));
+        let values = readback.read();
+        let settled = state.sampler.settle(&out.selection, &mut state.ledger);
+        let contrast = out.con.as_ref().map(|_| ContrastDiagnostics {
+            levels: match &usage {
+                Some(usage) => self
+                    .config
+                    .contrast
+                    .levels
+                    .iter()
+                    .zip(values[usage.clone()].chunks(4))
+                    .map(|(&level, u)| LevelUsage {
+                        level,
+                        source_anchors: u[0] as f64,
+                        source_positives: u[1] as f64,
+                        target_anchors: u[2] as f64,
+                        target_positives: u[3] as f64,
+                    })
+                    .collect(),
+                None => Vec::new(),
+            },
+            gradient_ratio: (values[gradient_ratio] >= 0.0).then_some(values[gradient_ratio] as f64),
+            dccm_max: values[dccm_max] as f64,
+        });
+        let losses = StepLosses { terms: terms.map(|&i| values[i] as f64), total: values[total] as f64, contrast };
+        (losses, settled)
+    }
+}

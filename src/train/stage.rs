@@ -1,0 +1,56 @@
+//! `adamcu train --stage`: which stages a command runs, and one stage run on its own.
+
+use super::{SupervisedStage, Trainer};
+use crate::config::Config;
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
+/// What `adamcu train` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    /// The daemon: source pretraining if the run has none, then ADA-MCU with periodic
+    /// checkpoints; SIGTERM/SIGINT stop it cleanly.
+    All,
+    /// Source-only pretraining.
+    Source,
+    /// One uninterrupted ADA-MCU pass (start it with --init).
+    Ada,
+    /// The upper bound on every target training label.
+    TargetSupervised,
+}
+
+/// A stage run on its own: trains it from `init` (or from scratch), logs its target val curve
+/// every `train.eval_every` steps (is more training still helping?), and writes
+/// `runs/<name>/<stage>.safetensors` with what it did in the metadata; returns that path.
+pub fn train_one(config: &Config, stage: Stage, init: Option<&Path>) -> Result<PathBuf> {
+    let mut trainer = Trainer::new(config)?;
+    trainer.curve_every = config.train.eval_every;
+    if let Some(init) = init {
+        trainer.load_network(init).context("--init")?;
+    }
+    let run_dir = config.run_dir();
+    let supervised = |stage: SupervisedStage, iterations: usize, trainer: &mut Trainer| -> Result<_> {
+        trainer.train_supervised(stage, iterations)?;
+        Ok((run_dir.join(format!("{}.safetensors", stage.name())), serde_json::json!({"stage": stage.name()})))
+    };
+    let (path, meta) = match stage {
+        Stage::All => anyhow::bail!("the whole run (--stage all) is the daemon's (pipeline::daemon::run)"),
+        Stage::Source => supervised(SupervisedStage::Source, config.train.source_iterations, &mut trainer)?,
+        Stage::TargetSupervised => {
+            supervised(SupervisedStage::TargetSupervised, config.train.target_supervised_iterations, &mut trainer)?
+        }
+        Stage::Ada => {
+            let (summary, _) = trainer.train_ada(&run_dir.join("ledger.bin"), config.active.iterations)?;
+            println!(
+                "bought {} of {} {} ({:.3}% of the target set)",
+                summary.spent,
+                summary.budget,
+                summary.pixels,
+                100.0 * summary.labelled_fraction()
+            );
+            (run_dir.join("ada.safetensors"), serde_json::json!({"stage": "ada", "summary": summary}))
+        }
+    };
+    trainer.save(&path, None, meta)?;
+    Ok(path)
+}
