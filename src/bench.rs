@@ -446,3 +446,57 @@ pub fn step(o: &StepBenchOptions) -> Result<()> {
     }
     Ok(())
 }
+
+/// `adamcu bench translate`: images/s of the translation stage on the config's device, with
+/// the config's [translate] sizes: the CycleGAN generator translating `height` x `width`
+/// images (what the write-out does), one CycleGAN training iteration at `translate.crop` (two
+/// images: one source, one target), and FDA at `height` x `width`. Random weights and images.
+pub fn translate(config: &crate::config::Config, height: u32, width: u32, iterations: usize) -> Result<()> {
+    use crate::translate::{cyclegan::CycleGan, fda};
+    use tch::{Kind, Tensor};
+    let device = config.device()?;
+    if config.run.threads > 0 {
+        tch::set_num_threads(config.run.threads as i32);
+    }
+    let t = &config.translate;
+    let sync = || {
+        if let tch::Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let timed = |what: &str, images_per_call: f64, call: &mut dyn FnMut()| {
+        call(); // warm-up
+        sync();
+        let start = std::time::Instant::now();
+        for _ in 0..iterations.max(1) {
+            call();
+        }
+        sync();
+        let seconds = start.elapsed().as_secs_f64();
+        let rate = images_per_call * iterations.max(1) as f64 / seconds;
+        println!("{what:<58} {rate:>9.2} images/s ({:.1} ms per call)", 1000.0 * seconds / iterations.max(1) as f64);
+    };
+    let mut gan = CycleGan::new(t, device);
+    println!(
+        "translation stage on {device:?}: CycleGAN ngf {} with {} blocks, ndf {} with {} layers",
+        t.generator_width, t.generator_blocks, t.discriminator_width, t.discriminator_layers
+    );
+    let image = Tensor::rand([1, 3, height as i64, width as i64], (Kind::Float, device)) * 2.0 - 1.0;
+    timed(&format!("generator, translating {height}x{width}"), 1.0, &mut || {
+        let _ = gan.translate(&image);
+    });
+    let [ch, cw] = t.crop.map(|c| c as i64);
+    let (a, b) = (
+        Tensor::rand([1, 3, ch, cw], (Kind::Float, device)) * 2.0 - 1.0,
+        Tensor::rand([1, 3, ch, cw], (Kind::Float, device)) * 2.0 - 1.0,
+    );
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    timed(&format!("training iteration at {ch}x{cw} (source + target image)"), 2.0, &mut || {
+        let _ = gan.step(&a, &b, t.lr, &mut rng);
+    });
+    let target = Tensor::rand([1, 3, height as i64, width as i64], (Kind::Float, device));
+    timed(&format!("FDA (beta {}), {height}x{width}", t.fda_beta), 1.0, &mut || {
+        let _ = tch::no_grad(|| fda::transfer(&image, &target, t.fda_beta, t.fda_window));
+    });
+    Ok(())
+}

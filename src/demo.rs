@@ -6,7 +6,7 @@
 //! in `runs/<name>/seed-<s>/`) and the table gives each row's mean, and its mIoU's ± std.
 //! Each demo run is a fresh experiment: the variants' ledgers from an earlier demo are removed.
 
-use crate::config::{Config, Named, Preset, RunConfig};
+use crate::config::{Config, Named, Preset, RunConfig, TranslateMethod};
 use crate::train::ada::AdaSummary;
 use crate::train::embeddings::{compactness, draw_panels, val_embeddings, Compactness};
 use crate::train::eval::{markdown_table, EvalRow};
@@ -20,6 +20,9 @@ use tch::Tensor;
 /// One seed's table: source-only, the variants, target-supervised; and what each variant bought.
 struct SeedRun {
     seed: u64,
+    /// Source-only trained on the raw (untranslated) source, when the config translates it:
+    /// the paper's Table III compares the two.
+    untranslated: Option<EvalRow>,
     rows: Vec<EvalRow>,
     budgets: Vec<AdaSummary>,
     /// Fig. 5's rows (AL w AS, the full model): target val pixel embeddings, their classes and
@@ -29,12 +32,20 @@ struct SeedRun {
     curves: Vec<(String, Vec<CurvePoint>)>,
 }
 
+/// The row of source-only trained on the raw source.
+const UNTRANSLATED: &str = "source-only, untranslated";
+
 /// The variants whose embeddings Fig. 5 compares.
 const FIG5_VARIANTS: [Preset; 2] = [Preset::AlWAs, Preset::Full];
 
 pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
     let started = Instant::now();
     crate::data::synth::generate(&config.synth)?;
+    // Algorithm 1, line 1 (when the config asks and the translated set is missing or stale).
+    crate::translate::ensure(config, config.device()?)?;
+    let translation = crate::translate::Plan::for_config(config)?
+        .and_then(|plan| std::fs::read(plan.output.join(crate::translate::STAMP)).ok())
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok());
     let seeds: Vec<u64> = (0..config.demo.repeats as u64).map(|i| config.run.seed + i).collect();
     let mut runs = Vec::new();
     for &seed in &seeds {
@@ -49,7 +60,33 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
     if seeds.len() > 1 {
         println!("\nmean over seeds {seeds:?} (mIoU ± its standard deviation)");
     }
-    println!("\n{}", markdown_table(&rows));
+    let untranslated = runs[0].untranslated.is_some().then(|| {
+        EvalRow::mean(&runs.iter().map(|r| r.untranslated.clone().expect("every seed has it")).collect::<Vec<_>>())
+    });
+    let table: Vec<EvalRow> = untranslated.iter().chain(rows.iter()).cloned().collect();
+    println!("\n{}", markdown_table(&table));
+    if let Some(raw) = &untranslated {
+        let per_seed: Vec<f64> =
+            runs.iter().map(|r| r.rows[0].miou - r.untranslated.as_ref().expect("every seed has it").miou).collect();
+        println!(
+            "translation (Algorithm 1, line 1): source-only {:.1} on the translated source against {:.1} on the raw \
+             source ({:+.2} mIoU points{})",
+            rows[0].miou,
+            raw.miou,
+            rows[0].miou - raw.miou,
+            match paired_interval(&per_seed) {
+                Some((lo, hi)) => format!(", paired over {} seeds: 95 % interval [{lo:+.2}, {hi:+.2}]", per_seed.len()),
+                None => ", one seed".into(),
+            }
+        );
+    }
+    if let Some(t) = &translation {
+        println!(
+            "translated source: colour distance to the target {:.1} (raw source {:.1}; RGB 0-255, per-channel Gaussian W2)",
+            t["translated_to_target"].as_f64().unwrap_or(f64::NAN),
+            t["raw_to_target"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
     if runs[0].curves.iter().any(|(_, c)| !c.is_empty()) {
         println!(
             "\ntarget val mIoU over each row's steps (train.eval_every; mean over seeds): does more training help?"
@@ -114,8 +151,12 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
     }
     let seconds = started.elapsed().as_secs_f64();
     println!("demo took {seconds:.0} s");
-    let per_seed: Vec<_> = runs.iter().map(|r| json!({ "seed": r.seed, "rows": r.rows, "curves": r.curves })).collect();
+    let per_seed: Vec<_> = runs
+        .iter()
+        .map(|r| json!({ "seed": r.seed, "untranslated": r.untranslated, "rows": r.rows, "curves": r.curves }))
+        .collect();
     let report = json!({ "run": config.run.name, "seconds": seconds, "seeds": seeds, "rows": rows,
+        "untranslated": untranslated, "translation": translation,
         "paired_gains": gains, "compactness": compactness_rows, "per_seed": per_seed, "budget_pixels": runs[0].budgets.first().map(|b| b.pixels.clone()),
         "config": config.recorded() });
     let path = config.run_dir().join("report.json");
@@ -143,6 +184,24 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
         "source-only".to_string(),
         trainer.curve_end(source_curve, config.train.source_iterations, &source_only),
     )];
+    let untranslated =
+        match crate::translate::untranslated(config).filter(|_| config.translate.method != TranslateMethod::None) {
+            Some(raw_config) => {
+                let mut raw = Trainer::new(&raw_config)?;
+                raw.curve_every = config.demo.eval_every;
+                let curve = raw.train_supervised(SupervisedStage::Source, config.train.source_iterations)?.curve;
+                raw.save(
+                    &run_dir.join("source-untranslated.safetensors"),
+                    None,
+                    json!({"stage": "source", "translated": false}),
+                )?;
+                let row = raw.evaluate(UNTRANSLATED, 0.0)?;
+                tracing::info!("{UNTRANSLATED} mIoU {:.1}", row.miou);
+                curves.push((UNTRANSLATED.to_string(), raw.curve_end(curve, config.train.source_iterations, &row)));
+                Some(row)
+            }
+            None => None,
+        };
     let mut rows = vec![source_only];
     let mut budgets = Vec::new();
     let mut embeddings = Vec::new();
@@ -193,7 +252,7 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
     let row = trainer.evaluate("target-supervised", 1.0)?;
     curves.push(("target-supervised".to_string(), trainer.curve_end(record.curve, iterations, &row)));
     rows.push(row);
-    Ok(SeedRun { seed: config.run.seed, rows, budgets, embeddings, curves })
+    Ok(SeedRun { seed: config.run.seed, untranslated, rows, budgets, embeddings, curves })
 }
 
 /// One row's mIoU gain over the row before, paired by seed (same seed: same source checkpoint
@@ -230,6 +289,21 @@ impl std::fmt::Display for PairedGain {
     }
 }
 
+/// The 95 % interval of the mean of paired differences (Student's t with n - 1 degrees of
+/// freedom); none with one seed.
+fn paired_interval(per_seed: &[f64]) -> Option<(f64, f64)> {
+    let n = per_seed.len() as f64;
+    (per_seed.len() > 1).then(|| {
+        let mean = per_seed.iter().sum::<f64>() / n;
+        let sd = crate::train::eval::sample_std(per_seed);
+        let t = statrs::distribution::ContinuousCDF::inverse_cdf(
+            &statrs::distribution::StudentsT::new(0.0, 1.0, n - 1.0).expect("n > 1"),
+            0.975,
+        );
+        (mean - t * sd / n.sqrt(), mean + t * sd / n.sqrt())
+    })
+}
+
 /// Each variant's gain over the row before it (the variant listed before it in
 /// `demo.variants`; the first over source-only), from the per-seed rows (`runs[s].rows[0]` is
 /// source-only, then the variants in order). With the paper's order (AL w/o AS, AL w AS,
@@ -241,14 +315,7 @@ fn paired_gains(variants: &[Preset], runs: &[SeedRun]) -> Vec<PairedGain> {
             let per_seed: Vec<f64> = runs.iter().map(|r| r.rows[b].miou - r.rows[a].miou).collect();
             let n = per_seed.len() as f64;
             let mean = per_seed.iter().sum::<f64>() / n;
-            let interval95 = (per_seed.len() > 1).then(|| {
-                let sd = crate::train::eval::sample_std(&per_seed);
-                let t = statrs::distribution::ContinuousCDF::inverse_cdf(
-                    &statrs::distribution::StudentsT::new(0.0, 1.0, n - 1.0).expect("n > 1"),
-                    0.975,
-                );
-                (mean - t * sd / n.sqrt(), mean + t * sd / n.sqrt())
-            });
+            let interval95 = paired_interval(&per_seed);
             PairedGain {
                 step: variants[b - 1],
                 from: runs[0].rows[a].name.clone(),

@@ -23,3 +23,4 @@ pub mod predict;
 pub mod telemetry;
 pub mod torch_ext;
 pub mod train;
+pub mod translate;

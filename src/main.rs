@@ -65,6 +65,16 @@ enum Command {
         #[arg(long, default_value = "pipelines/synth.toml")]
         config: PathBuf,
     },
+    /// Algorithm 1, line 1: translate the source images toward the target's look
+    /// ([translate] of the config: CycleGAN or FDA) into data.source.root; checkpoints in
+    /// runs/<name>/translate/.
+    Translate {
+        #[arg(long, default_value = "pipelines/synth.toml")]
+        config: PathBuf,
+        /// Go on from the newest CycleGAN checkpoint made with these settings and inputs.
+        #[arg(long = "continue")]
+        continue_run: bool,
+    },
     /// Train the configured stages; checkpoints go to runs/<name>/<stage>.safetensors.
     Train {
         #[arg(long, default_value = "pipelines/synth.toml")]
@@ -170,6 +180,18 @@ enum BenchCommand {
     /// ms/iter, images/s, peak GPU memory and operators per step of the real training step (seg-only and full
     /// ADA-MCU; fp32 and bf16 + channels-last), optionally beside bench/reference/ada_mcu_step.py.
     Step(StepArgs),
+    /// CycleGAN generator images/s (inference at the size of the translated images, and one
+    /// training iteration's images/s at the [translate] crop) and FDA images/s, on the
+    /// config's device.
+    Translate {
+        #[arg(long, default_value = "pipelines/gta5-cityscapes.toml")]
+        config: PathBuf,
+        /// HEIGHTxWIDTH of the translated images [default: 1052x1914, GTA5's frames]
+        #[arg(long, default_value = "1052x1914")]
+        size: String,
+        #[arg(long, default_value_t = 5)]
+        iterations: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -234,6 +256,23 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
             adamcu::demo::run(&load_config(&config, overrides)?)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Translate { config, continue_run } => {
+            let config = load_config(&config, overrides)?;
+            if let Some(address) = config.metrics.listen_address()? {
+                adamcu::telemetry::install_exporter(address)?;
+                tracing::info!("metrics on http://{address}/metrics");
+            }
+            let report = adamcu::translate::run(&config, continue_run, config.device()?)?;
+            println!(
+                "translated {} images into {} ({} skipped); colour distance to the target: raw {:.1}, translated {:.1}",
+                report.written,
+                config.data.source.as_ref().map(|s| s.root.display().to_string()).unwrap_or_default(),
+                report.skipped.len(),
+                report.raw_to_target,
+                report.translated_to_target
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Train { config, stage, init, ablation, resume, continue_run, accept_config_changes } => {
             let mut config = load_config(&config, overrides)?;
             if let Some(preset) = ablation {
@@ -250,6 +289,12 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
             predict(&load_config(&config, overrides)?, &checkpoint, &images, &out)
         }
         Command::Bench(BenchCommand::Step(args)) => bench_step(args, overrides),
+        Command::Bench(BenchCommand::Translate { config, size, iterations }) => {
+            let config = load_config(&config, overrides)?;
+            let (height, width) = parse_size(&size)?;
+            adamcu::bench::translate(&config, height, width, iterations)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(BenchCommand::Loader { dir, images, python, reference }) => {
             adamcu::bench::loader(&adamcu::bench::LoaderBenchOptions { dir, images, python, reference })?;
             Ok(ExitCode::SUCCESS)

@@ -43,6 +43,10 @@ pub const CONTRAST_ANCHORS: &str = "adamcu_contrast_anchors";
 pub const CONTRAST_POSITIVES: &str = "adamcu_contrast_positive_pairs";
 pub const CONTRAST_GRADIENT_RATIO: &str = "adamcu_contrast_gradient_ratio";
 pub const DCCM_MAX: &str = "adamcu_dccm_max";
+pub const TRANSLATE_ITERATIONS: &str = "adamcu_translate_iterations_total";
+pub const TRANSLATE_LOSS: &str = "adamcu_translate_loss";
+pub const TRANSLATE_IMAGES_PER_SECOND: &str = "adamcu_translate_images_per_second";
+pub const TRANSLATE_WRITTEN: &str = "adamcu_translate_written_images_total";
 
 /// Explicit buckets of the step-time histogram (seconds): CPU steps take 0.05-2 s, GPU ones
 /// 0.02-0.5 s.
@@ -121,6 +125,16 @@ fn describe() {
         measured on log steps."
     );
     describe_gauge!(DCCM_MAX, "The largest entry of the DCCM W.");
+    describe_counter!(
+        TRANSLATE_ITERATIONS,
+        "CycleGAN training iterations taken (one source and one target image each)."
+    );
+    describe_gauge!(TRANSLATE_LOSS, "CycleGAN loss of the last iteration, per term (g_gan, cycle, identity, d).");
+    describe_gauge!(
+        TRANSLATE_IMAGES_PER_SECOND,
+        "Images per second of the translation stage: training (source and target images) or writing."
+    );
+    describe_counter!(TRANSLATE_WRITTEN, "Translated source images written.");
     describe_gauge!(BUILD_INFO, "Always 1; labels give the adamcu and libtorch versions.");
 }
 
@@ -205,6 +219,21 @@ pub fn contrast_step(gradient_ratio: Option<f64>, dccm_max: f64) {
         gauge!(CONTRAST_GRADIENT_RATIO).set(ratio);
     }
     gauge!(DCCM_MAX).set(dccm_max);
+}
+
+/// One CycleGAN training iteration: its losses and the recent images per second.
+pub fn translate_iteration(losses: &[(&'static str, f64)], images_per_second: f64) {
+    counter!(TRANSLATE_ITERATIONS).increment(1);
+    gauge!(TRANSLATE_IMAGES_PER_SECOND, "phase" => "train").set(images_per_second);
+    for &(term, value) in losses {
+        gauge!(TRANSLATE_LOSS, "term" => term).set(value);
+    }
+}
+
+/// Translated images written so far and the recent rate.
+pub fn translate_written(images: u64, images_per_second: f64) {
+    counter!(TRANSLATE_WRITTEN).increment(images);
+    gauge!(TRANSLATE_IMAGES_PER_SECOND, "phase" => "write").set(images_per_second);
 }
 
 pub fn evaluation_failed() {

@@ -14,6 +14,8 @@ fn the_demo_prints_the_table_and_with_two_seeds_their_mean_and_spread() {
     config.demo.variants = vec![Preset::AlWoAs, Preset::Full];
     config.demo.repeats = 2;
     config.run.seed = 5;
+    // Algorithm 1 from line 1: the demo translates the raw source first.
+    common::translated_by_a_tiny_cyclegan(&mut config);
     let path = common::write_config(dir.path(), &config);
     let out = Command::new(env!("CARGO_BIN_EXE_adamcu")).args(["demo", "--config"]).arg(&path).output().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -22,7 +24,14 @@ fn the_demo_prints_the_table_and_with_two_seeds_their_mean_and_spread() {
     // One table row per method, in the paper's order, each mIoU with its spread over the seeds.
     let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| method")).collect();
     let names: Vec<&str> = rows.iter().map(|l| l.split('|').nth(1).unwrap().trim()).collect();
-    assert_eq!(names, ["source-only", "AL w/o AS", "full model (DCCM)", "target-supervised"], "{stdout}");
+    assert_eq!(
+        names,
+        ["source-only, untranslated", "source-only", "AL w/o AS", "full model (DCCM)", "target-supervised"],
+        "{stdout}"
+    );
+    // Source-only on the translated source beside the raw one, paired by seed (Table III).
+    assert!(stdout.contains("translation (Algorithm 1, line 1): source-only"), "{stdout}");
+    assert!(config.synth.root.join("source_translated").join(adamcu::translate::STAMP).exists());
     assert!(rows.iter().all(|l| l.contains(" ± ")), "{stdout}");
     assert!(stdout.contains("mean over seeds [5, 6]") && stdout.contains("closes"), "{stdout}");
 
@@ -35,6 +44,8 @@ fn the_demo_prints_the_table_and_with_two_seeds_their_mean_and_spread() {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run_dir.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["seeds"], serde_json::json!([5, 6]));
+    assert_eq!(report["translation"]["method"], "cyclegan");
+    assert!(report["per_seed"][1]["untranslated"]["miou"].is_number());
     assert_eq!(report["config"]["demo"]["repeats"], 2, "the report records its config");
     let miou = |seed: usize, row: usize| report["per_seed"][seed]["rows"][row]["miou"].as_f64().unwrap();
     assert!((0..4).any(|row| miou(0, row) != miou(1, row)), "both seeds gave the same results: {report}");
@@ -69,8 +80,9 @@ fn the_demo_prints_the_table_and_with_two_seeds_their_mean_and_spread() {
     assert!(compactness["intra_mean"].as_f64().unwrap() > compactness["inter_mean"].as_f64().unwrap(), "{compactness}");
     // Val curves (train.eval_every): the last point of an ADA row is the row's own figure.
     let curves = report["per_seed"][0]["curves"].as_array().unwrap();
-    assert_eq!(curves.len(), 4);
-    let last = curves[2][1].as_array().unwrap().last().unwrap();
+    assert_eq!(curves.len(), 5);
+    assert_eq!(curves[1][0], "source-only, untranslated");
+    let last = curves[3][1].as_array().unwrap().last().unwrap();
     assert_eq!(last["step"], 12);
     assert!((last["miou"].as_f64().unwrap() - miou(0, 2)).abs() < 1e-9, "{last} vs {}", miou(0, 2));
     // The budget says what it counts.

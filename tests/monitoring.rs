@@ -51,15 +51,19 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_and_rule_expression_returns
     let metrics_port = free_port();
     config.metrics.listen = format!("127.0.0.1:{metrics_port}");
     (config.train.checkpoint_every, config.train.eval_every) = (20, 20);
-    // One unreadable frame, so the loader-error panel has real data.
-    std::fs::write(dir.path().join("data/source/images/00003.png"), b"broken").unwrap();
+    // The daemon translates the source first (the translation panels' data).
+    translated_by_a_tiny_cyclegan(&mut config);
+    // One unreadable source label, so the loader-error panel has real data (the translation
+    // reads the images only).
+    std::fs::write(dir.path().join("data/source/labels/00003.png"), b"broken").unwrap();
     let config_path = write_config(dir.path(), &config);
+    let daemon_log = dir.path().join("daemon.log");
     let _daemon = Killed(
         Command::new(env!("CARGO_BIN_EXE_adamcu"))
             .args(["train", "--config"])
             .arg(&config_path)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&daemon_log).unwrap())
             .spawn()
             .unwrap(),
     );
@@ -90,7 +94,11 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_and_rule_expression_returns
                 break body;
             }
         }
-        assert!(Instant::now() < deadline, "the daemon never served its metrics");
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never served its metrics; its log:\n{}",
+            std::fs::read_to_string(&daemon_log).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(250));
     };
     let mut promtool = Command::new("promtool")

@@ -162,6 +162,30 @@ choice! {
     }
 }
 
+choice! {
+    /// Algorithm 1, line 1: how the source images are made to look like the target's
+    /// (`adamcu translate`, `src/translate/`).
+    pub enum TranslateMethod {
+        /// No translation: `data.source` is read as it is.
+        None,
+        /// CycleGAN (Zhu et al. 2017) trained between the source and the target train images.
+        Cyclegan,
+        /// Fourier domain adaptation (Yang and Soatto 2020): the source's low-frequency
+        /// amplitude spectrum swapped for a random target image's.
+        Fda,
+    }
+}
+
+choice! {
+    /// FDA's low-frequency window (`translate.fda_window`): the paper and its code differ.
+    pub enum FdaWindow {
+        /// The paper's M_beta: beta H rows and beta W columns either side of the centre.
+        PerSide,
+        /// The authors' code: floor(beta min(H, W)) either side on both axes.
+        Square,
+    }
+}
+
 impl Preset {
     /// The row's name in the demo's table and the paper's Table VI.
     pub fn row_name(self) -> &'static str {
@@ -204,12 +228,27 @@ mod tests {
         macro_rules! same {
             ($($t:ty),+) => { $(assert_eq!(serde_names::<$t>(), strum_names::<$t>(), stringify!($t));)+ };
         }
-        same!(DatasetKind, Split, OnBadSample, Arch, Backbone, BnStats, Precision, Schedule, Level, DccmFrom, Preset);
+        same!(
+            DatasetKind,
+            Split,
+            OnBadSample,
+            Arch,
+            Backbone,
+            BnStats,
+            Precision,
+            Schedule,
+            Level,
+            DccmFrom,
+            Preset,
+            TranslateMethod,
+            FdaWindow
+        );
         assert_eq!(strum_names::<Arch>(), ["deeplabv2", "deeplabv3plus"]);
         assert_eq!(strum_names::<Backbone>(), ["resnet101", "resnet50", "resnet18", "tiny"]);
         assert_eq!(strum_names::<Precision>(), ["fp32", "bf16"]);
         assert_eq!(strum_names::<Preset>(), ["al-wo-as", "al-w-as", "mcu-i", "mcu-d", "p2p", "p2p-c2c", "full"]);
         assert_eq!(strum_names::<Level>(), ["intra-image", "cross-image", "cross-domain"]);
+        assert_eq!(strum_names::<TranslateMethod>(), ["none", "cyclegan", "fda"]);
         assert_eq!(allowed(&["a", "b", "c"]), "\"a\", \"b\" or \"c\"");
     }
 }

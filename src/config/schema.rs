@@ -24,6 +24,7 @@ pub struct Config {
     pub contrast: ContrastConfig,
     pub demo: DemoConfig,
     pub metrics: MetricsConfig,
+    pub translate: TranslateConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -115,15 +116,14 @@ impl Default for DataConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SynthConfig {
-    /// Where the benchmark is written; `source/`, `source_translated/`, `target/` below it.
+    /// Where the benchmark is written: the raw source in `source/`, the target in `target/`
+    /// (`adamcu translate` writes the translated source beside them).
     pub root: PathBuf,
     pub width: u32,
     pub height: u32,
     pub source_images: usize,
     pub target_train_images: usize,
     pub target_val_images: usize,
-    /// How far (0..1) the "translated" source moves its appearance toward the target's.
-    pub translation_strength: f32,
     pub seed: u64,
 }
 
@@ -136,7 +136,6 @@ impl Default for SynthConfig {
             source_images: 400,
             target_train_images: 300,
             target_val_images: 100,
-            translation_strength: 0.3,
             seed: 7,
         }
     }
@@ -374,6 +373,72 @@ impl MetricsConfig {
             return Ok(None);
         }
         Ok(Some(self.listen.parse().map_err(|e| anyhow::anyhow!("metrics.listen = {:?}: {e}", self.listen))?))
+    }
+}
+
+/// Algorithm 1, line 1: the translation of the source images toward the target's look
+/// (`adamcu translate`). It reads the original source set (`data.source.labels_kind` at
+/// `data.source.labels_root`) and the target train images (no labels), and writes the
+/// translated set, same file names, to `data.source.root` (`kind = "translated"`).
+/// The CycleGAN defaults are the published ones (Zhu et al. 2017 and its reference code).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TranslateConfig {
+    pub method: TranslateMethod,
+    /// Seed of the networks' initialisation, the data order, crops and the history pool.
+    pub seed: u64,
+    /// CycleGAN: the ResNet generator's width (ngf) and residual blocks.
+    pub generator_width: i64,
+    pub generator_blocks: i64,
+    /// CycleGAN: the PatchGAN discriminator's width (ndf) and strided layers (3: 70x70 patches).
+    pub discriminator_width: i64,
+    pub discriminator_layers: i64,
+    /// CycleGAN: training images are resized to `load_size` [height, width] ([0, 0]: as stored),
+    /// then a random `crop` [height, width] is taken and flipped with probability 1/2.
+    pub load_size: [u32; 2],
+    pub crop: [u32; 2],
+    /// CycleGAN: epochs at the full learning rate, then epochs of linear decay to zero. An
+    /// epoch is max(|source|, |target|) iterations of one image each.
+    pub epochs: usize,
+    pub epochs_decay: usize,
+    /// CycleGAN: Adam's learning rate and beta1 (beta2 = 0.999).
+    pub lr: f64,
+    pub beta1: f64,
+    /// CycleGAN: the cycle-consistency weight (lambda) and the identity weight as a fraction
+    /// of it.
+    pub cycle_weight: f64,
+    pub identity_weight: f64,
+    /// CycleGAN: the history of generated images the discriminators also see.
+    pub pool_size: usize,
+    /// CycleGAN: iterations between checkpoints (`translate --continue` goes on from the newest).
+    pub checkpoint_every: usize,
+    /// FDA: the low-frequency window's half-side as a fraction of min(height, width).
+    pub fda_beta: f64,
+    pub fda_window: FdaWindow,
+}
+
+impl Default for TranslateConfig {
+    fn default() -> Self {
+        TranslateConfig {
+            method: TranslateMethod::None,
+            seed: 0,
+            generator_width: 64,
+            generator_blocks: 9,
+            discriminator_width: 64,
+            discriminator_layers: 3,
+            load_size: [286, 286],
+            crop: [256, 256],
+            epochs: 100,
+            epochs_decay: 100,
+            lr: 2e-4,
+            beta1: 0.5,
+            cycle_weight: 10.0,
+            identity_weight: 0.5,
+            pool_size: 50,
+            checkpoint_every: 1000,
+            fda_beta: 0.01,
+            fda_window: FdaWindow::PerSide,
+        }
     }
 }
 

@@ -16,6 +16,8 @@ fn choice_keys() -> Vec<(String, &'static [&'static str])> {
         ("contrast.levels".into(), Level::VARIANTS),
         ("contrast.dccm_from".into(), DccmFrom::VARIANTS),
         ("demo.variants".into(), Preset::VARIANTS),
+        ("translate.method".into(), TranslateMethod::VARIANTS),
+        ("translate.fda_window".into(), FdaWindow::VARIANTS),
     ];
     for set in ["data.source", "data.target", "data.target_val"] {
         keys.push((format!("{set}.kind"), DatasetKind::VARIANTS));
@@ -122,11 +124,67 @@ impl Config {
         check(s.source_images >= 1, "synth.source_images", s.source_images.to_string(), "at least 1");
         check(s.target_train_images >= 1, "synth.target_train_images", s.target_train_images.to_string(), "at least 1");
         check(s.target_val_images >= 1, "synth.target_val_images", s.target_val_images.to_string(), "at least 1");
+
+        let t = &self.translate;
+        if t.method != TranslateMethod::None {
+            let source = self.data.source.as_ref();
+            check(
+                source.is_some_and(|s| {
+                    s.kind == DatasetKind::Translated && s.labels_kind.is_some() && s.labels_root.is_some()
+                }),
+                "data.source.kind",
+                source.map_or("(no data.source)".into(), |s| format!("{:?}", s.kind.name())),
+                "\"translated\" with labels_kind and labels_root (the original set) when translate.method is not \"none\": \
+                 the translation reads the original set and writes data.source.root",
+            );
+            check(
+                self.data.target.is_some(),
+                "data.target",
+                "(missing)".into(),
+                "the target train set the translation looks like",
+            );
+        }
         check(
-            (0.0..=1.0).contains(&s.translation_strength),
-            "synth.translation_strength",
-            s.translation_strength.to_string(),
-            "a fraction in [0, 1]",
+            t.generator_width >= 1 && t.discriminator_width >= 1,
+            "translate.generator_width / discriminator_width",
+            format!("{} / {}", t.generator_width, t.discriminator_width),
+            "at least 1",
+        );
+        check(t.generator_blocks >= 0, "translate.generator_blocks", t.generator_blocks.to_string(), "at least 0");
+        check(
+            (1..=6).contains(&t.discriminator_layers),
+            "translate.discriminator_layers",
+            t.discriminator_layers.to_string(),
+            "1 to 6 (3: the 70x70 PatchGAN)",
+        );
+        check(
+            t.crop[0] >= 16 && t.crop[1] >= 16 && t.crop.iter().all(|c| c.is_multiple_of(4)),
+            "translate.crop",
+            format!("{:?}", t.crop),
+            "[height, width], each a multiple of 4 and at least 16",
+        );
+        check(
+            t.load_size == [0, 0] || (t.load_size[0] >= t.crop[0] && t.load_size[1] >= t.crop[1]),
+            "translate.load_size",
+            format!("{:?}", t.load_size),
+            "[0, 0] (as stored) or [height, width] at least translate.crop",
+        );
+        check(
+            t.epochs + t.epochs_decay >= 1,
+            "translate.epochs",
+            t.epochs.to_string(),
+            "epochs + epochs_decay at least 1",
+        );
+        check(t.lr > 0.0, "translate.lr", t.lr.to_string(), "a positive learning rate");
+        check((0.0..1.0).contains(&t.beta1), "translate.beta1", t.beta1.to_string(), "in [0, 1)");
+        check(t.cycle_weight >= 0.0, "translate.cycle_weight", t.cycle_weight.to_string(), "at least 0");
+        check(t.identity_weight >= 0.0, "translate.identity_weight", t.identity_weight.to_string(), "at least 0");
+        check(t.checkpoint_every >= 1, "translate.checkpoint_every", t.checkpoint_every.to_string(), "at least 1");
+        check(
+            t.fda_beta > 0.0 && t.fda_beta <= 0.5,
+            "translate.fda_beta",
+            t.fda_beta.to_string(),
+            "in (0, 0.5] (FDA's beta: 0.01 to 0.09 in its paper)",
         );
 
         let a = &self.augment;

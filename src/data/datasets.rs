@@ -154,6 +154,15 @@ fn cityscapes(root: &Path, split: &str) -> Result<Listing, DataError> {
     non_empty(Listing { samples, skipped, encoding: LabelEncoding::CityscapesIds }, root)
 }
 
+/// The folder a `translated` set's images are in: `<root>/images` if there is one, else `<root>`.
+pub fn translated_image_dir(root: &Path) -> PathBuf {
+    if root.join("images").is_dir() {
+        root.join("images")
+    } else {
+        root.to_path_buf()
+    }
+}
+
 fn translated(set: &DatasetConfig) -> Result<Listing, DataError> {
     let labels_kind = set.labels_kind.ok_or_else(|| {
         DataError::new(DataErrorKind::Layout, &set.root, "a translated set needs labels_kind (the original set)")
@@ -162,7 +171,7 @@ fn translated(set: &DatasetConfig) -> Result<Listing, DataError> {
         DataError::new(DataErrorKind::Layout, &set.root, "a translated set needs labels_root (the original set's root)")
     })?;
     let original = list(&DatasetConfig::at(labels_kind, labels_root))?;
-    let image_dir = if set.root.join("images").is_dir() { set.root.join("images") } else { set.root.clone() };
+    let image_dir = translated_image_dir(&set.root);
     require_dir(&image_dir, "a folder of translated images")?;
     let translated = png_files(&image_dir)?;
     // Pair by file name, never by index: published translated sets lack some frames.

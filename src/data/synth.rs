@@ -1,6 +1,7 @@
 //! The embedded default benchmark: procedural street scenes written to disk in the GTA5
-//! layout (source, plus a CycleGAN-like "translated" variant) and the Cityscapes layout
-//! (target train/val), with Cityscapes label ids, so the real readers serve it.
+//! layout (the raw source) and the Cityscapes layout (target train/val), with Cityscapes
+//! label ids, so the real readers serve it. The translated source is not drawn here: as in
+//! Algorithm 1, it comes from the translation stage (`adamcu translate`, `src/translate/`).
 //!
 //! The domain shift is built in on purpose (see `datasets/synth.md`): palettes and lighting,
 //! texture and sensor noise, blur, camera height, class frequencies, and classes whose source
@@ -149,26 +150,6 @@ fn style(domain: Domain) -> Style {
             poles: 4.0,
             ego_rows: 0.06,
         },
-    }
-}
-
-/// The source style moved `strength` of the way toward the target (the "translated" set).
-fn translated_style(strength: f32) -> Style {
-    let (s, t) = (style(Domain::Source), style(Domain::Target));
-    let lerp = |a: f32, b: f32| a + (b - a) * strength;
-    let mut palette = s.palette;
-    for (p, q) in palette.iter_mut().zip(t.palette.iter()) {
-        for c in 0..3 {
-            p[c] = lerp(p[c], q[c]);
-        }
-    }
-    Style {
-        palette,
-        texture: lerp(s.texture, t.texture),
-        noise: lerp(s.noise, t.noise),
-        blur: if strength >= 0.5 { t.blur } else { s.blur },
-        brightness: (lerp(s.brightness.0, t.brightness.0), lerp(s.brightness.1, t.brightness.1)),
-        ..s
     }
 }
 
@@ -412,17 +393,12 @@ where
 /// Paths of the generated benchmark below `root`.
 pub struct SynthLayout {
     pub source: PathBuf,
-    pub translated: PathBuf,
     pub target: PathBuf,
 }
 
 impl SynthLayout {
     pub fn new(root: &Path) -> SynthLayout {
-        SynthLayout {
-            source: root.join("source"),
-            translated: root.join("source_translated"),
-            target: root.join("target"),
-        }
+        SynthLayout { source: root.join("source"), target: root.join("target") }
     }
 }
 
@@ -440,16 +416,23 @@ pub fn generate(config: &SynthConfig) -> anyhow::Result<SynthLayout> {
     if std::fs::read_to_string(&stamp).ok().as_deref() == Some(settings.as_str()) {
         return Ok(layout);
     }
+    // A new benchmark replaces the old one whole, and with it the translation of its source
+    // (`source_translated/`: written by the translation stage, or by versions of this
+    // generator before it, which drew a translated copy themselves).
+    for dir in [&layout.source, &layout.target, &config.root.join("source_translated")] {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("{}: cannot remove the old benchmark: {e}", dir.display()))?;
+        }
+    }
     let (w, h) = (config.width, config.height);
     let source_style = style(Domain::Source);
-    let translated = translated_style(config.translation_strength);
     let target_style = style(Domain::Target);
     (0..config.source_images).into_par_iter().try_for_each(|i| -> anyhow::Result<()> {
         let name = format!("{:05}.png", i + 1);
         let mut rng = image_rng(config.seed, 1, i);
         let ids = scene(w, h, &source_style, &mut rng);
-        write_png(&render(&ids, w, h, &source_style, &mut rng.clone()), &layout.source.join("images").join(&name))?;
-        write_png(&render(&ids, w, h, &translated, &mut rng), &layout.translated.join("images").join(&name))?;
+        write_png(&render(&ids, w, h, &source_style, &mut rng), &layout.source.join("images").join(&name))?;
         write_png(&GrayImage::from_raw(w, h, ids).unwrap(), &layout.source.join("labels").join(&name))
     })?;
     let splits = [("train", config.target_train_images, 2u64), ("val", config.target_val_images, 3u64)];

@@ -52,6 +52,9 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
     let rotation = Rotation { dir: run_dir.join("checkpoints"), keep: config.train.keep_checkpoints };
     rotation.remove_unfinished()?;
     let ledger_path = run_dir.join("ledger.bin");
+    // Algorithm 1, line 1, when the translated source is missing or stale (its own checkpoints
+    // in <run dir>/translate/ make it resumable; it finishes before a stop request is seen).
+    crate::translate::ensure(config, config.device()?)?;
     open_every_set(config)?;
     let mut trainer = Trainer::new(config)?;
 

@@ -106,3 +106,94 @@ impl Sgd {
         Ok(())
     }
 }
+
+/// Adam as torch.optim.Adam computes it (no weight decay, no AMSGrad): the CycleGAN's
+/// optimizer. Like `Sgd`, it owns its moments and step so that a checkpoint holds them.
+pub struct Adam {
+    params: BTreeMap<String, Tensor>,
+    first: BTreeMap<String, Tensor>,
+    second: BTreeMap<String, Tensor>,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub step: u64,
+}
+
+impl Adam {
+    /// Adam over `params` (name, variable).
+    pub fn new(params: Vec<(String, Tensor)>, betas: (f64, f64)) -> Adam {
+        Adam {
+            params: params.into_iter().collect(),
+            first: BTreeMap::new(),
+            second: BTreeMap::new(),
+            betas,
+            eps: 1e-8,
+            step: 0,
+        }
+    }
+
+    pub fn zero_grad(&mut self) {
+        let params: Vec<&Tensor> = self.params.values().collect();
+        crate::torch_ext::clear_grads(&params);
+    }
+
+    /// One update at learning rate `lr` of every parameter that has a gradient:
+    /// m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2,
+    /// p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+    pub fn update(&mut self, lr: f64) {
+        self.step += 1;
+        let (b1, b2) = self.betas;
+        let t = self.step as i32;
+        let (correction1, correction2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        tch::no_grad(|| {
+            for (name, param) in &self.params {
+                let grad = param.grad();
+                if !grad.defined() {
+                    continue;
+                }
+                let m = self.first.entry(name.clone()).or_insert_with(|| param.zeros_like());
+                let v = self.second.entry(name.clone()).or_insert_with(|| param.zeros_like());
+                let _ = m.lerp_(&grad, 1.0 - b1);
+                let _ = v.g_mul_scalar_(b2).addcmul_(&grad, &(&grad * (1.0 - b2)));
+                let denom = v.sqrt() / correction2.sqrt() + self.eps;
+                let mut param = param.shallow_clone();
+                let _ = param.addcdiv_(&(&*m * (-lr / correction1)), &denom);
+            }
+        });
+    }
+
+    /// Moments (`m.<name>`, `v.<name>`) and the step, for a checkpoint.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> = Vec::new();
+        for (prefix, moments) in [("m", &self.first), ("v", &self.second)] {
+            out.extend(moments.iter().map(|(n, t)| (format!("{prefix}.{n}"), t.shallow_clone())));
+        }
+        out.push(("step".into(), Tensor::from_slice(&[self.step as i64])));
+        out
+    }
+
+    pub fn load_state(&mut self, tensors: &[(String, Tensor)]) -> Result<()> {
+        self.first.clear();
+        self.second.clear();
+        let mut step = None;
+        for (key, t) in tensors {
+            let (moments, name) = match key.split_once('.') {
+                _ if key == "step" => {
+                    step = Some(t.to_kind(Kind::Int64).int64_value(&[0]) as u64);
+                    continue;
+                }
+                Some(("m", name)) => (&mut self.first, name),
+                Some(("v", name)) => (&mut self.second, name),
+                _ => bail!("optimizer state has an unknown entry {key}"),
+            };
+            let Some(param) = self.params.get(name) else {
+                bail!("optimizer state has moments for {name}, which this model does not train");
+            };
+            if param.size() != t.size() {
+                bail!("optimizer moment {key} has shape {:?}, the parameter {:?}", t.size(), param.size());
+            }
+            moments.insert(name.to_string(), t.to(param.device()).to_kind(param.kind()));
+        }
+        self.step = step.ok_or_else(|| anyhow::anyhow!("optimizer state lacks its step"))?;
+        Ok(())
+    }
+}

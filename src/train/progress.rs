@@ -10,6 +10,8 @@ pub struct Progress {
     bar: Option<ProgressBar>,
     total: u64,
     done: u64,
+    /// Steps done before this process started (a resumed job): not in the rate.
+    first: u64,
     every: u64,
     started: Instant,
     recent_loss: f64,
@@ -32,34 +34,47 @@ impl Progress {
             bar,
             total,
             done: 0,
+            first: 0,
             every: every.max(1),
             started: Instant::now(),
             recent_loss: f64::NAN,
         }
     }
 
+    /// A job resumed at `done` of its steps: the bar starts there, the rate counts from there.
+    pub fn resume_at(&mut self, done: u64) {
+        (self.done, self.first) = (done, done);
+        if let Some(bar) = &self.bar {
+            bar.set_position(done);
+        }
+        self.started = Instant::now();
+    }
+
+    /// One training step with its loss and learning rate.
     pub fn step(&mut self, loss: f64, lr: f64) {
-        self.done += 1;
         // A smoothed loss reads better than the noisy per-step value.
         self.recent_loss = if self.recent_loss.is_nan() { loss } else { 0.95 * self.recent_loss + 0.05 * loss };
+        let message = format!("loss {:.4} lr {lr:.2e}", self.recent_loss);
+        self.advance(&message);
+    }
+
+    /// One item of a job without a loss (writing images, evaluating).
+    pub fn tick(&mut self) {
+        self.advance("");
+    }
+
+    fn advance(&mut self, message: &str) {
+        self.done += 1;
         match &self.bar {
             Some(bar) => {
-                bar.set_message(format!("loss {:.4} lr {lr:.2e}", self.recent_loss));
+                bar.set_message(message.to_string());
                 bar.inc(1);
             }
             None if self.done.is_multiple_of(self.every) || self.done == self.total => {
                 let elapsed = self.started.elapsed().as_secs_f64();
-                let rate = self.done as f64 / elapsed.max(1e-9);
+                let rate = (self.done - self.first) as f64 / elapsed.max(1e-9);
                 let eta = (self.total - self.done) as f64 / rate.max(1e-9);
-                tracing::info!(
-                    "{} {}/{} {:.2} it/s ETA {:.0}s loss {:.4} lr {lr:.2e}",
-                    self.name,
-                    self.done,
-                    self.total,
-                    rate,
-                    eta,
-                    self.recent_loss
-                );
+                tracing::info!("{} {}/{} {:.2} it/s ETA {:.0}s {message}", self.name, self.done, self.total, rate, eta);
             }
             None => {}
         }

@@ -86,8 +86,28 @@ pub fn synthetic_config(dir: &Path, size: (u32, u32), counts: (usize, usize, usi
     });
     c.augment.crop = [size.1, size.0];
     c.model.tiny_width = 8;
+    // The raw source as it is; `translated_by_a_tiny_cyclegan` adds Algorithm 1's line 1.
+    c.translate.method = adamcu::config::TranslateMethod::None;
     adamcu::data::synth::generate(&c.synth).unwrap();
     c
+}
+
+/// Makes `synthetic_config`'s source the translated one: a tiny CycleGAN (ngf 4, one block,
+/// ndf 4, 2 layers, 16x32 crops, 2 epochs) writes it to `data/source_translated` when a job
+/// starts.
+pub fn translated_by_a_tiny_cyclegan(c: &mut adamcu::config::Config) {
+    use adamcu::config::{DatasetConfig, DatasetKind, TranslateMethod};
+    let data = c.synth.root.clone();
+    c.data.source = Some(DatasetConfig {
+        labels_kind: Some(DatasetKind::Gta5),
+        labels_root: Some(data.join("source")),
+        ..DatasetConfig::at(DatasetKind::Translated, data.join("source_translated"))
+    });
+    c.translate.method = TranslateMethod::Cyclegan;
+    (c.translate.generator_width, c.translate.generator_blocks) = (4, 1);
+    (c.translate.discriminator_width, c.translate.discriminator_layers) = (4, 2);
+    (c.translate.load_size, c.translate.crop) = ([0, 0], [16, 32]);
+    (c.translate.epochs, c.translate.epochs_decay, c.translate.checkpoint_every) = (1, 1, 5);
 }
 
 /// A tiny daemon config (64x32 frames, metrics off, checkpoints every 7 steps).
