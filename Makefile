@@ -19,8 +19,17 @@ endif
 # Python of the libtorch virtualenv, for the reference scripts in bench/reference/.
 REF_PYTHON := $(abspath $(LIBTORCH)/../../../../bin/python)
 
-.PHONY: build demo test test-deps lint doctor bench-loader
-build:
+.PHONY: build sys-deps demo test test-deps lint doctor bench-loader
+# The demo's charts (plotters) draw text in a system font found through fontconfig: its and
+# FreeType's headers at build time (Debian: libfontconfig1-dev, libfreetype-dev, which bring a
+# font), installed with apt-get if missing (sudo when not root).
+sys-deps:
+	@pkg-config --exists fontconfig freetype2 2>/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    pkg-config libfontconfig1-dev libfreetype-dev fonts-dejavu-core; }
+
+build: sys-deps
 	$(CARGO) build --release --locked
 ifneq ($(TARGET_DIR),target)
 	mkdir -p target/release && ln -sf "$(abspath $(BIN))" target/release/adamcu
@@ -34,9 +43,10 @@ demo: build
 	./target/release/adamcu demo --config $(CONFIG)
 
 # The monitoring test runs a real Prometheus server: Debian's `prometheus` package. The step
-# benchmark's test runs bench/reference/ada_mcu_step.py, which builds torchvision's ResNet-101.
+# benchmark's test runs bench/reference/ada_mcu_step.py, which builds torchvision's ResNet-101;
+# the eval test runs the Cityscapes evaluation scripts (PyPI cityscapesscripts) as the reference.
 test-deps:
-	$(REF_PYTHON) -m pip install --quiet --disable-pip-version-check torchvision==0.26.0
+	$(REF_PYTHON) -m pip install --quiet --disable-pip-version-check torchvision==0.26.0 cityscapesscripts==2.3.0
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }

@@ -47,6 +47,13 @@ if [[ $DEVICE == cuda* || -n "${SOURCE_SIZE:-}" ]]; then
     --iterations "${ITERATIONS:-20}" --warmup "${WARMUP:-5}" --top-ops 12 --python "${PYTHON:-python3}"
 fi
 
+# The translation stage (Algorithm 1, line 1) at the paper config's sizes: the CycleGAN
+# generator (ngf 64, 9 blocks) translating GTA5-sized frames, one training iteration at the
+# 256x256 crop, and FDA. On another device only at TRANSLATE_SIZE (and TRANSLATE_SETS).
+section "translation stage: CycleGAN generator, a training iteration and FDA, images/s" \
+  "$BIN" bench translate --config pipelines/gta5-cityscapes.toml --set "run.device=\"$DEVICE\"" \
+  --size "${TRANSLATE_SIZE:-1052x1914}" --iterations "${ITERATIONS:-5}" ${TRANSLATE_SETS:-}
+
 # The synthetic benchmark at 2048x1024 (like Cityscapes; GTA5 frames are 1914x1052) in the
 # real layouts, read through pipelines/gta5-cityscapes.toml with random weights (no ImageNet
 # file on this machine), so BatchNorm on batch statistics: the stored ones of an untrained
@@ -58,8 +65,11 @@ data_wait() {
     --set "synth.source_images=${SYNTH_IMAGES:-120}" --set "synth.target_train_images=${SYNTH_IMAGES:-120}" \
     --set synth.target_val_images=2 || return
   grep -v '^pretrained' pipelines/gta5-cityscapes.toml > "$WORK/paper-synth.toml"
+  # Algorithm 1 from line 1, by FDA on the device (the paper config's CycleGAN would train
+  # for days at these sizes; the translation section below times it).
   GTA5_TRANSLATED="$WORK/synth/source_translated" GTA5_ROOT="$WORK/synth/source" CITYSCAPES_ROOT="$WORK/synth/target" \
     "$BIN" train --config "$WORK/paper-synth.toml" --stage all --set "run.runs_dir=\"$WORK/runs\"" --set "run.device=\"$DEVICE\"" \
+    --set 'translate.method="fda"' \
     --set "train.source_iterations=${SOURCE_STEPS:-20}" --set "active.iterations=${ADA_STEPS:-300}" \
     --set train.log_every=50 --set 'model.bn_stats="batch"' --set 'train.precision="bf16"' \
     --set train.channels_last=true ${EXTRA_SETS:-} 2>&1

@@ -30,6 +30,42 @@ struct SeedRun {
     embeddings: Vec<(Preset, Tensor, Tensor, Compactness)>,
     /// Each row's target val mIoU over its steps (`train.eval_every`; empty when 0).
     curves: Vec<(String, Vec<CurvePoint>)>,
+    /// Each row's loss at every step.
+    losses: Vec<(String, Vec<f64>)>,
+    /// Each ADA row's labelled fraction after every step.
+    spending: Vec<(String, Vec<(u64, f64)>)>,
+    /// Fig. 4: each row's predictions of the first `FIG4_IMAGES` target val images.
+    fig4: Vec<(String, Vec<Vec<u8>>)>,
+}
+
+/// Target val images in Fig. 4.
+const FIG4_IMAGES: usize = 4;
+
+/// The first `FIG4_IMAGES` target val images and their ground truth (training ids).
+fn fig4_images(config: &Config) -> Result<Vec<(crate::data::datasets::Rgb, Vec<u8>)>> {
+    let val = crate::train::open_set(&config.data.target_val, "data.target_val", config.data.classes)?;
+    (0..val.len().min(FIG4_IMAGES))
+        .map(|i| {
+            let (rgb, label) = val.load_full(i).map_err(anyhow::Error::msg)?;
+            Ok((rgb, label.ids))
+        })
+        .collect()
+}
+
+/// `trainer`'s predictions (training ids at full size) of the Fig. 4 images.
+fn fig4_predictions(trainer: &Trainer) -> Result<Vec<Vec<u8>>> {
+    let options =
+        crate::train::eval::EvalOptions { flip: trainer.config.eval.flip, input_size: trainer.config.eval.input_size };
+    fig4_images(&trainer.config)?
+        .iter()
+        .map(|(rgb, _)| {
+            let ids =
+                tch::no_grad(|| crate::train::eval::predict_full(&trainer.model, &trainer.normaliser, rgb, &options))
+                    .to_kind(tch::Kind::Uint8)
+                    .to_device(tch::Device::Cpu);
+            Ok(Vec::<u8>::try_from(ids.flatten(0, -1))?)
+        })
+        .collect()
 }
 
 /// The row of source-only trained on the raw source.
@@ -149,6 +185,7 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
             fig5.display()
         );
     }
+    let figures = draw_figures(config, &runs)?;
     let seconds = started.elapsed().as_secs_f64();
     println!("demo took {seconds:.0} s");
     let per_seed: Vec<_> = runs
@@ -157,7 +194,7 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
         .collect();
     let report = json!({ "run": config.run.name, "seconds": seconds, "seeds": seeds, "rows": rows,
         "untranslated": untranslated, "translation": translation,
-        "paired_gains": gains, "compactness": compactness_rows, "per_seed": per_seed, "budget_pixels": runs[0].budgets.first().map(|b| b.pixels.clone()),
+        "paired_gains": gains, "compactness": compactness_rows, "figures": figures, "per_seed": per_seed, "budget_pixels": runs[0].budgets.first().map(|b| b.pixels.clone()),
         "config": config.recorded() });
     let path = config.run_dir().join("report.json");
     crate::files::write_atomically(&path, |temp| {
@@ -175,7 +212,8 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
     trainer.curve_every = config.demo.eval_every;
     tracing::info!("device {:?}; seed {}; run dir {}", trainer.device, config.run.seed, run_dir.display());
 
-    let source_curve = trainer.train_supervised(SupervisedStage::Source, config.train.source_iterations)?.curve;
+    let source_record = trainer.train_supervised(SupervisedStage::Source, config.train.source_iterations)?;
+    let source_curve = source_record.curve;
     let source = run_dir.join("source.safetensors");
     trainer.save(&source, None, json!({"stage": "source"}))?;
     let source_only = trainer.evaluate("source-only", 0.0)?;
@@ -184,12 +222,18 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
         "source-only".to_string(),
         trainer.curve_end(source_curve, config.train.source_iterations, &source_only),
     )];
+    let mut losses = vec![("source-only".to_string(), source_record.losses)];
+    let mut fig4 = vec![("source-only".to_string(), fig4_predictions(&trainer)?)];
+    let mut spending = Vec::new();
     let untranslated =
         match crate::translate::untranslated(config).filter(|_| config.translate.method != TranslateMethod::None) {
             Some(raw_config) => {
                 let mut raw = Trainer::new(&raw_config)?;
                 raw.curve_every = config.demo.eval_every;
-                let curve = raw.train_supervised(SupervisedStage::Source, config.train.source_iterations)?.curve;
+                let record = raw.train_supervised(SupervisedStage::Source, config.train.source_iterations)?;
+                let curve = record.curve;
+                losses.push((UNTRANSLATED.to_string(), record.losses));
+                fig4.insert(0, (UNTRANSLATED.to_string(), fig4_predictions(&raw)?));
                 raw.save(
                     &run_dir.join("source-untranslated.safetensors"),
                     None,
@@ -242,6 +286,9 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
             embeddings.push((variant, points, classes, c));
         }
         curves.push((row.name.clone(), ada.curve_end(summary.curve.clone(), config.active.iterations, &row)));
+        losses.push((row.name.clone(), summary.trace.iter().map(|t| t.loss).collect()));
+        spending.push((row.name.clone(), summary.trace.iter().map(|t| (t.step, t.labelled_fraction)).collect()));
+        fig4.push((row.name.clone(), fig4_predictions(&ada)?));
         budgets.push(summary);
         rows.push(row);
     }
@@ -251,8 +298,82 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
     trainer.save(&run_dir.join("target-supervised.safetensors"), None, json!({"stage": "target-supervised"}))?;
     let row = trainer.evaluate("target-supervised", 1.0)?;
     curves.push(("target-supervised".to_string(), trainer.curve_end(record.curve, iterations, &row)));
+    losses.push(("target-supervised".to_string(), record.losses));
+    fig4.push(("target-supervised".to_string(), fig4_predictions(&trainer)?));
     rows.push(row);
-    Ok(SeedRun { seed: config.run.seed, untranslated, rows, budgets, embeddings, curves })
+    Ok(SeedRun { seed: config.run.seed, untranslated, rows, budgets, embeddings, curves, losses, spending, fig4 })
+}
+
+/// Fig. 4 (`fig4.png`), the val mIoU and loss over each row's steps (`curves.png`) and the
+/// labelled pixels over each ADA row's steps (`budget.png`), beside `report.json`; the mIoU
+/// curves are the mean over seeds, the rest from the first seed. Returns the files by name.
+fn draw_figures(config: &Config, runs: &[SeedRun]) -> Result<serde_json::Value> {
+    use crate::figures::{charts, prediction_grid, smoothed, Chart, Series};
+    let dir = config.run_dir();
+    let first = &runs[0];
+    let fig4 = dir.join("fig4.png");
+    prediction_grid(&fig4, &fig4_images(config)?, &first.fig4, config.data.classes)?;
+    let miou: Vec<Series> = first
+        .curves
+        .iter()
+        .enumerate()
+        .map(|(i, (name, curve))| Series {
+            name: name.clone(),
+            points: (0..curve.len())
+                .map(|k| {
+                    let mean = runs.iter().map(|r| r.curves[i].1[k].miou).sum::<f64>() / runs.len() as f64;
+                    (curve[k].step as f64, mean)
+                })
+                .collect(),
+        })
+        .collect();
+    let loss: Vec<Series> = first
+        .losses
+        .iter()
+        .map(|(name, values)| Series {
+            name: name.clone(),
+            points: smoothed(values, 25).into_iter().enumerate().map(|(k, v)| ((k + 1) as f64, v)).collect(),
+        })
+        .collect();
+    let curves = dir.join("curves.png");
+    let miou_chart =
+        Chart { title: "target val mIoU over each row's steps", x: "step", y: "mIoU (%)", series: &miou, limit: None };
+    let loss_chart =
+        Chart { title: "training loss (moving average of 25 steps)", x: "step", y: "loss", series: &loss, limit: None };
+    charts(&curves, &[miou_chart, loss_chart], 720, 480)?;
+    let mut files = json!({ "fig4": fig4, "curves": curves });
+    if let Some(summary) = first.budgets.first() {
+        let total = summary.total_pixels as f64;
+        let spent: Vec<Series> = first
+            .spending
+            .iter()
+            .map(|(name, trace)| Series {
+                name: name.clone(),
+                points: trace.iter().map(|&(step, fraction)| (step as f64, fraction * total / 1000.0)).collect(),
+            })
+            .collect();
+        let budget = dir.join("budget.png");
+        let y = "labelled target pixels Ma, thousands (training resolution)".to_string();
+        let chart = Chart {
+            title: "annotation spent over each ADA row's steps",
+            x: "step",
+            y: &y,
+            series: &spent,
+            limit: Some(("budget Me", summary.budget as f64 / 1000.0)),
+        };
+        charts(&budget, &[chart], 720, 480)?;
+        files["budget"] = budget.display().to_string().into();
+    }
+    println!(
+        "pictures: {} (Fig. 4: image, ground truth, each row), {} (val mIoU and loss over steps){}",
+        fig4.display(),
+        curves.display(),
+        files
+            .get("budget")
+            .and_then(|b| b.as_str())
+            .map_or(String::new(), |b| format!(", {b} (labelled pixels over steps)"))
+    );
+    Ok(files)
 }
 
 /// One row's mIoU gain over the row before, paired by seed (same seed: same source checkpoint

@@ -46,9 +46,9 @@ enum Command {
     Pack {
         #[arg(long, default_value = "pipelines/synth.toml")]
         config: PathBuf,
-        /// Which configured set: source, target or target_val.
-        #[arg(long)]
-        set: String,
+        /// Which configured data set ([data.source], [data.target] or [data.target_val]).
+        #[arg(long = "data-set", value_enum)]
+        data_set: DataSet,
         /// Output shard file.
         #[arg(long)]
         out: PathBuf,
@@ -109,9 +109,13 @@ enum Command {
         /// An adamcu checkpoint, or a peer's DeepLab v2 in ADVENT's naming (.pth, .safetensors).
         #[arg(long, conflicts_with = "predictions", required_unless_present = "predictions")]
         checkpoint: Option<PathBuf>,
-        /// Folder of `<sample id>.png` training-id masks (as `adamcu predict` writes).
+        /// Folder of prediction masks, one per val image: `<id>.png` with training ids (as
+        /// `adamcu predict` writes) or `<id>_labelIds.png` with Cityscapes label ids.
         #[arg(long)]
         predictions: Option<PathBuf>,
+        /// What the prediction masks hold (with --predictions).
+        #[arg(long, value_enum, default_value_t = adamcu::predict::PredictionIds::Auto, requires = "predictions")]
+        ids: adamcu::predict::PredictionIds,
         /// Average with the horizontally flipped prediction.
         #[arg(long)]
         flip: bool,
@@ -156,9 +160,9 @@ enum DatasetsCommand {
     Check {
         #[arg(long, default_value = "pipelines/synth.toml")]
         config: PathBuf,
-        /// Only this set (source, target or target_val); default all configured.
-        #[arg(long)]
-        set: Option<String>,
+        /// Only this configured data set; default every configured one.
+        #[arg(long = "data-set", value_enum)]
+        data_set: Option<DataSet>,
     },
 }
 
@@ -226,17 +230,47 @@ fn load_config(path: &Path, overrides: &[String]) -> Result<Config> {
     Ok(Config::load_with_overrides(path, overrides)?)
 }
 
+/// A configured data set, as `datasets check` and `pack` choose one (not `--set`, which
+/// overrides config values for every subcommand).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DataSet {
+    Source,
+    Target,
+    #[value(name = "target_val")]
+    TargetVal,
+}
+
+impl DataSet {
+    fn name(self) -> &'static str {
+        match self {
+            DataSet::Source => "source",
+            DataSet::Target => "target",
+            DataSet::TargetVal => "target_val",
+        }
+    }
+
+    fn of(self, config: &Config) -> Option<&DatasetConfig> {
+        match self {
+            DataSet::Source => config.data.source.as_ref(),
+            DataSet::Target => config.data.target.as_ref(),
+            DataSet::TargetVal => config.data.target_val.as_ref(),
+        }
+    }
+}
+
 fn configured_sets(config: &Config) -> Vec<(&'static str, &DatasetConfig)> {
-    [("source", &config.data.source), ("target", &config.data.target), ("target_val", &config.data.target_val)]
+    [DataSet::Source, DataSet::Target, DataSet::TargetVal]
         .into_iter()
-        .filter_map(|(name, set)| set.as_ref().map(|s| (name, s)))
+        .filter_map(|d| d.of(config).map(|s| (d.name(), s)))
         .collect()
 }
 
-fn pick_set<'a>(config: &'a Config, name: &str) -> Result<&'a DatasetConfig> {
-    configured_sets(config).into_iter().find(|(n, _)| *n == name).map(|(_, s)| s).ok_or_else(|| {
+fn pick_set(config: &Config, choice: DataSet) -> Result<&DatasetConfig> {
+    choice.of(config).ok_or_else(|| {
         anyhow!(
-            "--set {name:?}: expected one of the configured sets: {}",
+            "--data-set {}: the config has no [data.{}]; configured: {}",
+            choice.name(),
+            choice.name(),
             configured_sets(config).iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
         )
     })
@@ -248,10 +282,10 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
         Command::Doctor { device } => doctor(&device),
         Command::Config(ConfigCommand::Check { file }) => config_check(&file, overrides),
         Command::Datasets(DatasetsCommand::Synth { config }) => datasets_synth(&load_config(&config, overrides)?),
-        Command::Datasets(DatasetsCommand::Check { config, set }) => {
-            datasets_check(&load_config(&config, overrides)?, set.as_deref())
+        Command::Datasets(DatasetsCommand::Check { config, data_set }) => {
+            datasets_check(&load_config(&config, overrides)?, data_set)
         }
-        Command::Pack { config, set, out, size } => pack(&load_config(&config, overrides)?, &set, &out, size),
+        Command::Pack { config, data_set, out, size } => pack(&load_config(&config, overrides)?, data_set, &out, size),
         Command::Demo { config } => {
             adamcu::demo::run(&load_config(&config, overrides)?)?;
             Ok(ExitCode::SUCCESS)
@@ -281,8 +315,8 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
             let restart = Restart { resume, continue_run, accept_config_changes };
             train(&config, stage, init, restart)
         }
-        Command::Eval { config, checkpoint, predictions, flip, json } => {
-            eval(load_config(&config, overrides)?, checkpoint, predictions, flip, json)
+        Command::Eval { config, checkpoint, predictions, ids, flip, json } => {
+            eval(load_config(&config, overrides)?, checkpoint, predictions.map(|dir| (dir, ids)), flip, json)
         }
         Command::Status { run_dir } => status(&run_dir),
         Command::Predict { config, checkpoint, images, out } => {
@@ -336,9 +370,9 @@ fn datasets_synth(config: &Config) -> Result<ExitCode> {
 }
 
 /// Decodes every sample of the configured sets (or `only`); fails unless each is usable.
-fn datasets_check(config: &Config, only: Option<&str>) -> Result<ExitCode> {
+fn datasets_check(config: &Config, only: Option<DataSet>) -> Result<ExitCode> {
     let sets = match only {
-        Some(name) => vec![(name, pick_set(config, name)?)],
+        Some(choice) => vec![(choice.name(), pick_set(config, choice)?)],
         None => configured_sets(config),
     };
     if sets.is_empty() {
@@ -353,7 +387,7 @@ fn datasets_check(config: &Config, only: Option<&str>) -> Result<ExitCode> {
     Ok(if usable { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-fn pack(config: &Config, set: &str, out: &Path, size: Option<String>) -> Result<ExitCode> {
+fn pack(config: &Config, set: DataSet, out: &Path, size: Option<String>) -> Result<ExitCode> {
     let set = pick_set(config, set)?;
     let size = size.map(|s| parse_size(&s)).transpose()?;
     let source = adamcu::data::source::SampleSource::open(set, config.data.classes)?;
@@ -403,7 +437,7 @@ fn train(config: &Config, stage: Stage, init: Option<PathBuf>, restart: Restart)
 fn eval(
     mut config: Config,
     checkpoint: Option<PathBuf>,
-    predictions: Option<PathBuf>,
+    predictions: Option<(PathBuf, adamcu::predict::PredictionIds)>,
     flip: bool,
     json: Option<PathBuf>,
 ) -> Result<ExitCode> {
@@ -413,9 +447,9 @@ fn eval(
             let trainer = Trainer::with_network(&config, &checkpoint).context("--checkpoint")?;
             trainer.evaluate(&checkpoint.file_stem().unwrap().to_string_lossy(), f64::NAN)?
         }
-        (None, Some(dir)) => {
+        (None, Some((dir, ids))) => {
             let labels = adamcu::train::open_set(&config.data.target_val, "data.target_val", config.data.classes)?;
-            let confusion = adamcu::predict::score_folder(&dir, &labels, config.data.classes)?;
+            let confusion = adamcu::predict::score_folder(&dir, &labels, config.data.classes, ids)?;
             EvalRow::from_confusion(&dir.display().to_string(), &confusion, f64::NAN)
         }
         (None, None) => unreachable!("clap requires one"),
@@ -488,8 +522,13 @@ fn parse_size(text: &str) -> Result<(u32, u32)> {
 
 fn main() -> ExitCode {
     adamcu::torch_ext::keep_freed_memory();
+    // Colour only on a terminal, and never with NO_COLOR set (no-color.org): a log written to
+    // a file, a pipe or a journal stays plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_ansi(colour)
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -447,3 +447,60 @@ fn a_run_directory_held_by_a_live_daemon_is_refused_with_its_pid() {
     assert_eq!(refused.pid, std::process::id().to_string());
     assert!(error.to_string().contains("another daemon"), "{error}");
 }
+
+#[test]
+fn a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let iterations = 30;
+    let reference = tiny_daemon_config(dir.path(), "whole", iterations);
+    let (ok, log) = finish(daemon(&write_config(dir.path(), &reference), &[]));
+    assert!(ok, "{log}");
+    let source = reference.run_dir().join("source.safetensors");
+    let init = source.to_str().unwrap().to_string();
+    // Truncated (a copy cut short) and one flipped byte in the tensor data (which safetensors'
+    // own checks do not see; the checksum recorded when written does).
+    type Damage = fn(&mut Vec<u8>);
+    let damages: [(&str, Damage); 2] = [
+        ("truncated", |bytes| bytes.truncate(bytes.len() / 3)),
+        ("flipped", |bytes| {
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x10;
+        }),
+    ];
+    for (name, damage) in damages {
+        let run = tiny_daemon_config(dir.path(), name, iterations);
+        let path = write_config(dir.path(), &run);
+        let (ok, log) = finish(daemon(&path, &["--continue", "--init", &init]));
+        assert!(ok, "{log}");
+        let rotation = Rotation { dir: run.run_dir().join("checkpoints"), keep: 2 };
+        let steps = rotation.steps();
+        assert!(steps.len() >= 2, "{steps:?}");
+        let newest = rotation.path_for(*steps.last().unwrap(), "safetensors");
+        let mut bytes = std::fs::read(&newest).unwrap();
+        damage(&mut bytes);
+        std::fs::write(&newest, bytes).unwrap();
+        let mut trainer = Trainer::new(&run).unwrap();
+        let Err(error) = trainer.load(&newest) else { panic!("{name}: the damaged checkpoint loads") };
+        assert!(error.downcast_ref::<adamcu::train::checkpoint::DamagedCheckpoint>().is_some(), "{name}: {error:#}");
+
+        // The supervisor's one command: it names the damaged file, sets it aside, resumes from
+        // the checkpoint before it and finishes with the same purchases as the whole run.
+        let (ok, log) = finish(daemon(&path, &["--continue"]));
+        assert!(ok, "{name}: {log}");
+        assert!(log.contains("damaged checkpoint") && log.contains(&newest.display().to_string()), "{name}: {log}");
+        let moved = rotation.dir.join("damaged").join(newest.file_name().unwrap());
+        assert!(moved.exists() && moved.with_extension("ledger").exists(), "{name}: not set aside");
+        assert!(rotation
+            .steps()
+            .iter()
+            .all(|&s| Trainer::new(&run).unwrap().load(&rotation.path_for(s, "safetensors")).is_ok()));
+        let ledger = Trainer::new(&run).unwrap().open_ledger(&run.run_dir().join("ledger.bin")).unwrap();
+        let bits: u64 = (0..ledger.images().len()).map(|i| ledger.bought_in(i)).sum();
+        assert_eq!(bits, ledger.charged(), "{name}: a pixel charged twice");
+        assert!(ledger.charged() <= ledger.budget());
+        assert!(
+            ledger_bits(&run.run_dir()) == ledger_bits(&reference.run_dir()),
+            "{name}: ledger differs from the whole run's"
+        );
+    }
+}

@@ -156,9 +156,11 @@ fn translated_images_pair_with_labels_by_name_and_missing_frames_are_reported() 
     let dir = tempfile::tempdir().unwrap();
     let original = dir.path().join("gta5");
     gta5(&original, 4, 16, 8);
+    // The original's 00005 has no label; it was translated all the same.
+    write_rgb(&original.join("images/00005.png"), 16, 8, |_, _| [1, 2, 3]);
     let translated = dir.path().join("translated");
     // Frame 00002 was never translated; 00009 has no label.
-    for i in [1, 3, 4, 9] {
+    for i in [1, 3, 4, 5, 9] {
         write_rgb(&translated.join(format!("{i:05}.png")), 16, 8, |_, _| [9, 9, 9]);
     }
     let listing = list(&DatasetConfig {
@@ -177,6 +179,9 @@ fn translated_images_pair_with_labels_by_name_and_missing_frames_are_reported() 
         listing.skipped.iter().map(|e| e.path.file_name().unwrap().to_string_lossy().into_owned()).collect();
     assert!(skipped.contains(&"00009.png".to_string()) && skipped.contains(&"00002.png".to_string()), "{skipped:?}");
     assert!(listing.skipped.iter().all(|e| e.kind == DataErrorKind::MissingCounterpart));
+    // Each frame once: 00005 is skipped by the original set and by the pairing, reported once.
+    assert_eq!(skipped.iter().filter(|n| *n == "00005.png").count(), 1, "{skipped:?}");
+    assert_eq!(skipped.len(), 3, "{skipped:?}");
 }
 
 #[test]
@@ -654,5 +659,55 @@ fn the_normaliser_makes_nchw_floats_from_loader_bytes() {
     let expected = [1.0, -1.0, -1.0, 3.0, 0.2, 1.0];
     for (a, b) in v.iter().zip(expected) {
         assert!((a - b).abs() < 1e-5, "{v:?}");
+    }
+}
+
+#[test]
+fn a_config_override_and_the_data_set_choice_work_together_in_datasets_check_and_pack() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("gta5");
+    gta5(&good, 3, 16, 8);
+    // The file points at a folder that does not exist; `--set` points at the real one.
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, "[data.source]\nkind = \"gta5\"\nroot = \"/nonexistent\"\n").unwrap();
+    let root = format!("data.source.root={:?}", good.display().to_string());
+    let adamcu = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_adamcu")).args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let config = config.to_str().unwrap();
+    let (code, stdout, stderr) = adamcu(&[
+        "datasets",
+        "check",
+        "--config",
+        config,
+        "--data-set",
+        "source",
+        "--set",
+        &root,
+        "--set",
+        "data.classes=16",
+    ]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("== source: 3 sample(s) ==") && stdout.contains("usable"), "{stdout}");
+    // 16 classes (SYNTHIA's set): the histogram has 16 rows and the "(ignored)" one.
+    assert_eq!(stdout.lines().filter(|l| l.trim_end().ends_with('%')).count(), 17, "{stdout}");
+    let shard = dir.path().join("source.shard");
+    let (code, stdout, stderr) =
+        adamcu(&["pack", "--config", config, "--data-set", "source", "--set", &root, "--out", shard.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("packed 3 sample(s)"), "{stdout}");
+    // A set the config lacks is named; --help lists one --set.
+    let (code, _, stderr) = adamcu(&["datasets", "check", "--config", config, "--data-set", "target"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("--data-set target: the config has no [data.target]; configured: source"), "{stderr}");
+    for command in [&["datasets", "check", "--help"][..], &["pack", "--help"][..]] {
+        let (_, help, _) = adamcu(command);
+        assert_eq!(help.matches("--set <KEY=VALUE>").count(), 1, "{help}");
+        assert!(help.contains("--data-set"), "{help}");
     }
 }

@@ -73,6 +73,17 @@ fn the_demo_prints_the_table_and_with_two_seeds_their_mean_and_spread() {
         assert!((lo - (mean - half)).abs() < 1e-3 && (hi - (mean + half)).abs() < 1e-3, "{gain} vs {mean} ± {half}");
     }
     assert!(stdout.contains("95 % interval"), "{stdout}");
+    // The pictures beside the report: Fig. 4 (2 val images here: image, ground truth and a
+    // column per row), the curves and the budget spent over steps.
+    let fig4 = image::open(run_dir.join("fig4.png")).unwrap();
+    assert_eq!(fig4.width(), 7 * 64 + 6 * 4, "7 columns of 64 pixels and the gaps between them");
+    assert_eq!(fig4.height(), 28 + 2 * (32 + 4), "a header and one line per val image");
+    for name in ["curves.png", "budget.png"] {
+        let picture = image::open(run_dir.join(name)).unwrap().to_rgb8();
+        let distinct: std::collections::HashSet<_> = picture.pixels().map(|p| p.0).collect();
+        assert!(distinct.len() > 20, "{name} is close to blank: {} colours", distinct.len());
+    }
+    assert_eq!(report["figures"]["budget"], run_dir.join("budget.png").display().to_string());
     // Fig. 5 and the compactness of the full model's target val embeddings.
     assert!(run_dir.join("fig5.png").exists());
     let compactness = &report["compactness"][0];

@@ -28,6 +28,7 @@ fn the_gpu_check_script_runs_its_checks_on_the_cpu() {
         .envs([("DEVICE", "cpu"), ("SYNTH_IMAGES", "4"), ("SOURCE_STEPS", "2"), ("ADA_STEPS", "3")])
         // The step benchmark beside the reference, at sizes a CPU takes in seconds.
         .envs([("SOURCE_SIZE", "40x72"), ("TARGET_SIZE", "32x64"), ("ITERATIONS", "1"), ("WARMUP", "1")])
+        .envs([("TRANSLATE_SIZE", "36x64"), ("TRANSLATE_SETS", "--set translate.crop=[32,32]")])
         .env("PYTHON", common::python())
         .env("WORK", work.path())
         .env("EXTRA_SETS", extra)
@@ -66,6 +67,10 @@ fn the_gpu_check_script_runs_its_checks_on_the_cpu() {
             .unwrap_or_else(|| panic!("no {precision} comparison: {log}"));
         assert!(line.contains("x the reference's seg step") && line.contains("x its full step"), "{line}");
     }
+    // The translation stage's figures, and the daemon translating by FDA before it trains.
+    assert!(stdout.contains("== translation stage") && stdout.contains("generator, translating 36x64"), "{log}");
+    assert!(stdout.contains("training iteration at 32x32") && stdout.contains("FDA (beta 0.01)"), "{log}");
+    assert!(stdout.contains("translated 4 images"), "{log}");
     assert!(stdout.contains("step 3/3") && stdout.contains("trainer waits"), "no final status line: {log}");
     assert!(stdout.trim_end().ends_with("all GPU checks ran"), "{log}");
     assert!(stderr.trim().is_empty(), "the script's own noise: {stderr}");

@@ -161,7 +161,7 @@ fn predicted_masks_scored_as_a_folder_match_the_checkpoint_evaluation() {
         assert!(out.join(format!("{first}{suffix}.png")).exists(), "{first}{suffix}.png");
     }
     let labels = adamcu::train::open_set(&config.data.target_val, "v", 19).unwrap();
-    let scored = adamcu::predict::score_folder(&out, &labels, 19).unwrap();
+    let scored = adamcu::predict::score_folder(&out, &labels, 19, adamcu::predict::PredictionIds::Auto).unwrap();
     let row = adamcu::train::eval::EvalRow::from_confusion("folder", &scored, 1.0);
     assert!((row.miou - direct.miou).abs() < 1e-9, "{} vs {}", row.miou, direct.miou);
     // A colour mask uses the Cityscapes palette: road is (128, 64, 128).

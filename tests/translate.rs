@@ -250,6 +250,7 @@ fn a_corrupt_source_frame_is_named_and_skipped_and_the_stamp_makes_a_second_run_
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "translate failed:\n{log}");
     assert!(log.contains("00003.png") && log.contains("skipped"), "the corrupt frame is not named:\n{log}");
+    assert!(!log.contains('\x1b'), "a log to a pipe carries colour codes:\n{log}");
     let names: Vec<String> = translated_bytes(dir.path()).into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, ["00001.png", "00002.png", "00004.png", "00005.png", "00006.png"]);
     // The translated reader pairs the rest with their own labels and reports the missing frame.

@@ -92,7 +92,7 @@ fn pair_by_name(
         }
     }
     for (_, label) in labels {
-        skipped.push(DataError::new(DataErrorKind::MissingCounterpart, &label, "label without an image (skipped)"));
+        skipped.push(DataError::new(DataErrorKind::MissingCounterpart, &label, "label without an image"));
     }
     (samples, skipped)
 }
@@ -182,7 +182,12 @@ fn translated(set: &DatasetConfig) -> Result<Listing, DataError> {
         .collect();
     let label_dir = original.samples[0].label.parent().unwrap_or(Path::new("")).to_path_buf();
     let (samples, mut skipped) = pair_by_name(translated, labels, stem, |n| n.to_string(), &label_dir);
-    skipped.extend(original.skipped);
+    // A frame the original set skips and that was translated is already reported above
+    // (its translated image has no label): each frame once.
+    let reported: std::collections::BTreeSet<_> =
+        skipped.iter().map(|e| e.path.file_name().map(|n| n.to_owned())).collect();
+    skipped
+        .extend(original.skipped.into_iter().filter(|e| !reported.contains(&e.path.file_name().map(|n| n.to_owned()))));
     non_empty(Listing { samples, skipped, encoding: original.encoding }, &set.root)
 }
 

@@ -28,13 +28,16 @@ pub fn resize_pair(resizer: &mut Resizer, rgb: &Rgb, label: &Label, width: u32, 
 pub fn pack(source: &SampleSource, path: &Path, classes: usize, size: Option<(u32, u32)>) -> Result<usize> {
     let mut writer = ShardWriter::create(path, classes)?;
     let mut resizer = Resizer::new();
+    let mut progress = crate::progress::Progress::new("pack", source.len() as u64, 500);
     for i in 0..source.len() {
         let (mut rgb, mut label) = source.load_full(i).map_err(anyhow::Error::msg)?;
         if let Some((w, h)) = size {
             (rgb, label) = resize_pair(&mut resizer, &rgb, &label, w, h);
         }
         writer.add(source.id(i), rgb.width, rgb.height, &rgb.pixels, &label.ids)?;
+        progress.tick();
     }
+    progress.finish();
     writer.finish()?;
     Ok(source.len())
 }

@@ -426,6 +426,9 @@ pub fn generate(config: &SynthConfig) -> anyhow::Result<SynthLayout> {
         }
     }
     let (w, h) = (config.width, config.height);
+    let total = config.source_images + config.target_train_images + config.target_val_images;
+    let progress = std::sync::Mutex::new(crate::progress::Progress::new("datasets synth", total as u64, 500));
+    let tick = || progress.lock().expect("no panic while held").tick();
     let source_style = style(Domain::Source);
     let target_style = style(Domain::Target);
     (0..config.source_images).into_par_iter().try_for_each(|i| -> anyhow::Result<()> {
@@ -433,7 +436,9 @@ pub fn generate(config: &SynthConfig) -> anyhow::Result<SynthLayout> {
         let mut rng = image_rng(config.seed, 1, i);
         let ids = scene(w, h, &source_style, &mut rng);
         write_png(&render(&ids, w, h, &source_style, &mut rng), &layout.source.join("images").join(&name))?;
-        write_png(&GrayImage::from_raw(w, h, ids).unwrap(), &layout.source.join("labels").join(&name))
+        write_png(&GrayImage::from_raw(w, h, ids).unwrap(), &layout.source.join("labels").join(&name))?;
+        tick();
+        Ok(())
     })?;
     let splits = [("train", config.target_train_images, 2u64), ("val", config.target_val_images, 3u64)];
     for (split, n, stream) in splits {
@@ -454,9 +459,12 @@ pub fn generate(config: &SynthConfig) -> anyhow::Result<SynthLayout> {
             write_png(
                 &GrayImage::from_raw(w, h, ids).unwrap(),
                 &layout.target.join("gtFine").join(split).join("synthcity").join(format!("{stem}_gtFine_labelIds.png")),
-            )
+            )?;
+            tick();
+            Ok(())
         })?;
     }
+    progress.into_inner().expect("no panic while held").finish();
     std::fs::write(&stamp, settings)?;
     Ok(layout)
 }

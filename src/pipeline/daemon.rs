@@ -4,15 +4,16 @@
 //! on), a status line and file, periodic evaluation, and metrics.
 //! SIGTERM/SIGINT: the step in progress finishes, a checkpoint is written, exit 0.
 //! `--resume` restores model, optimizer state and LR position, DCCM, thresholds, the ledger,
-//! the random streams (seeded per step) and the data order from the newest checkpoint.
+//! the random streams (seeded per step) and the data order from the newest checkpoint that
+//! loads: a damaged one is set aside in `checkpoints/damaged/` (`resume_from_newest_sound`).
 
 use super::control::Control;
 use super::lock::RunLock;
 use super::status::{bottleneck, LastEval, Status};
 use super::writer::CheckpointWriter;
 use crate::config::{listed, Config, ConfigChange};
-use crate::train::ada::{resume, AdaCheckpoint, AdaRun, ConfigChanges};
-use crate::train::checkpoint::{Checkpoint, Rotation};
+use crate::train::ada::{resume, AdaCheckpoint, AdaRun, AdaState, ConfigChanges, ResumePoint};
+use crate::train::checkpoint::{Checkpoint, DamagedCheckpoint, Rotation};
 use crate::train::driver::{drive, Listener, StepEvent};
 use crate::train::{open_set, SupervisedStage, Trainer};
 use anyhow::{Context, Result};
@@ -67,11 +68,7 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
         tracing::info!("resuming: --init applies only to a new run");
     }
     let (state, point) = if resuming {
-        let step =
-            rotation.latest().with_context(|| format!("--resume: no checkpoint in {}", rotation.dir.display()))?;
-        let path = rotation.path_for(step, "safetensors");
-        tracing::info!("resuming from {}", path.display());
-        let (state, point) = resume(&mut trainer, &path, &ledger_path, options.config_changes)?;
+        let (state, point) = resume_from_newest_sound(&mut trainer, &rotation, &ledger_path, options.config_changes)?;
         (state, Some(point))
     } else {
         if rotation.latest().is_some() {
@@ -158,6 +155,49 @@ fn open_every_set(config: &Config) -> Result<()> {
 
 /// Why the daemon refuses to start a run: each protects work already done (checkpoints,
 /// bought labels, a pretrained source model) from being overwritten or mixed up.
+/// Resumes from the newest checkpoint that loads. One that does not (`DamagedCheckpoint`:
+/// truncated, unreadable, failing its checksum) is named, moved with its ledger snapshot into
+/// `checkpoints/damaged/` and the one before it is tried: the ledger keeps every purchase, and
+/// the replay of the steps after the older checkpoint buys again without charging twice, as
+/// after a kill. Any other refusal (a changed experiment) stops the start as it is.
+fn resume_from_newest_sound(
+    trainer: &mut Trainer,
+    rotation: &Rotation,
+    ledger_path: &Path,
+    config_changes: ConfigChanges,
+) -> Result<(AdaState, ResumePoint)> {
+    let steps = rotation.steps();
+    if steps.is_empty() {
+        anyhow::bail!("--resume: no checkpoint in {}", rotation.dir.display());
+    }
+    let mut set_aside = Vec::new();
+    for &step in steps.iter().rev() {
+        let path = rotation.path_for(step, "safetensors");
+        tracing::info!("resuming from {}", path.display());
+        match resume(trainer, &path, ledger_path, config_changes) {
+            Ok(resumed) => {
+                if !set_aside.is_empty() {
+                    tracing::warn!("resumed from step {step}; set aside as damaged: {}", set_aside.join(", "));
+                }
+                return Ok(resumed);
+            }
+            Err(e) if e.downcast_ref::<DamagedCheckpoint>().is_some() => {
+                let damaged = rotation.dir.join("damaged");
+                std::fs::create_dir_all(&damaged)?;
+                for entry in std::fs::read_dir(&rotation.dir)?.flatten() {
+                    if entry.file_name().to_string_lossy().starts_with(&format!("step-{step:08}.")) {
+                        std::fs::rename(entry.path(), damaged.join(entry.file_name()))?;
+                    }
+                }
+                tracing::warn!("{e:#}; moved to {} and trying the checkpoint before it", damaged.display());
+                set_aside.push(path.display().to_string());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    anyhow::bail!("no checkpoint in {} loads; set aside as damaged: {}", rotation.dir.display(), set_aside.join(", "))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartRefused {
     #[error("{} already holds a run (checkpoints): add --resume to go on, or choose another run.name", run_dir.display())]

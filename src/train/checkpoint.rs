@@ -14,6 +14,34 @@ use tch::{Kind, Tensor};
 /// The tensor that holds a checkpoint's JSON metadata (what tells an adamcu checkpoint apart).
 pub const META_KEY: &str = "meta";
 
+/// A checkpoint file that cannot be used as it is on disk: it does not parse (truncated by a
+/// copy, a full disk, a torn transfer), lacks its metadata, or its contents fail the checksum
+/// recorded when it was written (a flipped byte, which safetensors' own checks do not see).
+/// The daemon sets such a file aside and resumes from the checkpoint before it.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: damaged checkpoint: {reason}", path.display())]
+pub struct DamagedCheckpoint {
+    pub path: std::path::PathBuf,
+    pub reason: String,
+}
+
+/// CRC-32 of a checkpoint's tensors (all but the metadata) in name order, each name then its
+/// bytes: recorded in the metadata as `checksum` when written, checked when read.
+fn contents_checksum(tensors: &[(String, Tensor)]) -> String {
+    let mut named: Vec<&(String, Tensor)> = tensors.iter().filter(|(n, _)| n != META_KEY).collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut hasher = crc32fast::Hasher::new();
+    for (name, t) in named {
+        hasher.update(name.as_bytes());
+        let t = t.to_device(tch::Device::Cpu).contiguous();
+        let bytes = t.numel() * t.kind().elt_size_in_bytes();
+        // SAFETY: a contiguous host tensor holds `bytes` bytes from its data pointer, alive
+        // while `t` is.
+        hasher.update(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, bytes) });
+    }
+    format!("crc32:{:08x}", hasher.finalize())
+}
+
 /// A captured checkpoint that a writer thread (`pipeline::writer`) puts on disk while training
 /// goes on.
 pub trait Checkpoint: Send + 'static {
@@ -45,7 +73,11 @@ pub fn capture(
         tensors.extend(opt.state().iter().map(|(n, t)| copy(format!("optim.{n}"), t)));
     }
     tensors.extend(extra.iter().map(|(n, t)| copy(format!("state.{n}"), t)));
-    let meta_bytes = serde_json::to_vec(meta).expect("JSON values serialise");
+    let mut meta = meta.clone();
+    if let Some(fields) = meta.as_object_mut() {
+        fields.insert("checksum".into(), contents_checksum(&tensors).into());
+    }
+    let meta_bytes = serde_json::to_vec(&meta).expect("JSON values serialise");
     tensors.push((META_KEY.into(), Tensor::from_slice(&meta_bytes)));
     Captured { tensors }
 }
@@ -84,13 +116,30 @@ impl Loaded {
 
 /// Loads a checkpoint into `vs` (every model variable must be present with its shape).
 pub fn load(path: &Path, vs: &mut VarStore) -> Result<Loaded> {
-    let tensors =
-        Tensor::read_safetensors(path).with_context(|| format!("{}: cannot read checkpoint", path.display()))?;
+    let tensors = Tensor::read_safetensors(path)
+        .map_err(|e| DamagedCheckpoint { path: path.to_path_buf(), reason: format!("cannot read it: {e}") })?;
     load_tensors(path, tensors, vs)
 }
 
 /// `load` for the tensors of a checkpoint already read from `path` (named in errors).
 pub fn load_tensors(path: &Path, tensors: Vec<(String, Tensor)>, vs: &mut VarStore) -> Result<Loaded> {
+    let damaged = |reason: String| DamagedCheckpoint { path: path.to_path_buf(), reason };
+    let Some((_, meta_tensor)) = tensors.iter().find(|(n, _)| n == META_KEY) else {
+        return Err(damaged("it lacks its metadata".into()).into());
+    };
+    let mut meta_bytes = vec![0u8; meta_tensor.numel()];
+    meta_tensor.to_kind(Kind::Uint8).copy_data(&mut meta_bytes, meta_tensor.numel());
+    let recorded: serde_json::Value =
+        serde_json::from_slice(&meta_bytes).map_err(|e| damaged(format!("its metadata is not JSON: {e}")))?;
+    // Checkpoints written before the checksum existed have none: used unchecked.
+    if let Some(expected) = recorded.get("checksum").and_then(|c| c.as_str()) {
+        let found = contents_checksum(&tensors);
+        if found != expected {
+            return Err(
+                damaged(format!("its contents give checksum {found}, {expected} was recorded when written")).into()
+            );
+        }
+    }
     let variables = vs.variables();
     let mut meta = None;
     let mut optimizer = Vec::new();

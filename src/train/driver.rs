@@ -4,8 +4,9 @@
 //! status file and the evaluations. Metrics a step sets itself (`telemetry`).
 
 use super::optimizer::Sgd;
-use super::{open_set, progress::Progress, CurvePoint, SupervisedStage, Trainer};
+use super::{open_set, CurvePoint, SupervisedStage, Trainer};
 use crate::data::loader::{Loader, LoaderOptions};
+use crate::progress::Progress;
 use anyhow::{Context, Result};
 
 /// What a step did, as every listener hears it.
@@ -67,6 +68,25 @@ impl<R: StageRun> Listener<R> for ProgressLine {
         if event.step == event.iterations {
             self.0.finish();
         }
+        Ok(())
+    }
+}
+
+/// One step's loss and the labelled fraction after it.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct TracePoint {
+    pub step: u64,
+    pub loss: f64,
+    pub labelled_fraction: f64,
+}
+
+/// Every step's loss and labelled fraction (the demo's loss and budget plots).
+#[derive(Default)]
+pub struct Trace(pub Vec<TracePoint>);
+
+impl<R: StageRun> Listener<R> for Trace {
+    fn on_step(&mut self, _: &Trainer, run: &mut R, event: &StepEvent) -> Result<()> {
+        self.0.push(TracePoint { step: event.step, loss: event.loss, labelled_fraction: run.labelled_fraction() });
         Ok(())
     }
 }

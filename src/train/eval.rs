@@ -16,11 +16,15 @@ pub struct Confusion {
     pub classes: usize,
     /// Row = label, column = prediction.
     pub counts: Vec<u64>,
+    /// Labelled pixels of each class predicted as no evaluated class (a Cityscapes label id
+    /// outside the training ids, e.g. 0 "unlabeled"): misses of that class, as the Cityscapes
+    /// evaluation scripts count them.
+    pub unassigned: Vec<u64>,
 }
 
 impl Confusion {
     pub fn new(classes: usize) -> Confusion {
-        Confusion { classes, counts: vec![0; classes * classes] }
+        Confusion { classes, counts: vec![0; classes * classes], unassigned: vec![0; classes] }
     }
 
     /// Adds predictions and labels (same shape, training ids; label 255 is skipped).
@@ -38,13 +42,17 @@ impl Confusion {
         self.counts[label as usize * self.classes + prediction as usize] += n;
     }
 
+    pub fn add_unassigned(&mut self, label: u8, n: u64) {
+        self.unassigned[label as usize] += n;
+    }
+
     /// IoU per class; None for a class absent from both labels and predictions.
     pub fn iou(&self) -> Vec<Option<f64>> {
         let k = self.classes;
         (0..k)
             .map(|c| {
                 let tp = self.counts[c * k + c];
-                let label_total: u64 = self.counts[c * k..(c + 1) * k].iter().sum();
+                let label_total: u64 = self.counts[c * k..(c + 1) * k].iter().sum::<u64>() + self.unassigned[c];
                 let pred_total: u64 = (0..k).map(|r| self.counts[r * k + c]).sum();
                 let union = label_total + pred_total - tp;
                 (union > 0).then(|| tp as f64 / union as f64)
@@ -152,7 +160,11 @@ pub fn markdown_table(rows: &[EvalRow]) -> String {
     out.push_str("\n|---|---:|");
     out.push_str(&"---:|".repeat(first.per_class.len() + 1 + usize::from(first.miou13.is_some())));
     for row in rows {
-        out.push_str(&format!("\n| {} | {:.1}% |", row.name, 100.0 * row.target_labeled_fraction));
+        // "-" where the figure does not apply (a folder of predictions: no budget is known).
+        match row.target_labeled_fraction {
+            f if f.is_finite() => out.push_str(&format!("\n| {} | {:.1}% |", row.name, 100.0 * f)),
+            _ => out.push_str(&format!("\n| {} | - |", row.name)),
+        }
         for (_, v) in &row.per_class {
             match v {
                 Some(v) => out.push_str(&format!(" {v:.1} |")),
@@ -208,14 +220,17 @@ pub fn evaluate(
     options: &EvalOptions,
 ) -> Result<Confusion> {
     let mut confusion = Confusion::new(classes);
+    let mut progress = crate::progress::Progress::bar_only("eval", source.len() as u64);
     tch::no_grad(|| -> Result<()> {
         for i in 0..source.len() {
             let (rgb, label) = source.load_full(i).map_err(anyhow::Error::msg)?;
             let prediction = predict_full(model, normaliser, &rgb, options);
             let labels = Tensor::from_slice(&label.ids).view([label.height as i64, label.width as i64]);
             confusion.add(&prediction, &labels);
+            progress.tick();
         }
         Ok(())
     })?;
+    progress.finish();
     Ok(confusion)
 }

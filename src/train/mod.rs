@@ -8,7 +8,7 @@ pub mod driver;
 pub mod embeddings;
 pub mod eval;
 pub mod optimizer;
-pub mod progress;
+
 pub mod stage;
 
 /// The target val mIoU after a step.

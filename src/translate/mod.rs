@@ -22,7 +22,7 @@ use crate::config::{Config, DataConfig, DatasetConfig, TranslateConfig, Translat
 use crate::data::datasets::{decode_image, list, Rgb};
 use crate::data::error::DataError;
 use crate::files::write_atomically;
-use crate::train::progress::Progress;
+use crate::progress::Progress;
 use anyhow::{bail, Context, Result};
 use cyclegan::{crop_augmenter, lr_factor, to_network, to_rgb, training_crop, CycleGan, Schedule};
 use rand::{Rng, SeedableRng};

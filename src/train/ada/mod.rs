@@ -105,6 +105,10 @@ pub struct AdaSummary {
     /// The val curve before the last step (`Trainer::curve_every`; the caller evaluates the
     /// finished stage: `Trainer::curve_end`). Empty from the daemon, which reports its own.
     pub curve: Vec<crate::train::CurvePoint>,
+    /// Every step's loss and labelled fraction (`train_ada`; empty from the daemon). Not in
+    /// records: the demo plots it.
+    #[serde(skip)]
+    pub trace: Vec<crate::train::driver::TracePoint>,
 }
 
 impl AdaSummary {

@@ -7,7 +7,7 @@ use super::{AdaState, AdaSummary, StepLosses};
 use crate::active::oracle::SealedLabels;
 use crate::data::loader::{Loader, LoaderOptions};
 use crate::telemetry;
-use crate::train::driver::{drive, ProgressLine, StageRun, StepEvent, ValCurve};
+use crate::train::driver::{drive, ProgressLine, StageRun, StepEvent, Trace, ValCurve};
 use crate::train::optimizer::{poly_lr, Sgd};
 use crate::train::{open_set, Trainer};
 use anyhow::{Context, Result};
@@ -154,6 +154,7 @@ impl AdaRun {
             thresholds: self.state.sampler.thresholds,
             last_losses: self.last,
             curve: Vec::new(),
+            trace: Vec::new(),
         };
         Ok((summary, self.state))
     }
@@ -186,7 +187,8 @@ impl Trainer {
         let mut run = AdaRun::start(self, state, None, iterations as u64)?;
         let mut progress = ProgressLine::new("ada-mcu", iterations as u64, self);
         let mut curve = ValCurve::default();
-        drive(self, &mut run, &mut [&mut progress, &mut curve], &|| false)?;
+        let mut trace = Trace::default();
+        drive(self, &mut run, &mut [&mut progress, &mut curve, &mut trace], &|| false)?;
         let ledger = &run.state.ledger;
         tracing::info!(
             "ada-mcu: bought {} of {} {} ({:.2}% of the target set), pi_high {:.4}",
@@ -198,6 +200,7 @@ impl Trainer {
         );
         let (mut summary, state) = run.finish()?;
         summary.curve = curve.0;
+        summary.trace = trace.0;
         Ok((summary, state))
     }
 }

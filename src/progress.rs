@@ -1,5 +1,6 @@
-//! Progress of a training stage: a bar with ETA, it/s and loss on a terminal, plain log lines
-//! every N steps otherwise (daemons, CI, files).
+//! Progress of a long job (a training stage, the translation, data-set synthesis, packing, an
+//! evaluation): a bar with rate and ETA (and the loss, for training) on a terminal, plain log
+//! lines every N items otherwise (daemons, CI, files). Depends on nothing in the crate.
 
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
@@ -41,6 +42,12 @@ impl Progress {
         }
     }
 
+    /// A bar on a terminal and nothing otherwise: for short jobs that run often inside others
+    /// (an evaluation every N steps would fill a log with lines of its own).
+    pub fn bar_only(name: &str, total: u64) -> Progress {
+        Progress { every: u64::MAX, ..Progress::new(name, total, 1) }
+    }
+
     /// A job resumed at `done` of its steps: the bar starts there, the rate counts from there.
     pub fn resume_at(&mut self, done: u64) {
         (self.done, self.first) = (done, done);
@@ -70,7 +77,7 @@ impl Progress {
                 bar.set_message(message.to_string());
                 bar.inc(1);
             }
-            None if self.done.is_multiple_of(self.every) || self.done == self.total => {
+            None if self.every != u64::MAX && (self.done.is_multiple_of(self.every) || self.done == self.total) => {
                 let elapsed = self.started.elapsed().as_secs_f64();
                 let rate = (self.done - self.first) as f64 / elapsed.max(1e-9);
                 let eta = (self.total - self.done) as f64 / rate.max(1e-9);
