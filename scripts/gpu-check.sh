@@ -49,10 +49,11 @@ fi
 
 # The translation stage (Algorithm 1, line 1) at the paper config's sizes: the CycleGAN
 # generator (ngf 64, 9 blocks) translating GTA5-sized frames, one training iteration at the
-# 256x256 crop, and FDA. On another device only at TRANSLATE_SIZE (and TRANSLATE_SETS).
+# 256x256 crop, and FDA, each beside bench/reference/translate_bench.py (PyTorch, same networks).
+# On another device only at TRANSLATE_SIZE (and TRANSLATE_SETS).
 section "translation stage: CycleGAN generator, a training iteration and FDA, images/s" \
   "$BIN" bench translate --config pipelines/gta5-cityscapes.toml --set "run.device=\"$DEVICE\"" \
-  --size "${TRANSLATE_SIZE:-1052x1914}" --iterations "${ITERATIONS:-5}" ${TRANSLATE_SETS:-}
+  --size "${TRANSLATE_SIZE:-1052x1914}" --iterations "${ITERATIONS:-5}" --python "${PYTHON:-python3}" ${TRANSLATE_SETS:-}
 
 # The synthetic benchmark at 2048x1024 (like Cityscapes; GTA5 frames are 1914x1052) in the
 # real layouts, read through pipelines/gta5-cityscapes.toml with random weights (no ImageNet
@@ -63,7 +64,7 @@ data_wait() {
   WORK=${WORK:-$(mktemp -d)}
   "$BIN" datasets synth --set "synth.root=\"$WORK/synth\"" --set synth.width=2048 --set synth.height=1024 \
     --set "synth.source_images=${SYNTH_IMAGES:-120}" --set "synth.target_train_images=${SYNTH_IMAGES:-120}" \
-    --set synth.target_val_images=2 || return
+    --set synth.target_val_images=2 2>&1 || return
   grep -v '^pretrained' pipelines/gta5-cityscapes.toml > "$WORK/paper-synth.toml"
   # Algorithm 1 from line 1, by FDA on the device (the paper config's CycleGAN would train
   # for days at these sizes; the translation section below times it).

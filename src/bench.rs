@@ -451,7 +451,13 @@ pub fn step(o: &StepBenchOptions) -> Result<()> {
 /// the config's [translate] sizes: the CycleGAN generator translating `height` x `width`
 /// images (what the write-out does), one CycleGAN training iteration at `translate.crop` (two
 /// images: one source, one target), and FDA at `height` x `width`. Random weights and images.
-pub fn translate(config: &crate::config::Config, height: u32, width: u32, iterations: usize) -> Result<()> {
+pub fn translate(
+    config: &crate::config::Config,
+    height: u32,
+    width: u32,
+    iterations: usize,
+    reference: Option<(PathBuf, PathBuf)>,
+) -> Result<()> {
     use crate::translate::{cyclegan::CycleGan, fda};
     use tch::{Kind, Tensor};
     let device = config.device()?;
@@ -464,7 +470,39 @@ pub fn translate(config: &crate::config::Config, height: u32, width: u32, iterat
             tch::Cuda::synchronize(i as i64);
         }
     };
-    let timed = |what: &str, images_per_call: f64, call: &mut dyn FnMut()| {
+    // The reference first (its figures print beside ours), on the same device and threads.
+    let theirs = match &reference {
+        Some((python, script)) => {
+            let [ch, cw] = t.crop;
+            let out = Command::new(python)
+                .arg(script)
+                .args(["--size", &format!("{height}x{width}"), "--crop", &format!("{ch}x{cw}")])
+                .args(["--ngf", &t.generator_width.to_string(), "--blocks", &t.generator_blocks.to_string()])
+                .args(["--ndf", &t.discriminator_width.to_string(), "--layers", &t.discriminator_layers.to_string()])
+                .args(["--beta", &t.fda_beta.to_string(), "--iterations", &iterations.to_string()])
+                .args(["--device", if device.is_cuda() { "cuda" } else { "cpu" }])
+                .env("OMP_NUM_THREADS", tch::get_num_threads().to_string())
+                .output()
+                .with_context(|| format!("running {}", python.display()))?;
+            if !out.status.success() {
+                bail!("{} failed: {}", script.display(), String::from_utf8_lossy(&out.stderr));
+            }
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let line = stdout.lines().last().unwrap_or_default().to_string();
+            Some(
+                serde_json::from_str::<serde_json::Value>(&line)
+                    .with_context(|| format!("reference printed {line:?}"))?,
+            )
+        }
+        None => None,
+    };
+    let beside = |key: &str, ours: f64| match &theirs {
+        Some(v) => {
+            v[key].as_f64().map_or(String::new(), |r| format!("   reference {r:>9.2} images/s ({:.2}x)", ours / r))
+        }
+        None => String::new(),
+    };
+    let timed = |what: &str, images_per_call: f64, key: &str, call: &mut dyn FnMut()| {
         call(); // warm-up
         sync();
         let start = std::time::Instant::now();
@@ -474,7 +512,11 @@ pub fn translate(config: &crate::config::Config, height: u32, width: u32, iterat
         sync();
         let seconds = start.elapsed().as_secs_f64();
         let rate = images_per_call * iterations.max(1) as f64 / seconds;
-        println!("{what:<58} {rate:>9.2} images/s ({:.1} ms per call)", 1000.0 * seconds / iterations.max(1) as f64);
+        println!(
+            "{what:<58} {rate:>9.2} images/s ({:.1} ms per call){}",
+            1000.0 * seconds / iterations.max(1) as f64,
+            beside(key, rate)
+        );
     };
     let mut gan = CycleGan::new(t, device);
     println!(
@@ -482,7 +524,7 @@ pub fn translate(config: &crate::config::Config, height: u32, width: u32, iterat
         t.generator_width, t.generator_blocks, t.discriminator_width, t.discriminator_layers
     );
     let image = Tensor::rand([1, 3, height as i64, width as i64], (Kind::Float, device)) * 2.0 - 1.0;
-    timed(&format!("generator, translating {height}x{width}"), 1.0, &mut || {
+    timed(&format!("generator, translating {height}x{width}"), 1.0, "translate_images_per_s", &mut || {
         let _ = gan.translate(&image);
     });
     let [ch, cw] = t.crop.map(|c| c as i64);
@@ -491,11 +533,11 @@ pub fn translate(config: &crate::config::Config, height: u32, width: u32, iterat
         Tensor::rand([1, 3, ch, cw], (Kind::Float, device)) * 2.0 - 1.0,
     );
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    timed(&format!("training iteration at {ch}x{cw} (source + target image)"), 2.0, &mut || {
+    timed(&format!("training iteration at {ch}x{cw} (source + target image)"), 2.0, "train_images_per_s", &mut || {
         let _ = gan.step(&a, &b, t.lr, &mut rng);
     });
     let target = Tensor::rand([1, 3, height as i64, width as i64], (Kind::Float, device));
-    timed(&format!("FDA (beta {}), {height}x{width}", t.fda_beta), 1.0, &mut || {
+    timed(&format!("FDA (beta {}), {height}x{width}", t.fda_beta), 1.0, "fda_images_per_s", &mut || {
         let _ = tch::no_grad(|| fda::transfer(&image, &target, t.fda_beta, t.fda_window));
     });
     Ok(())

@@ -36,6 +36,8 @@ struct SeedRun {
     spending: Vec<(String, Vec<(u64, f64)>)>,
     /// Fig. 4: each row's predictions of the first `FIG4_IMAGES` target val images.
     fig4: Vec<(String, Vec<Vec<u8>>)>,
+    /// Each variant at each of `demo.budgets` (budget, variant, its row): Fig. 1(c).
+    at_budgets: Vec<(f64, Preset, EvalRow)>,
 }
 
 /// Target val images in Fig. 4.
@@ -185,7 +187,11 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
             fig5.display()
         );
     }
-    let figures = draw_figures(config, &runs)?;
+    let mut figures = draw_figures(config, &runs)?;
+    let by_budget = budget_table(config, &runs, &rows)?;
+    if let Some(path) = by_budget.get("figure").and_then(|f| f.as_str()) {
+        figures["fig1c"] = path.into();
+    }
     let seconds = started.elapsed().as_secs_f64();
     println!("demo took {seconds:.0} s");
     let per_seed: Vec<_> = runs
@@ -194,7 +200,7 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
         .collect();
     let report = json!({ "run": config.run.name, "seconds": seconds, "seeds": seeds, "rows": rows,
         "untranslated": untranslated, "translation": translation,
-        "paired_gains": gains, "compactness": compactness_rows, "figures": figures, "per_seed": per_seed, "budget_pixels": runs[0].budgets.first().map(|b| b.pixels.clone()),
+        "paired_gains": gains, "compactness": compactness_rows, "figures": figures, "by_budget": by_budget, "per_seed": per_seed, "budget_pixels": runs[0].budgets.first().map(|b| b.pixels.clone()),
         "config": config.recorded() });
     let path = config.run_dir().join("report.json");
     crate::files::write_atomically(&path, |temp| {
@@ -293,6 +299,32 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
         rows.push(row);
     }
 
+    // Fig. 1(c): every variant again at each further budget, from the same source checkpoint.
+    let mut at_budgets = Vec::new();
+    for &budget in &config.demo.budgets {
+        for &variant in &config.demo.variants {
+            let mut variant_config = crate::ablation::apply(config, variant);
+            variant_config.active.budget = budget;
+            let mut ada = Trainer::new(&variant_config)?;
+            ada.load(&source)?;
+            let dir = run_dir.join(format!("{}-budget-{budget}", variant.name()));
+            std::fs::create_dir_all(&dir)?;
+            let ledger = dir.join("ledger.bin");
+            let _ = std::fs::remove_file(&ledger);
+            let (summary, _) = ada.train_ada(&ledger, config.active.iterations)?;
+            let name = format!("{} @ {:.1} %", variant.row_name(), 100.0 * budget);
+            let row = ada.evaluate(&name, summary.labelled_fraction())?;
+            tracing::info!(
+                "{name}: mIoU {:.1}, bought {} of {} {}",
+                row.miou,
+                summary.spent,
+                summary.budget,
+                summary.pixels
+            );
+            at_budgets.push((budget, variant, row));
+        }
+    }
+
     let iterations = config.train.target_supervised_iterations;
     let record = trainer.train_supervised(SupervisedStage::TargetSupervised, iterations)?;
     trainer.save(&run_dir.join("target-supervised.safetensors"), None, json!({"stage": "target-supervised"}))?;
@@ -301,7 +333,69 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
     losses.push(("target-supervised".to_string(), record.losses));
     fig4.push(("target-supervised".to_string(), fig4_predictions(&trainer)?));
     rows.push(row);
-    Ok(SeedRun { seed: config.run.seed, untranslated, rows, budgets, embeddings, curves, losses, spending, fig4 })
+    Ok(SeedRun {
+        seed: config.run.seed,
+        untranslated,
+        rows,
+        budgets,
+        embeddings,
+        curves,
+        losses,
+        spending,
+        fig4,
+        at_budgets,
+    })
+}
+
+/// With `demo.budgets`: each variant's mIoU (mean over seeds) at every budget, printed as a
+/// table and drawn as the paper's Fig. 1(c) (`fig1c.png`: mIoU against the labelled fraction,
+/// from source-only at 0, with the target-supervised bound). `rows` are the means of the main
+/// table (source-only, the variants at `active.budget`, target-supervised).
+fn budget_table(config: &Config, runs: &[SeedRun], rows: &[EvalRow]) -> Result<serde_json::Value> {
+    use crate::figures::{charts, Chart, Series};
+    if config.demo.budgets.is_empty() {
+        return Ok(json!({}));
+    }
+    let mut budgets = vec![config.active.budget];
+    budgets.extend(&config.demo.budgets);
+    let mut series = Vec::new();
+    let mut table = Vec::new();
+    println!("\nmIoU against the labelled fraction (the paper's Fig. 1(c); mean over seeds)");
+    for (v, &variant) in config.demo.variants.iter().enumerate() {
+        let mut points = vec![(0.0, rows[0].miou)];
+        let mut line = format!("  {:<26}", variant.row_name());
+        for &budget in &budgets {
+            let row = if budget == config.active.budget {
+                rows[v + 1].clone()
+            } else {
+                let per_seed: Vec<EvalRow> = runs
+                    .iter()
+                    .map(|r| {
+                        r.at_budgets.iter().find(|(b, p, _)| *b == budget && *p == variant).expect("run").2.clone()
+                    })
+                    .collect();
+                EvalRow::mean(&per_seed)
+            };
+            points.push((100.0 * row.target_labeled_fraction, row.miou));
+            line.push_str(&format!(" {:.1} % -> {:.1}", 100.0 * budget, row.miou));
+            table.push(json!({ "variant": variant, "budget": budget, "row": row }));
+        }
+        println!("{line}");
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        series.push(Series { name: variant.row_name().to_string(), points });
+    }
+    let path = config.run_dir().join("fig1c.png");
+    let bound = rows[rows.len() - 1].miou;
+    let chart = Chart {
+        title: "target val mIoU against the labelled fraction of the target (Fig. 1(c))",
+        x: "labelled target pixels (%)",
+        y: "mIoU (%)",
+        series: &series,
+        limit: Some(("target-supervised", bound)),
+    };
+    charts(&path, &[chart], 720, 480)?;
+    println!("Fig. 1(c): {}", path.display());
+    Ok(json!({ "rows": table, "figure": path }))
 }
 
 /// Fig. 4 (`fig4.png`), the val mIoU and loss over each row's steps (`curves.png`) and the

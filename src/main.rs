@@ -64,6 +64,10 @@ enum Command {
     Demo {
         #[arg(long, default_value = "pipelines/synth.toml")]
         config: PathBuf,
+        /// Also train each variant at these budgets (fractions, e.g. 0.017,0.034): a table of
+        /// mIoU against the labelled fraction and fig1c.png (sets demo.budgets).
+        #[arg(long, value_delimiter = ',')]
+        budgets: Vec<f64>,
     },
     /// Algorithm 1, line 1: translate the source images toward the target's look
     /// ([translate] of the config: CycleGAN or FDA) into data.source.root; checkpoints in
@@ -195,6 +199,11 @@ enum BenchCommand {
         size: String,
         #[arg(long, default_value_t = 5)]
         iterations: usize,
+        /// Python with torch to time the PyTorch reference in the same call.
+        #[arg(long)]
+        python: Option<PathBuf>,
+        #[arg(long, default_value = "bench/reference/translate_bench.py")]
+        reference: PathBuf,
     },
 }
 
@@ -286,8 +295,16 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
             datasets_check(&load_config(&config, overrides)?, data_set)
         }
         Command::Pack { config, data_set, out, size } => pack(&load_config(&config, overrides)?, data_set, &out, size),
-        Command::Demo { config } => {
-            adamcu::demo::run(&load_config(&config, overrides)?)?;
+        Command::Demo { config, budgets } => {
+            let mut config = load_config(&config, overrides)?;
+            if let Some(bad) = budgets.iter().find(|b| !(**b > 0.0 && **b <= 1.0)) {
+                bail!("--budgets {bad}: expected fractions in (0, 1] of the target's pixels, e.g. 0.017,0.034,0.05");
+            }
+            if !budgets.is_empty() {
+                let main = config.active.budget;
+                config.demo.budgets = budgets.into_iter().filter(|b| (b - main).abs() > 1e-12).collect();
+            }
+            adamcu::demo::run(&config)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Translate { config, continue_run } => {
@@ -323,10 +340,10 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
             predict(&load_config(&config, overrides)?, &checkpoint, &images, &out)
         }
         Command::Bench(BenchCommand::Step(args)) => bench_step(args, overrides),
-        Command::Bench(BenchCommand::Translate { config, size, iterations }) => {
+        Command::Bench(BenchCommand::Translate { config, size, iterations, python, reference }) => {
             let config = load_config(&config, overrides)?;
             let (height, width) = parse_size(&size)?;
-            adamcu::bench::translate(&config, height, width, iterations)?;
+            adamcu::bench::translate(&config, height, width, iterations, python.map(|p| (p, reference)))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Loader { dir, images, python, reference }) => {

@@ -14,6 +14,8 @@ fn the_demo_prints_the_table_and_with_two_seeds_their_mean_and_spread() {
     config.demo.variants = vec![Preset::AlWoAs, Preset::Full];
     config.demo.repeats = 2;
     config.run.seed = 5;
+    // One more budget than active.budget (0.1): Fig. 1(c).
+    config.demo.budgets = vec![0.05];
     // Algorithm 1 from line 1: the demo translates the raw source first.
     common::translated_by_a_tiny_cyclegan(&mut config);
     let path = common::write_config(dir.path(), &config);
@@ -84,6 +86,12 @@ fn the_demo_prints_the_table_and_with_two_seeds_their_mean_and_spread() {
         assert!(distinct.len() > 20, "{name} is close to blank: {} colours", distinct.len());
     }
     assert_eq!(report["figures"]["budget"], run_dir.join("budget.png").display().to_string());
+    // Fig. 1(c): each variant at both budgets; at 5 % each spends half what it does at 10 %.
+    assert!(stdout.contains("mIoU against the labelled fraction") && run_dir.join("fig1c.png").exists(), "{stdout}");
+    let by_budget = report["by_budget"]["rows"].as_array().unwrap();
+    assert_eq!(by_budget.len(), 4, "{report}");
+    let labelled = |i: usize| by_budget[i]["row"]["target_labeled_fraction"].as_f64().unwrap();
+    assert!((labelled(1) - 0.05).abs() < 1e-3 && (labelled(0) - 0.1).abs() < 1e-3, "{by_budget:?}");
     // Fig. 5 and the compactness of the full model's target val embeddings.
     assert!(run_dir.join("fig5.png").exists());
     let compactness = &report["compactness"][0];

@@ -70,6 +70,8 @@ fn the_gpu_check_script_runs_its_checks_on_the_cpu() {
     // The translation stage's figures, and the daemon translating by FDA before it trains.
     assert!(stdout.contains("== translation stage") && stdout.contains("generator, translating 36x64"), "{log}");
     assert!(stdout.contains("training iteration at 32x32") && stdout.contains("FDA (beta 0.01)"), "{log}");
+    let generator = stdout.lines().find(|l| l.starts_with("generator, translating 36x64")).unwrap();
+    assert!(generator.contains("reference"), "the PyTorch reference's figure beside ours: {generator}");
     assert!(stdout.contains("translated 4 images"), "{log}");
     assert!(stdout.contains("step 3/3") && stdout.contains("trainer waits"), "no final status line: {log}");
     assert!(stdout.trim_end().ends_with("all GPU checks ran"), "{log}");

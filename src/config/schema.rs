@@ -452,11 +452,20 @@ pub struct DemoConfig {
     pub repeats: usize,
     /// Steps between target val evaluations of each row's stage, for its curve (0 = none).
     pub eval_every: usize,
+    /// More budgets (fractions of the target's pixels) at which each variant is trained
+    /// again from the same source checkpoint, beside `active.budget`: the table of mIoU
+    /// against the labelled fraction and `fig1c.png`, the paper's Fig. 1(c). Empty: none.
+    pub budgets: Vec<f64>,
 }
 
 impl Default for DemoConfig {
     fn default() -> Self {
-        DemoConfig { variants: vec![Preset::AlWAs, Preset::McuI, Preset::Full], repeats: 1, eval_every: 0 }
+        DemoConfig {
+            variants: vec![Preset::AlWAs, Preset::McuI, Preset::Full],
+            repeats: 1,
+            eval_every: 0,
+            budgets: Vec::new(),
+        }
     }
 }
 

@@ -263,6 +263,12 @@ impl Config {
         check(c.max_anchors >= 1, "contrast.max_anchors", c.max_anchors.to_string(), "at least 1");
         check(c.max_keys >= 2, "contrast.max_keys", c.max_keys.to_string(), "at least 2");
         check(self.demo.repeats >= 1, "demo.repeats", self.demo.repeats.to_string(), "at least 1");
+        check(
+            self.demo.budgets.iter().all(|b| *b > 0.0 && *b <= 1.0),
+            "demo.budgets",
+            format!("{:?}", self.demo.budgets),
+            "fractions in (0, 1] of the target's pixels",
+        );
 
         let e = &self.eval;
         check(
