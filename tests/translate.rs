@@ -271,3 +271,29 @@ fn a_corrupt_source_frame_is_named_and_skipped_and_the_stamp_makes_a_second_run_
     let report = adamcu::translate::ensure(&changed, Device::Cpu).unwrap().expect("stale: translated again");
     assert_eq!(report.written, 5);
 }
+
+#[test]
+fn colour_codes_only_on_a_terminal_and_never_with_no_color() {
+    // `script` (util-linux) gives the command a terminal; its typescript is the terminal's output.
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_benchmark(dir.path(), "fda");
+    let on_terminal = |no_color: bool| {
+        let command = format!("{} translate --config {}", env!("CARGO_BIN_EXE_adamcu"), path.display());
+        let mut c = Command::new("script");
+        c.args(["-qec", &command, "/dev/null"]);
+        if no_color {
+            c.env("NO_COLOR", "1");
+        } else {
+            c.env_remove("NO_COLOR");
+        }
+        let out = c.output().expect("util-linux's script");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let coloured = on_terminal(false);
+    assert!(coloured.contains("\x1b[") && coloured.contains("translated 6 images"), "{coloured}");
+    let plain = on_terminal(true);
+    assert!(plain.contains("translated 6 images"), "{plain}");
+    // Without colour, the only escapes left are the progress bar's cursor moves, never SGR colours.
+    assert!(!plain.contains("\x1b[32m") && !plain.contains("\x1b[2m"), "NO_COLOR still colours:\n{plain}");
+}
