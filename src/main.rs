@@ -395,6 +395,16 @@ fn datasets_check(config: &Config, only: Option<DataSet>) -> Result<ExitCode> {
     if sets.is_empty() {
         bail!("no data sets configured ([data.source], [data.target], [data.target_val])");
     }
+    // The translated source is the translation stage's output: say so before its error.
+    if let Some(plan) = adamcu::translate::Plan::for_config(config)? {
+        if !plan.output.join(adamcu::translate::STAMP).exists() && sets.iter().any(|(n, _)| *n == "source") {
+            println!(
+                "note: data.source ({}) is what the translation stage writes, and it has not run yet: \
+                 `adamcu translate --config FILE` writes it (make demo and the daemon run it themselves)",
+                plan.output.display()
+            );
+        }
+    }
     let mut usable = true;
     for (name, set) in sets {
         let report = adamcu::data::check::check(name, set, config.data.classes);
