@@ -55,10 +55,10 @@ fn fig4_images(config: &Config) -> Result<Vec<(crate::data::datasets::Rgb, Vec<u
 }
 
 /// `trainer`'s predictions (training ids at full size) of the Fig. 4 images.
-fn fig4_predictions(trainer: &Trainer) -> Result<Vec<Vec<u8>>> {
+fn fig4_predictions(trainer: &Trainer, images: &[(crate::data::datasets::Rgb, Vec<u8>)]) -> Result<Vec<Vec<u8>>> {
     let options =
         crate::train::eval::EvalOptions { flip: trainer.config.eval.flip, input_size: trainer.config.eval.input_size };
-    fig4_images(&trainer.config)?
+    images
         .iter()
         .map(|(rgb, _)| {
             let ids =
@@ -228,8 +228,10 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
         "source-only".to_string(),
         trainer.curve_end(source_curve, config.train.source_iterations, &source_only),
     )];
+    // The Fig. 4 images, read once for every row's predictions.
+    let fig4_set = fig4_images(config)?;
     let mut losses = vec![("source-only".to_string(), source_record.losses)];
-    let mut fig4 = vec![("source-only".to_string(), fig4_predictions(&trainer)?)];
+    let mut fig4 = vec![("source-only".to_string(), fig4_predictions(&trainer, &fig4_set)?)];
     let mut spending = Vec::new();
     let untranslated =
         match crate::translate::untranslated(config).filter(|_| config.translate.method != TranslateMethod::None) {
@@ -239,7 +241,7 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
                 let record = raw.train_supervised(SupervisedStage::Source, config.train.source_iterations)?;
                 let curve = record.curve;
                 losses.push((UNTRANSLATED.to_string(), record.losses));
-                fig4.insert(0, (UNTRANSLATED.to_string(), fig4_predictions(&raw)?));
+                fig4.insert(0, (UNTRANSLATED.to_string(), fig4_predictions(&raw, &fig4_set)?));
                 raw.save(
                     &run_dir.join("source-untranslated.safetensors"),
                     None,
@@ -294,7 +296,7 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
         curves.push((row.name.clone(), ada.curve_end(summary.curve.clone(), config.active.iterations, &row)));
         losses.push((row.name.clone(), summary.trace.iter().map(|t| t.loss).collect()));
         spending.push((row.name.clone(), summary.trace.iter().map(|t| (t.step, t.labelled_fraction)).collect()));
-        fig4.push((row.name.clone(), fig4_predictions(&ada)?));
+        fig4.push((row.name.clone(), fig4_predictions(&ada, &fig4_set)?));
         budgets.push(summary);
         rows.push(row);
     }
@@ -331,7 +333,7 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
     let row = trainer.evaluate("target-supervised", 1.0)?;
     curves.push(("target-supervised".to_string(), trainer.curve_end(record.curve, iterations, &row)));
     losses.push(("target-supervised".to_string(), record.losses));
-    fig4.push(("target-supervised".to_string(), fig4_predictions(&trainer)?));
+    fig4.push(("target-supervised".to_string(), fig4_predictions(&trainer, &fig4_set)?));
     rows.push(row);
     Ok(SeedRun {
         seed: config.run.seed,

@@ -6,7 +6,7 @@
 
 use crate::data::datasets::Rgb;
 use crate::data::labels::palette_colour;
-use crate::files::write_atomically;
+use crate::files::write_png;
 use anyhow::{anyhow, Result};
 use image::RgbImage;
 use plotters::prelude::*;
@@ -101,11 +101,7 @@ pub fn charts(path: &Path, charts: &[Chart], width: u32, height: u32) -> Result<
         }
         root.present().map_err(plot_error)?;
     }
-    save(path, RgbImage::from_raw(w, h, buffer).expect("sized buffer"))
-}
-
-fn save(path: &Path, image: RgbImage) -> Result<()> {
-    write_atomically(path, |temp| Ok(image.save_with_format(temp, image::ImageFormat::Png)?))
+    write_png(path, &RgbImage::from_raw(w, h, buffer).expect("sized buffer"))
 }
 
 /// A training-id mask in the Cityscapes palette (ignore: black).
@@ -151,7 +147,7 @@ pub fn prediction_grid(
         }
         root.present().map_err(plot_error)?;
     }
-    save(path, RgbImage::from_raw(w, h, buffer).expect("sized buffer"))
+    write_png(path, &RgbImage::from_raw(w, h, buffer).expect("sized buffer"))
 }
 
 /// A moving average over `window` values (a noisy per-step loss reads better smoothed).

@@ -16,3 +16,12 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
     std::fs::File::open(dir)?.sync_all()?;
     Ok(())
 }
+
+/// Writes `image` as a PNG at `path`, atomically.
+pub fn write_png(path: &Path, image: &image::RgbImage) -> Result<()> {
+    write_atomically(path, |temp| {
+        image
+            .save_with_format(temp, image::ImageFormat::Png)
+            .with_context(|| format!("{}: cannot write PNG", temp.display()))
+    })
+}

@@ -13,7 +13,8 @@ pub struct Progress {
     done: u64,
     /// Steps done before this process started (a resumed job): not in the rate.
     first: u64,
-    every: u64,
+    /// Items between log lines off a terminal; none for a bar-only job.
+    every: Option<u64>,
     started: Instant,
     recent_loss: f64,
 }
@@ -36,7 +37,7 @@ impl Progress {
             total,
             done: 0,
             first: 0,
-            every: every.max(1),
+            every: Some(every.max(1)),
             started: Instant::now(),
             recent_loss: f64::NAN,
         }
@@ -45,7 +46,7 @@ impl Progress {
     /// A bar on a terminal and nothing otherwise: for short jobs that run often inside others
     /// (an evaluation every N steps would fill a log with lines of its own).
     pub fn bar_only(name: &str, total: u64) -> Progress {
-        Progress { every: u64::MAX, ..Progress::new(name, total, 1) }
+        Progress { every: None, ..Progress::new(name, total, 1) }
     }
 
     /// A job resumed at `done` of its steps: the bar starts there, the rate counts from there.
@@ -77,7 +78,7 @@ impl Progress {
                 bar.set_message(message.to_string());
                 bar.inc(1);
             }
-            None if self.every != u64::MAX && (self.done.is_multiple_of(self.every) || self.done == self.total) => {
+            None if self.every.is_some_and(|every| self.done.is_multiple_of(every) || self.done == self.total) => {
                 let elapsed = self.started.elapsed().as_secs_f64();
                 let rate = (self.done - self.first) as f64 / elapsed.max(1e-9);
                 let eta = (self.total - self.done) as f64 / rate.max(1e-9);

@@ -219,7 +219,7 @@ fn a_translation_killed_with_sigkill_goes_on_with_continue_to_the_same_images_as
         .spawn()
         .unwrap();
     let checkpoints = killed.path().join("runs/tr/translate");
-    let first = checkpoints.join("cyclegan-00000040.safetensors");
+    let first = checkpoints.join("step-00000040.safetensors");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while !first.exists() {
         assert!(std::time::Instant::now() < deadline, "no checkpoint within 120 s");

@@ -184,10 +184,8 @@ fn resume_from_newest_sound(
             Err(e) if e.downcast_ref::<DamagedCheckpoint>().is_some() => {
                 let damaged = rotation.dir.join("damaged");
                 std::fs::create_dir_all(&damaged)?;
-                for entry in std::fs::read_dir(&rotation.dir)?.flatten() {
-                    if entry.file_name().to_string_lossy().starts_with(&format!("step-{step:08}.")) {
-                        std::fs::rename(entry.path(), damaged.join(entry.file_name()))?;
-                    }
+                for file in rotation.files_of(step)? {
+                    std::fs::rename(&file, damaged.join(file.file_name().expect("a listed file")))?;
                 }
                 tracing::warn!("{e:#}; moved to {} and trying the checkpoint before it", damaged.display());
                 set_aside.push(path.display().to_string());

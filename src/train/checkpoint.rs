@@ -232,6 +232,16 @@ impl Rotation {
         Ok(())
     }
 
+    /// The files of checkpoint `step`: `step-N.safetensors` and its companions.
+    pub fn files_of(&self, step: u64) -> Result<Vec<std::path::PathBuf>> {
+        let stem = format!("step-{step:08}.");
+        Ok(std::fs::read_dir(&self.dir)?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&stem))
+            .map(|e| e.path())
+            .collect())
+    }
+
     /// Removes all but the newest `keep` checkpoints (and their companion files). The
     /// `.safetensors` file goes first: a checkpoint a kill leaves half-removed is one that
     /// `steps` no longer lists, never one that lacks its ledger snapshot.
@@ -239,10 +249,8 @@ impl Rotation {
         let steps = self.steps();
         for &step in steps.iter().take(steps.len().saturating_sub(self.keep)) {
             std::fs::remove_file(self.path_for(step, "safetensors"))?;
-            for entry in std::fs::read_dir(&self.dir)?.flatten() {
-                if entry.file_name().to_string_lossy().starts_with(&format!("step-{step:08}.")) {
-                    std::fs::remove_file(entry.path())?;
-                }
+            for file in self.files_of(step)? {
+                std::fs::remove_file(file)?;
             }
         }
         Ok(())

@@ -103,8 +103,5 @@ pub fn draw_panels(panels: &[(Tensor, Tensor)], classes: usize, side: u32, path:
             }
         }
     }
-    crate::files::write_atomically(path, |temp| {
-        canvas.save_with_format(temp, image::ImageFormat::Png)?;
-        Ok(())
-    })
+    crate::files::write_png(path, &canvas)
 }

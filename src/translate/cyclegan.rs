@@ -13,7 +13,7 @@ use super::networks::{Discriminator, Generator};
 use crate::config::{AugmentConfig, TranslateConfig};
 use crate::data::augment::Augmenter;
 use crate::data::datasets::{decode_image, Rgb};
-use crate::files::write_atomically;
+use crate::train::checkpoint;
 use crate::train::optimizer::Adam;
 use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
@@ -22,9 +22,6 @@ use rand_chacha::ChaCha8Rng;
 use std::path::Path;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Reduction, Tensor};
-
-/// The tensor holding a checkpoint's JSON metadata.
-const META: &str = "meta";
 
 /// An image as the networks take it: [1, 3, H, W] in [-1, 1].
 pub fn to_network(rgb: &Rgb, device: Device) -> Tensor {
@@ -237,60 +234,35 @@ impl CycleGan {
         tch::no_grad(|| self.g_a.forward(image))
     }
 
-    /// Writes networks, optimizers, pools and `meta` atomically to `path`.
+    /// Writes networks, optimizers, pools and `meta` atomically to `path`, as every adamcu
+    /// checkpoint is written (`train::checkpoint`: the variables as `model.*`, the rest as
+    /// `state.*`, a checksum of the contents in the metadata).
     pub fn save(&self, path: &Path, meta: &serde_json::Value) -> Result<()> {
-        let host = |t: &Tensor| t.to(Device::Cpu).contiguous();
-        let mut tensors: Vec<(String, Tensor)> =
-            self.vs.variables().iter().map(|(n, t)| (format!("model.{n}"), host(t))).collect();
+        let mut state: Vec<(String, Tensor)> = Vec::new();
         for (prefix, opt) in [("adam_g", &self.opt_g), ("adam_d", &self.opt_d)] {
-            tensors.extend(opt.state().iter().map(|(n, t)| (format!("{prefix}.{n}"), host(t))));
+            state.extend(opt.state().into_iter().map(|(n, t)| (format!("{prefix}.{n}"), t)));
         }
         for (prefix, pool) in [("pool_a", &self.pool_a), ("pool_b", &self.pool_b)] {
-            tensors.extend(pool.images.iter().enumerate().map(|(i, t)| (format!("{prefix}.{i:04}"), host(t))));
+            state.extend(pool.images.iter().enumerate().map(|(i, t)| (format!("{prefix}.{i:04}"), t.shallow_clone())));
         }
-        tensors.push((META.into(), Tensor::from_slice(&serde_json::to_vec(meta)?)));
-        write_atomically(path, |temp| {
-            Tensor::write_safetensors(&tensors, temp).with_context(|| format!("writing {}", temp.display()))
-        })
+        checkpoint::capture(&self.vs, None, &state, meta).write(path)
     }
 
-    /// Loads a checkpoint written by `save`; returns its metadata.
+    /// Loads a checkpoint written by `save` (a damaged one is a `DamagedCheckpoint`); returns
+    /// its metadata.
     pub fn load(&mut self, path: &Path) -> Result<serde_json::Value> {
-        let tensors = Tensor::read_safetensors(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let loaded = checkpoint::load(path, &mut self.vs)?;
         let device = self.vs.device();
-        let mut meta = None;
         let (mut adam_g, mut adam_d) = (Vec::new(), Vec::new());
         let (mut pool_a, mut pool_b) = (Vec::new(), Vec::new());
-        let mut variables = self.vs.variables();
-        let mut loaded = 0;
-        for (key, t) in tensors {
-            if key == META {
-                let mut bytes = vec![0u8; t.numel()];
-                t.copy_data(&mut bytes, t.numel());
-                meta = Some(serde_json::from_slice(&bytes).with_context(|| format!("{}: metadata", path.display()))?);
-            } else if let Some(name) = key.strip_prefix("model.") {
-                let Some(var) = variables.get_mut(name) else {
-                    bail!("{}: {name} is not a variable of this CycleGAN (other translate settings?)", path.display());
-                };
-                if var.size() != t.size() {
-                    bail!("{}: {name} has shape {:?}, this CycleGAN {:?}", path.display(), t.size(), var.size());
-                }
-                tch::no_grad(|| var.copy_(&t));
-                loaded += 1;
-            } else if let Some(rest) = key.strip_prefix("adam_g.") {
-                adam_g.push((rest.to_string(), t));
-            } else if let Some(rest) = key.strip_prefix("adam_d.") {
-                adam_d.push((rest.to_string(), t));
-            } else if key.starts_with("pool_a.") {
-                pool_a.push((key, t.to(device)));
-            } else if key.starts_with("pool_b.") {
-                pool_b.push((key, t.to(device)));
-            } else {
-                bail!("{}: unknown entry {key}", path.display());
+        for (key, t) in loaded.extra {
+            match key.split_once('.') {
+                Some(("adam_g", rest)) => adam_g.push((rest.to_string(), t)),
+                Some(("adam_d", rest)) => adam_d.push((rest.to_string(), t)),
+                Some(("pool_a", _)) => pool_a.push((key, t.to(device))),
+                Some(("pool_b", _)) => pool_b.push((key, t.to(device))),
+                _ => bail!("{}: unknown entry state.{key}", path.display()),
             }
-        }
-        if loaded != variables.len() {
-            bail!("{}: holds {loaded} of the CycleGAN's {} variables", path.display(), variables.len());
         }
         self.opt_g.load_state(&adam_g).with_context(|| format!("{}: generator optimizer", path.display()))?;
         self.opt_d.load_state(&adam_d).with_context(|| format!("{}: discriminator optimizer", path.display()))?;
@@ -298,7 +270,7 @@ impl CycleGan {
             images.sort_by(|a, b| a.0.cmp(&b.0));
             pool.images = images.into_iter().map(|(_, t)| t).collect();
         }
-        let meta: serde_json::Value = meta.with_context(|| format!("{}: no metadata", path.display()))?;
+        let meta = loaded.meta;
         self.iteration = meta["iteration"].as_u64().with_context(|| format!("{}: no iteration", path.display()))?;
         Ok(meta)
     }

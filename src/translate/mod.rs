@@ -23,6 +23,7 @@ use crate::data::datasets::{decode_image, list, Rgb};
 use crate::data::error::DataError;
 use crate::files::write_atomically;
 use crate::progress::Progress;
+use crate::train::checkpoint::Rotation;
 use anyhow::{bail, Context, Result};
 use cyclegan::{crop_augmenter, lr_factor, to_network, to_rgb, training_crop, CycleGan, Schedule};
 use rand::{Rng, SeedableRng};
@@ -301,7 +302,8 @@ fn run_plan(
         match result {
             Ok(rgb) => {
                 let out = image_dir.join(file.file_name().expect("a listed file has a name"));
-                write_png(&rgb, &out)?;
+                let image = image::RgbImage::from_raw(rgb.width, rgb.height, rgb.pixels).expect("sized buffer");
+                crate::files::write_png(&out, &image)?;
                 written.push(out);
             }
             Err(e) => {
@@ -368,15 +370,6 @@ fn remove_pngs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn write_png(rgb: &Rgb, path: &Path) -> Result<()> {
-    let image = image::RgbImage::from_raw(rgb.width, rgb.height, rgb.pixels.clone()).expect("sized buffer");
-    write_atomically(path, |temp| {
-        image
-            .save_with_format(temp, image::ImageFormat::Png)
-            .with_context(|| format!("{}: cannot write PNG", temp.display()))
-    })
-}
-
 /// FDA of source image `index`: a target image drawn for it from (seed, index), resized to
 /// the source's size if it differs; an unreadable target image is replaced by another draw.
 fn fda_one(
@@ -410,25 +403,6 @@ fn fda_one(
     Err(last_error.expect("at least one draw"))
 }
 
-/// Checkpoint files of a run's CycleGAN, newest first.
-fn checkpoints(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    let name = p.file_name().unwrap_or_default().to_string_lossy();
-                    name.starts_with("cyclegan-") && name.ends_with(".safetensors")
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    files.sort();
-    files.reverse();
-    files
-}
-
 /// Trains (or goes on training) the CycleGAN to the end of its schedule.
 fn train_cyclegan(
     config: &Config,
@@ -443,8 +417,11 @@ fn train_cyclegan(
     std::fs::create_dir_all(&plan.state_dir)?;
     let mut gan = CycleGan::new(t, device);
     let schedule = Schedule::new(t, inputs.source.len(), inputs.target.len());
+    let rotation = Rotation { dir: plan.state_dir.clone(), keep: KEEP_CHECKPOINTS };
+    rotation.remove_unfinished()?;
     if continue_run {
-        for file in checkpoints(&plan.state_dir) {
+        for step in rotation.steps().into_iter().rev() {
+            let file = rotation.path_for(step, "safetensors");
             let mut candidate = CycleGan::new(t, device);
             match candidate.load(&file) {
                 Ok(meta) if meta.get("stamp") == Some(stamp) => {
@@ -458,8 +435,8 @@ fn train_cyclegan(
         }
     }
     if gan.iteration == 0 {
-        for old in checkpoints(&plan.state_dir) {
-            std::fs::remove_file(&old)?;
+        for step in rotation.steps() {
+            std::fs::remove_file(rotation.path_for(step, "safetensors"))?;
         }
     }
     let mut augmenter = crop_augmenter(t);
@@ -467,12 +444,9 @@ fn train_cyclegan(
     progress.resume_at(gan.iteration);
     let mut bad: std::collections::BTreeSet<PathBuf> = Default::default();
     let save = |gan: &CycleGan| -> Result<()> {
-        let path = plan.state_dir.join(format!("cyclegan-{:08}.safetensors", gan.iteration));
+        let path = rotation.path_for(gan.iteration, "safetensors");
         gan.save(&path, &json!({ "iteration": gan.iteration, "stamp": stamp }))?;
-        for old in checkpoints(&plan.state_dir).into_iter().skip(KEEP_CHECKPOINTS) {
-            let _ = std::fs::remove_file(old);
-        }
-        Ok(())
+        rotation.prune()
     };
     let since = Instant::now();
     let first = gan.iteration;
