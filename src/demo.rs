@@ -6,7 +6,7 @@
 //! in `runs/<name>/seed-<s>/`) and the table gives each row's mean, and its mIoU's ± std.
 //! Each demo run is a fresh experiment: the variants' ledgers from an earlier demo are removed.
 
-use crate::config::{Config, Named, Preset, RunConfig, TranslateMethod};
+use crate::config::{Config, Named, PairedAgainst, Preset, RunConfig, TranslateMethod};
 use crate::train::ada::AdaSummary;
 use crate::train::embeddings::{compactness, draw_panels, val_embeddings, Compactness};
 use crate::train::eval::{markdown_table, EvalRow};
@@ -68,6 +68,32 @@ fn fig4_predictions(trainer: &Trainer, images: &[(crate::data::datasets::Rgb, Ve
             Ok(Vec::<u8>::try_from(ids.flatten(0, -1))?)
         })
         .collect()
+}
+
+/// Target training images in each `labels-<variant>.png`.
+const LABEL_IMAGES: usize = 4;
+
+/// Where a variant's labels went: the first `LABEL_IMAGES` target training images at the
+/// ledger's size, each with the pixels its ledger bought.
+fn draw_labels(config: &Config, ledger: &crate::active::ledger::Ledger, variant: Preset, path: &Path) -> Result<()> {
+    let target = crate::train::open_set(&config.data.target, "data.target", config.data.classes)?;
+    let tiles = (0..target.len().min(LABEL_IMAGES))
+        .map(|i| {
+            let rgb = target.load_image(i).map_err(anyhow::Error::msg)?;
+            let grid = &ledger.images()[i];
+            let image = image::RgbImage::from_raw(rgb.width, rgb.height, rgb.pixels).expect("sized image");
+            let image = if (image.width(), image.height()) == (grid.width, grid.height) {
+                image
+            } else {
+                image::imageops::resize(&image, grid.width, grid.height, image::imageops::FilterType::Triangle)
+            };
+            let bits = ledger.bought_bits(i);
+            let bought = (0..(grid.width * grid.height) as usize).map(|p| bits[p / 8] >> (p % 8) & 1 != 0).collect();
+            Ok((image, bought, ledger.bought_in(i)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let title = format!("{}: labels bought (red) on the first target training images", variant.row_name());
+    crate::figures::label_grid(path, &title, &tiles)
 }
 
 /// The row of source-only trained on the raw source.
@@ -141,9 +167,13 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
             println!("  {name:<26} {}", points.join(", "));
         }
     }
-    let gains = paired_gains(&config.demo.variants, &runs);
+    let gains = paired_gains(&config.demo.variants, config.demo.paired_against, &runs);
     if !gains.is_empty() {
-        println!("\npaired gain of each step over the row before (same seed: same source checkpoint and data order)");
+        let over = match config.demo.paired_against {
+            PairedAgainst::Previous => "each step over the row before",
+            PairedAgainst::First => "each row over the first variant (the first over source-only)",
+        };
+        println!("\npaired gain of {over} (same seed: same source checkpoint and data order)");
         for g in &gains {
             println!("{g}");
         }
@@ -196,7 +226,10 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
     println!("demo took {seconds:.0} s");
     let per_seed: Vec<_> = runs
         .iter()
-        .map(|r| json!({ "seed": r.seed, "untranslated": r.untranslated, "rows": r.rows, "curves": r.curves }))
+        .map(|r| {
+            json!({ "seed": r.seed, "untranslated": r.untranslated, "rows": r.rows, "curves": r.curves,
+                "budgets": r.budgets })
+        })
         .collect();
     let report = json!({ "run": config.run.name, "seconds": seconds, "seeds": seeds, "rows": rows,
         "untranslated": untranslated, "translation": translation,
@@ -266,7 +299,9 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
         std::fs::create_dir_all(&dir)?;
         let ledger = dir.join("ledger.bin");
         let _ = std::fs::remove_file(&ledger);
-        let (summary, _) = ada.train_ada(&ledger, config.active.iterations)?;
+        let (summary, state) = ada.train_ada(&ledger, config.active.iterations)?;
+        let labels_png = run_dir.join(format!("labels-{}.png", variant.name()));
+        draw_labels(config, &state.ledger, variant, &labels_png)?;
         ada.save(
             &dir.join("model.safetensors"),
             None,
@@ -525,10 +560,12 @@ fn paired_interval(per_seed: &[f64]) -> Option<(f64, f64)> {
 /// `demo.variants`; the first over source-only), from the per-seed rows (`runs[s].rows[0]` is
 /// source-only, then the variants in order). With the paper's order (AL w/o AS, AL w AS,
 /// MCU-i, MCU-d, full) these are Table VI's steps: AS, MCU-i, MCU-d and the DCCM.
-fn paired_gains(variants: &[Preset], runs: &[SeedRun]) -> Vec<PairedGain> {
+/// With `demo.paired_against = "first"` every variant after the first is measured against the
+/// first (`adamcu compare`: each strategy against the first listed).
+fn paired_gains(variants: &[Preset], against: PairedAgainst, runs: &[SeedRun]) -> Vec<PairedGain> {
     (1..=variants.len())
         .map(|b| {
-            let a = b - 1;
+            let a = if against == PairedAgainst::First && b > 1 { 1 } else { b - 1 };
             let per_seed: Vec<f64> = runs.iter().map(|r| r.rows[b].miou - r.rows[a].miou).collect();
             let n = per_seed.len() as f64;
             let mean = per_seed.iter().sum::<f64>() / n;

@@ -2,7 +2,8 @@
 //! through fontconfig): line charts (val mIoU and loss over steps, labelled pixels over steps,
 //! mIoU against the labelled fraction as the paper's Fig. 1(c)) and the paper's Fig. 4 (a grid
 //! of target val images, their ground truth and each row's prediction in the Cityscapes
-//! palette). Every PNG is written atomically.
+//! palette), and where each strategy's labels went (`label_grid`). Every PNG is written
+//! atomically.
 
 use crate::data::datasets::Rgb;
 use crate::data::labels::palette_colour;
@@ -144,6 +145,43 @@ pub fn prediction_grid(
             let style = ("sans-serif", 13).into_font().color(&BLACK);
             root.draw(&Text::new(name.to_string(), ((c as u32 * (cw + gap)) as i32 + 2, 6), style))
                 .map_err(plot_error)?;
+        }
+        root.present().map_err(plot_error)?;
+    }
+    write_png(path, &RgbImage::from_raw(w, h, buffer).expect("sized buffer"))
+}
+
+/// Where a strategy's labels went: each tile an image (dimmed) with its bought pixels in red,
+/// shown at twice its size so single pixels stay visible, under a title; each tile's caption
+/// gives its count. `tiles`: (image, bought mask in raster order, pixels bought).
+pub fn label_grid(path: &Path, title: &str, tiles: &[(RgbImage, Vec<bool>, u64)]) -> Result<()> {
+    let Some((first, _, _)) = tiles.first() else { return Ok(()) };
+    let (tw, th) = (first.width() * 2, first.height() * 2);
+    let (gap, header, caption) = (4u32, 26u32, 18u32);
+    let columns = (tiles.len() as u32).min(2);
+    let lines = (tiles.len() as u32).div_ceil(columns);
+    let (w, h) = (columns * tw + (columns - 1) * gap, header + lines * (th + caption + gap));
+    let mut canvas = RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
+    let mut origins = Vec::new();
+    for (t, (image, bought, _)) in tiles.iter().enumerate() {
+        let mut tile = image.clone();
+        for (p, pixel) in tile.pixels_mut().enumerate() {
+            *pixel = if bought[p] { image::Rgb([255, 0, 0]) } else { image::Rgb(pixel.0.map(|v| v / 3)) };
+        }
+        let tile = image::imageops::resize(&tile, tw, th, image::imageops::FilterType::Nearest);
+        let (x, y) = ((t as u32 % columns) * (tw + gap), header + (t as u32 / columns) * (th + caption + gap));
+        image::imageops::replace(&mut canvas, &tile, x as i64, y as i64);
+        origins.push((x, y + th));
+    }
+    let mut buffer = canvas.into_raw();
+    {
+        let root = BitMapBackend::with_buffer(&mut buffer, (w, h)).into_drawing_area();
+        let style = ("sans-serif", 13).into_font().color(&BLACK);
+        root.draw(&Text::new(title.to_string(), (2, 6), style.clone())).map_err(plot_error)?;
+        for ((x, y), (image, _, count)) in origins.iter().zip(tiles) {
+            let share = 100.0 * *count as f64 / (image.width() * image.height()) as f64;
+            let text = format!("{count} pixels ({share:.2} %)");
+            root.draw(&Text::new(text, (*x as i32 + 2, *y as i32 + 3), style.clone())).map_err(plot_error)?;
         }
         root.present().map_err(plot_error)?;
     }

@@ -69,6 +69,23 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         budgets: Vec<f64>,
     },
+    /// Active-learning strategies side by side: each from the same source checkpoint at the same
+    /// budget (the demo's rows with demo.variants = the strategies), one table with paired
+    /// differences against the first strategy over seeds, and labels-<strategy>.png.
+    Compare {
+        #[arg(long, default_value = "pipelines/synth.toml")]
+        config: PathBuf,
+        /// The strategies, in the order of the table (the first is the reference of the paired
+        /// differences).
+        #[arg(long, value_delimiter = ',', required = true)]
+        strategies: Vec<adamcu::config::Strategy>,
+        /// Seeds run.seed .. run.seed + N - 1 (sets demo.repeats).
+        #[arg(long)]
+        repeats: Option<usize>,
+        /// Also each strategy at these budgets: mIoU against the labelled fraction, fig1c.png.
+        #[arg(long, value_delimiter = ',')]
+        budgets: Vec<f64>,
+    },
     /// Algorithm 1, line 1: translate the source images toward the target's look
     /// ([translate] of the config: CycleGAN or FDA) into data.source.root; checkpoints in
     /// runs/<name>/translate/.
@@ -285,6 +302,18 @@ fn pick_set(config: &Config, choice: DataSet) -> Result<&DatasetConfig> {
     })
 }
 
+/// `--budgets` of the demo and compare: more budgets beside `active.budget` (demo.budgets).
+fn set_budgets(config: &mut Config, budgets: Vec<f64>) -> Result<()> {
+    if let Some(bad) = budgets.iter().find(|b| !(**b > 0.0 && **b <= 1.0)) {
+        bail!("--budgets {bad}: expected fractions in (0, 1] of the target's pixels, e.g. 0.017,0.034,0.05");
+    }
+    if !budgets.is_empty() {
+        let main = config.active.budget;
+        config.demo.budgets = budgets.into_iter().filter(|b| (b - main).abs() > 1e-12).collect();
+    }
+    Ok(())
+}
+
 fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
     match command {
         Command::Weights { file } => weights(&file),
@@ -297,12 +326,18 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
         Command::Pack { config, data_set, out, size } => pack(&load_config(&config, overrides)?, data_set, &out, size),
         Command::Demo { config, budgets } => {
             let mut config = load_config(&config, overrides)?;
-            if let Some(bad) = budgets.iter().find(|b| !(**b > 0.0 && **b <= 1.0)) {
-                bail!("--budgets {bad}: expected fractions in (0, 1] of the target's pixels, e.g. 0.017,0.034,0.05");
-            }
-            if !budgets.is_empty() {
-                let main = config.active.budget;
-                config.demo.budgets = budgets.into_iter().filter(|b| (b - main).abs() > 1e-12).collect();
+            set_budgets(&mut config, budgets)?;
+            adamcu::demo::run(&config)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Compare { config, strategies, repeats, budgets } => {
+            let mut config = load_config(&config, overrides)?;
+            set_budgets(&mut config, budgets)?;
+            config.demo.variants = strategies.iter().map(|s| s.preset()).collect();
+            config.demo.paired_against = adamcu::config::PairedAgainst::First;
+            if let Some(n) = repeats {
+                anyhow::ensure!(n >= 1, "--repeats {n}: expected at least 1");
+                config.demo.repeats = n;
             }
             adamcu::demo::run(&config)?;
             Ok(ExitCode::SUCCESS)

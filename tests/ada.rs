@@ -13,19 +13,12 @@ use adamcu::contrast::infonce::{info_nce_units, Points};
 use adamcu::contrast::units::{class_centers, contrastive_losses, unit_pairs, DomainBatch};
 use adamcu::data::augment::Geometry;
 use adamcu::train::ada::LossTerm;
+use common::global_generator;
 use rand::SeedableRng;
 use tch::{Device, Kind, Tensor};
 
-/// libtorch's random generator is one per process, and the harness runs tests on threads: each
-/// test here that draws from it holds this lock, so that its seed gives it the same numbers
-/// whatever runs beside it.
-static GLOBAL_GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn global_generator() -> std::sync::MutexGuard<'static, ()> {
-    GLOBAL_GENERATOR.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// The generator held and seeded with `seed`.
+/// The generator held (`common::global_generator`: libtorch has one per process, and the
+/// harness runs tests on threads) and seeded with `seed`.
 fn seeded(seed: i64) -> std::sync::MutexGuard<'static, ()> {
     let guard = global_generator();
     tch::manual_seed(seed);

@@ -37,16 +37,36 @@ fn ledger_bits(run_dir: &Path) -> Vec<u8> {
 
 #[test]
 fn kill_9_at_random_points_then_resume_loses_nothing_and_matches_an_uninterrupted_run() {
+    kill_9_then_resume_matches_an_uninterrupted_run(120, |_| {});
+}
+
+#[test]
+fn kill_9_during_a_ripu_run_then_resume_ends_with_the_uninterrupted_runs_ledger() {
+    // Rounds at 0, 20 and 40 of 60 steps: kills fall before, between and after them.
+    kill_9_then_resume_matches_an_uninterrupted_run(60, |c| {
+        c.active.strategy = adamcu::config::Strategy::Ripu;
+        c.active.rounds = vec![0, 20, 40];
+    });
+}
+
+/// Kills a daemon with SIGKILL at random points (up to three times) and resumes it each time;
+/// every checkpoint left behind loads, the ledger never passes Me, and the run ends with the
+/// ledger of an uninterrupted run with the same source checkpoint.
+fn kill_9_then_resume_matches_an_uninterrupted_run(iterations: usize, setup: impl Fn(&mut adamcu::config::Config)) {
     let dir = tempfile::tempdir().unwrap();
-    let iterations = 120;
+    let config = |name: &str| {
+        let mut c = tiny_daemon_config(dir.path(), name, iterations);
+        setup(&mut c);
+        c
+    };
     // One source checkpoint for both runs, so they differ only by the kills.
-    let reference = tiny_daemon_config(dir.path(), "uninterrupted", iterations);
+    let reference = config("uninterrupted");
     let reference_path = write_config(dir.path(), &reference);
     let (ok, log) = finish(daemon(&reference_path, &[]));
     assert!(ok, "{log}");
     let source = reference.run_dir().join("source.safetensors");
 
-    let killed = tiny_daemon_config(dir.path(), "killed", iterations);
+    let killed = config("killed");
     let killed_path = write_config(dir.path(), &killed);
     let init = source.to_str().unwrap().to_string();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);

@@ -107,3 +107,48 @@ fn the_demo_prints_the_table_and_with_two_seeds_their_mean_and_spread() {
     // The budget says what it counts.
     assert_eq!(report["budget_pixels"], "pixels at the training resolution (64x32 per image)");
 }
+
+#[test]
+fn compare_trains_each_strategy_at_one_budget_and_pairs_each_with_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::tiny_daemon_config(dir.path(), "compare", 12);
+    config.train.target_supervised_iterations = 4;
+    config.active.rounds = vec![0, 6];
+    let path = common::write_config(dir.path(), &config);
+    let out = Command::new(env!("CARGO_BIN_EXE_adamcu"))
+        .args(["compare", "--strategies", "ada-mcu,ripu,random", "--repeats", "2", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| method")).collect();
+    let names: Vec<&str> = rows.iter().map(|l| l.split('|').nth(1).unwrap().trim()).collect();
+    assert_eq!(names, ["source-only", "full model (DCCM)", "RIPU", "random", "target-supervised"], "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(config.run_dir().join("report.json")).unwrap()).unwrap();
+    // Every strategy spent the same budget, all of it.
+    let budgets = report["per_seed"][0]["budgets"].as_array().unwrap_or_else(|| panic!("{report}"));
+    let spent: Vec<_> = budgets.iter().map(|b| (b["spent"].clone(), b["budget"].clone())).collect();
+    assert!(spent.iter().all(|s| *s == spent[0] && s.0 == s.1), "{spent:?}");
+    // Paired differences against the first strategy (ADA-MCU), the first over source-only.
+    let gains = report["paired_gains"].as_array().unwrap();
+    let pairs: Vec<(&str, &str)> =
+        gains.iter().map(|g| (g["from"].as_str().unwrap(), g["to"].as_str().unwrap())).collect();
+    assert_eq!(
+        pairs,
+        [("source-only", "full model (DCCM)"), ("full model (DCCM)", "RIPU"), ("full model (DCCM)", "random")],
+        "{report}"
+    );
+    assert!(stdout.contains("over the first variant"), "{stdout}");
+    // Where each strategy's labels went, per seed; the random one's differ from RIPU's.
+    for seed in [0, 1] {
+        for strategy in ["full", "ripu", "random"] {
+            let png = config.run_dir().join(format!("seed-{seed}/labels-{strategy}.png"));
+            let picture = image::open(&png).unwrap_or_else(|e| panic!("{}: {e}", png.display())).to_rgb8();
+            assert!(picture.pixels().any(|p| p.0 == [255, 0, 0]), "{}: no bought pixel drawn", png.display());
+        }
+    }
+    let ledger = |s: &str| std::fs::read(config.run_dir().join(format!("seed-0/{s}/ledger.bin"))).unwrap();
+    assert_ne!(ledger("ripu"), ledger("random"));
+}

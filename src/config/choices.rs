@@ -159,6 +159,71 @@ choice! {
         P2pC2c,
         /// The full model: every level, p2p and c2c, the DCCM.
         Full,
+        /// RIPU (Xie et al., CVPR 2022) instead of ADA-MCU: `active.strategy = "ripu"`.
+        Ripu,
+        /// Pixel entropy, selected in rounds (`active.strategy = "entropy"`).
+        Entropy,
+        /// Best-versus-second-best margin, selected in rounds (`active.strategy = "margin"`).
+        Margin,
+        /// Uniformly random, selected in rounds (`active.strategy = "random"`).
+        Random,
+    }
+}
+
+choice! {
+    /// How target labels are chosen under the budget (`active.strategy`; docs/algorithm.md,
+    /// "Strategies"). Every strategy buys through the same ledger and oracle.
+    #[derive(clap::ValueEnum)]
+    pub enum Strategy {
+        /// ADA-MCU (this paper): per step, uncertainty groups and adaptive sampling.
+        AdaMcu,
+        /// RIPU: region impurity times prediction uncertainty, selected in rounds.
+        Ripu,
+        /// Highest pixel (or region mean) entropy, in rounds.
+        Entropy,
+        /// Smallest margin between the two most probable classes, in rounds.
+        Margin,
+        /// Uniformly random pixels (or regions), in rounds.
+        Random,
+    }
+}
+
+choice! {
+    /// What a round strategy buys at once (`active.annotation`; RIPU's RA and PA settings).
+    pub enum Annotation {
+        /// A (2k+1)^2 square around each chosen pixel, k = `active.radius` (RIPU's RA).
+        Region,
+        /// Single pixels, none within `active.radius` of another (RIPU's PA).
+        Pixel,
+    }
+}
+
+choice! {
+    /// Which row a row's paired gain is measured against (`demo.paired_against`).
+    pub enum PairedAgainst {
+        /// The row before it: the steps of the paper's Table VI.
+        Previous,
+        /// The first variant: each strategy against the first (`adamcu compare`).
+        First,
+    }
+}
+
+impl Strategy {
+    /// Whether it buys in selection rounds over the whole target set (`active.rounds`), not
+    /// per step.
+    pub fn uses_rounds(self) -> bool {
+        self != Strategy::AdaMcu
+    }
+
+    /// The demo row (`Preset`) that trains it: ADA-MCU's full model, or the strategy itself.
+    pub fn preset(self) -> Preset {
+        match self {
+            Strategy::AdaMcu => Preset::Full,
+            Strategy::Ripu => Preset::Ripu,
+            Strategy::Entropy => Preset::Entropy,
+            Strategy::Margin => Preset::Margin,
+            Strategy::Random => Preset::Random,
+        }
     }
 }
 
@@ -197,6 +262,21 @@ impl Preset {
             Preset::P2p => "p2p only",
             Preset::P2pC2c => "p2p + c2c",
             Preset::Full => "full model (DCCM)",
+            Preset::Ripu => "RIPU",
+            Preset::Entropy => "entropy",
+            Preset::Margin => "margin",
+            Preset::Random => "random",
+        }
+    }
+
+    /// The strategy the row trains with.
+    pub fn strategy(self) -> Strategy {
+        match self {
+            Preset::Ripu => Strategy::Ripu,
+            Preset::Entropy => Strategy::Entropy,
+            Preset::Margin => Strategy::Margin,
+            Preset::Random => Strategy::Random,
+            _ => Strategy::AdaMcu,
         }
     }
 }
@@ -241,12 +321,19 @@ mod tests {
             DccmFrom,
             Preset,
             TranslateMethod,
-            FdaWindow
+            FdaWindow,
+            Strategy,
+            Annotation,
+            PairedAgainst
         );
         assert_eq!(strum_names::<Arch>(), ["deeplabv2", "deeplabv3plus"]);
         assert_eq!(strum_names::<Backbone>(), ["resnet101", "resnet50", "resnet18", "tiny"]);
         assert_eq!(strum_names::<Precision>(), ["fp32", "bf16"]);
-        assert_eq!(strum_names::<Preset>(), ["al-wo-as", "al-w-as", "mcu-i", "mcu-d", "p2p", "p2p-c2c", "full"]);
+        assert_eq!(
+            strum_names::<Preset>(),
+            ["al-wo-as", "al-w-as", "mcu-i", "mcu-d", "p2p", "p2p-c2c", "full", "ripu", "entropy", "margin", "random"]
+        );
+        assert_eq!(strum_names::<Strategy>(), ["ada-mcu", "ripu", "entropy", "margin", "random"]);
         assert_eq!(strum_names::<Level>(), ["intra-image", "cross-image", "cross-domain"]);
         assert_eq!(strum_names::<TranslateMethod>(), ["none", "cyclegan", "fda"]);
         assert_eq!(allowed(&["a", "b", "c"]), "\"a\", \"b\" or \"c\"");

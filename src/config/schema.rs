@@ -291,6 +291,45 @@ pub struct ActiveConfig {
     pub pseudo_labels: bool,
     /// Iterations of the ADA-MCU stage.
     pub iterations: usize,
+    /// How labels are chosen (docs/algorithm.md, "Strategies"): ADA-MCU per step, or RIPU and
+    /// the uncertainty baselines in selection rounds.
+    pub strategy: Strategy,
+    /// Round strategies: the iterations of the stage at which a round selects over the whole
+    /// target set, each spending an equal share of Me (RIPU: 10k, 12k, 14k, 16k, 18k).
+    pub rounds: Vec<usize>,
+    /// Round strategies: regions or single pixels (RIPU's RA and PA).
+    pub annotation: Annotation,
+    /// Round strategies: k, the half-width of the (2k+1)^2 window of a region and of RIPU's
+    /// scores; with pixel annotation, no two chosen pixels within k of each other
+    /// (RIPU: 1 for RA, 32 for PA).
+    pub radius: usize,
+    /// A budget of so many pixels per target image instead of `budget` (RIPU's PA: 40 at
+    /// 1280x640), at the training resolution; absent: `budget`.
+    pub pixels_per_image: Option<u64>,
+    /// The poly learning-rate schedule's length, when it is not `iterations` (RIPU decays over
+    /// 62,500 iterations and stops at 40,000); absent: `iterations`.
+    pub poly_horizon: Option<usize>,
+    /// RIPU's training losses beside the supervised ones.
+    pub ripu: RipuLosses,
+}
+
+/// RIPU's extra training terms (its `core/loss/*` and `train.py`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RipuLosses {
+    /// Negative learning on every target pixel: -log(1 - p) over the classes with p below
+    /// `negative_threshold` (RIPU: weight 1, threshold 0.05).
+    pub negative_weight: f64,
+    pub negative_threshold: f64,
+    /// Local consistency on the source: the L1 distance of each pixel's softmax to its 3x3
+    /// neighbourhood mean, at the source labels' boundaries (RIPU: 0.1).
+    pub consistency_weight: f64,
+}
+
+impl Default for RipuLosses {
+    fn default() -> Self {
+        RipuLosses { negative_weight: 1.0, negative_threshold: 0.05, consistency_weight: 0.1 }
+    }
 }
 
 impl Default for ActiveConfig {
@@ -305,6 +344,13 @@ impl Default for ActiveConfig {
             adaptive_sampling: true,
             pseudo_labels: true,
             iterations: 40_000,
+            strategy: Strategy::AdaMcu,
+            rounds: vec![10_000, 12_000, 14_000, 16_000, 18_000],
+            annotation: Annotation::Region,
+            radius: 1,
+            pixels_per_image: None,
+            poly_horizon: None,
+            ripu: RipuLosses::default(),
         }
     }
 }
@@ -456,6 +502,9 @@ pub struct DemoConfig {
     /// again from the same source checkpoint, beside `active.budget`: the table of mIoU
     /// against the labelled fraction and `fig1c.png`, the paper's Fig. 1(c). Empty: none.
     pub budgets: Vec<f64>,
+    /// Which row each row's paired gain is over: the row before (Table VI's steps) or the
+    /// first variant (`adamcu compare`: each strategy against the first).
+    pub paired_against: PairedAgainst,
 }
 
 impl Default for DemoConfig {
@@ -465,6 +514,7 @@ impl Default for DemoConfig {
             repeats: 1,
             eval_every: 0,
             budgets: Vec::new(),
+            paired_against: PairedAgainst::Previous,
         }
     }
 }

@@ -13,6 +13,9 @@ fn choice_keys() -> Vec<(String, &'static [&'static str])> {
         ("model.bn_stats".into(), BnStats::VARIANTS),
         ("train.precision".into(), Precision::VARIANTS),
         ("active.schedule".into(), Schedule::VARIANTS),
+        ("active.strategy".into(), Strategy::VARIANTS),
+        ("active.annotation".into(), Annotation::VARIANTS),
+        ("demo.paired_against".into(), PairedAgainst::VARIANTS),
         ("contrast.levels".into(), Level::VARIANTS),
         ("contrast.dccm_from".into(), DccmFrom::VARIANTS),
         ("demo.variants".into(), Preset::VARIANTS),
@@ -250,6 +253,41 @@ impl Config {
             "a number >= 0 and below active.pi_high",
         );
         check(a.decay > 0.0 && a.decay < 1.0, "active.decay", a.decay.to_string(), "a rate in (0, 1)");
+        if a.strategy.uses_rounds() {
+            check(
+                !a.rounds.is_empty()
+                    && a.rounds.windows(2).all(|w| w[0] < w[1])
+                    && a.rounds.last().is_some_and(|&r| r < a.iterations),
+                "active.rounds",
+                format!("{:?}", a.rounds),
+                "increasing iterations below active.iterations (one selection round at each)",
+            );
+        }
+        check(
+            a.pixels_per_image.is_none_or(|p| p >= 1),
+            "active.pixels_per_image",
+            format!("{:?}", a.pixels_per_image),
+            "at least 1 (or absent: the budget is active.budget)",
+        );
+        check(
+            a.poly_horizon.is_none_or(|h| h >= a.iterations),
+            "active.poly_horizon",
+            format!("{:?}", a.poly_horizon),
+            "at least active.iterations (or absent)",
+        );
+        let r = &a.ripu;
+        check(
+            r.negative_weight >= 0.0 && r.consistency_weight >= 0.0,
+            "active.ripu",
+            format!("negative_weight {}, consistency_weight {}", r.negative_weight, r.consistency_weight),
+            "weights >= 0",
+        );
+        check(
+            r.negative_threshold > 0.0 && r.negative_threshold < 1.0,
+            "active.ripu.negative_threshold",
+            r.negative_threshold.to_string(),
+            "a probability in (0, 1)",
+        );
 
         let c = &self.contrast;
         check(

@@ -93,6 +93,15 @@ impl SampleSource {
         }
     }
 
+    /// The image of sample `i` alone, decoded (its label is not read: the selection rounds
+    /// score images without seeing a label).
+    pub fn load_image(&self, i: usize) -> Result<Rgb, DataError> {
+        match self {
+            SampleSource::Files { listing, .. } => datasets::decode_image(&listing.samples[i].image),
+            SampleSource::Shard(_) => self.load_full(i).map(|(rgb, _)| rgb),
+        }
+    }
+
     /// Sample `i` with a random geometry drawn from `rng`.
     pub fn load_augmented(
         &self,

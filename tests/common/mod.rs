@@ -153,3 +153,10 @@ pub fn python() -> PathBuf {
     }
     "python3".into()
 }
+
+/// Tests draw from torch's one global generator: a test that draws from it holds this lock, so
+/// that its seed gives it the same numbers whatever runs beside it.
+pub fn global_generator() -> std::sync::MutexGuard<'static, ()> {
+    static GLOBAL_GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    GLOBAL_GENERATOR.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

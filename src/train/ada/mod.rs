@@ -9,8 +9,11 @@
 //! - `checkpoint.rs`: capturing, writing and resuming from its checkpoints.
 
 mod checkpoint;
+mod rounds;
 mod run;
 mod step;
+
+pub use rounds::{local_consistency_loss, negative_learning_loss};
 
 pub use checkpoint::{resume, AdaCheckpoint, ConfigChanges, ResumePoint};
 pub use run::AdaRun;
@@ -141,7 +144,11 @@ impl Trainer {
             })
             .collect::<Result<Vec<_>>>()?;
         let total: u64 = images.iter().map(|i| i.width as u64 * i.height as u64).sum();
-        Ok((images, (self.config.active.budget * total as f64).round() as u64))
+        let budget = match self.config.active.pixels_per_image {
+            Some(per_image) => (per_image * images.len() as u64).min(total),
+            None => (self.config.active.budget * total as f64).round() as u64,
+        };
+        Ok((images, budget))
     }
 
     /// Opens (or creates) the run's ledger for the configured target training set.

@@ -84,6 +84,14 @@ impl AdaRun {
     /// One iteration: take a batch of each domain, compute the losses, update the model.
     pub fn step(&mut self, trainer: &Trainer) -> Result<&StepLosses> {
         let c = &trainer.config;
+        // A round strategy's selection round before the step at its iteration (after that many
+        // steps, as RIPU's). A resumed run replays it: the same model and ledger buy the same
+        // pixels, and a purchase the crash left pending is not charged again.
+        if c.active.strategy.uses_rounds() {
+            if let Some(round) = c.active.rounds.iter().position(|&r| r as u64 == self.step) {
+                trainer.selection_round(&mut self.state.ledger, round)?;
+            }
+        }
         let started = Instant::now();
         let sb = self.source.batches.recv().context("source loader stopped")??;
         let tb = self.target.batches.recv().context("target loader stopped")??;
@@ -102,7 +110,8 @@ impl AdaRun {
             &tb.sample_indices,
             &tb.geometries,
         );
-        let lr = poly_lr(c.train.lr, self.step, self.iterations, c.train.poly_power);
+        let horizon = c.active.poly_horizon.map_or(self.iterations, |h| h as u64);
+        let lr = poly_lr(c.train.lr, self.step, horizon, c.train.poly_power);
         // The gradient ratio costs two backward passes through the heads: on log steps only.
         let diagnose = c.train.log_every > 0 && self.step.is_multiple_of(c.train.log_every as u64);
         trainer.ada_update(&mut out, &mut self.optimizer, lr, diagnose);
@@ -191,7 +200,8 @@ impl Trainer {
         drive(self, &mut run, &mut [&mut progress, &mut curve, &mut trace], &|| false)?;
         let ledger = &run.state.ledger;
         tracing::info!(
-            "ada-mcu: bought {} of {} {} ({:.2}% of the target set), pi_high {:.4}",
+            "{}: bought {} of {} {} ({:.2}% of the target set), pi_high {:.4}",
+            self.config.active.strategy,
             ledger.charged(),
             ledger.budget(),
             ledger.pixel_unit(),

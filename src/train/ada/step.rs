@@ -50,24 +50,36 @@ fn gradient_ratio(seg: &Tensor, con: &Tensor, features: &[Tensor]) -> Option<Ten
     Some(norm(con)? / norm(seg)?.clamp_min(1e-20))
 }
 
+impl StepOutput {
+    /// A step with L_seg only (the round strategies): nothing bought in it, no units.
+    pub fn supervised(source: Tensor, target: Tensor, selection: BatchSelection, features: Vec<Tensor>) -> StepOutput {
+        let seg = &source + &target;
+        StepOutput {
+            total: seg.shallow_clone(),
+            terms: Terms { source: Some(source), target: Some(target), p2p: None, c2c: None },
+            selection,
+            seg,
+            con: None,
+            features,
+            usage: None,
+            dccm_max: None,
+            gradient_ratio: None,
+        }
+    }
+}
+
 impl Trainer {
-    /// The forward pass and every loss of one ADA-MCU iteration.
-    #[allow(clippy::too_many_arguments)]
-    pub fn ada_losses(
+    /// The forward pass of a source and a target batch (bytes [B, H, W, 3]): one pass when
+    /// their crops have one size, two otherwise. Returns each domain's outputs and the
+    /// backbone's output tensors (for the gradient ratio).
+    pub(super) fn forward_domains(
         &self,
-        state: &mut AdaState,
         source_images: &Tensor,
-        source_labels: &Tensor,
         target_images: &Tensor,
-        target_labels: &SealedLabels,
-        target_samples: &[usize],
-        target_geometry: &[crate::data::augment::Geometry],
-    ) -> StepOutput {
-        let c = &self.config;
-        let classes = c.data.classes as i64;
+    ) -> (SegOutput, SegOutput, Vec<Tensor>) {
         let (xs, xt) = (self.normaliser.to_input(source_images), self.normaliser.to_input(target_images));
         let ns = xs.size()[0];
-        let (out_s, out_t, features) = if xs.size()[1..] == xt.size()[1..] {
+        if xs.size()[1..] == xt.size()[1..] {
             let out = self.forward(&Tensor::cat(&[&xs, &xt], 0), true);
             let split = |t: &Tensor| (t.narrow(0, 0, ns), t.narrow(0, ns, t.size()[0] - ns));
             let ((ms, mt), (as_, at), (es, et)) = (split(&out.main), split(&out.aux), split(&out.embedding));
@@ -80,13 +92,43 @@ impl Trainer {
             let (s, t) = (self.forward(&xs, true), self.forward(&xt, true));
             let features = vec![s.features.shallow_clone(), t.features.shallow_clone()];
             (s, t, features)
-        };
+        }
+    }
+
+    /// The forward pass and every loss of one ADA-MCU iteration (or, with a round strategy,
+    /// `round_losses`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn ada_losses(
+        &self,
+        state: &mut AdaState,
+        source_images: &Tensor,
+        source_labels: &Tensor,
+        target_images: &Tensor,
+        target_labels: &SealedLabels,
+        target_samples: &[usize],
+        target_geometry: &[crate::data::augment::Geometry],
+    ) -> StepOutput {
+        let c = &self.config;
+        if c.active.strategy.uses_rounds() {
+            return self.round_losses(
+                state,
+                source_images,
+                source_labels,
+                target_images,
+                target_labels,
+                target_samples,
+                target_geometry,
+            );
+        }
+        let classes = c.data.classes as i64;
+        let xt_size = [target_images.size()[1], target_images.size()[2]];
+        let (out_s, out_t, features) = self.forward_domains(source_images, target_images);
         let source_labels = crate::torch_ext::labels_on(source_labels, self.device);
         let loss_source = segmentation_loss(&out_s.main, &source_labels)
             + segmentation_loss(&out_s.aux, &source_labels) * c.train.aux_weight;
 
         // Score, group and sample the target crops (Eqs. 1-3, Algorithm 1), on the device.
-        let (h, w) = (xt.size()[2], xt.size()[3]);
+        let [h, w] = xt_size;
         let (main_t, aux_t) = (upsample(&out_t.main, h, w), upsample(&out_t.aux, h, w));
         let scores = uncertainty(&main_t, &aux_t, c.active.gamma);
         let crops: Vec<CropPixels> =
