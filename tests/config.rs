@@ -171,7 +171,7 @@ fn a_misspelt_choice_names_its_key_and_the_allowed_values_beside_the_other_mista
         [
             "model.arch = \"deeplabv4\": expected \"deeplabv2\" or \"deeplabv3plus\"",
             "contrast.levels = \"cross-imag\": expected \"intra-image\", \"cross-image\" or \"cross-domain\"",
-            "demo.variants = \"mcu\": expected \"al-wo-as\", \"al-w-as\", \"mcu-i\", \"mcu-d\", \"p2p\", \"p2p-c2c\" or \"full\"",
+            "demo.variants = \"mcu\": expected \"al-wo-as\", \"al-w-as\", \"mcu-i\", \"mcu-d\", \"p2p\", \"p2p-c2c\", \"full\", \"ripu\", \"entropy\", \"margin\" or \"random\"",
             "train.lr = -1: expected a positive number",
         ]
     );
