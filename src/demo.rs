@@ -87,9 +87,7 @@ fn draw_labels(config: &Config, ledger: &crate::active::ledger::Ledger, variant:
             } else {
                 image::imageops::resize(&image, grid.width, grid.height, image::imageops::FilterType::Triangle)
             };
-            let bits = ledger.bought_bits(i);
-            let bought = (0..(grid.width * grid.height) as usize).map(|p| bits[p / 8] >> (p % 8) & 1 != 0).collect();
-            Ok((image, bought, ledger.bought_in(i)))
+            Ok((image, ledger.bought_mask(i), ledger.bought_in(i)))
         })
         .collect::<Result<Vec<_>>>()?;
     let title = format!("{}: labels bought (red) on the first target training images", variant.row_name());

@@ -98,12 +98,9 @@ fn random_probabilities(seed: i64, classes: i64, h: i64, w: i64) -> Tensor {
 }
 
 fn bought_pixels(ledger: &Ledger, image: usize) -> Vec<(i64, i64)> {
-    let g = &ledger.images()[image];
-    let bits = ledger.bought_bits(image);
-    (0..(g.width * g.height) as usize)
-        .filter(|p| bits[p / 8] >> (p % 8) & 1 != 0)
-        .map(|p| ((p % g.width as usize) as i64, (p / g.width as usize) as i64))
-        .collect()
+    let width = ledger.images()[image].width as usize;
+    let mask = ledger.bought_mask(image);
+    (0..mask.len()).filter(|&p| mask[p]).map(|p| ((p % width) as i64, (p / width) as i64)).collect()
 }
 
 #[test]
@@ -125,11 +122,11 @@ fn region_annotation_never_overlaps_a_region_and_charges_each_pixel_once() {
         }
     }
     // A second round, blocked by the first's purchases dilated by k, never touches them.
-    let mut bits = vec![0u8; (w * h).div_ceil(8)];
+    let mut bought = vec![false; w * h];
     for &i in &first {
-        bits[i as usize / 8] |= 1 << (i % 8);
+        bought[i as usize] = true;
     }
-    let second = choose(&order, w, h, suppressed(&bits, w, h, 1), Annotation::Region, 1, 1000);
+    let second = choose(&order, w, h, suppressed(&bought, w, h, 1), Annotation::Region, 1, 1000);
     assert!(!second.is_empty());
     assert!(second.iter().all(|i| !seen.contains(i)), "a region overlaps an earlier one");
     let mut again = std::collections::HashSet::new();
@@ -270,13 +267,7 @@ fn no_strategy_trains_on_a_target_label_the_ledger_does_not_hold() {
         let (reference, labelled) = step(&truth);
         let held = {
             let state = state_with_purchases(&trainer, &ledger);
-            let mut m = vec![false; 2 * 16 * 32];
-            for image in 0..2 {
-                let bits = state.ledger.bought_bits(image);
-                for p in 0..512 {
-                    m[image * 512 + p] = bits[p / 8] >> (p % 8) & 1 != 0;
-                }
-            }
+            let m: Vec<bool> = (0..2).flat_map(|image| state.ledger.bought_mask(image)).collect();
             Tensor::from_slice(&m).view([2, 16, 32])
         };
         let shifted = (&truth + 1).remainder(19).to_kind(Kind::Uint8);

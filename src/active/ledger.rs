@@ -268,6 +268,13 @@ impl Ledger {
         bits.iter().zip(pending).map(|(b, p)| b & !p).collect()
     }
 
+    /// `bought_bits` as one flag per pixel, in raster order (y * width + x).
+    pub fn bought_mask(&self, image: usize) -> Vec<bool> {
+        let bits = self.bought_bits(image);
+        let g = &self.images[image];
+        (0..g.width as usize * g.height as usize).map(|i| bits[i / 8] >> (i % 8) & 1 != 0).collect()
+    }
+
     /// Buys the label of one pixel (training resolution). Returns true when it was newly bought (or
     /// a pending purchase was replayed, which costs nothing more); false when it was already
     /// bought or the budget is spent.

@@ -84,9 +84,8 @@ pub fn scores(strategy: Strategy, annotation: Annotation, radius: i64, p: &Tenso
 }
 
 /// Pixels that may not be chosen in a round: those within `radius` (Chebyshev) of a pixel
-/// bought before it, from the ledger's bitset (bit y * width + x). RIPU's `active` mask.
-pub fn suppressed(bits: &[u8], width: usize, height: usize, radius: usize) -> Vec<bool> {
-    let bought: Vec<bool> = (0..width * height).map(|i| bits[i / 8] >> (i % 8) & 1 != 0).collect();
+/// bought before it (`bought`: `Ledger::bought_mask`). RIPU's `active` mask.
+pub fn suppressed(bought: &[bool], width: usize, height: usize, radius: usize) -> Vec<bool> {
     let mut out = vec![false; width * height];
     for y in 0..height {
         for x in 0..width {
@@ -183,7 +182,7 @@ impl RoundPlan {
         let score = scores(self.strategy, self.annotation, self.radius as i64, probabilities).flatten(0, -1);
         let (_, order) = score.sort_stable(true, 0, true);
         let order = Vec::<i64>::try_from(order.to_device(tch::Device::Cpu)).expect("i64 order");
-        let blocked = suppressed(&ledger.bought_bits(image), width, height, self.radius);
+        let blocked = suppressed(&ledger.bought_mask(image), width, height, self.radius);
         let chosen = choose(&order, width, height, blocked, self.annotation, self.radius, quota);
         chosen.iter().filter(|&&i| ledger.buy(image, i % width as u32, i / width as u32)).count() as u64
     }

@@ -233,6 +233,12 @@ impl Trainer {
         Ok(StageRecord { losses: run.finish(), curve: curve.0 })
     }
 
+    /// L_seg of one batch: the main head's cross-entropy plus `train.aux_weight` times the
+    /// auxiliary head's (logits upsampled to the labels' size; 255 ignored).
+    pub fn main_and_aux_loss(&self, main: &Tensor, aux: &Tensor, labels: &Tensor) -> Tensor {
+        segmentation_loss(main, labels) + segmentation_loss(aux, labels) * self.config.train.aux_weight
+    }
+
     /// One SGD step of a supervised stage on a batch (normalised images, training ids on the
     /// device): main + aux_weight x auxiliary cross-entropy, the poly learning rate at `step` of
     /// `iterations`. Returns the loss and the base learning rate.
@@ -246,7 +252,7 @@ impl Trainer {
     ) -> (f64, f64) {
         let t = &self.config.train;
         let out = self.forward(images, true);
-        let loss = segmentation_loss(&out.main, labels) + segmentation_loss(&out.aux, labels) * t.aux_weight;
+        let loss = self.main_and_aux_loss(&out.main, &out.aux, labels);
         optimizer.zero_grad();
         loss.backward();
         let lr = poly_lr(t.lr, step as u64, iterations as u64, t.poly_power);

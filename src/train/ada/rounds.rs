@@ -11,7 +11,7 @@ use crate::active::rounds::{image_quotas, RoundPlan};
 use crate::active::sampling::{bought_before, BatchSelection, CropPixels};
 use crate::config::Strategy;
 use crate::model::deeplab::upsample;
-use crate::train::{open_set, segmentation_loss, Trainer};
+use crate::train::{open_set, Trainer};
 use anyhow::{Context, Result};
 use tch::{Kind, Tensor};
 
@@ -101,16 +101,14 @@ impl Trainer {
         let source_labels = crate::torch_ext::labels_on(source_labels, self.device);
         let (sh, sw) = (source_labels.size()[1], source_labels.size()[2]);
         let main_s = upsample(&out_s.main, sh, sw);
-        let mut loss_source = segmentation_loss(&main_s, &source_labels)
-            + segmentation_loss(&out_s.aux, &source_labels) * c.train.aux_weight;
+        let mut loss_source = self.main_and_aux_loss(&main_s, &out_s.aux, &source_labels);
         let (h, w) = (target_images.size()[1], target_images.size()[2]);
         let (main_t, aux_t) = (upsample(&out_t.main, h, w), upsample(&out_t.aux, h, w));
         let crops: Vec<CropPixels> =
             target_samples.iter().zip(target_geometry).map(|(&i, g)| CropPixels::of(i, g, &state.ledger)).collect();
         let labelled = bought_before(&state.ledger, &crops, self.device).1.view([-1, h, w]);
         let revealed = Oracle::reveal(target_labels, &labelled);
-        let mut loss_target =
-            segmentation_loss(&main_t, &revealed) + segmentation_loss(&aux_t, &revealed) * c.train.aux_weight;
+        let mut loss_target = self.main_and_aux_loss(&main_t, &aux_t, &revealed);
         if c.active.strategy == Strategy::Ripu {
             let r = &c.active.ripu;
             if r.consistency_weight > 0.0 {

@@ -13,7 +13,7 @@ use crate::model::deeplab::upsample;
 use crate::model::SegOutput;
 use crate::torch_ext::HostReadback;
 use crate::train::optimizer::Sgd;
-use crate::train::{segmentation_loss, Trainer};
+use crate::train::Trainer;
 use tch::{Kind, Tensor};
 
 /// Everything one iteration computes before the backward pass.
@@ -124,8 +124,7 @@ impl Trainer {
         let xt_size = [target_images.size()[1], target_images.size()[2]];
         let (out_s, out_t, features) = self.forward_domains(source_images, target_images);
         let source_labels = crate::torch_ext::labels_on(source_labels, self.device);
-        let loss_source = segmentation_loss(&out_s.main, &source_labels)
-            + segmentation_loss(&out_s.aux, &source_labels) * c.train.aux_weight;
+        let loss_source = self.main_and_aux_loss(&out_s.main, &out_s.aux, &source_labels);
 
         // Score, group and sample the target crops (Eqs. 1-3, Algorithm 1), on the device.
         let [h, w] = xt_size;
@@ -141,8 +140,7 @@ impl Trainer {
         let train_labels_t = prediction_t.where_self(pseudo, &revealed);
         // A crop may have no labelled or pseudo-labelled pixel: the loss is then 0, with no host check.
         // On the logits already upsampled for the scores (one copy at crop size per head, not two).
-        let loss_target = segmentation_loss(&main_t, &train_labels_t)
-            + segmentation_loss(&aux_t, &train_labels_t) * c.train.aux_weight;
+        let loss_target = self.main_and_aux_loss(&main_t, &aux_t, &train_labels_t);
 
         // DCCM (Eqs. 7-8) from the pixels whose true label is known this iteration: the
         // target's revealed labels, and with `dccm_from = "both"` the source's ground truth.
