@@ -77,5 +77,24 @@ data_wait() {
 }
 section "data wait: the daemon with the loaders on, paper's network and sizes, synthetic frames" data_wait
 
+# RIPU (issue 33) at its published sizes (target 1280x640, source 1280x720) on the same
+# synthetic frames: two selection rounds (the whole target set scored in eval mode at the
+# ledger's size, 3x3 regions bought) and the steps between them with RIPU's losses, on the
+# device. Target: the run finishes, each round's log line shows its share bought, and the
+# status lines show the step rate. With online FDA, so the loader's rustfft swap runs too
+# (no translated set is written: the raw frames are restyled as they load).
+ripu_rounds() {
+  WORK=${WORK:-$(mktemp -d)}
+  [[ -d "$WORK/synth/target" ]] || { echo "no synthetic frames (the data wait section failed)"; return 1; }
+  grep -v '^pretrained' pipelines/gta5-cityscapes-ripu.toml > "$WORK/ripu-synth.toml"
+  local steps=${ADA_STEPS:-40}
+  GTA5_TRANSLATED="$WORK/synth/source_translated" GTA5_ROOT="$WORK/synth/source" CITYSCAPES_ROOT="$WORK/synth/target" \
+    "$BIN" train --config "$WORK/ripu-synth.toml" --stage all --set "run.runs_dir=\"$WORK/runs-ripu\"" \
+    --set "run.device=\"$DEVICE\"" --set 'translate.method="fda"' --set 'translate.fda_mode="online"' \
+    --set "active.rounds=[0, $((steps / 2))]" --set "active.iterations=$steps" --set "active.poly_horizon=$((steps * 2))" \
+    --set train.log_every=10 --set 'model.bn_stats="batch"' ${EXTRA_SETS:-} 2>&1
+}
+section "RIPU: selection rounds and round steps at RIPU's sizes, online FDA in the loader" ripu_rounds
+
 if ((${#failed[@]})); then echo "failed: ${failed[*]}"; exit 1; fi
 echo "all GPU checks ran"

@@ -513,7 +513,7 @@ pub fn translate(
         let seconds = start.elapsed().as_secs_f64();
         let rate = images_per_call * iterations.max(1) as f64 / seconds;
         println!(
-            "{what:<58} {rate:>9.2} images/s ({:.1} ms per call){}",
+            "{what:<66} {rate:>9.2} images/s ({:.1} ms per call){}",
             1000.0 * seconds / iterations.max(1) as f64,
             beside(key, rate)
         );
@@ -536,9 +536,41 @@ pub fn translate(
     timed(&format!("training iteration at {ch}x{cw} (source + target image)"), 2.0, "train_images_per_s", &mut || {
         let _ = gan.step(&a, &b, t.lr, &mut rng);
     });
-    let target = Tensor::rand([1, 3, height as i64, width as i64], (Kind::Float, device));
-    timed(&format!("FDA (beta {}), {height}x{width}", t.fda_beta), 1.0, "fda_images_per_s", &mut || {
-        let _ = tch::no_grad(|| fda::transfer(&image, &target, t.fda_beta, t.fda_window));
+    // FDA, on 0-255 values as both engines take them: libtorch's FFT on the device (the
+    // offline write-out), and rustfft on one loader thread (online FDA), from the same bytes.
+    let bytes = |seed: u64| {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let pixels = (0..height * width * 3).map(|_| rand::Rng::gen::<u8>(&mut rng)).collect();
+        crate::data::datasets::Rgb { width, height, pixels }
+    };
+    let (source_rgb, target_rgb) = (bytes(1), bytes(2));
+    let as_tensor = |rgb: &crate::data::datasets::Rgb| {
+        Tensor::from_slice(&rgb.pixels)
+            .view([1, height as i64, width as i64, 3])
+            .permute([0, 3, 1, 2])
+            .to_kind(Kind::Float)
+            .to(device)
+    };
+    let (source, target) = (as_tensor(&source_rgb), as_tensor(&target_rgb));
+    let label = format!("FDA (beta {}), {height}x{width}", t.fda_beta);
+    timed(&format!("{label}, libtorch ({} threads)", tch::get_num_threads()), 1.0, "fda_images_per_s", &mut || {
+        let _ = tch::no_grad(|| fda::transfer(&source, &target, t.fda_beta, t.fda_window));
+    });
+    if !device.is_cuda() {
+        let threads = tch::get_num_threads();
+        tch::set_num_threads(1);
+        timed(&format!("{label}, libtorch (1 thread)"), 1.0, "", &mut || {
+            let _ = tch::no_grad(|| fda::transfer(&source, &target, t.fda_beta, t.fda_window));
+        });
+        tch::set_num_threads(threads);
+    }
+    let swap = crate::data::fda::Swap::new(height, width, t.fda_beta, t.fda_window);
+    let amplitudes = swap.target_amplitudes(&target_rgb);
+    timed(&format!("{label}, rustfft (1 loader thread, target cached)"), 1.0, "", &mut || {
+        let _ = swap.apply(&source_rgb, &amplitudes);
+    });
+    timed(&format!("{label}, rustfft (1 loader thread, target too)"), 1.0, "", &mut || {
+        let _ = swap.apply(&source_rgb, &swap.target_amplitudes(&target_rgb));
     });
     Ok(())
 }

@@ -39,6 +39,8 @@ fn the_gpu_check_script_runs_its_checks_on_the_cpu() {
     let log = format!("{stdout}{stderr}");
     assert!(out.status.success(), "{log}");
     assert!(stdout.contains("smoke check ok") && stdout.contains("== data wait"), "{log}");
+    // RIPU's selection rounds on the same frames, read through online FDA.
+    assert!(stdout.contains("== RIPU") && stdout.contains("ripu round 2 of 2: bought"), "{log}");
     // The step benchmark of the paper's network beside the reference. Random weights: on the
     // stored BatchNorm statistics of an untrained ResNet-101 (the paper config's "frozen") the
     // loss is NaN from the second step, and the bench refuses to time a diverged step; it

@@ -297,3 +297,167 @@ fn colour_codes_only_on_a_terminal_and_never_with_no_color() {
     // Without colour, the only escapes left are the progress bar's cursor moves, never SGR colours.
     assert!(!plain.contains("\x1b[32m") && !plain.contains("\x1b[2m"), "NO_COLOR still colours:\n{plain}");
 }
+
+/// Bytes of a `width` x `height` RGB image from `f`.
+fn rgb_of(width: u32, height: u32, f: impl Fn(u32, u32, usize) -> u8) -> adamcu::data::datasets::Rgb {
+    let pixels = (0..height)
+        .flat_map(|y| (0..width).flat_map(move |x| (0..3).map(move |c| (x, y, c))))
+        .map(|(x, y, c)| f(x, y, c))
+        .collect();
+    adamcu::data::datasets::Rgb { width, height, pixels }
+}
+
+/// Per-channel means of an RGB byte image.
+fn channel_means(rgb: &adamcu::data::datasets::Rgb) -> [f64; 3] {
+    let n = (rgb.pixels.len() / 3) as f64;
+    [0, 1, 2].map(|c| rgb.pixels.iter().skip(c).step_by(3).map(|&v| v as f64).sum::<f64>() / n)
+}
+
+#[test]
+fn the_loader_threads_fda_on_rustfft_computes_what_the_libtorch_fda_computes() {
+    use adamcu::data::fda::Swap;
+    let mut rng = 7u64;
+    let mut noise = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng as u8
+    };
+    // Odd and even sizes, both windows; a textured dark source against a brighter target.
+    for (width, height, beta, shape) in
+        [(48, 24, 0.1, FdaWindow::PerSide), (33, 25, 0.15, FdaWindow::Square), (64, 32, 0.05, FdaWindow::PerSide)]
+    {
+        let dark: Vec<u8> = (0..width * height * 3).map(|_| noise() / 4).collect();
+        let bright: Vec<u8> = (0..width * height * 3).map(|_| 128 + noise() / 3).collect();
+        let source =
+            rgb_of(width, height, |x, y, c| dark[((y * width + x) * 3) as usize + c].wrapping_add((x + y) as u8));
+        let target = rgb_of(width, height, |x, y, c| bright[((y * width + x) * 3) as usize + c]);
+        let swap = Swap::new(height, width, beta, shape);
+        let ours = swap.apply(&source, &swap.target_amplitudes(&target));
+        let tensor = |rgb: &adamcu::data::datasets::Rgb| {
+            Tensor::from_slice(&rgb.pixels)
+                .view([1, height as i64, width as i64, 3])
+                .permute([0, 3, 1, 2])
+                .to_kind(Kind::Float)
+        };
+        let theirs = fda::transfer(&tensor(&source), &tensor(&target), beta, shape)
+            .round()
+            .clamp(0.0, 255.0)
+            .permute([0, 2, 3, 1])
+            .contiguous()
+            .to_kind(Kind::Uint8);
+        let ours_t = Tensor::from_slice(&ours.pixels).view([1, height as i64, width as i64, 3]);
+        let diff = (ours_t.to_kind(Kind::Int) - theirs.to_kind(Kind::Int)).abs();
+        let (largest, differing) =
+            (diff.max().int64_value(&[]), diff.gt(0).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]));
+        let what = format!("{width}x{height}, beta {beta}, {shape:?}");
+        // Float rounding may move a value across .5: at most 1 apart, and rarely.
+        assert!(
+            largest <= 1 && differing < 0.02,
+            "{what}: rustfft and libtorch differ by up to {largest} ({differing})"
+        );
+        // The DC term is swapped on 0-255 values: the dark source takes the bright target's means.
+        let (got, wanted) = (channel_means(&ours), channel_means(&target));
+        for c in 0..3 {
+            assert!(
+                (got[c] - wanted[c]).abs() < 1.0,
+                "{what}: channel {c} mean {} against the target's {}",
+                got[c],
+                wanted[c]
+            );
+        }
+        // An image with its own amplitudes is itself.
+        assert_eq!(
+            swap.apply(&target, &swap.target_amplitudes(&target)).pixels,
+            target.pixels,
+            "{what}: FDA with itself"
+        );
+    }
+}
+
+#[test]
+fn online_fda_restyles_in_the_loader_deterministically_for_a_seed_and_writes_nothing() {
+    use adamcu::data::loader::{Loader, LoaderOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_benchmark(dir.path(), "fda");
+    // Four target images of their own colours, so the draw shows in the result.
+    for i in 1..=4u32 {
+        let file = dir.path().join(format!("cityscapes/leftImg8bit/train/aachen/aachen_000000_{i:06}_leftImg8bit.png"));
+        write_rgb(&file, 48, 24, |x, y| [(50 * i) as u8, (x * 4) as u8, (200 - 40 * i + y) as u8]);
+    }
+    let config =
+        Config::load_with_overrides(&path, &["translate.fda_mode=\"online\"".into(), "augment.crop=[16, 32]".into()])
+            .unwrap();
+    // Nothing to write: no plan, `adamcu translate` says why, and data.source.root is never made.
+    assert!(adamcu::translate::Plan::for_config(&config).unwrap().is_none());
+    let out = adamcu(&["translate", "--config", path.to_str().unwrap(), "--set", "translate.fda_mode=\"online\""])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("fda_mode = \"online\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let source = adamcu::train::open_source(&config).unwrap();
+    assert!(!dir.path().join("translated").exists());
+    assert_eq!(source.len(), 6);
+    let raw = adamcu::train::open_set(&config.data.original_source(), "original", 19).unwrap();
+    let target_means: Vec<[f64; 3]> =
+        (1..=4u32).map(|i| [(50 * i) as f64, 4.0 * 23.5, (200 - 40 * i) as f64 + 11.5]).collect();
+    for i in 0..6 {
+        let ((restyled, label), (original, raw_label)) = (source.load_full(i).unwrap(), raw.load_full(i).unwrap());
+        assert_eq!(label.ids, raw_label.ids, "labels are untouched");
+        assert_ne!(restyled.pixels, original.pixels);
+        // It took one target's means (the DC term; the clamp to 0-255 moves them a little):
+        // which one, the draw decided. The targets' red means are 50 apart.
+        let means = channel_means(&restyled);
+        assert!(
+            target_means.iter().any(|t| (0..3).all(|c| (means[c] - t[c]).abs() < 12.0)),
+            "image {i}: means {means:?} are no target's"
+        );
+    }
+    let batches = |seed: u64| {
+        let options = LoaderOptions {
+            domain: "source",
+            batch_size: 3,
+            workers: 2,
+            capacity: 2,
+            seed,
+            on_bad_sample: adamcu::config::OnBadSample::Stop,
+            start_at: 0,
+            pinned: false,
+        };
+        let loader = Loader::spawn(source.clone(), &config.augment_for(config.data.source.as_ref().unwrap()), options);
+        let out: Vec<(Vec<usize>, Tensor)> = (0..6)
+            .map(|_| {
+                let b = loader.batches.recv().unwrap().unwrap();
+                (b.sample_indices, b.images)
+            })
+            .collect();
+        loader.stop();
+        out
+    };
+    let (first, again, other) = (batches(3), batches(3), batches(4));
+    for ((ia, a), (ib, b)) in first.iter().zip(&again) {
+        assert_eq!(ia, ib);
+        assert!(a.equal(b), "the same seed restyles the same way");
+    }
+    assert!(first.iter().zip(&other).any(|((_, a), (_, b))| !a.equal(b)), "another seed, other draws");
+    // Other draws of one image (other epochs) meet other targets.
+    use adamcu::data::source::Restyle;
+    let fda = adamcu::data::fda::OnlineFda::new(
+        (1..=4u32)
+            .map(|i| {
+                dir.path().join(format!("cityscapes/leftImg8bit/train/aachen/aachen_000000_{i:06}_leftImg8bit.png"))
+            })
+            .collect(),
+        &config.translate,
+    );
+    let original = raw.load_full(0).unwrap().0;
+    let mut reds: Vec<i64> =
+        (0..16).map(|draw| channel_means(&fda.restyle(&original, draw).unwrap())[0].round() as i64).collect();
+    reds.sort();
+    reds.dedup();
+    assert!(reds.len() >= 3, "16 draws met only the targets of red means {reds:?}");
+}

@@ -251,6 +251,21 @@ choice! {
     }
 }
 
+choice! {
+    /// When FDA runs (`translate.fda_mode`): the paper's code swaps spectra per batch as it
+    /// trains, with a new random target image each time; writing the translated set once is
+    /// the cheaper reading.
+    pub enum FdaMode {
+        /// Once, before pretraining: each source image with one target image drawn for it,
+        /// written to `data.source.root` like the CycleGAN's output.
+        Offline,
+        /// In the source loader, per sample drawn: a target image drawn from the sample's
+        /// seed, so each epoch pairs a source image with another target (deterministic for a
+        /// seed). Nothing is written; training reads the original set.
+        Online,
+    }
+}
+
 impl Preset {
     /// The row's name in the demo's table and the paper's Table VI.
     pub fn row_name(self) -> &'static str {
@@ -322,6 +337,7 @@ mod tests {
             Preset,
             TranslateMethod,
             FdaWindow,
+            FdaMode,
             Strategy,
             Annotation,
             PairedAgainst

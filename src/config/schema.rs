@@ -98,6 +98,19 @@ pub struct DataConfig {
     pub target_val: Option<DatasetConfig>,
 }
 
+impl DataConfig {
+    /// The original (untranslated) source set of a `translated` data.source, as its own data
+    /// set: what the translation reads, and what online FDA restyles as it loads.
+    pub fn original_source(&self) -> Option<DatasetConfig> {
+        let source = self.source.as_ref()?;
+        Some(DatasetConfig {
+            resize: source.resize,
+            crop: source.crop,
+            ..DatasetConfig::at(source.labels_kind?, source.labels_root.clone()?)
+        })
+    }
+}
+
 impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {
@@ -461,6 +474,8 @@ pub struct TranslateConfig {
     /// FDA: the low-frequency window's half-side as a fraction of min(height, width).
     pub fda_beta: f64,
     pub fda_window: FdaWindow,
+    /// FDA: written once before pretraining, or in the source loader per sample drawn.
+    pub fda_mode: FdaMode,
 }
 
 impl Default for TranslateConfig {
@@ -484,6 +499,7 @@ impl Default for TranslateConfig {
             checkpoint_every: 1000,
             fda_beta: 0.01,
             fda_window: FdaWindow::PerSide,
+            fda_mode: FdaMode::Offline,
         }
     }
 }

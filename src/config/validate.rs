@@ -21,6 +21,7 @@ fn choice_keys() -> Vec<(String, &'static [&'static str])> {
         ("demo.variants".into(), Preset::VARIANTS),
         ("translate.method".into(), TranslateMethod::VARIANTS),
         ("translate.fda_window".into(), FdaWindow::VARIANTS),
+        ("translate.fda_mode".into(), FdaMode::VARIANTS),
     ];
     for set in ["data.source", "data.target", "data.target_val"] {
         keys.push((format!("{set}.kind"), DatasetKind::VARIANTS));

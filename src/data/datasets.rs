@@ -199,6 +199,24 @@ pub struct Rgb {
     pub pixels: Vec<u8>,
 }
 
+impl Rgb {
+    /// This image resampled to `width` x `height` by `alg` (fast_image_resize).
+    pub fn resized(
+        &self,
+        resizer: &mut fast_image_resize::Resizer,
+        width: u32,
+        height: u32,
+        alg: fast_image_resize::ResizeAlg,
+    ) -> Rgb {
+        use fast_image_resize::{images::Image, images::ImageRef, PixelType, ResizeOptions};
+        let src =
+            ImageRef::new(self.width, self.height, &self.pixels, PixelType::U8x3).expect("buffer matches its size");
+        let mut dst = Image::new(width, height, PixelType::U8x3);
+        resizer.resize(&src, &mut dst, &ResizeOptions::new().resize_alg(alg)).expect("same pixel types");
+        Rgb { width, height, pixels: dst.into_vec() }
+    }
+}
+
 /// A decoded label map in training ids (255 = ignore).
 #[derive(Debug, Clone)]
 pub struct Label {

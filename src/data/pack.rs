@@ -12,15 +12,11 @@ use std::path::Path;
 
 /// Resizes an image (bicubic) and its label map (nearest) to `width` x `height`.
 pub fn resize_pair(resizer: &mut Resizer, rgb: &Rgb, label: &Label, width: u32, height: u32) -> (Rgb, Label) {
-    let mut resize = |pixels: &[u8], pixel_type, alg| {
-        let src = ImageRef::new(rgb.width, rgb.height, pixels, pixel_type).expect("buffer matches its size");
-        let mut dst = Image::new(width, height, pixel_type);
-        resizer.resize(&src, &mut dst, &ResizeOptions::new().resize_alg(alg)).expect("same pixel types");
-        dst.into_vec()
-    };
-    let pixels = resize(&rgb.pixels, PixelType::U8x3, ResizeAlg::Convolution(FilterType::CatmullRom));
-    let ids = resize(&label.ids, PixelType::U8, ResizeAlg::Nearest);
-    (Rgb { width, height, pixels }, Label { width, height, ids })
+    let resized = rgb.resized(resizer, width, height, ResizeAlg::Convolution(FilterType::CatmullRom));
+    let src = ImageRef::new(label.width, label.height, &label.ids, PixelType::U8).expect("buffer matches its size");
+    let mut dst = Image::new(width, height, PixelType::U8);
+    resizer.resize(&src, &mut dst, &ResizeOptions::new().resize_alg(ResizeAlg::Nearest)).expect("same pixel types");
+    (resized, Label { width, height, ids: dst.into_vec() })
 }
 
 /// Packs every sample of `source` into a shard at `path`; `size` = Some((width, height))

@@ -7,10 +7,26 @@ use super::labels::LabelMap;
 use super::shard::Shard;
 use crate::config::{DatasetConfig, DatasetKind};
 use rand::Rng;
+use std::sync::Arc;
+
+/// A change of a sample's look made as it is loaded (online FDA: `translate::OnlineFda`),
+/// from the image and a draw of the sample's random stream alone, so it is deterministic for
+/// a seed. Labels are untouched.
+pub trait Restyle: Send + Sync {
+    fn restyle(&self, image: &Rgb, draw: u64) -> Result<Rgb, DataError>;
+}
 
 pub enum SampleSource {
-    Files { listing: Listing, map: LabelMap },
+    Files {
+        listing: Listing,
+        map: LabelMap,
+    },
     Shard(Shard),
+    /// Another source's samples, restyled on every load.
+    Restyled {
+        raw: Box<SampleSource>,
+        restyle: Arc<dyn Restyle>,
+    },
 }
 
 impl SampleSource {
@@ -37,6 +53,7 @@ impl SampleSource {
         match self {
             SampleSource::Files { listing, .. } => listing.samples.len(),
             SampleSource::Shard(shard) => shard.len(),
+            SampleSource::Restyled { raw, .. } => raw.len(),
         }
     }
 
@@ -48,6 +65,7 @@ impl SampleSource {
         match self {
             SampleSource::Files { listing, .. } => &listing.samples[i].id,
             SampleSource::Shard(shard) => &shard.entries[i].id,
+            SampleSource::Restyled { raw, .. } => raw.id(i),
         }
     }
 
@@ -65,6 +83,7 @@ impl SampleSource {
                 })
             }
             SampleSource::Shard(shard) => Ok((shard.entries[i].width, shard.entries[i].height)),
+            SampleSource::Restyled { raw, .. } => raw.dimensions(i),
         }
     }
 
@@ -73,10 +92,11 @@ impl SampleSource {
         match self {
             SampleSource::Files { listing, .. } => &listing.skipped,
             SampleSource::Shard(_) => &[],
+            SampleSource::Restyled { raw, .. } => raw.skipped(),
         }
     }
 
-    /// The full sample, decoded, in training ids.
+    /// The full sample, decoded, in training ids (restyled with a draw fixed by `i`).
     pub fn load_full(&self, i: usize) -> Result<(Rgb, Label), DataError> {
         match self {
             SampleSource::Files { listing, map } => datasets::decode_sample(&listing.samples[i], map),
@@ -90,6 +110,10 @@ impl SampleSource {
                     Label { width: e.width, height: e.height, ids: label.to_vec() },
                 ))
             }
+            SampleSource::Restyled { raw, restyle } => {
+                let (rgb, label) = raw.load_full(i)?;
+                Ok((restyle.restyle(&rgb, i as u64)?, label))
+            }
         }
     }
 
@@ -98,7 +122,7 @@ impl SampleSource {
     pub fn load_image(&self, i: usize) -> Result<Rgb, DataError> {
         match self {
             SampleSource::Files { listing, .. } => datasets::decode_image(&listing.samples[i].image),
-            SampleSource::Shard(_) => self.load_full(i).map(|(rgb, _)| rgb),
+            SampleSource::Shard(_) | SampleSource::Restyled { .. } => self.load_full(i).map(|(rgb, _)| rgb),
         }
     }
 
@@ -120,6 +144,14 @@ impl SampleSource {
                 let e = &shard.entries[i];
                 let geometry: Geometry = augmenter.draw_geometry(e.width, e.height, rng);
                 Ok(augmenter.apply_column_major(columns, label, geometry))
+            }
+            SampleSource::Restyled { raw, restyle } => {
+                // The draw first, then the geometry: the same rng stream, so a seed fixes both.
+                let draw: u64 = rng.gen();
+                let (rgb, label) = raw.load_full(i)?;
+                let rgb = restyle.restyle(&rgb, draw)?;
+                let geometry: Geometry = augmenter.draw_geometry(rgb.width, rgb.height, rng);
+                Ok(augmenter.apply(&rgb.pixels, &label.ids, geometry))
             }
         }
     }

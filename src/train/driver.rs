@@ -4,7 +4,7 @@
 //! status file and the evaluations. Metrics a step sets itself (`telemetry`).
 
 use super::optimizer::Sgd;
-use super::{open_set, CurvePoint, SupervisedStage, Trainer};
+use super::{open_set, open_source, CurvePoint, SupervisedStage, Trainer};
 use crate::data::loader::{Loader, LoaderOptions};
 use crate::progress::Progress;
 use anyhow::{Context, Result};
@@ -121,7 +121,10 @@ impl SupervisedRun {
             SupervisedStage::Source => (&c.data.source, "data.source", c.train.batch_source, "source"),
             SupervisedStage::TargetSupervised => (&c.data.target, "data.target", c.train.batch_target, "target"),
         };
-        let source = open_set(set, key, c.data.classes)?;
+        let source = match stage {
+            SupervisedStage::Source => open_source(c)?,
+            SupervisedStage::TargetSupervised => open_set(set, key, c.data.classes)?,
+        };
         let augment = c.augment_for(set.as_ref().expect("open_set checked it"));
         let options = LoaderOptions::for_config(c, domain, batch_size, c.run.seed, 0, trainer.device);
         Ok(SupervisedRun {

@@ -25,7 +25,7 @@ pub struct StageRecord {
     pub curve: Vec<CurvePoint>,
 }
 
-use crate::config::{Config, DatasetConfig};
+use crate::config::{Config, DatasetConfig, FdaMode, TranslateMethod};
 use crate::data::normalise::Normaliser;
 use crate::data::source::SampleSource;
 use crate::model::deeplab::upsample;
@@ -85,6 +85,29 @@ pub struct Trainer {
 pub fn open_set(set: &Option<DatasetConfig>, key: &str, classes: usize) -> Result<Arc<SampleSource>> {
     let set = set.as_ref().ok_or_else(|| anyhow!("[{key}] is not configured"))?;
     Ok(Arc::new(SampleSource::open(set, classes).map_err(|e| anyhow!("[{key}]: {e}"))?))
+}
+
+/// The source training set as the loaders read it: `data.source`, or with
+/// `translate.fda_mode = "online"` the original set restyled by FDA on every load toward the
+/// target train images (nothing was written, so `data.source.root` is not read).
+pub fn open_source(config: &Config) -> Result<Arc<SampleSource>> {
+    let t = &config.translate;
+    if !(t.method == TranslateMethod::Fda && t.fda_mode == FdaMode::Online) {
+        return open_set(&config.data.source, "data.source", config.data.classes);
+    }
+    let original = config
+        .data
+        .original_source()
+        .ok_or_else(|| anyhow!("online FDA needs data.source.labels_kind and labels_root (the original set)"))?;
+    let raw = open_set(&Some(original), "data.source (its original set)", config.data.classes)?;
+    let target = open_set(&config.data.target, "data.target", config.data.classes)?;
+    let targets = match target.as_ref() {
+        SampleSource::Files { listing, .. } => listing.samples.iter().map(|s| s.image.clone()).collect(),
+        _ => bail!("online FDA reads the target train images as files; data.target is a shard"),
+    };
+    let restyle = Arc::new(crate::data::fda::OnlineFda::new(targets, t));
+    let raw = Arc::try_unwrap(raw).map_err(|_| anyhow!("the raw source is not shared yet"))?;
+    Ok(Arc::new(SampleSource::Restyled { raw: Box::new(raw), restyle }))
 }
 
 /// Copies weights from elsewhere (`model.pretrained`, a peer's model) into `vs`. Their layout

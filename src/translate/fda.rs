@@ -2,24 +2,21 @@
 //! phase spectrum, and the low frequencies of its amplitude spectrum are replaced by those of a
 //! target image. With the spectrum centred, the replaced window is M_beta = 1 on
 //! [-beta H, beta H] x [-beta W, beta W] (the paper's definition, `FdaWindow::PerSide`); the
-//! authors' code takes floor(beta min(H, W)) on both axes (`FdaWindow::Square`). On libtorch's
-//! FFT (`fft_rfft2`), so it runs on the device like the networks.
+//! authors' code takes floor(beta min(H, W)) on both axes (`FdaWindow::Square`).
+//!
+//! Two engines of the same swap: `transfer` here, on libtorch's FFT (`fft_rfft2`), which runs
+//! on the device like the networks (the offline write-out), and `data::fda::Swap` on rustfft,
+//! which runs on the loader threads beside decoding (`translate.fda_mode = "online"`); the
+//! window is defined there for both. `adamcu bench translate` times both, and a test checks
+//! that they agree. Both work on 0-255 values, as the authors' code does: on a zero-centred
+//! scale the DC term's sign is the phase, and a source darker than mid-grey would keep its
+//! sign against a brighter target's mean.
 
 use crate::config::FdaWindow;
+pub use crate::data::fda::{swapped_window, window};
 use tch::{Kind, Tensor};
 
-/// The window's half-extent in rows and columns for an image of `height` x `width`.
-pub fn window(beta: f64, height: i64, width: i64, shape: FdaWindow) -> (i64, i64) {
-    match shape {
-        FdaWindow::PerSide => ((beta * height as f64).floor() as i64, (beta * width as f64).floor() as i64),
-        FdaWindow::Square => {
-            let b = (beta * height.min(width) as f64).floor() as i64;
-            (b, b)
-        }
-    }
-}
-
-/// `source` [N, 3, H, W] (any scale: FDA is linear in it) with the low-frequency amplitudes of
+/// `source` [N, 3, H, W] (0-255 values, as the module says) with the low-frequency amplitudes of
 /// `target` (same size). The window is symmetric about zero frequency, as M_beta: rows
 /// 0..=bh and H-bh..H, columns 0..=bw of the half spectrum (the other half is the Hermitian
 /// mirror). The authors' slices (0:b and H-b:H) take one row fewer above zero than below, so
@@ -28,9 +25,7 @@ pub fn window(beta: f64, height: i64, width: i64, shape: FdaWindow) -> (i64, i64
 pub fn transfer(source: &Tensor, target: &Tensor, beta: f64, shape: FdaWindow) -> Tensor {
     let size = source.size();
     let (h, w) = (size[2], size[3]);
-    let (bh, bw) = window(beta, h, w, shape);
-    // Below the Nyquist row and column, whose Hermitian partners are themselves.
-    let (bh, bw) = (bh.min((h - 1) / 2), bw.min((w - 1) / 2));
+    let (bh, bw) = swapped_window(beta, h, w, shape);
     let spectrum = source.to_kind(Kind::Float).fft_rfft2(None::<&[i64]>, [-2, -1], "backward");
     let target_amplitude = target.to_kind(Kind::Float).fft_rfft2(None::<&[i64]>, [-2, -1], "backward").abs();
     let amplitude = spectrum.abs();

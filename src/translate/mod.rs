@@ -18,7 +18,7 @@ pub mod cyclegan;
 pub mod fda;
 pub mod networks;
 
-use crate::config::{Config, DataConfig, DatasetConfig, TranslateConfig, TranslateMethod};
+use crate::config::{Config, DatasetConfig, FdaMode, TranslateConfig, TranslateMethod};
 use crate::data::datasets::{decode_image, list, Rgb};
 use crate::data::error::DataError;
 use crate::files::write_atomically;
@@ -54,14 +54,18 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The plan of `config`, or none when `translate.method = "none"`.
+    /// The plan of `config`, or none when there is nothing to write: `translate.method =
+    /// "none"`, or FDA online (the source loader restyles as it reads, `train::open_source`).
     pub fn for_config(config: &Config) -> Result<Option<Plan>> {
-        if config.translate.method == TranslateMethod::None {
+        let t = &config.translate;
+        if t.method == TranslateMethod::None || (t.method == TranslateMethod::Fda && t.fda_mode == FdaMode::Online) {
             return Ok(None);
         }
-        let original = original_source(&config.data)
+        let original = config
+            .data
+            .original_source()
             .context("translate.method needs data.source.kind = \"translated\" with labels_kind and labels_root")?;
-        let source = config.data.source.as_ref().expect("original_source checked it");
+        let source = config.data.source.as_ref().expect("DataConfig::original_source checked it");
         let target = config.data.target.clone().context("translate.method needs data.target (the target train set)")?;
         let output = source.root.clone();
         let images = list(&original)?.samples.first().and_then(|s| s.image.parent().map(Path::to_path_buf));
@@ -82,20 +86,10 @@ impl Plan {
     }
 }
 
-/// The original (untranslated) source set of a `translated` data.source, as its own data set.
-pub fn original_source(data: &DataConfig) -> Option<DatasetConfig> {
-    let source = data.source.as_ref()?;
-    Some(DatasetConfig {
-        resize: source.resize,
-        crop: source.crop,
-        ..DatasetConfig::at(source.labels_kind?, source.labels_root.clone()?)
-    })
-}
-
 /// `config` reading the raw source instead of the translated one, with no translation: the
 /// "source-only, untranslated" row of the demo (the paper's Table III compares the two).
 pub fn untranslated(config: &Config) -> Option<Config> {
-    let original = original_source(&config.data)?;
+    let original = config.data.original_source()?;
     let mut c = config.clone();
     c.data.source = Some(original);
     c.translate.method = TranslateMethod::None;
@@ -117,6 +111,7 @@ fn settings(t: &TranslateConfig) -> serde_json::Value {
             map.remove("checkpoint_every");
             map.remove("fda_beta");
             map.remove("fda_window");
+            map.remove("fda_mode");
             v
         }
     }
@@ -241,7 +236,9 @@ pub fn ensure(config: &Config, device: Device) -> Result<Option<TranslateReport>
 /// `adamcu translate`: translates now; with `continue_run`, from the newest checkpoint of
 /// these settings.
 pub fn run(config: &Config, continue_run: bool, device: Device) -> Result<TranslateReport> {
-    let plan = Plan::for_config(config)?.context("translate.method = \"none\": nothing to translate")?;
+    let plan = Plan::for_config(config)?.context(
+        "nothing to write: translate.method = \"none\", or FDA with translate.fda_mode = \"online\" (the loader applies it)",
+    )?;
     let inputs = Inputs::of(&plan)?;
     run_plan(config, &plan, inputs, continue_run, device)
 }
@@ -386,12 +383,13 @@ fn fda_one(
         let candidate = &targets[rng.gen_range(0..targets.len())];
         match decode_image(candidate) {
             Ok(target) => {
-                let s = to_network(&source, device);
-                let mut g = to_network(&target, device);
+                // On 0-255 values, as `fda` explains.
+                let bytes = |rgb: &Rgb| (to_network(rgb, device) + 1.0) * 127.5;
+                let (s, mut g) = (bytes(&source), bytes(&target));
                 if (target.width, target.height) != (source.width, source.height) {
                     g = g.upsample_bilinear2d([source.height as i64, source.width as i64], false, None, None);
                 }
-                let out = tch::no_grad(|| fda::transfer(&s, &g, t.fda_beta, t.fda_window)).clamp(-1.0, 1.0);
+                let out = tch::no_grad(|| fda::transfer(&s, &g, t.fda_beta, t.fda_window)) / 127.5 - 1.0;
                 return Ok(to_rgb(&out));
             }
             Err(e) => {

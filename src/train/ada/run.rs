@@ -9,7 +9,7 @@ use crate::data::loader::{Loader, LoaderOptions};
 use crate::telemetry;
 use crate::train::driver::{drive, ProgressLine, StageRun, StepEvent, Trace, ValCurve};
 use crate::train::optimizer::{poly_lr, Sgd};
-use crate::train::{open_set, Trainer};
+use crate::train::{open_set, open_source, Trainer};
 use anyhow::{Context, Result};
 use std::path::Path;
 use std::time::Instant;
@@ -49,7 +49,7 @@ impl AdaRun {
             LoaderOptions::for_config(c, domain, batch_size, seed, step * batch_size as u64, trainer.device)
         };
         let (source_cfg, target_cfg) = (c.data.source.as_ref(), c.data.target.as_ref());
-        let source_set = open_set(&c.data.source, "data.source", c.data.classes)?;
+        let source_set = open_source(c)?;
         let target_set = open_set(&c.data.target, "data.target", c.data.classes)?;
         let source = Loader::spawn(
             source_set,
