@@ -38,6 +38,9 @@ struct SeedRun {
     fig4: Vec<(String, Vec<Vec<u8>>)>,
     /// Each variant at each of `demo.budgets` (budget, variant, its row): Fig. 1(c).
     at_budgets: Vec<(f64, Preset, EvalRow)>,
+    /// The raw and the translated source's feature distance to the target train images, in
+    /// the target-supervised network (when the config translates).
+    feature_distance: Option<crate::translate::FeatureDistance>,
 }
 
 /// Target val images in Fig. 4.
@@ -97,6 +100,9 @@ fn draw_labels(config: &Config, ledger: &crate::active::ledger::Ledger, variant:
 /// The row of source-only trained on the raw source.
 const UNTRANSLATED: &str = "source-only, untranslated";
 
+/// Images per set of the translation's feature distance.
+const FEATURE_IMAGES: usize = 100;
+
 /// The variants whose embeddings Fig. 5 compares.
 const FIG5_VARIANTS: [Preset; 2] = [Preset::AlWAs, Preset::Full];
 
@@ -147,6 +153,19 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
             "translated source: colour distance to the target {:.1} (raw source {:.1}; RGB 0-255, per-channel Gaussian W2)",
             t["translated_to_target"].as_f64().unwrap_or(f64::NAN),
             t["raw_to_target"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    if let Some(first) = runs[0].feature_distance {
+        let mean = |f: fn(&crate::translate::FeatureDistance) -> f64| {
+            runs.iter().filter_map(|r| r.feature_distance.as_ref()).map(f).sum::<f64>() / runs.len() as f64
+        };
+        println!(
+            "translated source: feature distance to the target {:.3} (raw source {:.3}; Fréchet distance of \
+             image-pooled layer4 features in the target-supervised network, {} images a set{})",
+            mean(|d| d.translated_to_target),
+            mean(|d| d.raw_to_target),
+            first.images,
+            if runs.len() > 1 { ", mean over seeds" } else { "" }
         );
     }
     if runs[0].curves.iter().any(|(_, c)| !c.is_empty()) {
@@ -226,7 +245,7 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
         .iter()
         .map(|r| {
             json!({ "seed": r.seed, "untranslated": r.untranslated, "rows": r.rows, "curves": r.curves,
-                "budgets": r.budgets })
+                "budgets": r.budgets, "feature_distance": r.feature_distance })
         })
         .collect();
     let report = json!({ "run": config.run.name, "seconds": seconds, "seeds": seeds, "rows": rows,
@@ -368,7 +387,9 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
     losses.push(("target-supervised".to_string(), record.losses));
     fig4.push(("target-supervised".to_string(), fig4_predictions(&trainer, &fig4_set)?));
     rows.push(row);
+    let feature_distance = crate::translate::feature_distance(config, &trainer, FEATURE_IMAGES)?;
     Ok(SeedRun {
+        feature_distance,
         seed: config.run.seed,
         untranslated,
         rows,

@@ -95,6 +95,14 @@ enum Command {
         /// Go on from the newest CycleGAN checkpoint made with these settings and inputs.
         #[arg(long = "continue")]
         continue_run: bool,
+        /// Translate nothing: measure how far the raw and the translated source are from the
+        /// target train images in this checkpoint's network (Fréchet distance of image-pooled
+        /// layer4 features; a target-supervised one has seen neither source).
+        #[arg(long, value_name = "CHECKPOINT", conflicts_with = "continue_run")]
+        distance_in: Option<PathBuf>,
+        /// Images a set for --distance-in (spread evenly).
+        #[arg(long, default_value_t = 100, requires = "distance_in")]
+        images: usize,
     },
     /// Train the configured stages; checkpoints go to runs/<name>/<stage>.safetensors.
     Train {
@@ -342,7 +350,23 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
             adamcu::demo::run(&config)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Translate { config, continue_run } => {
+        Command::Translate { config, distance_in: Some(checkpoint), images, .. } => {
+            let config = load_config(&config, overrides)?;
+            let mut trainer = adamcu::train::Trainer::new(&config)?;
+            trainer.load_network(&checkpoint)?;
+            let d = adamcu::translate::feature_distance(&config, &trainer, images)?
+                .context("translate.method = \"none\": no translated source to measure")?;
+            println!(
+                "feature distance to the target in {}: raw source {:.4}, translated {:.4} (Fréchet, image-pooled \
+                 layer4 features, {} images a set)",
+                checkpoint.display(),
+                d.raw_to_target,
+                d.translated_to_target,
+                d.images
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Translate { config, continue_run, .. } => {
             let config = load_config(&config, overrides)?;
             if let Some(address) = config.metrics.listen_address()? {
                 adamcu::telemetry::install_exporter(address)?;

@@ -48,6 +48,12 @@ fn the_demo_prints_the_table_and_with_two_seeds_their_mean_and_spread() {
     assert_eq!(report["seeds"], serde_json::json!([5, 6]));
     assert_eq!(report["translation"]["method"], "cyclegan");
     assert!(report["per_seed"][1]["untranslated"]["miou"].is_number());
+    // Each source's feature distance to the target, in the target-supervised network.
+    for key in ["raw_to_target", "translated_to_target"] {
+        let d = report["per_seed"][0]["feature_distance"][key].as_f64().unwrap_or_else(|| panic!("{key}: {report}"));
+        assert!(d.is_finite() && d >= 0.0, "{key} = {d}");
+    }
+    assert!(stdout.contains("feature distance to the target"), "{stdout}");
     assert_eq!(report["config"]["demo"]["repeats"], 2, "the report records its config");
     let miou = |seed: usize, row: usize| report["per_seed"][seed]["rows"][row]["miou"].as_f64().unwrap();
     assert!((0..4).any(|row| miou(0, row) != miou(1, row)), "both seeds gave the same results: {report}");

@@ -39,6 +39,27 @@ fn confusion_iou_on_hand_made_cases() {
 }
 
 #[test]
+fn the_frechet_feature_distance_on_hand_computed_gaussians() {
+    use adamcu::train::embeddings::FeatureFit;
+    let fit = |mean: [f64; 2], covariance: [f64; 4]| FeatureFit {
+        mean: Tensor::from_slice(&mean),
+        covariance: Tensor::from_slice(&covariance).view([2, 2]),
+        images: 2,
+    };
+    // Diagonal: ||mu_a - mu_b||^2 + sum over axes of (sigma_a - sigma_b)^2 = (1 + 4) + (1 + 4).
+    let (a, b) = (fit([0.0, 0.0], [4.0, 0.0, 0.0, 1.0]), fit([1.0, 2.0], [1.0, 0.0, 0.0, 9.0]));
+    assert!((a.distance(&b) - 10.0).abs() < 1e-9, "{}", a.distance(&b));
+    assert!((b.distance(&a) - 10.0).abs() < 1e-9, "symmetric: {}", b.distance(&a));
+    // A rotated copy of a Gaussian is at distance 0 from itself, not from the unrotated one.
+    let c = fit([0.5, 0.5], [2.5, 1.5, 1.5, 2.5]);
+    assert!(c.distance(&c).abs() < 1e-9, "{}", c.distance(&c));
+    // c has eigenvalues 4 and 1 along the diagonals; a has them along the axes: the trace term
+    // is 4 + 1 + 4 + 1 - 2 Tr((a^1/2 c a^1/2)^1/2) > 0, and the means differ by 0.5.
+    let d = a.distance(&c);
+    assert!(d > 0.5 && d.is_finite(), "{d}");
+}
+
+#[test]
 fn sgd_matches_pytorch_semantics_and_poly_schedule() {
     let vs = VarStore::new(Device::Cpu);
     let root = vs.root();

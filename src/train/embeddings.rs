@@ -105,3 +105,58 @@ pub fn draw_panels(panels: &[(Tensor, Tensor)], classes: usize, side: u32, path:
     }
     crate::files::write_png(path, &canvas)
 }
+
+/// How far apart two image sets look to a network: the Fréchet distance between Gaussians
+/// fitted to each set's image features, as FID does with Inception's pooled features (Heusel
+/// et al. 2017), here with a segmentation network's backbone output (layer4, stride 8)
+/// averaged over each image. ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2).
+#[derive(Debug)]
+pub struct FeatureFit {
+    pub mean: Tensor,
+    pub covariance: Tensor,
+    pub images: usize,
+}
+
+impl FeatureFit {
+    /// Over the first `limit` images of `set`, spread evenly (unreadable ones left out), in
+    /// eval mode, each at its stored size.
+    pub fn of(trainer: &Trainer, set: &crate::data::source::SampleSource, limit: usize) -> Result<FeatureFit> {
+        let step = set.len().div_ceil(limit.max(1)).max(1);
+        let mut pooled = Vec::new();
+        tch::no_grad(|| {
+            for i in (0..set.len()).step_by(step) {
+                let Ok(rgb) = set.load_image(i) else { continue };
+                let bytes = Tensor::from_slice(&rgb.pixels).view([1, rgb.height as i64, rgb.width as i64, 3]);
+                let features = trainer.model.forward_t(&trainer.normaliser.to_input(&bytes), false).features;
+                pooled.push(
+                    features
+                        .to_kind(Kind::Double)
+                        .mean_dim([2i64, 3].as_slice(), false, Kind::Double)
+                        .to_device(tch::Device::Cpu),
+                );
+            }
+        });
+        anyhow::ensure!(pooled.len() >= 2, "fewer than 2 readable images to fit features to");
+        let x = Tensor::cat(&pooled, 0);
+        let mean = x.mean_dim([0i64].as_slice(), false, Kind::Double);
+        let centred = &x - mean.unsqueeze(0);
+        let covariance = centred.transpose(0, 1).matmul(&centred) / (x.size()[0] - 1) as f64;
+        Ok(FeatureFit { mean, covariance, images: pooled.len() })
+    }
+
+    pub fn distance(&self, other: &FeatureFit) -> f64 {
+        // Square roots of symmetric positive semi-definite matrices by their eigenvalues
+        // (rounding can make the smallest slightly negative: clamped to 0).
+        let sqrt_psd = |m: &Tensor| {
+            let (values, vectors) = ((m + m.transpose(0, 1)) / 2.0).linalg_eigh("L");
+            vectors.matmul(&values.clamp_min(0.0).sqrt().diag_embed(0, -2, -1)).matmul(&vectors.transpose(0, 1))
+        };
+        let root = sqrt_psd(&self.covariance);
+        let product = root.matmul(&other.covariance).matmul(&root);
+        let cross =
+            ((&product + product.transpose(0, 1)) / 2.0).linalg_eigvalsh("L").clamp_min(0.0).sqrt().sum(Kind::Double);
+        let difference = (&self.mean - &other.mean).square().sum(Kind::Double);
+        let trace = self.covariance.trace() + other.covariance.trace() - cross * 2.0;
+        (difference + trace).double_value(&[])
+    }
+}

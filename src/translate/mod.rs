@@ -24,6 +24,7 @@ use crate::data::error::DataError;
 use crate::files::write_atomically;
 use crate::progress::Progress;
 use crate::train::checkpoint::Rotation;
+use crate::train::Trainer;
 use anyhow::{bail, Context, Result};
 use cyclegan::{crop_augmenter, lr_factor, to_network, to_rgb, training_crop, CycleGan, Schedule};
 use rand::{Rng, SeedableRng};
@@ -94,6 +95,43 @@ pub fn untranslated(config: &Config) -> Option<Config> {
     c.data.source = Some(original);
     c.translate.method = TranslateMethod::None;
     Some(c)
+}
+
+/// Fréchet distances of image-pooled layer4 features (`train::embeddings::FeatureFit`) to the
+/// target train images' in a network. The demo takes its target-supervised network: trained on
+/// the target alone, so neither source set is in its training data.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct FeatureDistance {
+    pub raw_to_target: f64,
+    pub translated_to_target: f64,
+    /// Images fitted per set (spread evenly).
+    pub images: usize,
+}
+
+/// The distances in `trainer`'s network over `images` images a set (none when the config does
+/// not translate).
+pub fn feature_distance(config: &Config, trainer: &Trainer, images: usize) -> Result<Option<FeatureDistance>> {
+    let Some(raw_config) = untranslated(config).filter(|_| config.translate.method != TranslateMethod::None) else {
+        return Ok(None);
+    };
+    let classes = config.data.classes;
+    // The translated source as training reads it (written offline, or restyled online).
+    let translated = crate::train::open_source(config)?;
+    let raw = crate::train::open_set(&raw_config.data.source, "data.source (its original set)", classes)?;
+    let target = crate::train::open_set(&config.data.target, "data.target", classes)?;
+    let target_fit = crate::train::embeddings::FeatureFit::of(trainer, &target, images)?;
+    let distance = FeatureDistance {
+        raw_to_target: crate::train::embeddings::FeatureFit::of(trainer, &raw, images)?.distance(&target_fit),
+        translated_to_target: crate::train::embeddings::FeatureFit::of(trainer, &translated, images)?
+            .distance(&target_fit),
+        images: target_fit.images,
+    };
+    tracing::info!(
+        "feature distance to the target (Fréchet, target-supervised network): raw source {:.3}, translated {:.3}",
+        distance.raw_to_target,
+        distance.translated_to_target
+    );
+    Ok(Some(distance))
 }
 
 /// The settings that shape the translated images, by method (not the paths, nor how often
