@@ -277,4 +277,34 @@ fn no_strategy_trains_on_a_target_label_the_ledger_does_not_hold() {
         let changed = shifted.where_self(&held, &truth);
         assert_ne!(step(&changed).0, reference, "{strategy}: the held labels are not used");
     }
+    // RIPU's two terms are reported apart from L_seg (metrics, status), and the total is the
+    // sum of what is reported; the other round strategies have neither.
+    use adamcu::train::ada::LossTerm;
+    for strategy in [Strategy::Ripu, Strategy::Entropy] {
+        let trainer = tiny_trainer(&dir.path().join(format!("terms-{strategy}")), strategy);
+        let mut state = state_with_purchases(&trainer, &dir.path().join(format!("terms-{strategy}.bin")));
+        let out = trainer.ada_losses(
+            &mut state,
+            &source,
+            &source_labels,
+            &target,
+            &SealedLabels::seal(truth.shallow_clone()),
+            &[0, 1],
+            &geometry,
+        );
+        let ripu = [LossTerm::NegativeLearning, LossTerm::LocalConsistency];
+        for term in ripu {
+            let value = out.terms.get(term).as_ref().map(|t| values(t)[0]);
+            match strategy {
+                Strategy::Ripu => assert!(value.is_some_and(|v| v > 0.0), "{}: {value:?}", term.name()),
+                _ => assert!(value.is_none(), "{strategy} has {}", term.name()),
+            }
+        }
+        let sum: f64 = out.terms.iter().filter_map(|(_, t)| t.as_ref()).map(|t| values(t)[0]).sum();
+        assert!(
+            (sum - values(&out.total)[0]).abs() < 1e-4,
+            "{strategy}: total {} against the terms' {sum}",
+            values(&out.total)[0]
+        );
+    }
 }

@@ -28,17 +28,30 @@ use anyhow::Result;
 use std::path::Path;
 
 /// The terms of the ADA-MCU loss (Section III-D), named once: L_seg on the source and on the
-/// target (bought and pseudo labels), and L_con's pixel-to-pixel and center-to-center InfoNCE.
+/// target (bought and pseudo labels), and L_con's pixel-to-pixel and center-to-center InfoNCE;
+/// then RIPU's two (`active.strategy = "ripu"`), each with its weight: negative learning on the
+/// target and local consistency on the source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LossTerm {
     Source,
     Target,
     P2p,
     C2c,
+    NegativeLearning,
+    LocalConsistency,
 }
 
 impl LossTerm {
-    pub const ALL: [LossTerm; 4] = [LossTerm::Source, LossTerm::Target, LossTerm::P2p, LossTerm::C2c];
+    pub const ALL: [LossTerm; 6] = [
+        LossTerm::Source,
+        LossTerm::Target,
+        LossTerm::P2p,
+        LossTerm::C2c,
+        LossTerm::NegativeLearning,
+        LossTerm::LocalConsistency,
+    ];
+    /// The terms of an ADA-MCU step (`active.strategy = "ada-mcu"`).
+    pub const ADA_MCU: [LossTerm; 4] = [LossTerm::Source, LossTerm::Target, LossTerm::P2p, LossTerm::C2c];
 
     /// Its name in status.json, the log and the `term` label of `adamcu_loss`.
     pub fn name(self) -> &'static str {
@@ -47,6 +60,8 @@ impl LossTerm {
             LossTerm::Target => "target",
             LossTerm::P2p => "p2p",
             LossTerm::C2c => "c2c",
+            LossTerm::NegativeLearning => "negative_learning",
+            LossTerm::LocalConsistency => "local_consistency",
         }
     }
 
@@ -63,6 +78,8 @@ pub struct Terms<T> {
     pub target: T,
     pub p2p: T,
     pub c2c: T,
+    pub negative_learning: T,
+    pub local_consistency: T,
 }
 
 impl<T> Terms<T> {
@@ -72,11 +89,20 @@ impl<T> Terms<T> {
             LossTerm::Target => &self.target,
             LossTerm::P2p => &self.p2p,
             LossTerm::C2c => &self.c2c,
+            LossTerm::NegativeLearning => &self.negative_learning,
+            LossTerm::LocalConsistency => &self.local_consistency,
         }
     }
 
     pub fn map<U>(&self, mut f: impl FnMut(&T) -> U) -> Terms<U> {
-        Terms { source: f(&self.source), target: f(&self.target), p2p: f(&self.p2p), c2c: f(&self.c2c) }
+        Terms {
+            source: f(&self.source),
+            target: f(&self.target),
+            p2p: f(&self.p2p),
+            c2c: f(&self.c2c),
+            negative_learning: f(&self.negative_learning),
+            local_consistency: f(&self.local_consistency),
+        }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (LossTerm, &T)> {

@@ -101,24 +101,26 @@ impl Trainer {
         let source_labels = crate::torch_ext::labels_on(source_labels, self.device);
         let (sh, sw) = (source_labels.size()[1], source_labels.size()[2]);
         let main_s = upsample(&out_s.main, sh, sw);
-        let mut loss_source = self.main_and_aux_loss(&main_s, &out_s.aux, &source_labels);
+        let loss_source = self.main_and_aux_loss(&main_s, &out_s.aux, &source_labels);
         let (h, w) = (target_images.size()[1], target_images.size()[2]);
         let (main_t, aux_t) = (upsample(&out_t.main, h, w), upsample(&out_t.aux, h, w));
         let crops: Vec<CropPixels> =
             target_samples.iter().zip(target_geometry).map(|(&i, g)| CropPixels::of(i, g, &state.ledger)).collect();
         let labelled = bought_before(&state.ledger, &crops, self.device).1.view([-1, h, w]);
         let revealed = Oracle::reveal(target_labels, &labelled);
-        let mut loss_target = self.main_and_aux_loss(&main_t, &aux_t, &revealed);
-        if c.active.strategy == Strategy::Ripu {
-            let r = &c.active.ripu;
-            if r.consistency_weight > 0.0 {
-                loss_source = loss_source + local_consistency_loss(&main_s, &source_labels) * r.consistency_weight;
-            }
-            if r.negative_weight > 0.0 {
-                let p = main_t.softmax(1, Kind::Float);
-                loss_target = loss_target + negative_learning_loss(&p, r.negative_threshold) * r.negative_weight;
-            }
-        }
-        StepOutput::supervised(loss_source, loss_target, BatchSelection::known(labelled), features)
+        let loss_target = self.main_and_aux_loss(&main_t, &aux_t, &revealed);
+        let r = &c.active.ripu;
+        let ripu = c.active.strategy == Strategy::Ripu;
+        let negative_learning = (ripu && r.negative_weight > 0.0)
+            .then(|| negative_learning_loss(&main_t.softmax(1, Kind::Float), r.negative_threshold) * r.negative_weight);
+        let local_consistency = (ripu && r.consistency_weight > 0.0)
+            .then(|| local_consistency_loss(&main_s, &source_labels) * r.consistency_weight);
+        StepOutput::supervised(
+            loss_source,
+            loss_target,
+            [negative_learning, local_consistency],
+            BatchSelection::known(labelled),
+            features,
+        )
     }
 }

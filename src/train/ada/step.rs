@@ -51,12 +51,27 @@ fn gradient_ratio(seg: &Tensor, con: &Tensor, features: &[Tensor]) -> Option<Ten
 }
 
 impl StepOutput {
-    /// A step with L_seg only (the round strategies): nothing bought in it, no units.
-    pub fn supervised(source: Tensor, target: Tensor, selection: BatchSelection, features: Vec<Tensor>) -> StepOutput {
-        let seg = &source + &target;
+    /// A step of a round strategy: L_seg and RIPU's weighted terms (`ripu`: negative learning,
+    /// local consistency; None when not used), nothing bought in it, no units.
+    pub fn supervised(
+        source: Tensor,
+        target: Tensor,
+        ripu: [Option<Tensor>; 2],
+        selection: BatchSelection,
+        features: Vec<Tensor>,
+    ) -> StepOutput {
+        let [negative_learning, local_consistency] = ripu;
+        let seg = [&negative_learning, &local_consistency].into_iter().flatten().fold(&source + &target, |a, t| a + t);
         StepOutput {
             total: seg.shallow_clone(),
-            terms: Terms { source: Some(source), target: Some(target), p2p: None, c2c: None },
+            terms: Terms {
+                source: Some(source),
+                target: Some(target),
+                p2p: None,
+                c2c: None,
+                negative_learning,
+                local_consistency,
+            },
             selection,
             seg,
             con: None,
@@ -203,7 +218,14 @@ impl Trainer {
         let dccm_max = dccm_on.then(|| state.dccm.w.max());
         StepOutput {
             total,
-            terms: Terms { source: Some(loss_source), target: Some(loss_target), p2p, c2c },
+            terms: Terms {
+                source: Some(loss_source),
+                target: Some(loss_target),
+                p2p,
+                c2c,
+                negative_learning: None,
+                local_consistency: None,
+            },
             selection,
             seg,
             con,
