@@ -245,6 +245,10 @@ fn no_strategy_trains_on_a_target_label_the_ledger_does_not_hold() {
     let source_labels = Tensor::randint(19, [2, 16, 32], (Kind::Uint8, tch::Device::Cpu));
     let truth = Tensor::randint(19, [2, 16, 32], (Kind::Uint8, tch::Device::Cpu));
     let geometry = [Geometry::identity(32, 16); 2];
+    let losses = |trainer: &Trainer, state: &mut adamcu::train::ada::AdaState, labels: &Tensor| {
+        let labels = SealedLabels::seal(labels.shallow_clone());
+        trainer.ada_losses(state, &source, &source_labels, &target, &labels, &[0, 1], &geometry)
+    };
     for strategy in [Strategy::AdaMcu, Strategy::Ripu, Strategy::Entropy, Strategy::Margin, Strategy::Random] {
         let trainer = tiny_trainer(&dir.path().join(strategy.to_string()), strategy);
         let ledger = dir.path().join(format!("{strategy}.bin"));
@@ -253,15 +257,7 @@ fn no_strategy_trains_on_a_target_label_the_ledger_does_not_hold() {
         let step = |labels: &Tensor| {
             let mut state = state_with_purchases(&trainer, &ledger);
             tch::manual_seed(42);
-            let out = trainer.ada_losses(
-                &mut state,
-                &source,
-                &source_labels,
-                &target,
-                &SealedLabels::seal(labels.shallow_clone()),
-                &[0, 1],
-                &geometry,
-            );
+            let out = losses(&trainer, &mut state, labels);
             (values(&out.total)[0], out.selection.labelled.shallow_clone())
         };
         let (reference, labelled) = step(&truth);
@@ -283,15 +279,7 @@ fn no_strategy_trains_on_a_target_label_the_ledger_does_not_hold() {
     for strategy in [Strategy::Ripu, Strategy::Entropy] {
         let trainer = tiny_trainer(&dir.path().join(format!("terms-{strategy}")), strategy);
         let mut state = state_with_purchases(&trainer, &dir.path().join(format!("terms-{strategy}.bin")));
-        let out = trainer.ada_losses(
-            &mut state,
-            &source,
-            &source_labels,
-            &target,
-            &SealedLabels::seal(truth.shallow_clone()),
-            &[0, 1],
-            &geometry,
-        );
+        let out = losses(&trainer, &mut state, &truth);
         let ripu = [LossTerm::NegativeLearning, LossTerm::LocalConsistency];
         for term in ripu {
             let value = out.terms.get(term).as_ref().map(|t| values(t)[0]);
