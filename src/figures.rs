@@ -55,12 +55,14 @@ where
         .y_label_area_size(64)
         .build_cartesian_2d(x0..x1.max(x0 + 1e-9), y0 - pad..y1 + pad)
         .map_err(plot_error)?;
-    let whole = |v: &f64| format!("{v:.0}");
+    // Steps: whole numbers; a few percent (the labelled fraction): one decimal, or the ticks
+    // between whole numbers read as their neighbours.
+    let x_format = |v: &f64| if (x1 - x0).abs() >= 20.0 { format!("{v:.0}") } else { format!("{v:.1}") };
     let y_format = |v: &f64| if (y1 - y0).abs() >= 20.0 { format!("{v:.0}") } else { format!("{v:.2}") };
     ctx.configure_mesh()
         .x_desc(chart.x)
         .y_desc(chart.y)
-        .x_label_formatter(&whole)
+        .x_label_formatter(&x_format)
         .y_label_formatter(&y_format)
         .draw()
         .map_err(plot_error)?;
