@@ -544,13 +544,7 @@ pub fn translate(
         crate::data::datasets::Rgb { width, height, pixels }
     };
     let (source_rgb, target_rgb) = (bytes(1), bytes(2));
-    let as_tensor = |rgb: &crate::data::datasets::Rgb| {
-        Tensor::from_slice(&rgb.pixels)
-            .view([1, height as i64, width as i64, 3])
-            .permute([0, 3, 1, 2])
-            .to_kind(Kind::Float)
-            .to(device)
-    };
+    let as_tensor = |rgb| crate::translate::cyclegan::to_float_bytes(rgb, device);
     let (source, target) = (as_tensor(&source_rgb), as_tensor(&target_rgb));
     let label = format!("FDA (beta {}), {height}x{width}", t.fda_beta);
     timed(&format!("{label}, libtorch ({} threads)", tch::get_num_threads()), 1.0, "fda_images_per_s", &mut || {

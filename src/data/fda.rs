@@ -64,8 +64,8 @@ impl Swap {
     fn cells(&self) -> impl Iterator<Item = usize> + '_ {
         let (h, w) = (self.height, self.width);
         let (bh, bw) = self.window;
-        let columns = (0..=bw).chain(w - bw..w).filter(move |&u| u < w);
-        columns.flat_map(move |u| (0..=bh).chain(h - bh..h).filter(move |&v| v < h).map(move |v| u * h + v))
+        // bh < h / 2 and bw < w / 2 (`swapped_window`): the two sides never meet.
+        (0..=bw).chain(w - bw..w).flat_map(move |u| (0..=bh).chain(h - bh..h).map(move |v| u * h + v))
     }
 
     /// Channel `c` of an RGB image's spectrum, column-major.
@@ -180,21 +180,31 @@ impl OnlineFda {
 }
 
 impl super::source::Restyle for OnlineFda {
-    /// An unreadable target image is named and replaced by another draw.
     fn restyle(&self, image: &Rgb, draw: u64) -> Result<Rgb, DataError> {
-        use rand::{Rng, SeedableRng};
+        use rand::SeedableRng;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ draw.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let swap = self.swap_for(image.width, image.height);
-        let mut last_error = None;
-        for _ in 0..self.targets.len().min(16) {
-            match self.amplitudes_of(rng.gen_range(0..self.targets.len()), &swap) {
-                Ok(amplitudes) => return Ok(swap.apply(image, &amplitudes)),
-                Err(e) => {
-                    tracing::warn!("{e}: an FDA target image skipped");
-                    last_error = Some(e);
-                }
+        with_drawn_target(&mut rng, self.targets.len(), |k| Ok(swap.apply(image, &self.amplitudes_of(k, &swap)?)))
+    }
+}
+
+/// FDA's choice of a target image for one source, offline and online: `swap` with target
+/// `rng.gen_range(0..targets)`; a target it cannot read is named and another drawn, up to
+/// 16 draws (or one per target), and the last error is returned if none could be read.
+pub fn with_drawn_target<T>(
+    rng: &mut impl rand::Rng,
+    targets: usize,
+    mut swap: impl FnMut(usize) -> Result<T, DataError>,
+) -> Result<T, DataError> {
+    let mut last_error = None;
+    for _ in 0..targets.min(16) {
+        match swap(rng.gen_range(0..targets)) {
+            Ok(out) => return Ok(out),
+            Err(e) => {
+                tracing::warn!("{e}: an FDA target image skipped");
+                last_error = Some(e);
             }
         }
-        Err(last_error.expect("at least one draw"))
     }
+    Err(last_error.expect("at least one draw"))
 }

@@ -24,7 +24,7 @@ pub enum SampleSource {
     Shard(Shard),
     /// Another source's samples, restyled on every load.
     Restyled {
-        raw: Box<SampleSource>,
+        raw: Arc<SampleSource>,
         restyle: Arc<dyn Restyle>,
     },
 }

@@ -106,8 +106,7 @@ pub fn open_source(config: &Config) -> Result<Arc<SampleSource>> {
         _ => bail!("online FDA reads the target train images as files; data.target is a shard"),
     };
     let restyle = Arc::new(crate::data::fda::OnlineFda::new(targets, t));
-    let raw = Arc::try_unwrap(raw).map_err(|_| anyhow!("the raw source is not shared yet"))?;
-    Ok(Arc::new(SampleSource::Restyled { raw: Box::new(raw), restyle }))
+    Ok(Arc::new(SampleSource::Restyled { raw, restyle }))
 }
 
 /// Copies weights from elsewhere (`model.pretrained`, a peer's model) into `vs`. Their layout

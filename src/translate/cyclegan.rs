@@ -23,15 +23,18 @@ use std::path::Path;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Reduction, Tensor};
 
-/// An image as the networks take it: [1, 3, H, W] in [-1, 1].
-pub fn to_network(rgb: &Rgb, device: Device) -> Tensor {
+/// An image as [1, 3, H, W] floats of its 0-255 values (what FDA swaps).
+pub fn to_float_bytes(rgb: &Rgb, device: Device) -> Tensor {
     Tensor::from_slice(&rgb.pixels)
         .view([1, rgb.height as i64, rgb.width as i64, 3])
         .permute([0, 3, 1, 2])
         .to(device)
         .to_kind(Kind::Float)
-        / 127.5
-        - 1.0
+}
+
+/// An image as the networks take it: [1, 3, H, W] in [-1, 1].
+pub fn to_network(rgb: &Rgb, device: Device) -> Tensor {
+    to_float_bytes(rgb, device) / 127.5 - 1.0
 }
 
 /// The networks' output back to RGB bytes (HWC).

@@ -26,7 +26,7 @@ use crate::progress::Progress;
 use crate::train::checkpoint::Rotation;
 use crate::train::Trainer;
 use anyhow::{bail, Context, Result};
-use cyclegan::{crop_augmenter, lr_factor, to_network, to_rgb, training_crop, CycleGan, Schedule};
+use cyclegan::{crop_augmenter, lr_factor, to_float_bytes, to_network, to_rgb, training_crop, CycleGan, Schedule};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -111,13 +111,14 @@ pub struct FeatureDistance {
 /// The distances in `trainer`'s network over `images` images a set (none when the config does
 /// not translate).
 pub fn feature_distance(config: &Config, trainer: &Trainer, images: usize) -> Result<Option<FeatureDistance>> {
-    let Some(raw_config) = untranslated(config).filter(|_| config.translate.method != TranslateMethod::None) else {
+    let original = config.data.original_source().filter(|_| config.translate.method != TranslateMethod::None);
+    if original.is_none() {
         return Ok(None);
-    };
+    }
     let classes = config.data.classes;
     // The translated source as training reads it (written offline, or restyled online).
     let translated = crate::train::open_source(config)?;
-    let raw = crate::train::open_set(&raw_config.data.source, "data.source (its original set)", classes)?;
+    let raw = crate::train::open_set(&original, "data.source (its original set)", classes)?;
     let target = crate::train::open_set(&config.data.target, "data.target", classes)?;
     let target_fit = crate::train::embeddings::FeatureFit::of(trainer, &target, images)?;
     let distance = FeatureDistance {
@@ -127,7 +128,7 @@ pub fn feature_distance(config: &Config, trainer: &Trainer, images: usize) -> Re
         images: target_fit.images,
     };
     tracing::info!(
-        "feature distance to the target (Fréchet, target-supervised network): raw source {:.3}, translated {:.3}",
+        "feature distance to the target (Fréchet, image-pooled layer4 features): raw source {:.3}, translated {:.3}",
         distance.raw_to_target,
         distance.translated_to_target
     );
@@ -416,27 +417,16 @@ fn fda_one(
 ) -> Result<Rgb, DataError> {
     let source = decode_image(file)?;
     let mut rng = ChaCha8Rng::seed_from_u64(t.seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let mut last_error = None;
-    for _ in 0..targets.len().min(16) {
-        let candidate = &targets[rng.gen_range(0..targets.len())];
-        match decode_image(candidate) {
-            Ok(target) => {
-                // On 0-255 values, as `fda` explains.
-                let bytes = |rgb: &Rgb| (to_network(rgb, device) + 1.0) * 127.5;
-                let (s, mut g) = (bytes(&source), bytes(&target));
-                if (target.width, target.height) != (source.width, source.height) {
-                    g = g.upsample_bilinear2d([source.height as i64, source.width as i64], false, None, None);
-                }
-                let out = tch::no_grad(|| fda::transfer(&s, &g, t.fda_beta, t.fda_window)) / 127.5 - 1.0;
-                return Ok(to_rgb(&out));
-            }
-            Err(e) => {
-                tracing::warn!("{e}: an FDA target image skipped");
-                last_error = Some(e);
-            }
+    crate::data::fda::with_drawn_target(&mut rng, targets.len(), |k| {
+        let target = decode_image(&targets[k])?;
+        // On 0-255 values, as `fda` explains.
+        let (s, mut g) = (to_float_bytes(&source, device), to_float_bytes(&target, device));
+        if (target.width, target.height) != (source.width, source.height) {
+            g = g.upsample_bilinear2d([source.height as i64, source.width as i64], false, None, None);
         }
-    }
-    Err(last_error.expect("at least one draw"))
+        let out = tch::no_grad(|| fda::transfer(&s, &g, t.fda_beta, t.fda_window)) / 127.5 - 1.0;
+        Ok(to_rgb(&out))
+    })
 }
 
 /// Trains (or goes on training) the CycleGAN to the end of its schedule.
