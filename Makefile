@@ -22,12 +22,14 @@ REF_PYTHON := $(abspath $(LIBTORCH)/../../../../bin/python)
 .PHONY: build sys-deps demo test test-deps lint doctor bench-loader
 # The demo's charts (plotters) draw text in a system font found through fontconfig: its and
 # FreeType's headers at build time (Debian: libfontconfig1-dev, libfreetype-dev, which bring a
-# font), installed with apt-get if missing (sudo when not root).
+# font), installed with apt-get if missing (sudo when not root). Data-parallel training builds
+# c10d's ProcessGroupGloo, whose header needs Gloo's headers: Debian's libgloo-dev (the headers
+# only; the Gloo that runs is libtorch's own copy).
 sys-deps:
-	@pkg-config --exists fontconfig freetype2 2>/dev/null || { \
+	@{ pkg-config --exists fontconfig freetype2 2>/dev/null && [ -f /usr/include/gloo/rendezvous/store.h ]; } || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
-	    pkg-config libfontconfig1-dev libfreetype-dev fonts-dejavu-core; }
+	    pkg-config libfontconfig1-dev libfreetype-dev fonts-dejavu-core libgloo-dev; }
 
 build: sys-deps
 	$(CARGO) build --release --locked

@@ -3,12 +3,16 @@
 // - libtorch_cuda linked with --no-as-needed: nothing references it by symbol, so the linker
 //   would drop it and tch would then report no CUDA device even on a GPU machine;
 // - csrc/torch_shim.cpp, the few libtorch calls tch does not expose or reaches only through
-//   deprecated ones (listed at its top), compiled against the same headers.
+//   deprecated ones (listed at its top), compiled against the same headers;
+// - csrc/distributed.cpp, c10d's process groups: Gloo against Debian's libgloo-dev headers (the
+//   wheel ships c10d's headers but not Gloo's), NCCL where a CUDA toolkit's headers are found.
 use std::path::{Path, PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-changed=csrc/torch_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/distributed.cpp");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let Ok(lib_dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else { return };
     let lib = Path::new(&lib_dir);
     println!("cargo:rustc-link-arg=-Wl,-rpath={lib_dir}");
@@ -27,9 +31,20 @@ fn main() {
 
     let root = lib.parent().expect("libtorch lib dir has a parent");
     let mut build = cc::Build::new();
+    let gloo = ["/usr/include", "/usr/local/include"]
+        .into_iter()
+        .find(|d| Path::new(d).join("gloo/rendezvous/store.h").exists());
+    if gloo.is_none() {
+        panic!(
+            "Gloo's headers (gloo/rendezvous/store.h) are missing: install Debian's libgloo-dev \
+             (`make sys-deps` does); c10d's ProcessGroupGloo header needs them"
+        );
+    }
     build
         .cpp(true)
         .file("csrc/torch_shim.cpp")
+        .file("csrc/distributed.cpp")
+        .define("USE_C10D_GLOO", None)
         .std("c++17")
         .flag("-w")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
@@ -37,9 +52,17 @@ fn main() {
         .include(root.join("include/torch/csrc/api/include"));
     // CUDA runtime headers ship with pip's torch (nvidia/<cuXX>/include, or triton's copy).
     if let Some(cuda_include) = cuda.then(|| find_cuda_include(root)).flatten() {
-        build.include(cuda_include).define("ADAMCU_CUDA_STATS", None);
+        build.include(&cuda_include).define("ADAMCU_CUDA_STATS", None);
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
     }
+    // ProcessGroupNCCL's header pulls in ATen's CUDA headers, which need a whole CUDA toolkit's
+    // (libcu++'s nv/target among them): the wheel's runtime headers are not enough. Without
+    // them, the NCCL backend reports at run time that it was not built in.
+    if let Some((toolkit, nccl)) = cuda.then(|| find_nccl_build(root)).flatten() {
+        build.include(toolkit).include(nccl).define("USE_C10D_NCCL", None).define("ADAMCU_NCCL", None);
+        println!("cargo:rustc-cfg=adamcu_nccl");
+    }
+    println!("cargo:rustc-check-cfg=cfg(adamcu_nccl)");
     build.compile("adamcu_torch_shim");
     println!("cargo:rustc-link-lib=dylib=c10");
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
@@ -52,4 +75,14 @@ fn find_cuda_include(torch_root: &Path) -> Option<PathBuf> {
     nvidia
         .chain([site.join("triton/backends/nvidia/include")])
         .find(|p| p.join("cuda_runtime_api.h").exists() && p.join("crt/host_config.h").exists())
+}
+
+/// A CUDA toolkit's include folder (`CUDA_HOME`, else /usr/local/cuda) with libcu++'s headers,
+/// and the NCCL headers pip's nvidia-nccl wheel ships beside torch.
+fn find_nccl_build(torch_root: &Path) -> Option<(PathBuf, PathBuf)> {
+    let home = std::env::var("CUDA_HOME").unwrap_or_else(|_| "/usr/local/cuda".into());
+    let toolkit = Path::new(&home).join("include");
+    let nccl = torch_root.parent()?.join("nvidia/nccl/include");
+    (toolkit.join("nv/target").exists() && toolkit.join("cuda_runtime_api.h").exists() && nccl.join("nccl.h").exists())
+        .then_some((toolkit, nccl))
 }

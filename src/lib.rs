@@ -15,6 +15,7 @@ pub mod confusion;
 pub mod contrast;
 pub mod data;
 pub mod demo;
+pub mod distributed;
 pub mod doctor;
 pub mod figures;
 pub mod files;

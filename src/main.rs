@@ -130,6 +130,11 @@ enum Command {
         /// ADVENT's naming (.pth or .safetensors, e.g. a source-only warm-up model).
         #[arg(long)]
         init: Option<PathBuf>,
+        /// Data-parallel on this machine: start N ranks of this command (c10d: Gloo on the CPU,
+        /// NCCL on CUDA), each on its share of every batch. Under torchrun, Slurm or
+        /// Kubernetes, set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT instead.
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
     },
     /// mIoU on the target val set: of a checkpoint, or of a folder of prediction PNGs.
     Eval {
@@ -383,7 +388,15 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Train { config, stage, init, ablation, resume, continue_run, accept_config_changes } => {
+        Command::Train { nproc: Some(n), .. } if n > 1 => {
+            if adamcu::distributed::Launch::from_env()?.is_some() {
+                bail!("--nproc {n} inside a data-parallel job (WORLD_SIZE is set): start the ranks one way, not both");
+            }
+            let args: Vec<std::ffi::OsString> = rank_args(std::env::args_os().skip(1));
+            adamcu::distributed::launch_local(n, args)
+        }
+        Command::Train { nproc: Some(0), .. } => bail!("--nproc 0: expected 1 or more ranks"),
+        Command::Train { config, stage, init, ablation, resume, continue_run, accept_config_changes, nproc: _ } => {
             let mut config = load_config(&config, overrides)?;
             if let Some(preset) = ablation {
                 config = adamcu::ablation::apply(&config, preset);
@@ -410,6 +423,23 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// This command's arguments for each rank `--nproc` starts: the same, less `--nproc`.
+fn rank_args(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::new();
+    let mut skip_value = false;
+    for arg in args {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        match arg.to_str() {
+            Some("--nproc") => skip_value = true,
+            Some(a) if a.starts_with("--nproc=") => {}
+            _ => out.push(arg),
+        }
+    }
+    out
 }
 
 fn weights(file: &Path) -> Result<ExitCode> {

@@ -42,6 +42,7 @@ pub const GPU_MEMORY_PEAK: &str = "adamcu_gpu_memory_peak_bytes";
 pub const CONTRAST_ANCHORS: &str = "adamcu_contrast_anchors";
 pub const CONTRAST_POSITIVES: &str = "adamcu_contrast_positive_pairs";
 pub const CONTRAST_GRADIENT_RATIO: &str = "adamcu_contrast_gradient_ratio";
+pub const CONTRAST_LEVEL_GRADIENT_RATIO: &str = "adamcu_contrast_level_gradient_ratio";
 pub const DCCM_MAX: &str = "adamcu_dccm_max";
 pub const TRANSLATE_ITERATIONS: &str = "adamcu_translate_iterations_total";
 pub const TRANSLATE_LOSS: &str = "adamcu_translate_loss";
@@ -122,6 +123,11 @@ fn describe() {
     describe_gauge!(
         CONTRAST_GRADIENT_RATIO,
         "|grad of weighted L_con| / |grad of L_seg| at the backbone's output, \
+        measured on log steps."
+    );
+    describe_gauge!(
+        CONTRAST_LEVEL_GRADIENT_RATIO,
+        "|grad of one level's weighted p2p + c2c| / |grad of L_seg| at the backbone's output, \
         measured on log steps."
     );
     describe_gauge!(DCCM_MAX, "The largest entry of the DCCM W.");
@@ -211,6 +217,11 @@ pub fn groups(high: u64, medium: u64, low: u64, pi_high: f64, pi_low: f64) {
 pub fn contrast_level(level: &'static str, domain: &'static str, anchors: f64, positives: f64) {
     gauge!(CONTRAST_ANCHORS, "level" => level, "domain" => domain).set(anchors);
     gauge!(CONTRAST_POSITIVES, "level" => level, "domain" => domain).set(positives);
+}
+
+/// One level's gradient ratio on the last diagnosed step.
+pub fn contrast_level_gradient_ratio(level: &'static str, ratio: f64) {
+    gauge!(CONTRAST_LEVEL_GRADIENT_RATIO, "level" => level).set(ratio);
 }
 
 /// The gradient ratio (on diagnosed steps) and max(W) of the last step.

@@ -722,6 +722,13 @@ fn contrastive_losses_need_anchors_and_keys_in_both_domains() {
     let config = ContrastConfig::default();
     let l = contrastive_losses(&batch(true), &batch(true), &config, None, 3);
     assert!(l.p2p.is_some() && l.c2c.is_some());
+    // One figure per configured level (the diagnostics' per-level gradients), summing to
+    // p2p + c2c, and each level has units here: none is 0.
+    let per_level = Vec::<f64>::try_from(l.per_level.as_ref().unwrap().to_kind(Kind::Double)).unwrap();
+    assert_eq!(per_level.len(), config.levels.len());
+    let whole = l.p2p.as_ref().unwrap().double_value(&[]) + l.c2c.as_ref().unwrap().double_value(&[]);
+    assert!(close(per_level.iter().sum::<f64>(), whole), "{per_level:?} vs {whole}");
+    assert!(per_level.iter().all(|&v| v > 0.0), "{per_level:?}");
     let l = contrastive_losses(&batch(false), &batch(false), &config, None, 3);
     assert_eq!(l.p2p.unwrap().double_value(&[]), 0.0, "no anchors: the p2p term is 0");
 }

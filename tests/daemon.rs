@@ -202,6 +202,7 @@ fn a_slow_consumer_makes_the_loader_block_with_a_bounded_queue() {
             on_bad_sample: adamcu::config::OnBadSample::Stop,
             start_at: 0,
             pinned: false,
+            share: adamcu::data::loader::RankShare::WHOLE,
         },
     );
     std::thread::sleep(Duration::from_millis(800));
@@ -420,6 +421,9 @@ fn the_runs_source_checkpoint_is_reused_only_if_pretraining_would_be_the_same() 
     assert_eq!(status.budget_pixels, "pixels at the training resolution (64x32 per image)");
     // The gradient ratio is measured on log steps (every 5): step 5 was one, and it was logged.
     assert!(log.contains("ada-mcu step 5: p2p anchors") && log.contains("|grad L_con|/|grad L_seg| "), "{log}");
+    // And per level: the step-5 line gives each level's own ratio.
+    let line = log.lines().find(|l| l.contains("ada-mcu step 5: p2p anchors")).unwrap();
+    assert_eq!(line.matches("(grad ").count(), 3, "{line}");
 }
 
 #[test]

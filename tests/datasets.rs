@@ -39,6 +39,7 @@ fn batches_of_three(source: &Arc<SampleSource>, augment: &AugmentConfig, workers
             on_bad_sample: OnBadSample::Stop,
             start_at: 0,
             pinned: false,
+            share: adamcu::data::loader::RankShare::WHOLE,
         },
     )
 }
@@ -254,6 +255,7 @@ fn the_loader_skips_or_stops_on_a_bad_sample_as_configured() {
         on_bad_sample: policy,
         start_at: 0,
         pinned: false,
+        share: adamcu::data::loader::RankShare::WHOLE,
     };
 
     let loader = Loader::spawn(source.clone(), &augment, options(OnBadSample::Skip));
@@ -503,6 +505,43 @@ fn the_loader_is_deterministic_for_a_seed_whatever_the_worker_count() {
     let mut first_epoch: Vec<_> = a.iter().flat_map(|b| b.ids.clone()).take(5).collect();
     first_epoch.sort();
     assert_eq!(first_epoch, ["00001", "00002", "00003", "00004", "00005"]);
+}
+
+#[test]
+fn data_parallel_ranks_draw_shares_that_make_up_the_one_process_batches() {
+    // Batches of 4 in one process against two ranks of 2 each, resumed after 2 batches (8 draws
+    // of the job): rank 0's batch then rank 1's is the one-process batch, augmentation included.
+    let dir = tempfile::tempdir().unwrap();
+    let source = five_gta5_frames(dir.path());
+    let augment = AugmentConfig { crop: [16, 16], ..AugmentConfig::default() };
+    let run = |batch_size, share| {
+        let options = LoaderOptions {
+            domain: "source",
+            batch_size,
+            workers: 2,
+            capacity: 2,
+            seed: 3,
+            on_bad_sample: OnBadSample::Stop,
+            start_at: 8,
+            pinned: false,
+            share,
+        };
+        let loader = Loader::spawn(source.clone(), &augment, options);
+        let batches: Vec<_> = (0..3).map(|_| loader.batches.recv().unwrap().unwrap()).collect();
+        loader.stop();
+        batches
+    };
+    use adamcu::data::loader::RankShare;
+    let whole = run(4, RankShare::WHOLE);
+    let ranks = [run(2, RankShare { rank: 0, world: 2 }), run(2, RankShare { rank: 1, world: 2 })];
+    for (b, one) in whole.iter().enumerate() {
+        let (r0, r1) = (&ranks[0][b], &ranks[1][b]);
+        assert_eq!([r0.ids.clone(), r1.ids.clone()].concat(), one.ids, "batch {b}");
+        assert_eq!([r0.geometries.clone(), r1.geometries.clone()].concat(), one.geometries, "batch {b}");
+        assert!(tch::Tensor::cat(&[&r0.images, &r1.images], 0).equal(&one.images), "batch {b}");
+        assert!(tch::Tensor::cat(&[&r0.labels, &r1.labels], 0).equal(&one.labels), "batch {b}");
+    }
+    assert_ne!(ranks[0][0].ids, ranks[1][0].ids);
 }
 
 #[test]

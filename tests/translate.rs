@@ -427,6 +427,7 @@ fn online_fda_restyles_in_the_loader_deterministically_for_a_seed_and_writes_not
             on_bad_sample: adamcu::config::OnBadSample::Stop,
             start_at: 0,
             pinned: false,
+            share: adamcu::data::loader::RankShare::WHOLE,
         };
         let loader = Loader::spawn(source.clone(), &config.augment_for(config.data.source.as_ref().unwrap()), options);
         let out: Vec<(Vec<usize>, Tensor)> = (0..6)

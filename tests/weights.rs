@@ -246,7 +246,7 @@ fn the_supervised_step_changes_the_weights_as_torch_optim_sgd_does() {
     let mut optimizer = trainer.optimizer();
     for step in 0..steps {
         let images = as_ours(&batch["images"], true);
-        let (loss, _) = trainer.supervised_step(&mut optimizer, &images, &batch["labels"], step, iterations);
+        let (loss, _) = trainer.supervised_step(&mut optimizer, &images, &batch["labels"], step, iterations).unwrap();
         let theirs = batch["losses"].double_value(&[step as i64]);
         assert!((loss - theirs).abs() <= 1e-5 * theirs, "step {step}: loss {loss}, torch's {theirs}");
     }

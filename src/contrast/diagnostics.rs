@@ -5,8 +5,9 @@ use crate::config::{Level, Named};
 
 /// Whether the contrastive units do anything, per step: usable p2p anchors (with a positive
 /// and a negative) and their positive pairs per level and anchor domain, summed over the
-/// batch's units; the ratio of L_con's gradient (weighted) to L_seg's at the backbone's output
-/// (on diagnosed steps only: it costs two backward passes through the heads); max(W).
+/// batch's units; the ratio of L_con's gradient (weighted) to L_seg's at the backbone's output,
+/// whole and per level (on diagnosed steps only: it costs 2 + levels backward passes through
+/// the heads); max(W).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ContrastDiagnostics {
     pub levels: Vec<LevelUsage>,
@@ -21,6 +22,9 @@ pub struct LevelUsage {
     pub source_positives: f64,
     pub target_anchors: f64,
     pub target_positives: f64,
+    /// |grad of this level's weighted p2p + c2c| / |grad L_seg| at the backbone's output.
+    #[serde(default)]
+    pub gradient_ratio: Option<f64>,
 }
 
 impl ContrastDiagnostics {
@@ -30,6 +34,9 @@ impl ContrastDiagnostics {
             let level = l.level.name();
             crate::telemetry::contrast_level(level, "source", l.source_anchors, l.source_positives);
             crate::telemetry::contrast_level(level, "target", l.target_anchors, l.target_positives);
+            if let Some(ratio) = l.gradient_ratio {
+                crate::telemetry::contrast_level_gradient_ratio(level, ratio);
+            }
         }
         crate::telemetry::contrast_step(self.gradient_ratio, self.dccm_max);
     }
@@ -39,7 +46,10 @@ impl ContrastDiagnostics {
         let levels: Vec<String> = self
             .levels
             .iter()
-            .map(|l| format!("{} {:.0}/{:.0}", l.level, l.source_anchors, l.target_anchors))
+            .map(|l| {
+                let ratio = l.gradient_ratio.map_or(String::new(), |r| format!(" (grad {r:.3})"));
+                format!("{} {:.0}/{:.0}{ratio}", l.level, l.source_anchors, l.target_anchors)
+            })
             .collect();
         format!(
             "p2p anchors (source/target) {}; |grad L_con|/|grad L_seg| {}; max W {:.3}",

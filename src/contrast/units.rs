@@ -190,6 +190,9 @@ fn views(batch: &DomainBatch, config: &ContrastConfig, classes: i64, first_image
 pub struct ContrastLosses {
     pub p2p: Option<Tensor>,
     pub c2c: Option<Tensor>,
+    /// p2p + c2c of each configured level [levels] (unweighted; they sum to p2p + c2c): what the
+    /// diagnostics take each level's gradient of.
+    pub per_level: Option<Tensor>,
     /// p2p's usable anchors and their positive pairs per configured level and anchor domain:
     /// [levels, 2 (source, target), 2 (anchors, positives)] f32 on the device, summed over the
     /// batch's units (None without p2p units). A level whose anchors have no positive adds
@@ -216,13 +219,13 @@ pub fn unit_pairs(level: Level, ns: usize, nt: usize) -> Vec<(usize, usize)> {
     }
 }
 
-/// Sum over levels of the mean of `per_unit` over each level's usable units.
-fn sum_of_level_means(per_unit: &Tensor, usable: &Tensor, level_of_unit: &Tensor, levels: i64) -> Tensor {
+/// Per level [levels], the mean of `per_unit` over that level's usable units (0 with none).
+fn level_means(per_unit: &Tensor, usable: &Tensor, level_of_unit: &Tensor, levels: i64) -> Tensor {
     let usable = usable.to_kind(Kind::Float);
     let device = per_unit.device();
     let sums = Tensor::zeros([levels], (Kind::Float, device)).index_add(0, level_of_unit, &(per_unit * &usable));
     let counts = Tensor::zeros([levels], (Kind::Float, device)).index_add(0, level_of_unit, &usable);
-    (sums / counts.clamp_min(1.0)).sum(Kind::Float)
+    sums / counts.clamp_min(1.0)
 }
 
 pub fn contrastive_losses(
@@ -242,7 +245,7 @@ pub fn contrastive_losses(
         .flat_map(|(l, level)| unit_pairs(*level, ns, nt).into_iter().map(move |(a, k)| (a as i64, k as i64, l as i64)))
         .collect();
     if pairs.is_empty() {
-        return ContrastLosses { p2p: None, c2c: None, usage: None };
+        return ContrastLosses { p2p: None, c2c: None, per_level: None, usage: None };
     }
     let device = source.embedding.device();
     let column = |f: &dyn Fn(&(i64, i64, i64)) -> i64| {
@@ -256,9 +259,9 @@ pub fn contrastive_losses(
         let (anchors, keys) = (anchors.select(&a_idx), keys.select(&k_idx));
         let w = dccm.map(|d| d.weights_batched(&anchors.classes, &keys.classes));
         let units = info_nce_units(&anchors.points(), &keys.points(), config.temperature, w.as_ref());
-        (sum_of_level_means(&units.loss, &units.usable, &level, levels), units)
+        (level_means(&units.loss, &units.usable, &level, levels), units)
     };
-    let (mut p2p, mut usage) = (None, None);
+    let (mut p2p_levels, mut usage) = (None, None);
     if config.p2p {
         let (loss, units) = unit_loss(s.anchors.cat(&t.anchors), s.keys.cat(&t.keys));
         let counts = Tensor::stack(&[units.anchors, units.positives], 1); // [U, 2]
@@ -267,10 +270,16 @@ pub fn contrastive_losses(
                 .index_add(0, &usage_row, &counts)
                 .view([levels, 2, 2]),
         );
-        p2p = Some(loss);
+        p2p_levels = Some(loss);
     }
-    let c2c = config
+    let c2c_levels = config
         .c2c
         .then(|| unit_loss(s.anchor_centers.cat(&t.anchor_centers), s.category_centers.cat(&t.category_centers)).0);
-    ContrastLosses { p2p, c2c, usage }
+    let per_level = match (&p2p_levels, &c2c_levels) {
+        (Some(p), Some(c)) => Some(p + c),
+        (Some(l), None) | (None, Some(l)) => Some(l.shallow_clone()),
+        (None, None) => None,
+    };
+    let total = |l: Option<Tensor>| l.map(|l| l.sum(Kind::Float));
+    ContrastLosses { p2p: total(p2p_levels), c2c: total(c2c_levels), per_level, usage }
 }

@@ -5,7 +5,8 @@
 //! Determinism: the sample order of epoch `e` is a permutation seeded by (seed, e), and the
 //! augmentation of the k-th sample drawn is seeded by (seed, k). Worker w handles k = w mod W
 //! and the batcher reads the workers round-robin, so the stream of batches is the same for a
-//! given seed whatever the thread timing (and whatever the worker count).
+//! given seed whatever the thread timing (and whatever the worker count). A data-parallel rank
+//! (`RankShare`) draws its own share of each batch of that stream.
 
 use super::augment::{Augmented, Augmenter, Geometry};
 use super::error::DataError;
@@ -47,6 +48,30 @@ pub struct LoaderOptions {
     pub start_at: u64,
     /// Page-lock collated batches (for a CUDA run), so the copy to the device is asynchronous.
     pub pinned: bool,
+    /// Which share of each batch this process draws (data-parallel ranks).
+    pub share: RankShare,
+}
+
+/// A data-parallel rank's share of every batch: with `world` ranks and `batch_size` samples a
+/// rank, batch b of the one-process stream (world x batch_size draws) gives rank r the draws
+/// b·world·batch_size + r·batch_size + 0..batch_size, augmentation seeds included. The ranks'
+/// batches together are that batch, in rank order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RankShare {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl RankShare {
+    /// One process: every draw.
+    pub const WHOLE: RankShare = RankShare { rank: 0, world: 1 };
+
+    /// The draw of the one-process stream that is this rank's `local`-th, for batches of
+    /// `batch_size` a rank.
+    pub fn draw(self, local: u64, batch_size: usize) -> u64 {
+        let b = batch_size as u64;
+        (local / b) * b * self.world as u64 + self.rank as u64 * b + local % b
+    }
 }
 
 impl LoaderOptions {
@@ -69,6 +94,7 @@ impl LoaderOptions {
             on_bad_sample: config.data.on_bad_sample,
             start_at,
             pinned: device.is_cuda(),
+            share: RankShare::WHOLE,
         }
     }
 }
@@ -88,11 +114,14 @@ impl Loader {
         for w in 0..workers {
             let (tx, rx) = bounded::<(usize, Result<Augmented, DataError>)>(options.batch_size * 2);
             worker_outputs.push(rx);
-            let (source, augment, seed, start) = (source.clone(), augment.clone(), options.seed, options.start_at);
+            let (source, augment, seed) = (source.clone(), augment.clone(), options.seed);
+            // `start_at` counts the job's draws; this rank has made its share of them.
+            let (share, batch) = (options.share, options.batch_size);
+            let start = options.start_at / share.world as u64;
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("load-{}-{w}", options.domain))
-                    .spawn(move || worker(&source, &augment, seed, start, w as u64, workers as u64, tx))
+                    .spawn(move || worker(&source, &augment, seed, start, w as u64, workers as u64, (share, batch), tx))
                     .expect("spawn loader worker"),
             );
         }
@@ -123,6 +152,7 @@ pub fn epoch_order(epoch: u64, len: usize, seed: u64) -> Vec<usize> {
     order
 }
 
+#[allow(clippy::too_many_arguments)]
 fn worker(
     source: &SampleSource,
     augment: &AugmentConfig,
@@ -130,13 +160,15 @@ fn worker(
     start: u64,
     w: u64,
     workers: u64,
+    (share, batch_size): (RankShare, usize),
     tx: Sender<(usize, Result<Augmented, DataError>)>,
 ) {
     let mut augmenter = Augmenter::new(augment);
     let len = source.len();
     let mut epoch_cache: Option<(u64, Vec<usize>)> = None;
-    let mut k = start + w;
+    let mut local = start + w;
     loop {
+        let k = share.draw(local, batch_size);
         let epoch = k / len as u64;
         if epoch_cache.as_ref().map(|c| c.0) != Some(epoch) {
             epoch_cache = Some((epoch, epoch_order(epoch, len, seed)));
@@ -147,7 +179,7 @@ fn worker(
         if tx.send((index, result)).is_err() {
             return;
         }
-        k += workers;
+        local += workers;
     }
 }
 

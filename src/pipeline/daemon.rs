@@ -47,6 +47,14 @@ pub enum Outcome {
 }
 
 pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
+    if let Some(launch) = crate::distributed::Launch::from_env()? {
+        anyhow::bail!(
+            "the daemon (--stage all) runs in one process for now (WORLD_SIZE={}): ADA-MCU's purchases are \
+             not yet merged into one ledger across ranks; --stage source and --stage target-supervised train \
+             data-parallel (docs/architecture.md)",
+            launch.world
+        );
+    }
     let run_dir = config.run_dir();
     let _lock = RunLock::acquire(&run_dir)?;
     let control = Control::start(config.metrics.listen_address()?)?;

@@ -31,6 +31,46 @@ extern "C" {
         error: *mut std::ffi::c_char,
         error_len: i32,
     ) -> *mut torch_sys::C_tensor;
+    pub(super) fn adamcu_dist_new(
+        addr: *const std::ffi::c_char,
+        port: i32,
+        rank: i32,
+        world: i32,
+        nccl: i32,
+        timeout_ms: i32,
+        error: *mut std::ffi::c_char,
+        error_len: i32,
+    ) -> *mut std::ffi::c_void;
+    pub(super) fn adamcu_dist_free(group: *mut std::ffi::c_void);
+    pub(super) fn adamcu_dist_allreduce_sum(
+        group: *mut std::ffi::c_void,
+        tensors: *const *mut torch_sys::C_tensor,
+        n: i32,
+        error: *mut std::ffi::c_char,
+        error_len: i32,
+    ) -> i32;
+    pub(super) fn adamcu_dist_allgather(
+        group: *mut std::ffi::c_void,
+        input: *const torch_sys::C_tensor,
+        outputs: *const *mut torch_sys::C_tensor,
+        world: i32,
+        error: *mut std::ffi::c_char,
+        error_len: i32,
+    ) -> i32;
+    pub(super) fn adamcu_dist_broadcast(
+        group: *mut std::ffi::c_void,
+        tensors: *const *mut torch_sys::C_tensor,
+        n: i32,
+        root: i32,
+        error: *mut std::ffi::c_char,
+        error_len: i32,
+    ) -> i32;
+    pub(super) fn adamcu_dist_barrier(
+        group: *mut std::ffi::c_void,
+        error: *mut std::ffi::c_char,
+        error_len: i32,
+    ) -> i32;
+    pub(super) fn adamcu_set_grad(param: *mut torch_sys::C_tensor, grad: *mut torch_sys::C_tensor);
     pub(super) fn adamcu_op_count_start();
     pub(super) fn adamcu_op_count_stop(out: *mut std::ffi::c_char, out_len: i32) -> i64;
 }

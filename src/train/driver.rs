@@ -5,7 +5,7 @@
 
 use super::optimizer::Sgd;
 use super::{open_set, open_source, CurvePoint, SupervisedStage, Trainer};
-use crate::data::loader::{Loader, LoaderOptions};
+use crate::data::loader::{Loader, LoaderOptions, RankShare};
 use crate::progress::Progress;
 use anyhow::{Context, Result};
 
@@ -126,7 +126,13 @@ impl SupervisedRun {
             SupervisedStage::TargetSupervised => open_set(set, key, c.data.classes)?,
         };
         let augment = c.augment_for(set.as_ref().expect("open_set checked it"));
-        let options = LoaderOptions::for_config(c, domain, batch_size, c.run.seed, 0, trainer.device);
+        let mut options = LoaderOptions::for_config(c, domain, batch_size, c.run.seed, 0, trainer.device);
+        if let Some(parallel) = &trainer.parallel {
+            // Each rank draws its share of the batch (`data::loader::RankShare`).
+            let key = if domain == "source" { "train.batch_source" } else { "train.batch_target" };
+            options.batch_size = rank_share(batch_size, parallel.world(), key)?;
+            options.share = RankShare { rank: parallel.rank(), world: parallel.world() };
+        }
         Ok(SupervisedRun {
             stage,
             loader: Loader::spawn(source, &augment, options),
@@ -157,7 +163,7 @@ impl StageRun for SupervisedRun {
         let images = trainer.normaliser.to_input(&batch.images);
         let labels = crate::torch_ext::labels_on(&batch.labels, trainer.device);
         let (step, iterations) = (self.step as usize, self.iterations as usize);
-        let (loss, lr) = trainer.supervised_step(&mut self.optimizer, &images, &labels, step, iterations);
+        let (loss, lr) = trainer.supervised_step(&mut self.optimizer, &images, &labels, step, iterations)?;
         anyhow::ensure!(
             loss.is_finite(),
             "{} stage: loss is {loss} at step {step}{}",
@@ -175,4 +181,14 @@ impl StageRun for SupervisedRun {
             SupervisedStage::TargetSupervised => 1.0,
         }
     }
+}
+
+/// A rank's share of a batch of `batch` over `world` ranks; `key` names the setting when it
+/// does not divide evenly (the ranks' shares must make up the one-process batch).
+pub fn rank_share(batch: usize, world: usize, key: &str) -> Result<usize> {
+    anyhow::ensure!(
+        batch.is_multiple_of(world) && batch >= world,
+        "{key} = {batch}: a data-parallel job of {world} ranks needs a batch that they share evenly (a multiple of {world})"
+    );
+    Ok(batch / world)
 }

@@ -80,6 +80,8 @@ pub struct Trainer {
     /// `train_ada`); 0 = none. The demo sets it from `demo.eval_every`; the daemon evaluates
     /// on its own terms (`train.eval_every`).
     pub curve_every: usize,
+    /// The data-parallel group this trainer steps in (None: one process).
+    pub parallel: Option<Arc<crate::distributed::DataParallel>>,
 }
 
 pub fn open_set(set: &Option<DatasetConfig>, key: &str, classes: usize) -> Result<Arc<SampleSource>> {
@@ -161,7 +163,7 @@ impl Trainer {
             );
         }
         let normaliser = Normaliser::new(&config.augment, device);
-        let trainer = Trainer { config: config.clone(), device, vs, model, normaliser, curve_every: 0 };
+        let trainer = Trainer { config: config.clone(), device, vs, model, normaliser, curve_every: 0, parallel: None };
         if config.train.channels_last {
             trainer.to_channels_last();
         }
@@ -264,6 +266,11 @@ impl Trainer {
     /// One SGD step of a supervised stage on a batch (normalised images, training ids on the
     /// device): main + aux_weight x auxiliary cross-entropy, the poly learning rate at `step` of
     /// `iterations`. Returns the loss and the base learning rate.
+    ///
+    /// Data-parallel (`parallel`), each rank's batch is its share of the job's: its loss is
+    /// scaled by its share of the labelled pixels (`distributed::pixel_share`), so that the
+    /// averaged gradient is that of the pixel mean over the whole batch, and the loss returned
+    /// is that mean, the same on every rank.
     pub fn supervised_step(
         &self,
         optimizer: &mut Sgd,
@@ -271,15 +278,54 @@ impl Trainer {
         labels: &Tensor,
         step: usize,
         iterations: usize,
-    ) -> (f64, f64) {
+    ) -> Result<(f64, f64)> {
         let t = &self.config.train;
         let out = self.forward(images, true);
-        let loss = self.main_and_aux_loss(&out.main, &out.aux, labels);
+        let mut loss = self.main_and_aux_loss(&out.main, &out.aux, labels);
+        if let Some(parallel) = &self.parallel {
+            loss = loss * crate::distributed::pixel_share(parallel, labels)?;
+        }
         optimizer.zero_grad();
         loss.backward();
+        self.synchronise(optimizer)?;
         let lr = poly_lr(t.lr, step as u64, iterations as u64, t.poly_power);
         optimizer.update(lr);
-        (loss.double_value(&[]), lr)
+        let mut value = loss.detach().reshape([1]);
+        if let Some(parallel) = &self.parallel {
+            parallel.sum(&value)?;
+            value = value / parallel.world() as f64;
+        }
+        Ok((value.double_value(&[0]), lr))
+    }
+
+    /// Data-parallel: after the backward pass, the gradients' mean over the ranks, and rank 0's
+    /// BatchNorm statistics (what torch's DistributedDataParallel keeps in step: gradients and
+    /// buffers). Nothing for one process.
+    pub fn synchronise(&self, optimizer: &Sgd) -> Result<()> {
+        let Some(parallel) = &self.parallel else { return Ok(()) };
+        parallel.average_gradients(&optimizer.parameters())?;
+        let buffers: Vec<Tensor> =
+            self.variables_by_name().into_iter().filter(|t| !t.requires_grad() && t.is_floating_point()).collect();
+        parallel.broadcast_from_first(&buffers)
+    }
+
+    /// Every variable in name order: the same order on every rank.
+    fn variables_by_name(&self) -> Vec<Tensor> {
+        let mut variables: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        variables.sort_by(|a, b| a.0.cmp(&b.0));
+        variables.into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// Data-parallel: rank 0's weights and BatchNorm statistics in every rank, before the
+    /// first step (after any `--init`). Nothing for one process.
+    pub fn share_first_ranks_weights(&self) -> Result<()> {
+        let Some(parallel) = &self.parallel else { return Ok(()) };
+        parallel.broadcast_from_first(&self.variables_by_name())
+    }
+
+    /// Whether this process writes the run's files: one process, or rank 0 of a job.
+    pub fn writes_files(&self) -> bool {
+        self.parallel.as_ref().is_none_or(|p| p.rank() == 0)
     }
 
     /// Evaluates on the target val set; `labeled_fraction` is reported with the row.

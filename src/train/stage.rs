@@ -22,12 +22,23 @@ pub enum Stage {
 /// A stage run on its own: trains it from `init` (or from scratch), logs its target val curve
 /// every `train.eval_every` steps (is more training still helping?), and writes
 /// `runs/<name>/<stage>.safetensors` with what it did in the metadata; returns that path.
+///
+/// Data-parallel (torchrun's environment, or `--nproc`; `distributed`), the supervised stages
+/// train on every rank's share of each batch; rank 0 evaluates and writes the checkpoint.
 pub fn train_one(config: &Config, stage: Stage, init: Option<&Path>) -> Result<PathBuf> {
     let mut trainer = Trainer::new(config)?;
-    trainer.curve_every = config.train.eval_every;
+    trainer.parallel = crate::distributed::DataParallel::from_env(trainer.device)?.map(std::sync::Arc::new);
+    if trainer.parallel.is_some() && stage == Stage::Ada {
+        anyhow::bail!(
+            "--stage ada runs in one process for now: its purchases are not yet merged into one ledger \
+             across ranks (docs/architecture.md, data-parallel training)"
+        );
+    }
+    trainer.curve_every = if trainer.writes_files() { config.train.eval_every } else { 0 };
     if let Some(init) = init {
         trainer.load_network(init).context("--init")?;
     }
+    trainer.share_first_ranks_weights()?;
     let run_dir = config.run_dir();
     let supervised = |stage: SupervisedStage, iterations: usize, trainer: &mut Trainer| -> Result<_> {
         trainer.train_supervised(stage, iterations)?;
@@ -51,6 +62,8 @@ pub fn train_one(config: &Config, stage: Stage, init: Option<&Path>) -> Result<P
             (run_dir.join("ada.safetensors"), serde_json::json!({"stage": "ada", "summary": summary}))
         }
     };
-    trainer.save(&path, None, meta)?;
+    if trainer.writes_files() {
+        trainer.save(&path, None, meta)?;
+    }
     Ok(path)
 }

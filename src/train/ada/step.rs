@@ -23,31 +23,41 @@ pub struct StepOutput {
     pub terms: Terms<Option<Tensor>>,
     /// The target draw, recorded in the ledger by `Trainer::ada_settle` after the update.
     pub selection: BatchSelection,
-    /// L_seg, and L_con as weighted in the total (for the gradient ratio).
+    /// L_seg, and L_con as weighted in the total, whole and per level [levels] (for the
+    /// gradient ratios).
     seg: Tensor,
     con: Option<Tensor>,
+    con_levels: Option<Tensor>,
     /// The backbone's output (one tensor, or one per domain when their crops differ in size).
     features: Vec<Tensor>,
     /// `ContrastLosses::usage` and max(W), read back with the losses.
     usage: Option<Tensor>,
     dccm_max: Option<Tensor>,
-    /// Set by `ada_update` on a diagnosed step.
-    gradient_ratio: Option<Tensor>,
+    /// Set by `ada_update` on a diagnosed step: [1 + levels], L_con's ratio then each level's.
+    gradient_ratios: Option<Tensor>,
 }
 
 fn nearest(t: &Tensor, h: i64, w: i64) -> Tensor {
     t.unsqueeze(1).to_kind(Kind::Float).upsample_nearest2d([h, w], None, None).squeeze_dim(1)
 }
 
-/// ||d con / d features|| / ||d seg / d features|| over all feature tensors, keeping the graph
-/// for the update's backward pass. None when a loss does not reach the features.
-fn gradient_ratio(seg: &Tensor, con: &Tensor, features: &[Tensor]) -> Option<Tensor> {
+/// ||d con / d features|| / ||d seg / d features|| over all feature tensors, for L_con and then
+/// for each level's share of it ([1 + levels]), keeping the graph for the update's backward
+/// pass. Each level's ratio shows whether that level's units move the backbone at all: a level
+/// whose loss is flat, or whose units have no usable anchor, has a ratio near 0. None when a
+/// loss does not reach the features.
+fn gradient_ratios(seg: &Tensor, con: &Tensor, con_levels: &Tensor, features: &[Tensor]) -> Option<Tensor> {
     let norm = |loss: &Tensor| -> Option<Tensor> {
         let grads = Tensor::f_run_backward(&[loss], features, true, false).ok()?;
         let squares: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
         Some(Tensor::stack(&squares, 0).sum(Kind::Float).sqrt())
     };
-    Some(norm(con)? / norm(seg)?.clamp_min(1e-20))
+    let seg = norm(seg)?.clamp_min(1e-20);
+    let mut norms = vec![norm(con)?];
+    for l in 0..con_levels.size()[0] {
+        norms.push(norm(&con_levels.get(l))?);
+    }
+    Some(Tensor::stack(&norms, 0) / seg)
 }
 
 impl StepOutput {
@@ -75,10 +85,11 @@ impl StepOutput {
             selection,
             seg,
             con: None,
+            con_levels: None,
             features,
             usage: None,
             dccm_max: None,
-            gradient_ratio: None,
+            gradient_ratios: None,
         }
     }
 }
@@ -175,7 +186,7 @@ impl Trainer {
 
         let seg = &loss_source + &loss_target;
         let mut total = seg.shallow_clone();
-        let (mut p2p, mut c2c, mut con, mut usage) = (None, None, None, None);
+        let (mut p2p, mut c2c, mut con, mut con_levels, mut usage) = (None, None, None, None, None);
         if c.contrast.enabled && c.contrast.weight > 0.0 {
             // Keys and anchors at each crop's own resolution (every bought label can be one);
             // G_l and the category centers' classes at the embedding's (stride 8). Source and
@@ -212,6 +223,7 @@ impl Trainer {
                 let sum = Tensor::stack(&weighted, 0).sum(Kind::Float);
                 total = total + &sum;
                 con = Some(sum);
+                con_levels = losses.per_level.map(|l| l * c.contrast.weight);
             }
             (p2p, c2c, usage) = (losses.p2p, losses.c2c, losses.usage);
         }
@@ -229,19 +241,22 @@ impl Trainer {
             selection,
             seg,
             con,
+            con_levels,
             features,
             usage,
             dccm_max,
-            gradient_ratio: None,
+            gradient_ratios: None,
         }
     }
 
     /// The backward pass and the SGD update at `lr`: queued on the device, nothing read back.
-    /// A `diagnose`d step first measures the gradient ratio of `ContrastDiagnostics`.
+    /// A `diagnose`d step first measures the gradient ratios of `ContrastDiagnostics`.
     pub fn ada_update(&self, out: &mut StepOutput, optimizer: &mut Sgd, lr: f64, diagnose: bool) {
         optimizer.zero_grad();
         if diagnose {
-            out.gradient_ratio = out.con.as_ref().and_then(|con| gradient_ratio(&out.seg, con, &out.features));
+            if let (Some(con), Some(levels)) = (&out.con, &out.con_levels) {
+                out.gradient_ratios = gradient_ratios(&out.seg, con, levels, &out.features);
+            }
         }
         out.total.backward();
         optimizer.update(lr);
@@ -250,17 +265,17 @@ impl Trainer {
     /// The end of an iteration and its one wait for the device: reads the loss values (and
     /// the diagnostics) and records the step's target draw in the ledger.
     pub fn ada_settle(&self, state: &mut AdaState, out: &StepOutput) -> (StepLosses, Settled) {
-        // Every value in one device-to-host copy; a term not computed reads 0, a gradient ratio
-        // not measured -1.
+        // Every value in one device-to-host copy; a term not computed reads 0.
         let mut readback = HostReadback::new(self.device);
         let terms = out.terms.map(|t| readback.scalar(t.as_ref(), 0.0));
         let total = readback.scalar(Some(&out.total), 0.0);
         let dccm_max = readback.scalar(out.dccm_max.as_ref(), 0.0);
-        let gradient_ratio = readback.scalar(out.gradient_ratio.as_ref(), -1.0);
+        let ratios = out.gradient_ratios.as_ref().map(|r| readback.values(r));
         // [levels, 2 (source, target), 2 (anchors, positives)]: see `ContrastLosses::usage`.
         let usage = out.usage.as_ref().map(|u| readback.values(u));
         let values = readback.read();
         let settled = state.sampler.settle(&out.selection, &mut state.ledger);
+        let ratios: Option<&[f32]> = ratios.map(|r| &values[r]);
         let contrast = out.con.as_ref().map(|_| ContrastDiagnostics {
             levels: match &usage {
                 Some(usage) => self
@@ -269,17 +284,19 @@ impl Trainer {
                     .levels
                     .iter()
                     .zip(values[usage.clone()].chunks(4))
-                    .map(|(&level, u)| LevelUsage {
+                    .enumerate()
+                    .map(|(l, (&level, u))| LevelUsage {
                         level,
                         source_anchors: u[0] as f64,
                         source_positives: u[1] as f64,
                         target_anchors: u[2] as f64,
                         target_positives: u[3] as f64,
+                        gradient_ratio: ratios.map(|r| r[1 + l] as f64),
                     })
                     .collect(),
                 None => Vec::new(),
             },
-            gradient_ratio: (values[gradient_ratio] >= 0.0).then_some(values[gradient_ratio] as f64),
+            gradient_ratio: ratios.map(|r| r[0] as f64),
             dccm_max: values[dccm_max] as f64,
         });
         let losses = StepLosses { terms: terms.map(|&i| values[i] as f64), total: values[total] as f64, contrast };

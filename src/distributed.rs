@@ -1,0 +1,262 @@
+//! Data-parallel training on libtorch's c10d (`torch_ext::ProcessGroup`): how a rank learns its
+//! place (torchrun's environment variables), `adamcu train --nproc N` starting N local ranks,
+//! and what a data-parallel step does beyond one process's: the same weights at the start,
+//! gradients averaged over the ranks before the update, rank 0's BatchNorm statistics.
+//!
+//! Each rank trains on its own share of every batch (`data::loader::RankShare`): with N ranks and
+//! a batch of B, rank r takes draws r·B/N .. (r+1)·B/N - 1 of the one-process stream, so the N
+//! shares together are the batch one process would draw, augmentation included.
+
+use crate::torch_ext::{Backend, ProcessGroup};
+use anyhow::{bail, Context, Result};
+use std::ffi::OsString;
+use std::process::{Child, Command, ExitCode};
+use std::time::{Duration, Instant};
+use tch::{Kind, Tensor};
+
+/// A rank's place in the job, as torchrun, Slurm or Kubernetes set it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    pub rank: usize,
+    pub world: usize,
+    pub local_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+}
+
+/// The environment variables a rank reads (torchrun's names).
+pub const ENV: [&str; 5] = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"];
+
+/// How long a collective waits for the other ranks before failing: a rank that died or hangs
+/// is an error on the others within this, never a hang (`ADAMCU_DIST_TIMEOUT_S` overrides).
+pub fn collective_timeout() -> Duration {
+    let seconds = std::env::var("ADAMCU_DIST_TIMEOUT_S").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    Duration::from_secs(seconds)
+}
+
+impl Launch {
+    /// This process's place from the environment; None when `WORLD_SIZE` is unset or 1 (one
+    /// process, no group). A variable that is missing or malformed is an error naming it.
+    pub fn from_env() -> Result<Option<Launch>> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<Launch>> {
+        let Some(world) = var("WORLD_SIZE") else { return Ok(None) };
+        let number = |name: &str, value: Option<String>| -> Result<usize> {
+            let value = value.with_context(|| format!("{name} is not set (WORLD_SIZE is {world}: a data-parallel rank needs RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT too)"))?;
+            value.trim().parse().with_context(|| format!("{name}={value:?}: expected a whole number"))
+        };
+        let world_size = number("WORLD_SIZE", Some(world.clone()))?;
+        if world_size <= 1 {
+            return Ok(None);
+        }
+        let rank = number("RANK", var("RANK"))?;
+        if rank >= world_size {
+            bail!("RANK={rank}: expected a rank below WORLD_SIZE={world_size}");
+        }
+        let local_rank = match var("LOCAL_RANK") {
+            Some(v) => number("LOCAL_RANK", Some(v))?,
+            None => rank,
+        };
+        let master_addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
+        let port = number("MASTER_PORT", var("MASTER_PORT"))?;
+        let master_port = u16::try_from(port)
+            .ok()
+            .filter(|&p| p > 0)
+            .with_context(|| format!("MASTER_PORT={port}: expected 1-65535"))?;
+        Ok(Some(Launch { rank, world: world_size, local_rank, master_addr, master_port }))
+    }
+}
+
+/// The group a data-parallel trainer steps in.
+pub struct DataParallel {
+    group: ProcessGroup,
+}
+
+/// Gradients are all-reduced in flat buckets of about this many bytes (c10d's Reducer default).
+const BUCKET_BYTES: i64 = 25 << 20;
+
+impl DataParallel {
+    /// Joins the job's group: Gloo on the CPU, NCCL on CUDA.
+    pub fn join(launch: &Launch, device: tch::Device) -> Result<DataParallel> {
+        let backend = if device.is_cuda() { Backend::Nccl } else { Backend::Gloo };
+        let group = ProcessGroup::new(
+            &launch.master_addr,
+            launch.master_port,
+            launch.rank,
+            launch.world,
+            backend,
+            collective_timeout(),
+        )?;
+        tracing::info!(
+            "rank {} of {}: joined the {backend:?} group at {}:{}",
+            launch.rank,
+            launch.world,
+            launch.master_addr,
+            launch.master_port
+        );
+        Ok(DataParallel { group })
+    }
+
+    /// From the environment (`Launch::from_env`); None for one process.
+    pub fn from_env(device: tch::Device) -> Result<Option<DataParallel>> {
+        Launch::from_env()?.map(|l| Self::join(&l, device)).transpose()
+    }
+
+    pub fn rank(&self) -> usize {
+        self.group.rank
+    }
+
+    pub fn world(&self) -> usize {
+        self.group.world
+    }
+
+    /// Rank 0's values of `tensors` in every rank (weights at the start, BatchNorm statistics).
+    pub fn broadcast_from_first(&self, tensors: &[Tensor]) -> Result<()> {
+        tch::no_grad(|| {
+            let refs: Vec<&Tensor> = tensors.iter().collect();
+            self.group.broadcast(&refs, 0)
+        })
+    }
+
+    /// Replaces each parameter's gradient by its mean over the ranks. A parameter that no rank
+    /// gave a gradient keeps none (the update skips it, as one process's would); one that only
+    /// some ranks did counts zero from the others. Gradients travel in flat buckets of one kind.
+    pub fn average_gradients(&self, params: &[&Tensor]) -> Result<()> {
+        if params.is_empty() {
+            return Ok(());
+        }
+        tch::no_grad(|| {
+            let device = params[0].device();
+            let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
+            // Which ranks had a gradient for each parameter: summed with the first bucket.
+            let defined = Tensor::from_slice(&grads.iter().map(|g| g.defined() as i64 as f32).collect::<Vec<_>>())
+                .to_device(device);
+            self.group.all_reduce_sum(&[&defined])?;
+            let defined = Vec::<f32>::try_from(&defined.to_device(tch::Device::Cpu))?;
+            let world = self.world() as f64;
+            let mut bucket: Vec<(usize, Tensor)> = Vec::new();
+            let mut bytes = 0i64;
+            let flush = |bucket: &mut Vec<(usize, Tensor)>| -> Result<()> {
+                if bucket.is_empty() {
+                    return Ok(());
+                }
+                let flat = Tensor::cat(&bucket.iter().map(|(_, g)| g.flatten(0, -1)).collect::<Vec<_>>(), 0);
+                self.group.all_reduce_sum(&[&flat])?;
+                let flat = flat / world;
+                let mut offset = 0;
+                for (i, g) in bucket.drain(..) {
+                    let n = g.numel() as i64;
+                    let mean = flat.narrow(0, offset, n).view_as(&g);
+                    offset += n;
+                    let mut grad = params[i].grad();
+                    if grad.defined() {
+                        grad.copy_(&mean);
+                    } else {
+                        // No gradient here, one elsewhere: this rank's contribution was zero.
+                        crate::torch_ext::set_grad(params[i], &mean.contiguous());
+                    }
+                }
+                Ok(())
+            };
+            for (i, (param, grad)) in params.iter().zip(&grads).enumerate() {
+                if defined[i] == 0.0 {
+                    continue;
+                }
+                let g = if grad.defined() { grad.shallow_clone() } else { param.zeros_like() };
+                if let Some((_, first)) = bucket.first() {
+                    if first.kind() != g.kind() {
+                        flush(&mut bucket)?;
+                        bytes = 0;
+                    }
+                }
+                bytes += g.numel() as i64 * g.kind().elt_size_in_bytes() as i64;
+                bucket.push((i, g));
+                if bytes >= BUCKET_BYTES {
+                    flush(&mut bucket)?;
+                    bytes = 0;
+                }
+            }
+            flush(&mut bucket)
+        })
+    }
+
+    /// The sum of `value` (a one-element tensor on the device) over the ranks, in place.
+    pub fn sum(&self, value: &Tensor) -> Result<()> {
+        self.group.all_reduce_sum(&[value])
+    }
+
+    /// Every rank's `input` (of one shape on every rank), in rank order.
+    pub fn all_gather(&self, input: &Tensor) -> Result<Vec<Tensor>> {
+        self.group.all_gather(input)
+    }
+
+    pub fn barrier(&self) -> Result<()> {
+        self.group.barrier()
+    }
+}
+
+/// The scale of a rank's pixel-mean loss that makes the ranks' averaged gradient the gradient
+/// of the mean over every rank's labelled pixels, as one process computes it on the combined
+/// batch: world × (this rank's labelled pixels) / (all ranks' labelled pixels). Without it the
+/// average of per-rank means weighs a crop with few labelled pixels as much as a full one.
+pub fn pixel_share(parallel: &DataParallel, labels: &Tensor) -> Result<Tensor> {
+    let local = labels.ne(255).sum(Kind::Float).reshape([1]);
+    let total = local.copy();
+    parallel.sum(&total)?;
+    Ok((local * parallel.world() as f64 / total.clamp_min(1.0)).reshape([]))
+}
+
+/// `adamcu train ... --nproc N`: runs this command N times as ranks 0..N-1 of one job on this
+/// machine (torchrun's environment, a free port on 127.0.0.1) and waits for all. When one rank
+/// fails, the others are stopped (their collectives would fail on their own within the
+/// timeout) and the exit code is that rank's.
+pub fn launch_local(nproc: usize, args: Vec<OsString>) -> Result<ExitCode> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let exe = std::env::current_exe()?;
+    let mut children: Vec<(usize, Child)> = Vec::new();
+    for rank in 0..nproc {
+        let child = Command::new(&exe)
+            .args(&args)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", nproc.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .spawn()
+            .with_context(|| format!("starting rank {rank} of {nproc}"))?;
+        children.push((rank, child));
+    }
+    let mut failed: Option<(usize, std::process::ExitStatus)> = None;
+    let mut stop_at: Option<Instant> = None;
+    while !children.is_empty() {
+        let mut still = Vec::new();
+        for (rank, mut child) in children {
+            match child.try_wait()? {
+                Some(status) => {
+                    if !status.success() && failed.is_none() {
+                        tracing::error!("rank {rank} of {nproc} failed ({status}); stopping the others");
+                        failed = Some((rank, status));
+                        stop_at = Some(Instant::now() + Duration::from_secs(10));
+                    }
+                }
+                None => still.push((rank, child)),
+            }
+        }
+        children = still;
+        if stop_at.is_some_and(|t| Instant::now() >= t) {
+            for (_, child) in &mut children {
+                let _ = child.kill();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(match failed {
+        None => ExitCode::SUCCESS,
+        Some((rank, status)) => {
+            eprintln!("adamcu: rank {rank} of {nproc} failed: {status}");
+            ExitCode::from(status.code().map_or(1, |c| c.clamp(1, 255) as u8))
+        }
+    })
+}

@@ -1,0 +1,161 @@
+//! Data-parallel training on c10d's Gloo backend, two ranks on this CPU (one thread each).
+
+mod common;
+
+use adamcu::distributed::Launch;
+use common::{free_port, tiny_daemon_config, write_config};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn train(config: &Path, extra: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_adamcu"))
+        .args(["train", "--stage", "source", "--config"])
+        .arg(config)
+        .args(extra)
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn weights(path: &Path) -> HashMap<String, tch::Tensor> {
+    tch::Tensor::read_safetensors(path).unwrap().into_iter().filter(|(_, t)| t.is_floating_point()).collect()
+}
+
+/// The largest absolute difference over every floating-point tensor the two files share.
+fn max_difference(a: &Path, b: &Path) -> f64 {
+    let (a, b) = (weights(a), weights(b));
+    assert!(a.len() > 10 && a.len() == b.len(), "{} against {} tensors", a.len(), b.len());
+    a.iter().map(|(name, t)| (t - &b[name]).abs().max().double_value(&[])).fold(0.0, f64::max)
+}
+
+fn last_loss(log: &str) -> String {
+    let line = log.lines().rev().find(|l| l.contains("source 3/3")).unwrap_or_else(|| panic!("{log}"));
+    line.split("loss ").nth(1).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
+#[test]
+fn two_ranks_take_the_steps_one_process_takes_on_the_combined_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_daemon_config(dir.path(), "one-process", 0);
+    config.train.batch_source = 4;
+    config.train.source_iterations = 3;
+    config.train.log_every = 1;
+    // BatchNorm on stored statistics: each rank would otherwise normalise over its own half
+    // of the batch (train.sync_bn is not built yet; docs/architecture.md).
+    config.model.bn_stats = adamcu::config::BnStats::Frozen;
+    let one = write_config(dir.path(), &config);
+    config.run.name = "two-ranks".into();
+    let two = write_config(dir.path(), &config);
+    config.run.name = "half-batch".into();
+    config.train.batch_source = 2;
+    let half = write_config(dir.path(), &config);
+
+    let (ok, one_log) = train(&one, &[]);
+    assert!(ok, "{one_log}");
+    let (ok, two_log) = train(&two, &["--nproc", "2"]);
+    assert!(ok, "{two_log}");
+    assert!(
+        two_log.contains("rank 0 of 2: joined the Gloo group") && two_log.contains("rank 1 of 2: joined"),
+        "{two_log}"
+    );
+    let (ok, half_log) = train(&half, &[]);
+    assert!(ok, "{half_log}");
+
+    let runs = dir.path().join("runs");
+    let checkpoint = |name: &str| runs.join(name).join("source.safetensors");
+    // Three updates from the same start: the two ranks' weights are one process's on the
+    // batch of 4, within float rounding (the all-reduce sums in another order).
+    let same = max_difference(&checkpoint("one-process"), &checkpoint("two-ranks"));
+    assert!(same < 1e-5, "two ranks against one process: {same}");
+    // A rank alone on its batch of 2 is another run: the ranks did combine their gradients.
+    let other = max_difference(&checkpoint("half-batch"), &checkpoint("two-ranks"));
+    assert!(other > 1e-3, "two ranks against one process on half the batch: {other}");
+    // Every rank reports the job's loss, the one process's.
+    let losses: Vec<String> = two_log.lines().filter(|l| l.contains("source 3/3")).map(last_loss).collect();
+    assert_eq!(losses, vec![last_loss(&one_log); 2], "{two_log}");
+    // Rank 0 alone wrote the checkpoint; the run folder holds nothing a second rank made.
+    let files: Vec<_> = std::fs::read_dir(runs.join("two-ranks")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(files, ["source.safetensors"], "{files:?}");
+}
+
+#[test]
+fn a_rank_killed_with_9_makes_the_other_fail_with_an_error_not_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_daemon_config(dir.path(), "killed", 0);
+    config.train.source_iterations = 1_000_000;
+    config.train.log_every = 1;
+    let path = write_config(dir.path(), &config);
+    let port = free_port().to_string();
+    let rank = |r: &str| {
+        Command::new(env!("CARGO_BIN_EXE_adamcu"))
+            .args(["train", "--stage", "source", "--config"])
+            .arg(&path)
+            .envs([("RANK", r), ("LOCAL_RANK", r), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1")])
+            .env("MASTER_PORT", &port)
+            .env("ADAMCU_DIST_TIMEOUT_S", "60")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (first, mut second) = (rank("0"), rank("1"));
+    // Wait until the ranks step together, then kill the second one.
+    let mut lines = BufReader::new(second.stderr.take().unwrap()).lines();
+    let stepping = lines.by_ref().map_while(Result::ok).find(|l| l.contains("source 2/"));
+    assert!(stepping.is_some(), "rank 1 never stepped");
+    second.kill().unwrap();
+    second.wait().unwrap();
+    let killed_at = Instant::now();
+    let out = first.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{log}");
+    assert!(killed_at.elapsed() < Duration::from_secs(60), "rank 0 took {:?} to notice", killed_at.elapsed());
+    assert!(log.contains("rank 0 of 2: all-reduce failed") || log.contains("rank 0 of 2: broadcast failed"), "{log}");
+}
+
+#[test]
+fn a_ranks_environment_is_read_as_torchrun_sets_it() {
+    let vars = |pairs: &[(&str, &str)]| {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Launch::from_vars(move |name| map.get(name).cloned())
+    };
+    assert_eq!(vars(&[]).unwrap(), None, "no WORLD_SIZE: one process");
+    assert_eq!(vars(&[("WORLD_SIZE", "1")]).unwrap(), None);
+    let launch = vars(&[
+        ("WORLD_SIZE", "4"),
+        ("RANK", "3"),
+        ("LOCAL_RANK", "1"),
+        ("MASTER_ADDR", "node0"),
+        ("MASTER_PORT", "29500"),
+    ])
+    .unwrap()
+    .unwrap();
+    assert_eq!(launch, Launch { rank: 3, world: 4, local_rank: 1, master_addr: "node0".into(), master_port: 29500 });
+    let error = |pairs: &[(&str, &str)]| format!("{:#}", vars(pairs).unwrap_err());
+    assert!(error(&[("WORLD_SIZE", "2"), ("MASTER_PORT", "1")]).contains("RANK is not set"));
+    assert!(error(&[("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_PORT", "1")])
+        .contains("RANK=2: expected a rank below WORLD_SIZE=2"));
+    assert!(error(&[("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "x")])
+        .contains("MASTER_PORT=\"x\": expected a whole number"));
+    assert!(error(&[("WORLD_SIZE", "two")]).contains("WORLD_SIZE=\"two\""));
+}
+
+#[test]
+fn a_batch_the_ranks_cannot_share_evenly_and_the_ada_stage_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_daemon_config(dir.path(), "uneven", 0);
+    config.train.batch_source = 3;
+    let path = write_config(dir.path(), &config);
+    let (ok, log) = train(&path, &["--nproc", "2"]);
+    assert!(!ok && log.contains("train.batch_source = 3: a data-parallel job of 2 ranks"), "{log}");
+    let out = Command::new(env!("CARGO_BIN_EXE_adamcu"))
+        .args(["train", "--stage", "ada", "--nproc", "2", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && log.contains("--stage ada runs in one process for now"), "{log}");
+}
