@@ -230,9 +230,9 @@ fn time_step(
         let checked = it + 1 == o.warmup && device.is_cuda() && crate::torch_ext::set_cuda_sync_check(true);
         let mut queue = || {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let mut out = trainer.ada_losses(&mut state, &si, &sl, &ti, &sealed, &samples, &geometry);
-                trainer.ada_update(&mut out, &mut optimizer, config.train.lr, false);
-                out
+                let mut out = trainer.ada_losses(&mut state, &si, &sl, &ti, &sealed, &samples, &geometry)?;
+                trainer.ada_update(&mut out, &mut optimizer, config.train.lr, false)?;
+                Ok::<_, anyhow::Error>(out)
             }))
         };
         // The last warm-up iteration also counts the operators one step dispatches (a retry's
@@ -255,8 +255,8 @@ fn time_step(
                 queued = attempt(); // the check stopped the step at its first wait: run it whole
             }
         }
-        let out = queued.map_err(|e| anyhow::anyhow!("training step failed: {}", panic_message(e.as_ref())))?;
-        let (losses, _) = trainer.ada_settle(&mut state, &out);
+        let out = queued.map_err(|e| anyhow::anyhow!("training step failed: {}", panic_message(e.as_ref())))??;
+        let (losses, _) = trainer.ada_settle(&mut state, &out)?;
         if !losses.total.is_finite() {
             bail!(
                 "the {variant} step diverged at iteration {it} (loss {}): its timings would not be a real step's",

@@ -622,7 +622,7 @@ impl AdaBatch {
     /// The step's losses, as the trainer computes them (nothing read back).
     fn losses(&mut self) -> adamcu::train::ada::StepOutput {
         let ((si, sl), (ti, tl, tg)) = (&self.source, &self.target);
-        self.trainer.ada_losses(&mut self.state, si, sl, ti, tl, &[0, 1], tg)
+        self.trainer.ada_losses(&mut self.state, si, sl, ti, tl, &[0, 1], tg).unwrap()
     }
 }
 
@@ -684,7 +684,7 @@ fn the_ada_step_dispatches_no_operator_that_would_wait_for_a_gpu() {
                 let out = batch.losses();
                 let mut out = out;
                 // Step 1 is diagnosed: the gradient ratio's extra backward passes wait on nothing either.
-                batch.trainer.ada_update(&mut out, &mut optimizer, 1e-3, step == 1);
+                batch.trainer.ada_update(&mut out, &mut optimizer, 1e-3, step == 1).unwrap();
                 out
             });
             assert!(LossTerm::ADA_MCU.iter().all(|&t| out.terms.get(t).is_some()), "the full step ran");
@@ -694,7 +694,7 @@ fn the_ada_step_dispatches_no_operator_that_would_wait_for_a_gpu() {
                 "step {step}, target crop {target_crop:?}: {:?}",
                 ops.waits_on_cuda()
             );
-            batch.trainer.ada_settle(&mut batch.state, &out); // the step's one read, after the update
+            batch.trainer.ada_settle(&mut batch.state, &out).unwrap(); // the step's one read, after the update
         }
     }
     // The check sees such operators wherever they are called: a value read back, and the

@@ -144,18 +144,67 @@ fn a_ranks_environment_is_read_as_torchrun_sets_it() {
 }
 
 #[test]
-fn a_batch_the_ranks_cannot_share_evenly_and_the_ada_stage_are_refused_by_name() {
+fn two_ranks_buy_through_one_ledger_and_spend_what_one_process_spends() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_daemon_config(dir.path(), "source", 0);
+    config.train.source_iterations = 3;
+    let path = write_config(dir.path(), &config);
+    let (ok, log) = train(&path, &[]);
+    assert!(ok, "{log}");
+    let source = dir.path().join("runs/source/source.safetensors");
+    // 64x32 crops, 6 target images: Me = 10 % of 12,288 pixels, spent within the 20 steps.
+    config.active.iterations = 20;
+    config.train.log_every = 100;
+    let ada = |name: &str, extra: &[&str]| {
+        let mut c = config.clone();
+        c.run.name = name.into();
+        let path = write_config(dir.path(), &c);
+        let out = Command::new(env!("CARGO_BIN_EXE_adamcu"))
+            .args(["train", "--stage", "ada", "--init"])
+            .arg(&source)
+            .arg("--config")
+            .arg(&path)
+            .args(extra)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{stderr}");
+        let bought: Vec<String> = stdout.lines().filter(|l| l.starts_with("bought ")).map(String::from).collect();
+        (bought, c.run_dir())
+    };
+    let (one, _) = ada("ada-one", &[]);
+    let (two, run_dir) = ada("ada-two", &["--nproc", "2"]);
+    assert_eq!(one.len(), 1);
+    // The whole budget went: "bought Ma of Me ..." with Ma = Me (10 % of 12,288, rounded up).
+    let words: Vec<&str> = one[0].split_whitespace().collect();
+    let me: u64 = words[3].parse().unwrap();
+    assert!(words[1] == words[3] && me == 1229, "{one:?}");
+    // Every rank knows the job's purchases: each reports the one process's spend.
+    assert_eq!(two, vec![one[0].clone(); 2]);
+    // The run's ledger is rank 0's: it holds Me pixels, no more; no replica is left in the run.
+    let file = std::fs::read(run_dir.join("ledger.bin")).unwrap();
+    let header = u64::from_le_bytes(file[24..32].try_into().unwrap()) as usize; // the ledger's layout
+    let bits: u64 = file[header..].iter().map(|b| b.count_ones() as u64).sum();
+    assert_eq!(bits, me, "pixels bought in the run's ledger");
+    let files: Vec<_> = std::fs::read_dir(&run_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(files.iter().filter(|f| f.to_string_lossy().contains("ledger")).count() == 1, "{files:?}");
+}
+
+#[test]
+fn a_batch_the_ranks_cannot_share_evenly_and_a_round_strategy_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = tiny_daemon_config(dir.path(), "uneven", 0);
     config.train.batch_source = 3;
+    config.active.rounds = vec![0];
+    config.active.iterations = 5;
     let path = write_config(dir.path(), &config);
     let (ok, log) = train(&path, &["--nproc", "2"]);
     assert!(!ok && log.contains("train.batch_source = 3: a data-parallel job of 2 ranks"), "{log}");
     let out = Command::new(env!("CARGO_BIN_EXE_adamcu"))
-        .args(["train", "--stage", "ada", "--nproc", "2", "--config"])
+        .args(["train", "--stage", "ada", "--nproc", "2", "--set", "active.strategy=\"ripu\"", "--config"])
         .arg(&path)
         .output()
         .unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && log.contains("--stage ada runs in one process for now"), "{log}");
+    assert!(!out.status.success() && log.contains("active.strategy = \"ripu\" runs in one process for now"), "{log}");
 }

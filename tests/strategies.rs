@@ -247,7 +247,7 @@ fn no_strategy_trains_on_a_target_label_the_ledger_does_not_hold() {
     let geometry = [Geometry::identity(32, 16); 2];
     let losses = |trainer: &Trainer, state: &mut adamcu::train::ada::AdaState, labels: &Tensor| {
         let labels = SealedLabels::seal(labels.shallow_clone());
-        trainer.ada_losses(state, &source, &source_labels, &target, &labels, &[0, 1], &geometry)
+        trainer.ada_losses(state, &source, &source_labels, &target, &labels, &[0, 1], &geometry).unwrap()
     };
     for strategy in [Strategy::AdaMcu, Strategy::Ripu, Strategy::Entropy, Strategy::Margin, Strategy::Random] {
         let trainer = tiny_trainer(&dir.path().join(strategy.to_string()), strategy);

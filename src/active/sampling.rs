@@ -74,8 +74,19 @@ pub struct BatchSelection {
     /// [B, 3 + picks] i64: G_h candidates (not yet bought), |G_h|, |G_l|, then the original
     /// pixel index (y * width + x) of each purchase, -1 where none.
     report: Tensor,
+    /// The caps of every crop of the job's batch (one process: this batch), and where this
+    /// batch's crops start among them.
     plans: Vec<CropPlan>,
+    first: usize,
     crop_pixels: u64,
+}
+
+/// The images of every crop of the step's batch over a data-parallel job, in rank order, and
+/// where this rank's crops start among them. Every rank plans the whole batch from the same
+/// ledger, so the caps together never pass what is left of Me, exactly as one process's.
+pub struct JobBatch {
+    pub images: Vec<usize>,
+    pub first: usize,
 }
 
 impl BatchSelection {
@@ -91,6 +102,7 @@ impl BatchSelection {
             labelled,
             report: Tensor::zeros([b, 3], (Kind::Int64, Device::Cpu)),
             plans: Vec::new(),
+            first: 0,
             crop_pixels: 0,
         }
     }
@@ -196,17 +208,26 @@ impl Sampler {
     /// Groups a batch of crops by their scores ([B, H, W] f32, on the device), and queues the
     /// purchases and the pseudo labels. Nothing is read back: see `settle`.
     pub fn select(&self, scores: &Tensor, crops: &[CropPixels], ledger: &Ledger) -> BatchSelection {
+        let job = JobBatch { images: crops.iter().map(|c| c.image).collect(), first: 0 };
+        self.select_in_job(scores, crops, ledger, &job)
+    }
+
+    /// `select` for one rank's crops of a data-parallel job's batch (`job`). The purchases'
+    /// columns are as many on every rank (the job's largest caps), so that their reports can
+    /// be gathered for `settle_job`.
+    pub fn select_in_job(&self, scores: &Tensor, crops: &[CropPixels], ledger: &Ledger, job: &JobBatch) -> BatchSelection {
         let device = scores.device();
         let size = scores.size();
         let (b, pixels) = (size[0], size[1] * size[2]);
         let scores = scores.view([b, pixels]);
         let t = self.thresholds;
         let (high, low) = (scores.gt(t.pi_high), scores.lt(t.pi_low));
-        let plans = self.plan(&crops.iter().map(|c| c.image).collect::<Vec<_>>(), pixels, ledger);
+        let job_plans = self.plan(&job.images, pixels, ledger);
+        let plans = &job_plans[job.first..job.first + b as usize];
         let caps = |cap: fn(&CropPlan) -> i64| {
             (
                 upload(&Tensor::from_slice(&plans.iter().map(cap).collect::<Vec<_>>()), device),
-                plans.iter().map(cap).max().unwrap_or(0),
+                job_plans.iter().map(cap).max().unwrap_or(0),
             )
         };
         let (original, was_bought) = bought_before(ledger, crops, device);
@@ -248,7 +269,8 @@ impl Sampler {
             high: crop(high),
             low: crop(low),
             report,
-            plans,
+            plans: job_plans,
+            first: job.first,
             crop_pixels: pixels as u64,
         }
     }
@@ -256,7 +278,20 @@ impl Sampler {
     /// Reads a step's draw back (the step's one wait for the device, after its update),
     /// records the purchases in the ledger and lowers pi_high where G_h fell short.
     pub fn settle(&mut self, selection: &BatchSelection, ledger: &mut Ledger) -> Settled {
-        let report = Vec::<i64>::try_from(selection.report.to_device(Device::Cpu).flatten(0, -1)).expect("i64 report");
+        assert_eq!(selection.first, 0, "a data-parallel rank's draw settles with the job's reports (settle_job)");
+        self.settle_job(selection, &selection.report, ledger)
+    }
+
+    /// This crop batch's report ([B, 3 + picks] i64), for a data-parallel job to gather.
+    pub fn report(selection: &BatchSelection) -> &Tensor {
+        &selection.report
+    }
+
+    /// `settle` with the reports of every rank's crops of the job's batch, in rank order
+    /// (`job_report`: theirs gathered; one process: its own). Every rank applies the same
+    /// purchases in the same order, so every rank's ledger and thresholds stay one process's.
+    pub fn settle_job(&mut self, selection: &BatchSelection, job_report: &Tensor, ledger: &mut Ledger) -> Settled {
+        let report = Vec::<i64>::try_from(job_report.to_device(Device::Cpu).flatten(0, -1)).expect("i64 report");
         let mut settled = Settled::default();
         if selection.plans.is_empty() {
             return settled;

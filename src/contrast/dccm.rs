@@ -16,9 +16,20 @@ impl Dccm {
         Dccm { w: Tensor::zeros([classes, classes], (Kind::Float, device)), momentum }
     }
 
+    /// The batch's confusion counts M [C, C] f32 from labels and predictions (1-D, 255 = no
+    /// label): what data-parallel ranks sum before `update_from_counts`.
+    pub fn counts(labels: &Tensor, predictions: &Tensor, classes: i64) -> Tensor {
+        crate::confusion::confusion_counts(labels, predictions, classes).to_kind(Kind::Float)
+    }
+
     /// The batch's error rates R from labels and predictions (1-D, 255 = no label).
     pub fn error_rates(labels: &Tensor, predictions: &Tensor, classes: i64) -> (Tensor, Tensor) {
-        let counts = crate::confusion::confusion_counts(labels, predictions, classes).to_kind(Kind::Float);
+        Dccm::rates_of(Dccm::counts(labels, predictions, classes))
+    }
+
+    /// R and which classes were seen, from confusion counts M.
+    fn rates_of(counts: Tensor) -> (Tensor, Tensor) {
+        let classes = counts.size()[0];
         let totals = counts.sum_dim_intlist([1i64].as_slice(), true, Kind::Float);
         let eye = Tensor::eye(classes, (Kind::Float, counts.device()));
         let rates = counts * (1.0 - eye) / totals.clamp_min(1.0);
@@ -27,9 +38,14 @@ impl Dccm {
 
     /// Eq. 8 for the rows seen in this batch.
     pub fn update(&mut self, labels: &Tensor, predictions: &Tensor) {
+        let counts = Dccm::counts(labels, predictions, self.w.size()[0]);
+        self.update_from_counts(counts);
+    }
+
+    /// Eq. 8 from the step's confusion counts M (summed over the ranks of a data-parallel job).
+    pub fn update_from_counts(&mut self, counts: Tensor) {
         tch::no_grad(|| {
-            let classes = self.w.size()[0];
-            let (rates, seen) = Dccm::error_rates(labels, predictions, classes);
+            let (rates, seen) = Dccm::rates_of(counts);
             let updated = &self.w * self.momentum + rates * (1.0 - self.momentum);
             self.w = updated.where_self(&seen.unsqueeze(1), &self.w);
         });

@@ -28,10 +28,11 @@ pub enum Stage {
 pub fn train_one(config: &Config, stage: Stage, init: Option<&Path>) -> Result<PathBuf> {
     let mut trainer = Trainer::new(config)?;
     trainer.parallel = crate::distributed::DataParallel::from_env(trainer.device)?.map(std::sync::Arc::new);
-    if trainer.parallel.is_some() && stage == Stage::Ada {
+    if trainer.parallel.is_some() && stage == Stage::Ada && config.active.strategy.uses_rounds() {
         anyhow::bail!(
-            "--stage ada runs in one process for now: its purchases are not yet merged into one ledger \
-             across ranks (docs/architecture.md, data-parallel training)"
+            "active.strategy = \"{}\" runs in one process for now: its selection rounds score the whole \
+             target set on one rank, which is not built (ADA-MCU's per-step purchases are; docs/architecture.md)",
+            config.active.strategy
         );
     }
     trainer.curve_every = if trainer.writes_files() { config.train.eval_every } else { 0 };
@@ -51,7 +52,11 @@ pub fn train_one(config: &Config, stage: Stage, init: Option<&Path>) -> Result<P
             supervised(SupervisedStage::TargetSupervised, config.train.target_supervised_iterations, &mut trainer)?
         }
         Stage::Ada => {
-            let (summary, _) = trainer.train_ada(&run_dir.join("ledger.bin"), config.active.iterations)?;
+            // One ledger for the job: rank 0's is the run's; the other ranks keep replicas that
+            // every step's gathered purchases keep equal to it (`Trainer::ada_settle`).
+            let replica = (!trainer.writes_files()).then(tempfile::tempdir).transpose()?;
+            let ledger = replica.as_ref().map_or(run_dir.join("ledger.bin"), |d| d.path().join("ledger.bin"));
+            let (summary, _) = trainer.train_ada(&ledger, config.active.iterations)?;
             println!(
                 "bought {} of {} {} ({:.3}% of the target set)",
                 summary.spent,

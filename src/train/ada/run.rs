@@ -5,7 +5,7 @@
 use super::checkpoint::ResumePoint;
 use super::{AdaState, AdaSummary, StepLosses};
 use crate::active::oracle::SealedLabels;
-use crate::data::loader::{Loader, LoaderOptions};
+use crate::data::loader::{Loader, LoaderOptions, RankShare};
 use crate::telemetry;
 use crate::train::driver::{drive, ProgressLine, StageRun, StepEvent, Trace, ValCurve};
 use crate::train::optimizer::{poly_lr, Sgd};
@@ -45,8 +45,15 @@ impl AdaRun {
             None => 0,
         };
         // The data order resumes too: the loaders skip the samples already drawn.
-        let options = |domain, batch_size: usize, seed| {
-            LoaderOptions::for_config(c, domain, batch_size, seed, step * batch_size as u64, trainer.device)
+        // Data-parallel, each rank draws its share of every batch (`data::loader::RankShare`).
+        let options = |domain, key: &str, batch_size: usize, seed| -> Result<LoaderOptions> {
+            let mut options =
+                LoaderOptions::for_config(c, domain, batch_size, seed, step * batch_size as u64, trainer.device);
+            if let Some(parallel) = &trainer.parallel {
+                options.batch_size = crate::train::driver::rank_share(batch_size, parallel.world(), key)?;
+                options.share = RankShare { rank: parallel.rank(), world: parallel.world() };
+            }
+            Ok(options)
         };
         let (source_cfg, target_cfg) = (c.data.source.as_ref(), c.data.target.as_ref());
         let source_set = open_source(c)?;
@@ -54,12 +61,12 @@ impl AdaRun {
         let source = Loader::spawn(
             source_set,
             &c.augment_for(source_cfg.unwrap()),
-            options("source", c.train.batch_source, c.run.seed),
+            options("source", "train.batch_source", c.train.batch_source, c.run.seed)?,
         );
         let target = Loader::spawn(
             target_set,
             &c.augment_for(target_cfg.unwrap()),
-            options("target", c.train.batch_target, c.run.seed.wrapping_add(1)),
+            options("target", "train.batch_target", c.train.batch_target, c.run.seed.wrapping_add(1))?,
         );
         Ok(AdaRun {
             state,
@@ -109,13 +116,13 @@ impl AdaRun {
             &sealed,
             &tb.sample_indices,
             &tb.geometries,
-        );
+        )?;
         let horizon = c.active.poly_horizon.map_or(self.iterations, |h| h as u64);
         let lr = poly_lr(c.train.lr, self.step, horizon, c.train.poly_power);
         // The gradient ratio costs two backward passes through the heads: on log steps only.
         let diagnose = c.train.log_every > 0 && self.step.is_multiple_of(c.train.log_every as u64);
-        trainer.ada_update(&mut out, &mut self.optimizer, lr, diagnose);
-        let (losses, settled) = trainer.ada_settle(&mut self.state, &out);
+        trainer.ada_update(&mut out, &mut self.optimizer, lr, diagnose)?;
+        let (losses, settled) = trainer.ada_settle(&mut self.state, &out)?;
         (self.last, self.last_lr) = (losses, lr);
         self.stage.busy(busy.elapsed());
         self.stage.item();

@@ -4,9 +4,10 @@
 
 use super::{AdaState, StepLosses, Terms};
 use crate::active::oracle::{Oracle, SealedLabels};
-use crate::active::sampling::{BatchSelection, CropPixels, Settled};
+use crate::active::sampling::{BatchSelection, CropPixels, JobBatch, Sampler, Settled};
 use crate::active::uncertainty::uncertainty;
 use crate::config::DccmFrom;
+use crate::contrast::dccm::Dccm;
 use crate::contrast::diagnostics::{ContrastDiagnostics, LevelUsage};
 use crate::contrast::units::{contrastive_losses, DomainBatch};
 use crate::model::deeplab::upsample;
@@ -14,6 +15,7 @@ use crate::model::SegOutput;
 use crate::torch_ext::HostReadback;
 use crate::train::optimizer::Sgd;
 use crate::train::Trainer;
+use anyhow::Result;
 use tch::{Kind, Tensor};
 
 /// Everything one iteration computes before the backward pass.
@@ -133,10 +135,10 @@ impl Trainer {
         target_labels: &SealedLabels,
         target_samples: &[usize],
         target_geometry: &[crate::data::augment::Geometry],
-    ) -> StepOutput {
+    ) -> Result<StepOutput> {
         let c = &self.config;
         if c.active.strategy.uses_rounds() {
-            return self.round_losses(
+            return Ok(self.round_losses(
                 state,
                 source_images,
                 source_labels,
@@ -144,7 +146,7 @@ impl Trainer {
                 target_labels,
                 target_samples,
                 target_geometry,
-            );
+            ));
         }
         let classes = c.data.classes as i64;
         let xt_size = [target_images.size()[1], target_images.size()[2]];
@@ -158,7 +160,8 @@ impl Trainer {
         let scores = uncertainty(&main_t, &aux_t, c.active.gamma);
         let crops: Vec<CropPixels> =
             target_samples.iter().zip(target_geometry).map(|(&i, g)| CropPixels::of(i, g, &state.ledger)).collect();
-        let selection = state.sampler.select(&scores, &crops, &state.ledger);
+        let job = self.job_batch(&crops)?;
+        let selection = state.sampler.select_in_job(&scores, &crops, &state.ledger, &job);
         let (labelled, pseudo) = (&selection.labelled, &selection.pseudo);
         let revealed = Oracle::reveal(target_labels, labelled);
         let prediction_t = main_t.detach().argmax(1, false);
@@ -181,7 +184,12 @@ impl Trainer {
                     Tensor::cat(&[prediction_s.flatten(0, -1), prediction_t.flatten(0, -1)], 0),
                 ),
             };
-            state.dccm.update(&labels, &predictions);
+            // Data-parallel, the job's counts: every rank's W stays the one of the whole batch.
+            let counts = Dccm::counts(&labels, &predictions, classes);
+            if let Some(parallel) = &self.parallel {
+                parallel.sum(&counts)?;
+            }
+            state.dccm.update_from_counts(counts);
         }
 
         let seg = &loss_source + &loss_target;
@@ -228,7 +236,7 @@ impl Trainer {
             (p2p, c2c, usage) = (losses.p2p, losses.c2c, losses.usage);
         }
         let dccm_max = dccm_on.then(|| state.dccm.w.max());
-        StepOutput {
+        Ok(StepOutput {
             total,
             terms: Terms {
                 source: Some(loss_source),
@@ -246,12 +254,23 @@ impl Trainer {
             usage,
             dccm_max,
             gradient_ratios: None,
-        }
+        })
+    }
+
+    /// The images of the step's target crops over the job (one process: its own), gathered in
+    /// rank order, and where this rank's start: every rank then plans the job's purchases.
+    fn job_batch(&self, crops: &[CropPixels]) -> Result<JobBatch> {
+        let images: Vec<usize> = crops.iter().map(|c| c.image).collect();
+        let Some(parallel) = &self.parallel else { return Ok(JobBatch { images, first: 0 }) };
+        let local = Tensor::from_slice(&images.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(self.device);
+        let all = Tensor::cat(&parallel.all_gather(&local)?, 0).to_device(tch::Device::Cpu);
+        let images = Vec::<i64>::try_from(&all)?.into_iter().map(|i| i as usize).collect();
+        Ok(JobBatch { images, first: parallel.rank() * crops.len() })
     }
 
     /// The backward pass and the SGD update at `lr`: queued on the device, nothing read back.
     /// A `diagnose`d step first measures the gradient ratios of `ContrastDiagnostics`.
-    pub fn ada_update(&self, out: &mut StepOutput, optimizer: &mut Sgd, lr: f64, diagnose: bool) {
+    pub fn ada_update(&self, out: &mut StepOutput, optimizer: &mut Sgd, lr: f64, diagnose: bool) -> Result<()> {
         optimizer.zero_grad();
         if diagnose {
             if let (Some(con), Some(levels)) = (&out.con, &out.con_levels) {
@@ -259,12 +278,17 @@ impl Trainer {
             }
         }
         out.total.backward();
+        self.synchronise(optimizer)?;
         optimizer.update(lr);
+        Ok(())
     }
 
     /// The end of an iteration and its one wait for the device: reads the loss values (and
     /// the diagnostics) and records the step's target draw in the ledger.
-    pub fn ada_settle(&self, state: &mut AdaState, out: &StepOutput) -> (StepLosses, Settled) {
+    ///
+    /// Data-parallel, every rank's purchases are gathered and applied in rank order on every
+    /// rank: one ledger for the job, the same on every rank (`Sampler::settle_job`).
+    pub fn ada_settle(&self, state: &mut AdaState, out: &StepOutput) -> Result<(StepLosses, Settled)> {
         // Every value in one device-to-host copy; a term not computed reads 0.
         let mut readback = HostReadback::new(self.device);
         let terms = out.terms.map(|t| readback.scalar(t.as_ref(), 0.0));
@@ -274,7 +298,12 @@ impl Trainer {
         // [levels, 2 (source, target), 2 (anchors, positives)]: see `ContrastLosses::usage`.
         let usage = out.usage.as_ref().map(|u| readback.values(u));
         let values = readback.read();
-        let settled = state.sampler.settle(&out.selection, &mut state.ledger);
+        let report = Sampler::report(&out.selection);
+        let job_report = match &self.parallel {
+            Some(parallel) => Tensor::cat(&parallel.all_gather(report)?, 0),
+            None => report.shallow_clone(),
+        };
+        let settled = state.sampler.settle_job(&out.selection, &job_report, &mut state.ledger);
         let ratios: Option<&[f32]> = ratios.map(|r| &values[r]);
         let contrast = out.con.as_ref().map(|_| ContrastDiagnostics {
             levels: match &usage {
@@ -300,6 +329,6 @@ impl Trainer {
             dccm_max: values[dccm_max] as f64,
         });
         let losses = StepLosses { terms: terms.map(|&i| values[i] as f64), total: values[total] as f64, contrast };
-        (losses, settled)
+        Ok((losses, settled))
     }
 }
