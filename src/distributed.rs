@@ -69,6 +69,23 @@ impl Launch {
     }
 }
 
+/// `config` for this rank: one device per rank, CUDA device `LOCAL_RANK` where `run.device`
+/// asks for CUDA without an index ("auto" with a GPU, or "cuda"), as torchrun's users expect.
+/// One process, or a device named by index, keeps the config as it is.
+pub fn config_for_rank(config: &crate::config::Config) -> Result<crate::config::Config> {
+    let Some(launch) = Launch::from_env()? else { return Ok(config.clone()) };
+    let mut c = config.clone();
+    let wants_cuda = match c.run.device.as_str() {
+        "cuda" => true,
+        "auto" => tch::Cuda::is_available(),
+        _ => false,
+    };
+    if wants_cuda {
+        c.run.device = format!("cuda:{}", launch.local_rank);
+    }
+    Ok(c)
+}
+
 /// The group a data-parallel trainer steps in.
 pub struct DataParallel {
     group: ProcessGroup,

@@ -215,7 +215,13 @@ impl Sampler {
     /// `select` for one rank's crops of a data-parallel job's batch (`job`). The purchases'
     /// columns are as many on every rank (the job's largest caps), so that their reports can
     /// be gathered for `settle_job`.
-    pub fn select_in_job(&self, scores: &Tensor, crops: &[CropPixels], ledger: &Ledger, job: &JobBatch) -> BatchSelection {
+    pub fn select_in_job(
+        &self,
+        scores: &Tensor,
+        crops: &[CropPixels],
+        ledger: &Ledger,
+        job: &JobBatch,
+    ) -> BatchSelection {
         let device = scores.device();
         let size = scores.size();
         let (b, pixels) = (size[0], size[1] * size[2]);

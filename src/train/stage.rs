@@ -26,6 +26,7 @@ pub enum Stage {
 /// Data-parallel (torchrun's environment, or `--nproc`; `distributed`), the supervised stages
 /// train on every rank's share of each batch; rank 0 evaluates and writes the checkpoint.
 pub fn train_one(config: &Config, stage: Stage, init: Option<&Path>) -> Result<PathBuf> {
+    let config = &crate::distributed::config_for_rank(config)?;
     let mut trainer = Trainer::new(config)?;
     trainer.parallel = crate::distributed::DataParallel::from_env(trainer.device)?.map(std::sync::Arc::new);
     if trainer.parallel.is_some() && stage == Stage::Ada && config.active.strategy.uses_rounds() {
