@@ -28,9 +28,12 @@ pub struct Launch {
 pub const ENV: [&str; 5] = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"];
 
 /// How long a collective waits for the other ranks before failing: a rank that died or hangs
-/// is an error on the others within this, never a hang (`ADAMCU_DIST_TIMEOUT_S` overrides).
+/// is an error on the others within this, never a hang (`ADAMCU_DIST_TIMEOUT_S` overrides). A
+/// rank that died is seen at once (Gloo and NCCL notice the closed connection); the timeout is
+/// for one that hangs, and leaves room for rank 0's work alone (the translation, an
+/// evaluation) while the others wait at their next collective.
 pub fn collective_timeout() -> Duration {
-    let seconds = std::env::var("ADAMCU_DIST_TIMEOUT_S").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let seconds = std::env::var("ADAMCU_DIST_TIMEOUT_S").ok().and_then(|v| v.parse().ok()).unwrap_or(1800);
     Duration::from_secs(seconds)
 }
 
@@ -82,6 +85,12 @@ pub fn config_for_rank(config: &crate::config::Config) -> Result<crate::config::
     };
     if wants_cuda {
         c.run.device = format!("cuda:{}", launch.local_rank);
+    }
+    // Every rank serves its metrics (with a `rank` label) on its own port: the configured one
+    // plus LOCAL_RANK, so that ranks on one machine do not collide.
+    if let Some(address) = c.metrics.listen_address()? {
+        let port = address.port().checked_add(launch.local_rank as u16).context("metrics.listen: port out of range")?;
+        c.metrics.listen = std::net::SocketAddr::new(address.ip(), port).to_string();
     }
     Ok(c)
 }
@@ -211,6 +220,13 @@ impl DataParallel {
 
     pub fn barrier(&self) -> Result<()> {
         self.group.barrier()
+    }
+
+    /// Whether `flag` holds on any rank (a stop asked of one rank stops all at the same step).
+    pub fn any(&self, flag: bool) -> Result<bool> {
+        let t = Tensor::from_slice(&[flag as i64 as f32]);
+        self.group.all_reduce_sum(&[&t])?;
+        Ok(t.double_value(&[0]) > 0.0)
     }
 }
 

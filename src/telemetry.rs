@@ -49,6 +49,14 @@ pub const TRANSLATE_LOSS: &str = "adamcu_translate_loss";
 pub const TRANSLATE_IMAGES_PER_SECOND: &str = "adamcu_translate_images_per_second";
 pub const TRANSLATE_WRITTEN: &str = "adamcu_translate_written_images_total";
 
+/// This process's data-parallel rank, a label on every metric it serves (`set_rank`).
+static RANK: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// Labels every metric with `rank` (a data-parallel rank's, before its endpoint starts).
+pub fn set_rank(rank: usize) {
+    let _ = RANK.set(rank);
+}
+
 /// Explicit buckets of the step-time histogram (seconds): CPU steps take 0.05-2 s, GPU ones
 /// 0.02-0.5 s.
 pub const STEP_BUCKETS: [f64; 14] = [0.01, 0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0];
@@ -60,7 +68,11 @@ pub const PROCESS_METRICS_EVERY: Duration = Duration::from_secs(5);
 
 /// Starts the Prometheus endpoint on `address` (serves `/metrics`) and records build info.
 pub fn install_exporter(address: SocketAddr) -> anyhow::Result<()> {
-    PrometheusBuilder::new()
+    let mut builder = PrometheusBuilder::new();
+    if let Some(rank) = RANK.get() {
+        builder = builder.add_global_label("rank", rank.to_string());
+    }
+    builder
         .with_http_listener(address)
         .set_buckets(&DURATION_BUCKETS)?
         .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(STEP_SECONDS.into()), &STEP_BUCKETS)?

@@ -208,3 +208,98 @@ fn a_batch_the_ranks_cannot_share_evenly_and_a_round_strategy_are_refused_by_nam
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && log.contains("active.strategy = \"ripu\" runs in one process for now"), "{log}");
 }
+
+/// One rank of a daemon job of two (`adamcu train --config F` with torchrun's environment),
+/// its log piped.
+fn daemon_rank(config: &Path, rank: usize, port: &str, extra: &[&str]) -> std::process::Child {
+    let r = rank.to_string();
+    Command::new(env!("CARGO_BIN_EXE_adamcu"))
+        .args(["train", "--config"])
+        .arg(config)
+        .args(extra)
+        .envs([("RANK", r.as_str()), ("LOCAL_RANK", r.as_str()), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1")])
+        .env("MASTER_PORT", port)
+        .env("ADAMCU_DIST_TIMEOUT_S", "60")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `child`'s log shows ADA-MCU step `step` or later; returns the log so far and
+/// the rest of the stream.
+fn wait_for_step(child: &mut std::process::Child, step: u64) -> std::io::Lines<BufReader<std::process::ChildStderr>> {
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // A rank logs its contrastive units every train.log_every steps: "ada-mcu step N: ...".
+    let mut seen = Vec::new();
+    let reached = lines.by_ref().map_while(Result::ok).any(|l| {
+        let at = l.split("ada-mcu step ").nth(1).and_then(|rest| rest.split(':').next()?.parse::<u64>().ok());
+        seen.push(l);
+        at.is_some_and(|s| s >= step)
+    });
+    assert!(reached, "the rank never reached step {step}:\n{}", seen.join("\n"));
+    lines
+}
+
+#[test]
+fn the_daemon_across_two_ranks_stops_together_on_sigterm_and_resumes_after_a_kill_9_with_one_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_daemon_config(dir.path(), "daemon-ranks", 40);
+    config.train.log_every = 1;
+    let path = write_config(dir.path(), &config);
+    let run_dir = config.run_dir();
+    let checkpoints = || -> Vec<std::path::PathBuf> {
+        let mut files: Vec<_> = std::fs::read_dir(run_dir.join("checkpoints"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        files.sort();
+        files
+    };
+
+    // SIGTERM to rank 1 alone: both ranks stop at one step, rank 0 writes one final checkpoint.
+    let port = free_port().to_string();
+    let (first, mut second) = (daemon_rank(&path, 0, &port, &[]), daemon_rank(&path, 1, &port, &[]));
+    let rest = wait_for_step(&mut second, 3);
+    let drain = std::thread::spawn(move || rest.map_while(Result::ok).count());
+    Command::new("kill").args(["-TERM", &second.id().to_string()]).status().unwrap();
+    let (out0, out1) = (first.wait_with_output().unwrap(), second.wait_with_output().unwrap());
+    drain.join().unwrap();
+    let log0 = String::from_utf8_lossy(&out0.stderr);
+    assert!(out0.status.success() && out1.status.success(), "{log0}");
+    assert!(String::from_utf8_lossy(&out0.stdout).contains("stopped"), "{log0}");
+    let status = adamcu::pipeline::status::Status::read(&run_dir).unwrap();
+    assert_eq!(status.state, "stopped");
+    let stopped_at = status.step;
+    assert!(stopped_at > 0 && stopped_at < 30, "{stopped_at}");
+    let last = checkpoints().pop().unwrap();
+    assert!(last.to_string_lossy().ends_with(&format!("step-{stopped_at:08}.safetensors")), "{last:?}");
+
+    // Go on as two ranks, kill -9 rank 1 on the way: rank 0 fails with an error, not a hang.
+    let port = free_port().to_string();
+    let (first, mut second) =
+        (daemon_rank(&path, 0, &port, &["--continue"]), daemon_rank(&path, 1, &port, &["--continue"]));
+    let rest = wait_for_step(&mut second, stopped_at + 3);
+    second.kill().unwrap();
+    second.wait().unwrap();
+    drop(rest);
+    let out0 = first.wait_with_output().unwrap();
+    let log0 = String::from_utf8_lossy(&out0.stderr);
+    assert!(!out0.status.success() && log0.contains("rank 0 of 2"), "{log0}");
+
+    // --continue as one process (another world size) finishes the run.
+    let out = Command::new(env!("CARGO_BIN_EXE_adamcu"))
+        .args(["train", "--continue", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status = adamcu::pipeline::status::Status::read(&run_dir).unwrap();
+    assert_eq!((status.state.as_str(), status.step), ("finished", 40));
+    assert!(status.budget_spent_pixels <= status.budget_limit_pixels && status.budget_spent_pixels > 0, "{status:?}");
+    // Every checkpoint left behind loads.
+    for file in checkpoints() {
+        assert!(tch::Tensor::read_safetensors(&file).is_ok(), "{} does not load", file.display());
+    }
+}

@@ -47,25 +47,41 @@ pub enum Outcome {
 }
 
 pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
-    if let Some(launch) = crate::distributed::Launch::from_env()? {
+    // Data-parallel (`distributed`): one device and one metrics port per rank; rank 0 owns the
+    // run's files (lock, checkpoints, status, the ledger), the others follow its decisions.
+    let config = &crate::distributed::config_for_rank(config)?;
+    let parallel = crate::distributed::DataParallel::from_env(config.device()?)?.map(std::sync::Arc::new);
+    let owner = parallel.as_ref().is_none_or(|p| p.rank() == 0);
+    if parallel.is_some() && config.active.strategy.uses_rounds() {
         anyhow::bail!(
-            "the daemon (--stage all) runs in one process for now (WORLD_SIZE={}): ADA-MCU's purchases are \
-             not yet merged into one ledger across ranks; --stage source and --stage target-supervised train \
-             data-parallel (docs/architecture.md)",
-            launch.world
+            "active.strategy = \"{}\" runs in one process for now: its selection rounds are not built for \
+             several ranks (ADA-MCU's per-step purchases are; docs/architecture.md)",
+            config.active.strategy
         );
     }
+    let barrier = || parallel.as_ref().map_or(Ok(()), |p| p.barrier());
     let run_dir = config.run_dir();
-    let _lock = RunLock::acquire(&run_dir)?;
+    let _lock = if owner { Some(RunLock::acquire(&run_dir)?) } else { None };
+    if let Some(p) = &parallel {
+        crate::telemetry::set_rank(p.rank());
+    }
     let control = Control::start(config.metrics.listen_address()?)?;
     let rotation = Rotation { dir: run_dir.join("checkpoints"), keep: config.train.keep_checkpoints };
-    rotation.remove_unfinished()?;
-    let ledger_path = run_dir.join("ledger.bin");
-    // Algorithm 1, line 1, when the translated source is missing or stale (its own checkpoints
-    // in <run dir>/translate/ make it resumable; it finishes before a stop request is seen).
-    crate::translate::ensure(config, config.device()?)?;
+    // The other ranks' ledgers are replicas that every step keeps equal to rank 0's.
+    let replica = (!owner).then(tempfile::tempdir).transpose()?;
+    let run_ledger = run_dir.join("ledger.bin");
+    let ledger_path = replica.as_ref().map_or(run_ledger.clone(), |d| d.path().join("ledger.bin"));
+    if owner {
+        rotation.remove_unfinished()?;
+        // Algorithm 1, line 1, when the translated source is missing or stale (its own
+        // checkpoints in <run dir>/translate/ make it resumable; it finishes before a stop
+        // request is seen).
+        crate::translate::ensure(config, config.device()?)?;
+    }
+    barrier()?;
     open_every_set(config)?;
     let mut trainer = Trainer::new(config)?;
+    trainer.parallel = parallel.clone();
 
     let resuming = match options.start {
         Start::Fresh => false,
@@ -76,15 +92,27 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
         tracing::info!("resuming: --init applies only to a new run");
     }
     let (state, point) = if resuming {
-        let (state, point) = resume_from_newest_sound(&mut trainer, &rotation, &ledger_path, options.config_changes)?;
+        // Rank 0 first: it sets any damaged checkpoint aside. Then the others take the same
+        // newest sound checkpoint with a copy of the run's ledger (no rank has bought yet).
+        let mut resumed = None;
+        if owner {
+            resumed = Some(resume_from_newest_sound(&mut trainer, &rotation, &ledger_path, options.config_changes)?);
+        }
+        barrier()?;
+        if !owner {
+            std::fs::copy(&run_ledger, &ledger_path)
+                .with_context(|| format!("{}: a rank's copy", run_ledger.display()))?;
+            resumed = Some(resume_from_newest_sound(&mut trainer, &rotation, &ledger_path, options.config_changes)?);
+        }
+        let (state, point) = resumed.expect("every rank resumed");
         (state, Some(point))
     } else {
-        if rotation.latest().is_some() {
+        if owner && rotation.latest().is_some() {
             return Err(StartRefused::HoldsRun { run_dir: run_dir.clone() }.into());
         }
         // A ledger without checkpoints is one a kill left before the first step: nothing was
         // bought, and the new run takes it over. One with purchases is never dropped.
-        if ledger_path.exists() {
+        if owner && ledger_path.exists() {
             let charged = trainer.open_ledger(&ledger_path)?.charged();
             if charged > 0 {
                 return Err(StartRefused::PurchasesWithoutCheckpoint { ledger: ledger_path.clone(), charged }.into());
@@ -96,20 +124,25 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
             }
             None => {
                 let source = run_dir.join("source.safetensors");
+                // Every rank sees the same: rank 0 can only write it after training with them.
                 if source.exists() {
                     let loaded = trainer.load(&source)?;
                     check_source_config(loaded.config_changes(config, &source), &source)?;
                 } else {
+                    trainer.share_first_ranks_weights()?;
                     trainer.train_supervised(SupervisedStage::Source, config.train.source_iterations)?;
-                    trainer.save(&source, None, serde_json::json!({"stage": "source"}))?;
+                    if owner {
+                        trainer.save(&source, None, serde_json::json!({"stage": "source"}))?;
+                    }
                 }
             }
         }
         (trainer.new_ada_state(trainer.open_ledger(&ledger_path)?), None)
     };
+    trainer.share_first_ranks_weights()?;
     let fresh = point.is_none();
     let mut run = AdaRun::start(&trainer, state, point, config.active.iterations as u64)?;
-    if fresh {
+    if fresh && owner {
         // A base checkpoint, on disk before the first step, so that a kill before the first
         // periodic one can still resume.
         run.capture_checkpoint(&trainer).write(&rotation)?;
@@ -132,17 +165,38 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
         eval_every: config.train.eval_every as u64,
     };
     // After each step: a checkpoint, then the status line and file, then an evaluation, each
-    // on its own cadence.
-    let finished = drive(&trainer, &mut run, &mut [&mut checkpoints, &mut reporter], &|| control.stop_requested())?;
+    // on its own cadence (rank 0's). A stop asked of any rank stops every rank at the same
+    // step: the ranks agree on it before each one.
+    let lost_peer = std::cell::RefCell::new(None);
+    let stop = || match &parallel {
+        None => control.stop_requested(),
+        Some(p) => p.any(control.stop_requested()).unwrap_or_else(|e| {
+            *lost_peer.borrow_mut() = Some(e);
+            true
+        }),
+    };
+    let finished = if owner {
+        drive(&trainer, &mut run, &mut [&mut checkpoints, &mut reporter], &stop)?
+    } else {
+        drive(&trainer, &mut run, &mut [], &stop)?
+    };
+    if let Some(e) = lost_peer.into_inner() {
+        // The periodic checkpoints stand; a final one would not know the lost rank's step.
+        return Err(e.context("the data-parallel job lost a rank; go on with --continue"));
+    }
     let outcome = if finished { Outcome::Finished } else { Outcome::Stopped };
     let mut writer = checkpoints.writer;
-    run.checkpoint(&trainer, |c| writer.submit(c))?;
-    writer.finish()?;
-    tracing::info!("checkpoint {}", rotation.path_for(run.step, "safetensors").display());
-    if outcome == Outcome::Finished {
-        reporter.last_eval = evaluate(&trainer, &run).or(reporter.last_eval);
+    if owner {
+        run.checkpoint(&trainer, |c| writer.submit(c))?;
     }
-    reporter.report(&run, if outcome == Outcome::Finished { "finished" } else { "stopped" })?;
+    writer.finish()?;
+    if owner {
+        tracing::info!("checkpoint {}", rotation.path_for(run.step, "safetensors").display());
+        if outcome == Outcome::Finished {
+            reporter.last_eval = evaluate(&trainer, &run).or(reporter.last_eval);
+        }
+        reporter.report(&run, if outcome == Outcome::Finished { "finished" } else { "stopped" })?;
+    }
     run.finish()?;
     Ok(outcome)
 }
