@@ -161,6 +161,9 @@ pub struct StepBenchOptions {
     pub top_ops: usize,
     /// Reference script and its Python, run with the same shapes in the same call.
     pub reference: Option<(PathBuf, PathBuf)>,
+    /// Data-parallel (a rank of `adamcu bench step --nproc N`): every step is the job's, with
+    /// `batch` images of each domain per rank.
+    pub parallel: Option<std::sync::Arc<crate::distributed::DataParallel>>,
 }
 
 struct StepFigures {
@@ -192,7 +195,8 @@ fn time_step(
     config.model.bn_stats = BnStats::Batch;
     config.train.precision = if bf16_channels_last { Precision::Bf16 } else { Precision::Fp32 };
     config.train.channels_last = bf16_channels_last;
-    let trainer = crate::train::Trainer::new(&config)?;
+    let mut trainer = crate::train::Trainer::new(&config)?;
+    trainer.parallel = o.parallel.clone();
     let device = trainer.device;
     let cuda_index = match device {
         tch::Device::Cuda(i) => i,
@@ -416,6 +420,17 @@ pub fn step(o: &StepBenchOptions) -> Result<()> {
             );
         }
     }
+    if let Ok(path) = std::env::var(STEP_FIGURES_ENV) {
+        // For `step_scaling`: each row's images/s over the whole job (rank 0 writes).
+        if o.parallel.as_ref().is_none_or(|p| p.rank() == 0) {
+            let world = o.parallel.as_ref().map_or(1, |p| p.world()) as f64;
+            let rows: serde_json::Map<String, serde_json::Value> = results
+                .iter()
+                .map(|(label, ours, _)| (label.clone(), (ours.images_per_second * world).into()))
+                .collect();
+            std::fs::write(&path, serde_json::to_vec(&rows)?)?;
+        }
+    }
     for (label, ours, _) in &results {
         println!(
             "host waits for the device inside a {label} step (libtorch sync check): {}",
@@ -443,6 +458,39 @@ pub fn step(o: &StepBenchOptions) -> Result<()> {
         println!(
             "(bf16 rows on the CPU: CPU autocast in bf16; this CPU {has} AVX512-BF16, without which bf16 is emulated)"
         );
+    }
+    Ok(())
+}
+
+/// Where a step benchmark writes its rows' images/s (JSON) for `step_scaling`.
+const STEP_FIGURES_ENV: &str = "ADAMCU_BENCH_STEP_FIGURES";
+
+/// `adamcu bench step --nproc N`: the step benchmark as one process, then as N data-parallel
+/// ranks on this machine (each with the same per-rank batch), and the scaling efficiency of
+/// every row side by side: the job's images/s over N times one process's. `args` are the
+/// command's own, less `--nproc`.
+pub fn step_scaling(nproc: usize, args: Vec<std::ffi::OsString>) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let run = |ranks: usize| -> Result<serde_json::Map<String, serde_json::Value>> {
+        let figures = dir.path().join(format!("ranks-{ranks}.json"));
+        let exe = std::env::current_exe()?;
+        let ok = if ranks == 1 {
+            Command::new(&exe).args(&args).env(STEP_FIGURES_ENV, &figures).status()?.success()
+        } else {
+            let env = [(STEP_FIGURES_ENV, figures.as_os_str())];
+            crate::distributed::launch_local(ranks, args.clone(), &env)? == std::process::ExitCode::SUCCESS
+        };
+        anyhow::ensure!(ok, "the step benchmark with {ranks} rank(s) failed");
+        let text = std::fs::read_to_string(&figures).with_context(|| format!("{}", figures.display()))?;
+        Ok(serde_json::from_str(&text)?)
+    };
+    let (one, many) = (run(1)?, run(nproc)?);
+    println!("\ndata-parallel scaling (c10d; each rank its own batch; efficiency = {nproc} ranks' images/s over {nproc} x one process's):");
+    println!("{:<16} {:>16} {:>16} {:>11}", "step", "1 process img/s", format!("{nproc} ranks img/s"), "efficiency");
+    for (label, single) in &one {
+        let (single, job) =
+            (single.as_f64().unwrap_or(f64::NAN), many.get(label).and_then(|v| v.as_f64()).unwrap_or(f64::NAN));
+        println!("{label:<16} {single:>16.1} {job:>16.1} {:>10.0}%", 100.0 * job / (nproc as f64 * single));
     }
     Ok(())
 }

@@ -245,7 +245,8 @@ pub fn pixel_share(parallel: &DataParallel, labels: &Tensor) -> Result<Tensor> {
 /// machine (torchrun's environment, a free port on 127.0.0.1) and waits for all. When one rank
 /// fails, the others are stopped (their collectives would fail on their own within the
 /// timeout) and the exit code is that rank's.
-pub fn launch_local(nproc: usize, args: Vec<OsString>) -> Result<ExitCode> {
+/// `env`: more variables for every rank.
+pub fn launch_local(nproc: usize, args: Vec<OsString>, env: &[(&str, &std::ffi::OsStr)]) -> Result<ExitCode> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let exe = std::env::current_exe()?;
     let mut children: Vec<(usize, Child)> = Vec::new();
@@ -257,6 +258,7 @@ pub fn launch_local(nproc: usize, args: Vec<OsString>) -> Result<ExitCode> {
             .env("WORLD_SIZE", nproc.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
+            .envs(env.iter().copied())
             .spawn()
             .with_context(|| format!("starting rank {rank} of {nproc}"))?;
         children.push((rank, child));

@@ -263,6 +263,10 @@ struct StepArgs {
     python: Option<PathBuf>,
     #[arg(long, default_value = "bench/reference/ada_mcu_step.py")]
     reference: PathBuf,
+    /// Also run the step as N data-parallel ranks on this machine (c10d; each rank the same
+    /// per-rank batch) and print the scaling efficiency beside one process's figures.
+    #[arg(long, value_name = "N", conflicts_with = "python")]
+    nproc: Option<usize>,
 }
 
 fn load_config(path: &Path, overrides: &[String]) -> Result<Config> {
@@ -393,7 +397,7 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
                 bail!("--nproc {n} inside a data-parallel job (WORLD_SIZE is set): start the ranks one way, not both");
             }
             let args: Vec<std::ffi::OsString> = rank_args(std::env::args_os().skip(1));
-            adamcu::distributed::launch_local(n, args)
+            adamcu::distributed::launch_local(n, args, &[])
         }
         Command::Train { nproc: Some(0), .. } => bail!("--nproc 0: expected 1 or more ranks"),
         Command::Train { config, stage, init, ablation, resume, continue_run, accept_config_changes, nproc: _ } => {
@@ -601,7 +605,13 @@ fn predict(config: &Config, checkpoint: &Path, images: &Path, out: &Path) -> Res
 /// The step benchmark on the config's model and ADA-MCU settings, with crop sizes given as
 /// HEIGHTxWIDTH (as the reference script takes them) or the config's.
 fn bench_step(args: StepArgs, overrides: &[String]) -> Result<ExitCode> {
+    if let Some(n) = args.nproc.filter(|&n| n > 1) {
+        adamcu::bench::step_scaling(n, rank_args(std::env::args_os().skip(1)))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let config = load_config(&args.config, overrides)?;
+    let config = adamcu::distributed::config_for_rank(&config)?;
+    let parallel = adamcu::distributed::DataParallel::from_env(config.device()?)?.map(std::sync::Arc::new);
     let size = |given: Option<String>, set: &Option<DatasetConfig>| -> Result<(i64, i64)> {
         let [height, width] = match given {
             Some(text) => parse_size(&text)?.into(),
@@ -622,6 +632,7 @@ fn bench_step(args: StepArgs, overrides: &[String]) -> Result<ExitCode> {
         warmup,
         top_ops,
         reference,
+        parallel,
     };
     adamcu::bench::step(&options)?;
     Ok(ExitCode::SUCCESS)

@@ -303,3 +303,24 @@ fn the_daemon_across_two_ranks_stops_together_on_sigterm_and_resumes_after_a_kil
         assert!(tch::Tensor::read_safetensors(&file).is_ok(), "{} does not load", file.display());
     }
 }
+
+#[test]
+fn the_step_benchmark_reports_two_ranks_scaling_beside_one_process() {
+    let out = Command::new(env!("CARGO_BIN_EXE_adamcu"))
+        .args(["bench", "step", "--config", "pipelines/synth.toml", "--set", "model.tiny_width=8", "--set"])
+        .args(["run.threads=1", "--source-size", "32x64", "--target-size", "32x64", "--iterations", "2"])
+        .args(["--warmup", "1", "--nproc", "2"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let table = stdout.split("data-parallel scaling").nth(1).unwrap_or_else(|| panic!("{stdout}"));
+    for row in ["full bf16+cl", "full fp32", "seg bf16+cl", "seg fp32"] {
+        let line = table.lines().find(|l| l.starts_with(row)).unwrap_or_else(|| panic!("no {row:?} in {table}"));
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (one, two): (f64, f64) = (fields[2].parse().unwrap(), fields[3].parse().unwrap());
+        let efficiency: f64 = fields[4].trim_end_matches('%').parse().unwrap();
+        assert!(one > 0.0 && two > 0.0, "{line}");
+        assert!((efficiency - 100.0 * two / (2.0 * one)).abs() < 1.0, "{line}");
+    }
+}
