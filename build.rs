@@ -12,6 +12,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-changed=csrc/torch_shim.cpp");
     println!("cargo:rerun-if-changed=csrc/distributed.cpp");
+    println!("cargo:rerun-if-changed=csrc/shim_common.h");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let Ok(lib_dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else { return };
     let lib = Path::new(&lib_dir);

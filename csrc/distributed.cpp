@@ -10,6 +10,7 @@
 // Debian's libgloo-dev headers (only the headers: the Gloo code that runs is the copy inside
 // libtorch_cpu). We call nothing of Gloo itself, only the ProcessGroupGloo constructor, its
 // options' factory and Backend's virtual collectives, none of which depend on Gloo's layout.
+#include "shim_common.h"
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -21,13 +22,6 @@
 #include <cstring>
 #include <string>
 #include <vector>
-
-namespace {
-void report(const std::exception& e, char* error, int error_len) {
-  std::strncpy(error, e.what(), error_len - 1);
-  error[error_len - 1] = 0;
-}
-}  // namespace
 
 struct AdamcuGroup {
   c10::intrusive_ptr<c10d::Store> store;
@@ -77,16 +71,18 @@ extern "C" AdamcuGroup* adamcu_dist_new(const char* addr, int port, int rank, in
 extern "C" void adamcu_dist_free(AdamcuGroup* group) { delete group; }
 
 namespace {
-std::vector<at::Tensor> tensors_of(at::Tensor* const* tensors, int n) {
-  std::vector<at::Tensor> out;
-  out.reserve(n);
-  for (int i = 0; i < n; ++i) out.push_back(*tensors[i]);
-  return out;
-}
-
 // Waits for `work` with the group's timeout; a peer that died or hangs throws.
 void finish(AdamcuGroup* group, const c10::intrusive_ptr<c10d::Work>& work) {
   if (!work->wait(group->timeout)) throw std::runtime_error("collective aborted");
+}
+
+// `collective` on each of the `n` tensors in turn, each as a one-tensor list, waited for.
+template <class Collective>
+void each(AdamcuGroup* group, at::Tensor* const* tensors, int n, Collective collective) {
+  for (int i = 0; i < n; ++i) {
+    std::vector<at::Tensor> one{*tensors[i]};
+    finish(group, collective(one));
+  }
 }
 }  // namespace
 
@@ -94,63 +90,41 @@ void finish(AdamcuGroup* group, const c10::intrusive_ptr<c10d::Work>& work) {
 // pass flat buckets). 0 on success.
 extern "C" int adamcu_dist_allreduce_sum(AdamcuGroup* group, at::Tensor* const* tensors, int n, char* error,
                                          int error_len) {
-  try {
-    for (int i = 0; i < n; ++i) {
-      std::vector<at::Tensor> one{*tensors[i]};
-      c10d::AllreduceOptions options;
-      options.reduceOp = c10d::ReduceOp::SUM;
-      options.timeout = group->timeout;
-      finish(group, group->backend->allreduce(one, options));
-    }
-    return 0;
-  } catch (const std::exception& e) {
-    report(e, error, error_len);
-    return 1;
-  }
+  return guarded(error, error_len, [&] {
+    c10d::AllreduceOptions options;
+    options.reduceOp = c10d::ReduceOp::SUM;
+    options.timeout = group->timeout;
+    each(group, tensors, n, [&](std::vector<at::Tensor>& one) { return group->backend->allreduce(one, options); });
+  });
 }
 
 // Every rank's `input` into `outputs` (world tensors of input's shape), in rank order.
 extern "C" int adamcu_dist_allgather(AdamcuGroup* group, at::Tensor* input, at::Tensor* const* outputs, int world,
                                      char* error, int error_len) {
-  try {
+  return guarded(error, error_len, [&] {
     std::vector<std::vector<at::Tensor>> out{tensors_of(outputs, world)};
     std::vector<at::Tensor> in{*input};
     c10d::AllgatherOptions options;
     options.timeout = group->timeout;
     finish(group, group->backend->allgather(out, in, options));
-    return 0;
-  } catch (const std::exception& e) {
-    report(e, error, error_len);
-    return 1;
-  }
+  });
 }
 
 // Rank `root`'s tensors into every rank's, in place.
 extern "C" int adamcu_dist_broadcast(AdamcuGroup* group, at::Tensor* const* tensors, int n, int root, char* error,
                                      int error_len) {
-  try {
-    for (int i = 0; i < n; ++i) {
-      std::vector<at::Tensor> one{*tensors[i]};
-      c10d::BroadcastOptions options;
-      options.rootRank = root;
-      options.timeout = group->timeout;
-      finish(group, group->backend->broadcast(one, options));
-    }
-    return 0;
-  } catch (const std::exception& e) {
-    report(e, error, error_len);
-    return 1;
-  }
+  return guarded(error, error_len, [&] {
+    c10d::BroadcastOptions options;
+    options.rootRank = root;
+    options.timeout = group->timeout;
+    each(group, tensors, n, [&](std::vector<at::Tensor>& one) { return group->backend->broadcast(one, options); });
+  });
 }
 
 extern "C" int adamcu_dist_barrier(AdamcuGroup* group, char* error, int error_len) {
-  try {
+  return guarded(error, error_len, [&] {
     c10d::BarrierOptions options;
     options.timeout = group->timeout;
     finish(group, group->backend->barrier(options));
-    return 0;
-  } catch (const std::exception& e) {
-    report(e, error, error_len);
-    return 1;
-  }
+  });
 }

@@ -7,6 +7,7 @@
 //   every call, and page-locked allocation (tch has no pinned_memory option);
 // - the SGD step as multi-tensor (foreach) kernels and gradients cleared to none, as
 //   torch.optim.SGD does on CUDA: a few launches per step instead of several per parameter.
+#include "shim_common.h"
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/grad_mode.h>
@@ -84,29 +85,16 @@ extern "C" int adamcu_cuda_set_sync_debug(int level) {
 #endif
 }
 
-// Copies an exception's message into a caller's buffer (NUL-terminated, truncated to fit).
-static void report(const std::exception& e, char* error, int error_len) {
-  std::strncpy(error, e.what(), error_len - 1);
-  error[error_len - 1] = 0;
-}
-
-// Handles in tch are `at::Tensor*` (torch-sys's torch_api.h).
-static std::vector<at::Tensor> tensors(at::Tensor** handles, int n) {
-  std::vector<at::Tensor> out;
-  out.reserve(n);
-  for (int i = 0; i < n; ++i) out.push_back(*handles[i]);
-  return out;
-}
 
 // p -= lr * buf, buf = momentum * buf + (grad + weight_decay * p), for every parameter (all
 // with a gradient; buffers as large as their parameter, zero before the first step, which
 // equals PyTorch's first-step copy of the gradient). Returns 0, or 1 with `error` filled.
 extern "C" int adamcu_sgd_foreach(at::Tensor** params, at::Tensor** buffers, int n, double lr, double momentum,
                                   double weight_decay, char* error, int error_len) {
-  try {
+  return guarded(error, error_len, [&] {
     at::NoGradGuard no_grad;
-    auto p = tensors(params, n);
-    auto b = tensors(buffers, n);
+    auto p = tensors_of(params, n);
+    auto b = tensors_of(buffers, n);
     std::vector<at::Tensor> g;
     g.reserve(n);
     for (auto& t : p) g.push_back(t.grad());
@@ -118,11 +106,7 @@ extern "C" int adamcu_sgd_foreach(at::Tensor** params, at::Tensor** buffers, int
     } else {
       at::_foreach_add_(p, d, -lr);
     }
-    return 0;
-  } catch (const std::exception& e) {
-    report(e, error, error_len);
-    return 1;
-  }
+  });
 }
 
 // Drops the gradients (set to none): the next backward writes fresh ones instead of adding

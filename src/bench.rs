@@ -422,7 +422,7 @@ pub fn step(o: &StepBenchOptions) -> Result<()> {
     }
     if let Ok(path) = std::env::var(STEP_FIGURES_ENV) {
         // For `step_scaling`: each row's images/s over the whole job (rank 0 writes).
-        if o.parallel.as_ref().is_none_or(|p| p.rank() == 0) {
+        if crate::distributed::writes_files(o.parallel.as_deref()) {
             let world = o.parallel.as_ref().map_or(1, |p| p.world()) as f64;
             let rows: serde_json::Map<String, serde_json::Value> = results
                 .iter()

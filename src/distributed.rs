@@ -24,9 +24,6 @@ pub struct Launch {
     pub master_port: u16,
 }
 
-/// The environment variables a rank reads (torchrun's names).
-pub const ENV: [&str; 5] = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"];
-
 /// How long a collective waits for the other ranks before failing: a rank that died or hangs
 /// is an error on the others within this, never a hang (`ADAMCU_DIST_TIMEOUT_S` overrides). A
 /// rank that died is seen at once (Gloo and NCCL notice the closed connection); the timeout is
@@ -98,6 +95,26 @@ pub fn config_for_rank(config: &crate::config::Config) -> Result<crate::config::
 /// The group a data-parallel trainer steps in.
 pub struct DataParallel {
     group: ProcessGroup,
+    /// This rank's device: NCCL's collectives take tensors there, Gloo's on the CPU.
+    device: tch::Device,
+}
+
+/// Whether this process writes the run's files: one process, or rank 0 of a job.
+pub fn writes_files(parallel: Option<&DataParallel>) -> bool {
+    parallel.is_none_or(|p| p.rank() == 0)
+}
+
+/// Refuses what is not built for several ranks, by name: the round strategies' selection
+/// rounds (they score the whole target set; ADA-MCU's per-step purchases are built).
+pub fn refuse_unbuilt(config: &crate::config::Config, parallel: Option<&DataParallel>) -> Result<()> {
+    if parallel.is_some() && config.active.strategy.uses_rounds() {
+        bail!(
+            "active.strategy = \"{}\" runs in one process for now: its selection rounds are not built for \
+             several ranks (ADA-MCU's per-step purchases are; docs/architecture.md)",
+            config.active.strategy
+        );
+    }
+    Ok(())
 }
 
 /// Gradients are all-reduced in flat buckets of about this many bytes (c10d's Reducer default).
@@ -122,7 +139,7 @@ impl DataParallel {
             launch.master_addr,
             launch.master_port
         );
-        Ok(DataParallel { group })
+        Ok(DataParallel { group, device })
     }
 
     /// From the environment (`Launch::from_env`); None for one process.
@@ -156,7 +173,7 @@ impl DataParallel {
         tch::no_grad(|| {
             let device = params[0].device();
             let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
-            // Which ranks had a gradient for each parameter: summed with the first bucket.
+            // How many ranks had a gradient for each parameter (one small all-reduce first).
             let defined = Tensor::from_slice(&grads.iter().map(|g| g.defined() as i64 as f32).collect::<Vec<_>>())
                 .to_device(device);
             self.group.all_reduce_sum(&[&defined])?;
@@ -224,7 +241,7 @@ impl DataParallel {
 
     /// Whether `flag` holds on any rank (a stop asked of one rank stops all at the same step).
     pub fn any(&self, flag: bool) -> Result<bool> {
-        let t = Tensor::from_slice(&[flag as i64 as f32]);
+        let t = Tensor::from_slice(&[flag as i64 as f32]).to_device(self.device);
         self.group.all_reduce_sum(&[&t])?;
         Ok(t.double_value(&[0]) > 0.0)
     }

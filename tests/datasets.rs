@@ -27,21 +27,32 @@ fn five_gta5_frames(dir: &Path) -> Arc<SampleSource> {
 
 /// A loader of batches of 3 from `source` that stops at a bad sample.
 fn batches_of_three(source: &Arc<SampleSource>, augment: &AugmentConfig, workers: usize, seed: u64) -> Loader {
-    Loader::spawn(
-        source.clone(),
-        augment,
-        LoaderOptions {
-            domain: "source",
-            batch_size: 3,
-            workers,
-            capacity: 2,
-            seed,
-            on_bad_sample: OnBadSample::Stop,
-            start_at: 0,
-            pinned: false,
-            share: adamcu::data::loader::RankShare::WHOLE,
-        },
-    )
+    loader_of(source, augment, 3, workers, seed, 0, adamcu::data::loader::RankShare::WHOLE)
+}
+
+/// A loader of `batch_size` samples a batch from `source`, two batches deep, that stops at a
+/// bad sample, starting after `start_at` draws of the job, drawing this rank's `share`.
+fn loader_of(
+    source: &Arc<SampleSource>,
+    augment: &AugmentConfig,
+    batch_size: usize,
+    workers: usize,
+    seed: u64,
+    start_at: u64,
+    share: adamcu::data::loader::RankShare,
+) -> Loader {
+    let options = LoaderOptions {
+        domain: "source",
+        batch_size,
+        workers,
+        capacity: 2,
+        seed,
+        on_bad_sample: OnBadSample::Stop,
+        start_at,
+        pinned: false,
+        share,
+    };
+    Loader::spawn(source.clone(), augment, options)
 }
 
 #[test]
@@ -515,18 +526,7 @@ fn data_parallel_ranks_draw_shares_that_make_up_the_one_process_batches() {
     let source = five_gta5_frames(dir.path());
     let augment = AugmentConfig { crop: [16, 16], ..AugmentConfig::default() };
     let run = |batch_size, share| {
-        let options = LoaderOptions {
-            domain: "source",
-            batch_size,
-            workers: 2,
-            capacity: 2,
-            seed: 3,
-            on_bad_sample: OnBadSample::Stop,
-            start_at: 8,
-            pinned: false,
-            share,
-        };
-        let loader = Loader::spawn(source.clone(), &augment, options);
+        let loader = loader_of(&source, &augment, batch_size, 2, 3, 8, share);
         let batches: Vec<_> = (0..3).map(|_| loader.batches.recv().unwrap().unwrap()).collect();
         loader.stop();
         batches

@@ -10,13 +10,14 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// `adamcu train --config F` and `args`, run to its end.
+fn train_output(config: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_adamcu")).args(["train", "--config"]).arg(config).args(args).output().unwrap()
+}
+
+/// `--stage source` and `extra`: whether it succeeded, and its log.
 fn train(config: &Path, extra: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_adamcu"))
-        .args(["train", "--stage", "source", "--config"])
-        .arg(config)
-        .args(extra)
-        .output()
-        .unwrap();
+    let out = train_output(config, &[&["--stage", "source"], extra].concat());
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -89,19 +90,8 @@ fn a_rank_killed_with_9_makes_the_other_fail_with_an_error_not_hang() {
     config.train.log_every = 1;
     let path = write_config(dir.path(), &config);
     let port = free_port().to_string();
-    let rank = |r: &str| {
-        Command::new(env!("CARGO_BIN_EXE_adamcu"))
-            .args(["train", "--stage", "source", "--config"])
-            .arg(&path)
-            .envs([("RANK", r), ("LOCAL_RANK", r), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1")])
-            .env("MASTER_PORT", &port)
-            .env("ADAMCU_DIST_TIMEOUT_S", "60")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let (first, mut second) = (rank("0"), rank("1"));
+    let rank = |r| rank_of_two(&path, r, &port, &["--stage", "source"]);
+    let (first, mut second) = (rank(0), rank(1));
     // Wait until the ranks step together, then kill the second one.
     let mut lines = BufReader::new(second.stderr.take().unwrap()).lines();
     let stepping = lines.by_ref().map_while(Result::ok).find(|l| l.contains("source 2/"));
@@ -159,14 +149,7 @@ fn two_ranks_buy_through_one_ledger_and_spend_what_one_process_spends() {
         let mut c = config.clone();
         c.run.name = name.into();
         let path = write_config(dir.path(), &c);
-        let out = Command::new(env!("CARGO_BIN_EXE_adamcu"))
-            .args(["train", "--stage", "ada", "--init"])
-            .arg(&source)
-            .arg("--config")
-            .arg(&path)
-            .args(extra)
-            .output()
-            .unwrap();
+        let out = train_output(&path, &[&["--stage", "ada", "--init", source.to_str().unwrap()], extra].concat());
         let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "{stderr}");
         let bought: Vec<String> = stdout.lines().filter(|l| l.starts_with("bought ")).map(String::from).collect();
@@ -200,18 +183,14 @@ fn a_batch_the_ranks_cannot_share_evenly_and_a_round_strategy_are_refused_by_nam
     let path = write_config(dir.path(), &config);
     let (ok, log) = train(&path, &["--nproc", "2"]);
     assert!(!ok && log.contains("train.batch_source = 3: a data-parallel job of 2 ranks"), "{log}");
-    let out = Command::new(env!("CARGO_BIN_EXE_adamcu"))
-        .args(["train", "--stage", "ada", "--nproc", "2", "--set", "active.strategy=\"ripu\"", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = train_output(&path, &["--stage", "ada", "--nproc", "2", "--set", "active.strategy=\"ripu\""]);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && log.contains("active.strategy = \"ripu\" runs in one process for now"), "{log}");
 }
 
-/// One rank of a daemon job of two (`adamcu train --config F` with torchrun's environment),
-/// its log piped.
-fn daemon_rank(config: &Path, rank: usize, port: &str, extra: &[&str]) -> std::process::Child {
+/// One rank of a job of two (`adamcu train --config F` and `extra`, with torchrun's
+/// environment), its output piped.
+fn rank_of_two(config: &Path, rank: usize, port: &str, extra: &[&str]) -> std::process::Child {
     let r = rank.to_string();
     Command::new(env!("CARGO_BIN_EXE_adamcu"))
         .args(["train", "--config"])
@@ -260,7 +239,7 @@ fn the_daemon_across_two_ranks_stops_together_on_sigterm_and_resumes_after_a_kil
 
     // SIGTERM to rank 1 alone: both ranks stop at one step, rank 0 writes one final checkpoint.
     let port = free_port().to_string();
-    let (first, mut second) = (daemon_rank(&path, 0, &port, &[]), daemon_rank(&path, 1, &port, &[]));
+    let (first, mut second) = (rank_of_two(&path, 0, &port, &[]), rank_of_two(&path, 1, &port, &[]));
     let rest = wait_for_step(&mut second, 3);
     let drain = std::thread::spawn(move || rest.map_while(Result::ok).count());
     Command::new("kill").args(["-TERM", &second.id().to_string()]).status().unwrap();
@@ -279,7 +258,7 @@ fn the_daemon_across_two_ranks_stops_together_on_sigterm_and_resumes_after_a_kil
     // Go on as two ranks, kill -9 rank 1 on the way: rank 0 fails with an error, not a hang.
     let port = free_port().to_string();
     let (first, mut second) =
-        (daemon_rank(&path, 0, &port, &["--continue"]), daemon_rank(&path, 1, &port, &["--continue"]));
+        (rank_of_two(&path, 0, &port, &["--continue"]), rank_of_two(&path, 1, &port, &["--continue"]));
     let rest = wait_for_step(&mut second, stopped_at + 3);
     second.kill().unwrap();
     second.wait().unwrap();
@@ -289,11 +268,7 @@ fn the_daemon_across_two_ranks_stops_together_on_sigterm_and_resumes_after_a_kil
     assert!(!out0.status.success() && log0.contains("rank 0 of 2"), "{log0}");
 
     // --continue as one process (another world size) finishes the run.
-    let out = Command::new(env!("CARGO_BIN_EXE_adamcu"))
-        .args(["train", "--continue", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = train_output(&path, &["--continue"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let status = adamcu::pipeline::status::Status::read(&run_dir).unwrap();
     assert_eq!((status.state.as_str(), status.step), ("finished", 40));

@@ -90,6 +90,11 @@ pub struct JobBatch {
 }
 
 impl BatchSelection {
+    /// This crop batch's report ([B, 3 + picks] i64), for a data-parallel job to gather.
+    pub fn report(&self) -> &Tensor {
+        &self.report
+    }
+
     /// A step that buys nothing and trains on the labels already bought (`labelled`, [B, H, W]
     /// bool): the round strategies' steps.
     pub fn known(labelled: Tensor) -> BatchSelection {
@@ -286,11 +291,6 @@ impl Sampler {
     pub fn settle(&mut self, selection: &BatchSelection, ledger: &mut Ledger) -> Settled {
         assert_eq!(selection.first, 0, "a data-parallel rank's draw settles with the job's reports (settle_job)");
         self.settle_job(selection, &selection.report, ledger)
-    }
-
-    /// This crop batch's report ([B, 3 + picks] i64), for a data-parallel job to gather.
-    pub fn report(selection: &BatchSelection) -> &Tensor {
-        &selection.report
     }
 
     /// `settle` with the reports of every rank's crops of the job's batch, in rank order

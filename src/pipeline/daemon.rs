@@ -51,14 +51,8 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
     // run's files (lock, checkpoints, status, the ledger), the others follow its decisions.
     let config = &crate::distributed::config_for_rank(config)?;
     let parallel = crate::distributed::DataParallel::from_env(config.device()?)?.map(std::sync::Arc::new);
-    let owner = parallel.as_ref().is_none_or(|p| p.rank() == 0);
-    if parallel.is_some() && config.active.strategy.uses_rounds() {
-        anyhow::bail!(
-            "active.strategy = \"{}\" runs in one process for now: its selection rounds are not built for \
-             several ranks (ADA-MCU's per-step purchases are; docs/architecture.md)",
-            config.active.strategy
-        );
-    }
+    let owner = crate::distributed::writes_files(parallel.as_deref());
+    crate::distributed::refuse_unbuilt(config, parallel.as_deref())?;
     let barrier = || parallel.as_ref().map_or(Ok(()), |p| p.barrier());
     let run_dir = config.run_dir();
     let _lock = if owner { Some(RunLock::acquire(&run_dir)?) } else { None };

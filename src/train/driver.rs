@@ -126,13 +126,7 @@ impl SupervisedRun {
             SupervisedStage::TargetSupervised => open_set(set, key, c.data.classes)?,
         };
         let augment = c.augment_for(set.as_ref().expect("open_set checked it"));
-        let mut options = LoaderOptions::for_config(c, domain, batch_size, c.run.seed, 0, trainer.device);
-        if let Some(parallel) = &trainer.parallel {
-            // Each rank draws its share of the batch (`data::loader::RankShare`).
-            let key = if domain == "source" { "train.batch_source" } else { "train.batch_target" };
-            options.batch_size = rank_share(batch_size, parallel.world(), key)?;
-            options.share = RankShare { rank: parallel.rank(), world: parallel.world() };
-        }
+        let options = trainer.loader_options(domain, batch_size, c.run.seed, 0)?;
         Ok(SupervisedRun {
             stage,
             loader: Loader::spawn(source, &augment, options),
@@ -183,12 +177,30 @@ impl StageRun for SupervisedRun {
     }
 }
 
-/// A rank's share of a batch of `batch` over `world` ranks; `key` names the setting when it
-/// does not divide evenly (the ranks' shares must make up the one-process batch).
-pub fn rank_share(batch: usize, world: usize, key: &str) -> Result<usize> {
-    anyhow::ensure!(
-        batch.is_multiple_of(world) && batch >= world,
-        "{key} = {batch}: a data-parallel job of {world} ranks needs a batch that they share evenly (a multiple of {world})"
-    );
-    Ok(batch / world)
+impl Trainer {
+    /// The loader options of `domain` ("source" or "target") for batches of `batch_size`, in
+    /// the order `seed` fixes, resumed after `step` steps. Data-parallel, this rank draws its
+    /// share of every batch (`data::loader::RankShare`), which must divide evenly.
+    pub fn loader_options(
+        &self,
+        domain: &'static str,
+        batch_size: usize,
+        seed: u64,
+        step: u64,
+    ) -> Result<LoaderOptions> {
+        let start_at = step * batch_size as u64;
+        let mut options = LoaderOptions::for_config(&self.config, domain, batch_size, seed, start_at, self.device);
+        if let Some(parallel) = &self.parallel {
+            let world = parallel.world();
+            let key = if domain == "source" { "train.batch_source" } else { "train.batch_target" };
+            anyhow::ensure!(
+                batch_size.is_multiple_of(world) && batch_size >= world,
+                "{key} = {batch_size}: a data-parallel job of {world} ranks needs a batch that they share evenly \
+                 (a multiple of {world})"
+            );
+            options.batch_size = batch_size / world;
+            options.share = RankShare { rank: parallel.rank(), world };
+        }
+        Ok(options)
+    }
 }

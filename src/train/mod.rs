@@ -325,7 +325,7 @@ impl Trainer {
 
     /// Whether this process writes the run's files: one process, or rank 0 of a job.
     pub fn writes_files(&self) -> bool {
-        self.parallel.as_ref().is_none_or(|p| p.rank() == 0)
+        crate::distributed::writes_files(self.parallel.as_deref())
     }
 
     /// Evaluates on the target val set; `labeled_fraction` is reported with the row.

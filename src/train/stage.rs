@@ -29,12 +29,8 @@ pub fn train_one(config: &Config, stage: Stage, init: Option<&Path>) -> Result<P
     let config = &crate::distributed::config_for_rank(config)?;
     let mut trainer = Trainer::new(config)?;
     trainer.parallel = crate::distributed::DataParallel::from_env(trainer.device)?.map(std::sync::Arc::new);
-    if trainer.parallel.is_some() && stage == Stage::Ada && config.active.strategy.uses_rounds() {
-        anyhow::bail!(
-            "active.strategy = \"{}\" runs in one process for now: its selection rounds score the whole \
-             target set on one rank, which is not built (ADA-MCU's per-step purchases are; docs/architecture.md)",
-            config.active.strategy
-        );
+    if stage == Stage::Ada {
+        crate::distributed::refuse_unbuilt(config, trainer.parallel.as_deref())?;
     }
     trainer.curve_every = if trainer.writes_files() { config.train.eval_every } else { 0 };
     if let Some(init) = init {

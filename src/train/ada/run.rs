@@ -5,7 +5,7 @@
 use super::checkpoint::ResumePoint;
 use super::{AdaState, AdaSummary, StepLosses};
 use crate::active::oracle::SealedLabels;
-use crate::data::loader::{Loader, LoaderOptions, RankShare};
+use crate::data::loader::Loader;
 use crate::telemetry;
 use crate::train::driver::{drive, ProgressLine, StageRun, StepEvent, Trace, ValCurve};
 use crate::train::optimizer::{poly_lr, Sgd};
@@ -45,28 +45,19 @@ impl AdaRun {
             None => 0,
         };
         // The data order resumes too: the loaders skip the samples already drawn.
-        // Data-parallel, each rank draws its share of every batch (`data::loader::RankShare`).
-        let options = |domain, key: &str, batch_size: usize, seed| -> Result<LoaderOptions> {
-            let mut options =
-                LoaderOptions::for_config(c, domain, batch_size, seed, step * batch_size as u64, trainer.device);
-            if let Some(parallel) = &trainer.parallel {
-                options.batch_size = crate::train::driver::rank_share(batch_size, parallel.world(), key)?;
-                options.share = RankShare { rank: parallel.rank(), world: parallel.world() };
-            }
-            Ok(options)
-        };
+        let options = |domain, batch_size: usize, seed| trainer.loader_options(domain, batch_size, seed, step);
         let (source_cfg, target_cfg) = (c.data.source.as_ref(), c.data.target.as_ref());
         let source_set = open_source(c)?;
         let target_set = open_set(&c.data.target, "data.target", c.data.classes)?;
         let source = Loader::spawn(
             source_set,
             &c.augment_for(source_cfg.unwrap()),
-            options("source", "train.batch_source", c.train.batch_source, c.run.seed)?,
+            options("source", c.train.batch_source, c.run.seed)?,
         );
         let target = Loader::spawn(
             target_set,
             &c.augment_for(target_cfg.unwrap()),
-            options("target", "train.batch_target", c.train.batch_target, c.run.seed.wrapping_add(1))?,
+            options("target", c.train.batch_target, c.run.seed.wrapping_add(1))?,
         );
         Ok(AdaRun {
             state,

@@ -4,7 +4,7 @@
 
 use super::{AdaState, StepLosses, Terms};
 use crate::active::oracle::{Oracle, SealedLabels};
-use crate::active::sampling::{BatchSelection, CropPixels, JobBatch, Sampler, Settled};
+use crate::active::sampling::{BatchSelection, CropPixels, JobBatch, Settled};
 use crate::active::uncertainty::uncertainty;
 use crate::config::DccmFrom;
 use crate::contrast::dccm::Dccm;
@@ -298,7 +298,7 @@ impl Trainer {
         // [levels, 2 (source, target), 2 (anchors, positives)]: see `ContrastLosses::usage`.
         let usage = out.usage.as_ref().map(|u| readback.values(u));
         let values = readback.read();
-        let report = Sampler::report(&out.selection);
+        let report = out.selection.report();
         let job_report = match &self.parallel {
             Some(parallel) => Tensor::cat(&parallel.all_gather(report)?, 0),
             None => report.shallow_clone(),
