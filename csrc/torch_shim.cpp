@@ -211,6 +211,3 @@ extern "C" long long adamcu_op_count_stop(char* out, int out_len) {
   return total;
 }
 
-// Sets `param`'s gradient to `grad` (tch has no setter): a data-parallel rank that computed no
-// gradient for a parameter another rank did takes the ranks' mean.
-extern "C" void adamcu_set_grad(at::Tensor* param, at::Tensor* grad) { param->mutable_grad() = *grad; }

@@ -1,16 +1,19 @@
 //! Data-parallel training on libtorch's c10d (`torch_ext::ProcessGroup`): how a rank learns its
 //! place (torchrun's environment variables), `adamcu train --nproc N` starting N local ranks,
 //! and what a data-parallel step does beyond one process's: the same weights at the start,
-//! gradients averaged over the ranks before the update, rank 0's BatchNorm statistics.
+//! gradients averaged over the ranks while the backward pass runs (c10d's Reducer), BatchNorm's
+//! batch statistics over the ranks (`train.sync_bn`) and rank 0's running statistics.
 //!
 //! Each rank trains on its own share of every batch (`data::loader::RankShare`): with N ranks and
 //! a batch of B, rank r takes draws r·B/N .. (r+1)·B/N - 1 of the one-process stream, so the N
 //! shares together are the batch one process would draw, augmentation included.
 
-use crate::torch_ext::{Backend, ProcessGroup};
+use crate::model::layers::SumOverRanks;
+use crate::torch_ext::{Backend, GradientReducer, ProcessGroup};
 use anyhow::{bail, Context, Result};
 use std::ffi::OsString;
 use std::process::{Child, Command, ExitCode};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
 
@@ -94,7 +97,7 @@ pub fn config_for_rank(config: &crate::config::Config) -> Result<crate::config::
 
 /// The group a data-parallel trainer steps in.
 pub struct DataParallel {
-    group: ProcessGroup,
+    group: Arc<ProcessGroup>,
     /// This rank's device: NCCL's collectives take tensors there, Gloo's on the CPU.
     device: tch::Device,
 }
@@ -117,8 +120,10 @@ pub fn refuse_unbuilt(config: &crate::config::Config, parallel: Option<&DataPara
     Ok(())
 }
 
-/// Gradients are all-reduced in flat buckets of about this many bytes (c10d's Reducer default).
+/// Gradients are all-reduced in buckets of about this many bytes, the first (the last layers',
+/// whose gradients are ready first) smaller so that communication starts early: DDP's defaults.
 const BUCKET_BYTES: i64 = 25 << 20;
+const FIRST_BUCKET_BYTES: i64 = 1 << 20;
 
 impl DataParallel {
     /// Joins the job's group: Gloo on the CPU, NCCL on CUDA.
@@ -139,7 +144,7 @@ impl DataParallel {
             launch.master_addr,
             launch.master_port
         );
-        Ok(DataParallel { group, device })
+        Ok(DataParallel { group: Arc::new(group), device })
     }
 
     /// From the environment (`Launch::from_env`); None for one process.
@@ -163,66 +168,32 @@ impl DataParallel {
         })
     }
 
-    /// Replaces each parameter's gradient by its mean over the ranks. A parameter that no rank
-    /// gave a gradient keeps none (the update skips it, as one process's would); one that only
-    /// some ranks did counts zero from the others. Gradients travel in flat buckets of one kind.
-    pub fn average_gradients(&self, params: &[&Tensor]) -> Result<()> {
-        if params.is_empty() {
-            return Ok(());
+    /// c10d's Reducer over `params` (the same list in the same order on every rank, each
+    /// reached by every step's loss): each backward pass that `GradientReducer::prepare` armed
+    /// all-reduces the gradients in buckets while it runs, and leaves their mean over the ranks
+    /// in `.grad`.
+    pub fn gradient_reducer(&self, params: &[&Tensor]) -> Result<GradientReducer> {
+        GradientReducer::new(&self.group, params, BUCKET_BYTES, FIRST_BUCKET_BYTES)
+    }
+
+    /// An error naming `what` unless `flags` are the same on every rank.
+    pub fn require_same_on_every_rank(&self, flags: &[bool], what: &str) -> Result<()> {
+        let local = Tensor::from_slice(&flags.iter().map(|&f| f as i64 as f32).collect::<Vec<_>>());
+        let total = local.to_device(self.device);
+        self.group.all_reduce_sum(&[&total])?;
+        let total = Vec::<f32>::try_from(&total.to_device(tch::Device::Cpu))?;
+        let world = self.world() as f32;
+        if let Some(i) = total.iter().zip(flags).position(|(&t, &f)| t != if f { world } else { 0.0 }) {
+            bail!(
+                "rank {} of {}: {what} differ between the ranks (entry {i}: {} of {} ranks); every rank must \
+                 run the same step",
+                self.rank(),
+                self.world(),
+                total[i],
+                self.world()
+            );
         }
-        tch::no_grad(|| {
-            let device = params[0].device();
-            let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
-            // How many ranks had a gradient for each parameter (one small all-reduce first).
-            let defined = Tensor::from_slice(&grads.iter().map(|g| g.defined() as i64 as f32).collect::<Vec<_>>())
-                .to_device(device);
-            self.group.all_reduce_sum(&[&defined])?;
-            let defined = Vec::<f32>::try_from(&defined.to_device(tch::Device::Cpu))?;
-            let world = self.world() as f64;
-            let mut bucket: Vec<(usize, Tensor)> = Vec::new();
-            let mut bytes = 0i64;
-            let flush = |bucket: &mut Vec<(usize, Tensor)>| -> Result<()> {
-                if bucket.is_empty() {
-                    return Ok(());
-                }
-                let flat = Tensor::cat(&bucket.iter().map(|(_, g)| g.flatten(0, -1)).collect::<Vec<_>>(), 0);
-                self.group.all_reduce_sum(&[&flat])?;
-                let flat = flat / world;
-                let mut offset = 0;
-                for (i, g) in bucket.drain(..) {
-                    let n = g.numel() as i64;
-                    let mean = flat.narrow(0, offset, n).view_as(&g);
-                    offset += n;
-                    let mut grad = params[i].grad();
-                    if grad.defined() {
-                        grad.copy_(&mean);
-                    } else {
-                        // No gradient here, one elsewhere: this rank's contribution was zero.
-                        crate::torch_ext::set_grad(params[i], &mean.contiguous());
-                    }
-                }
-                Ok(())
-            };
-            for (i, (param, grad)) in params.iter().zip(&grads).enumerate() {
-                if defined[i] == 0.0 {
-                    continue;
-                }
-                let g = if grad.defined() { grad.shallow_clone() } else { param.zeros_like() };
-                if let Some((_, first)) = bucket.first() {
-                    if first.kind() != g.kind() {
-                        flush(&mut bucket)?;
-                        bytes = 0;
-                    }
-                }
-                bytes += g.numel() as i64 * g.kind().elt_size_in_bytes() as i64;
-                bucket.push((i, g));
-                if bytes >= BUCKET_BYTES {
-                    flush(&mut bucket)?;
-                    bytes = 0;
-                }
-            }
-            flush(&mut bucket)
-        })
+        Ok(())
     }
 
     /// The sum of `value` (a one-element tensor on the device) over the ranks, in place.
@@ -244,6 +215,13 @@ impl DataParallel {
         let t = Tensor::from_slice(&[flag as i64 as f32]).to_device(self.device);
         self.group.all_reduce_sum(&[&t])?;
         Ok(t.double_value(&[0]) > 0.0)
+    }
+}
+
+/// SyncBatchNorm's statistics (`train.sync_bn`).
+impl SumOverRanks for DataParallel {
+    fn sum_over_ranks(&self, t: &Tensor) -> Result<Tensor> {
+        self.group.sum_differentiable(t)
     }
 }
 

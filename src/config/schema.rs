@@ -249,6 +249,9 @@ pub struct TrainConfig {
     /// Evaluate on the target val set every this many steps (0 = only at the end): the
     /// daemon, and the val curve a single `train --stage` logs.
     pub eval_every: usize,
+    /// Data-parallel with `model.bn_stats = "batch"`: BatchNorm's batch statistics over every
+    /// rank's images (torch's SyncBatchNorm), not each rank's own share. One process: no effect.
+    pub sync_bn: bool,
 }
 
 impl Default for TrainConfig {
@@ -270,6 +273,7 @@ impl Default for TrainConfig {
             checkpoint_every: 1000,
             keep_checkpoints: 3,
             eval_every: 0,
+            sync_bn: false,
         }
     }
 }

@@ -238,6 +238,12 @@ impl Config {
         check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every.to_string(), "at least 1");
         check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints.to_string(), "at least 1");
         check(
+            !t.sync_bn || self.model.bn_stats == BnStats::Batch,
+            "train.sync_bn",
+            "true".into(),
+            "false with model.bn_stats = \"frozen\" (stored statistics are the same on every rank)",
+        );
+        check(
             self.metrics.listen.is_empty() || self.metrics.listen.parse::<std::net::SocketAddr>().is_ok(),
             "metrics.listen",
             format!("{:?}", self.metrics.listen),

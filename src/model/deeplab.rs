@@ -2,7 +2,7 @@
 //! auxiliary classifier on layer3 (its output is p̂ in the uncertainty score, Eq. 1) and a
 //! projection head whose L2-normalised embeddings feed the contrastive units.
 
-use super::layers::{ConvBnRelu, FrozenBatchNorm};
+use super::layers::{BatchNormMode, ConvBnRelu, FrozenBatchNorm, SumOverRanks};
 use super::resnet::{Depth, ResNet};
 use crate::config::{Arch, BnStats, ModelConfig};
 use tch::nn::{self, ModuleT};
@@ -51,9 +51,9 @@ struct ProjectionHead {
 }
 
 impl ProjectionHead {
-    fn new(p: &nn::Path, c_in: i64, dim: i64, batch_stats: bool) -> ProjectionHead {
+    fn new(p: &nn::Path, c_in: i64, dim: i64, bn: &BatchNormMode) -> ProjectionHead {
         ProjectionHead {
-            hidden: ConvBnRelu::new(&(p / "hidden"), c_in, c_in, 1, 1, batch_stats),
+            hidden: ConvBnRelu::new(&(p / "hidden"), c_in, c_in, 1, 1, bn),
             out: nn::conv2d(p / "out", c_in, dim, 1, Default::default()),
         }
     }
@@ -71,12 +71,12 @@ struct SeparableConv {
 }
 
 impl SeparableConv {
-    fn new(p: &nn::Path, c_in: i64, c_out: i64, dilation: i64, batch_stats: bool) -> SeparableConv {
+    fn new(p: &nn::Path, c_in: i64, c_out: i64, dilation: i64, bn: &BatchNormMode) -> SeparableConv {
         let config = nn::ConvConfig { padding: dilation, dilation, groups: c_in, bias: false, ..Default::default() };
         SeparableConv {
             depthwise: nn::conv2d(p / "depthwise", c_in, c_in, 3, config),
-            depthwise_bn: FrozenBatchNorm::new(p / "depthwise_bn", c_in, batch_stats),
-            pointwise: ConvBnRelu::new(&(p / "pointwise"), c_in, c_out, 1, 1, batch_stats),
+            depthwise_bn: FrozenBatchNorm::new(p / "depthwise_bn", c_in, bn),
+            pointwise: ConvBnRelu::new(&(p / "pointwise"), c_in, c_out, 1, 1, bn),
         }
     }
 }
@@ -109,21 +109,21 @@ impl V3PlusHead {
         width: i64,
         classes: i64,
         dilations: &[i64],
-        batch_stats: bool,
+        bn: &BatchNormMode,
     ) -> V3PlusHead {
         V3PlusHead {
-            aspp_1x1: ConvBnRelu::new(&(p / "aspp_1x1"), c_in, width, 1, 1, batch_stats),
+            aspp_1x1: ConvBnRelu::new(&(p / "aspp_1x1"), c_in, width, 1, 1, bn),
             aspp_separable: dilations
                 .iter()
                 .enumerate()
-                .map(|(i, &d)| SeparableConv::new(&(p / "aspp" / i), c_in, width, d, batch_stats))
+                .map(|(i, &d)| SeparableConv::new(&(p / "aspp" / i), c_in, width, d, bn))
                 .collect(),
             pooling: nn::conv2d(p / "pooling", c_in, width, 1, Default::default()),
-            project: ConvBnRelu::new(&(p / "project"), width * (dilations.len() as i64 + 2), width, 1, 1, batch_stats),
-            low_level: ConvBnRelu::new(&(p / "low_level"), c_low, 48, 1, 1, batch_stats),
+            project: ConvBnRelu::new(&(p / "project"), width * (dilations.len() as i64 + 2), width, 1, 1, bn),
+            low_level: ConvBnRelu::new(&(p / "low_level"), c_low, 48, 1, 1, bn),
             decoder: vec![
-                SeparableConv::new(&(p / "decoder" / 0), width + 48, width, 1, batch_stats),
-                SeparableConv::new(&(p / "decoder" / 1), width, width, 1, batch_stats),
+                SeparableConv::new(&(p / "decoder" / 0), width + 48, width, 1, bn),
+                SeparableConv::new(&(p / "decoder" / 1), width, width, 1, bn),
             ],
             classifier: nn::conv2d(p / "classifier", width, classes, 1, Default::default()),
         }
@@ -175,6 +175,8 @@ pub struct SegNet {
     main: MainHead,
     projection: ProjectionHead,
     pub classes: i64,
+    /// Shared by every BatchNorm layer (`sync_batch_norm`).
+    batch_norm: BatchNormMode,
 }
 
 /// Variable-name prefixes; the optimizer gives `HEAD_PREFIXES` the 10x learning rate.
@@ -184,9 +186,10 @@ pub const HEAD_PREFIXES: [&str; 3] = ["aux.", "main.", "projection."];
 impl SegNet {
     pub fn new(root: &nn::Path, config: &ModelConfig, classes: usize) -> anyhow::Result<SegNet> {
         let depth = Depth::of(config.backbone, config.tiny_width);
-        let batch_stats = config.bn_stats == BnStats::Batch;
+        let batch_norm = BatchNormMode::new(config.bn_stats == BnStats::Batch);
+        let bn = &batch_norm;
         let classes = classes as i64;
-        let backbone = ResNet::new(&(root / "backbone"), depth, batch_stats, config.caffe_style);
+        let backbone = ResNet::new(&(root / "backbone"), depth, bn, config.caffe_style);
         let aux = AsppV2::new(&(root / "aux"), backbone.layer3_channels, classes, &config.aspp_dilations);
         let (main, projection_in) = match config.arch {
             Arch::Deeplabv2 => (
@@ -204,14 +207,21 @@ impl SegNet {
                         width,
                         classes,
                         &dilations,
-                        batch_stats,
+                        bn,
                     )),
                     width,
                 )
             }
         };
-        let projection = ProjectionHead::new(&(root / "projection"), projection_in, config.projection_dim, batch_stats);
-        Ok(SegNet { backbone, aux, main, projection, classes })
+        let projection = ProjectionHead::new(&(root / "projection"), projection_in, config.projection_dim, bn);
+        Ok(SegNet { backbone, aux, main, projection, classes, batch_norm })
+    }
+
+    /// `train.sync_bn`: from now on every BatchNorm layer that normalises on batch statistics
+    /// takes them over all of a job's ranks. Every rank must then run the same layers forward
+    /// and backward in each step (a collective per layer each way).
+    pub fn sync_batch_norm(&self, ranks: std::sync::Arc<dyn SumOverRanks>) {
+        self.batch_norm.synchronise_over(ranks);
     }
 
     pub fn forward_t(&self, images: &Tensor, train: bool) -> SegOutput {

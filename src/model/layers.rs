@@ -1,11 +1,52 @@
 //! Small building blocks shared by the backbones and heads.
 
+use std::sync::{Arc, OnceLock};
 use tch::nn::{self, ModuleT};
-use tch::Tensor;
+use tch::{Kind, Tensor};
+
+/// A differentiable sum over a data-parallel job's ranks: the forward pass sums the tensor,
+/// the backward pass sums its gradient (`torch_ext::ProcessGroup::sum_differentiable`).
+/// Implemented by `distributed::DataParallel`; the model needs only this of it.
+pub trait SumOverRanks: Send + Sync {
+    fn sum_over_ranks(&self, t: &Tensor) -> anyhow::Result<Tensor>;
+}
+
+/// How a network's BatchNorm layers normalise in training: on the stored running statistics
+/// or on the batch's own, and (`train.sync_bn`) the batch's over every rank of a job.
+/// One value is shared by every layer of a network, so that joining a job after the network
+/// is built (`SegNet::sync_batch_norm`) reaches all of them.
+#[derive(Clone)]
+pub struct BatchNormMode {
+    batch_stats: bool,
+    sync: Arc<OnceLock<Arc<dyn SumOverRanks>>>,
+}
+
+impl BatchNormMode {
+    pub fn new(batch_stats: bool) -> BatchNormMode {
+        BatchNormMode { batch_stats, sync: Arc::new(OnceLock::new()) }
+    }
+
+    /// From now on, batch statistics are the job's (no effect on stored statistics).
+    pub fn synchronise_over(&self, ranks: Arc<dyn SumOverRanks>) {
+        // Set once: a process is one rank of one job.
+        let _ = self.sync.set(ranks);
+    }
+
+    pub fn batch_stats(&self) -> bool {
+        self.batch_stats
+    }
+}
+
+impl std::fmt::Debug for BatchNormMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BatchNormMode {{ batch_stats: {}, synchronised: {} }}", self.batch_stats, self.sync.get().is_some())
+    }
+}
 
 /// BatchNorm with frozen affine parameters (as in DeepLab v2). Its statistics are either the
 /// stored running ones ("frozen", eval-mode BN, for pretrained backbones and tiny batches) or
-/// the batch's own in training ("batch", for small nets trained from scratch).
+/// the batch's own in training ("batch", for small nets trained from scratch), optionally over
+/// every rank's batch (SyncBatchNorm).
 /// Names match torchvision: weight, bias, running_mean, running_var.
 #[derive(Debug)]
 pub struct FrozenBatchNorm {
@@ -13,32 +54,66 @@ pub struct FrozenBatchNorm {
     bias: Tensor,
     running_mean: Tensor,
     running_var: Tensor,
-    batch_stats: bool,
+    mode: BatchNormMode,
 }
 
+const MOMENTUM: f64 = 0.1;
+const EPS: f64 = 1e-5;
+
 impl FrozenBatchNorm {
-    pub fn new(p: nn::Path, channels: i64, batch_stats: bool) -> FrozenBatchNorm {
+    pub fn new(p: nn::Path, channels: i64, mode: &BatchNormMode) -> FrozenBatchNorm {
         FrozenBatchNorm {
             weight: p.ones_no_train("weight", &[channels]),
             bias: p.zeros_no_train("bias", &[channels]),
             running_mean: p.zeros_no_train("running_mean", &[channels]),
             running_var: p.ones_no_train("running_var", &[channels]),
-            batch_stats,
+            mode: mode.clone(),
         }
+    }
+
+    /// Training-mode BatchNorm over every rank's batch, as torch's SyncBatchNorm: the
+    /// per-channel count, sum and sum of squares are summed over the ranks (on the autograd
+    /// graph, so the gradient flows through every rank's statistics), the batch is normalised by
+    /// the job's mean and biased variance, and the running statistics take the unbiased one.
+    fn synchronised(&self, xs: &Tensor, ranks: &dyn SumOverRanks) -> Tensor {
+        let dims: &[i64] = &[0, 2, 3];
+        let x = xs.to_kind(Kind::Float);
+        let channels = x.size()[1];
+        let count = x.new_full(&[1], (x.numel() as i64 / channels) as f64, (Kind::Float, x.device()));
+        let local = Tensor::cat(&[x.sum_dim_intlist(dims, false, Kind::Float), x.square().sum_dim_intlist(dims, false, Kind::Float), count], 0);
+        let total = ranks.sum_over_ranks(&local).unwrap_or_else(|e| panic!("SyncBatchNorm: {e}"));
+        let n = total.get(2 * channels);
+        let mean = total.narrow(0, 0, channels) / &n;
+        let var = (total.narrow(0, channels, channels) / &n - mean.square()).clamp_min(0.0);
+        tch::no_grad(|| {
+            let n = n.double_value(&[]);
+            let unbiased = &var * (n / (n - 1.0).max(1.0));
+            let mut running_mean = self.running_mean.shallow_clone();
+            let mut running_var = self.running_var.shallow_clone();
+            running_mean.copy_(&(&running_mean * (1.0 - MOMENTUM) + mean.detach() * MOMENTUM));
+            running_var.copy_(&(&running_var * (1.0 - MOMENTUM) + unbiased.detach() * MOMENTUM));
+        });
+        let shape = [1, channels, 1, 1];
+        let scale = (var + EPS).rsqrt() * &self.weight;
+        ((x - mean.view(shape)) * scale.view(shape) + self.bias.view(shape)).to_kind(xs.kind())
     }
 }
 
 impl ModuleT for FrozenBatchNorm {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let batch = train && self.mode.batch_stats;
+        if let (true, Some(ranks)) = (batch, self.mode.sync.get()) {
+            return self.synchronised(xs, ranks.as_ref());
+        }
         Tensor::batch_norm(
             xs,
             Some(&self.weight),
             Some(&self.bias),
             Some(&self.running_mean),
             Some(&self.running_var),
-            train && self.batch_stats,
-            0.1,
-            1e-5,
+            batch,
+            MOMENTUM,
+            EPS,
             true,
         )
     }
@@ -59,10 +134,10 @@ pub struct ConvBnRelu {
 }
 
 impl ConvBnRelu {
-    pub fn new(p: &nn::Path, c_in: i64, c_out: i64, k: i64, dilation: i64, batch_stats: bool) -> ConvBnRelu {
+    pub fn new(p: &nn::Path, c_in: i64, c_out: i64, k: i64, dilation: i64, bn: &BatchNormMode) -> ConvBnRelu {
         ConvBnRelu {
             conv: conv(p / "conv", c_in, c_out, k, 1, dilation),
-            bn: FrozenBatchNorm::new(p / "bn", c_out, batch_stats),
+            bn: FrozenBatchNorm::new(p / "bn", c_out, bn),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Dilated ResNet backbones (output stride 8: layer3 dilation 2, layer4 dilation 4, as in
 //! DeepLab v2). Parameter names follow torchvision so its ImageNet weights load directly.
 
-use super::layers::{conv, FrozenBatchNorm};
+use super::layers::{conv, BatchNormMode, FrozenBatchNorm};
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
@@ -92,10 +92,10 @@ impl ResNet {
     /// `caffe_style`: stride on a bottleneck's first 1x1 conv and a ceil-mode max-pool (ADVENT's
     /// DeepLab v2); otherwise torchvision's layout (stride on the 3x3 conv), which matches
     /// torchvision's ImageNet weights.
-    pub fn new(p: &nn::Path, depth: Depth, batch_stats: bool, caffe_style: bool) -> ResNet {
+    pub fn new(p: &nn::Path, depth: Depth, bn: &BatchNormMode, caffe_style: bool) -> ResNet {
         let stem = depth.stem_width();
         let conv1 = conv(p / "conv1", 3, stem, 7, 2, 1);
-        let bn1 = FrozenBatchNorm::new(p / "bn1", stem, batch_stats);
+        let bn1 = FrozenBatchNorm::new(p / "bn1", stem, bn);
         let expansion = if depth.bottleneck() { 4 } else { 1 };
         let widths = [stem, stem * 2, stem * 4, stem * 8];
         // (stride, dilation) per stage: output stride 8.
@@ -113,7 +113,7 @@ impl ResNet {
                 let downsample = (b == 0 && (s != 1 || c_in != c_out)).then(|| {
                     (
                         conv(&bp / "downsample" / 0, c_in, c_out, 1, s, 1),
-                        FrozenBatchNorm::new(&bp / "downsample" / 1, c_out, batch_stats),
+                        FrozenBatchNorm::new(&bp / "downsample" / 1, c_out, bn),
                     )
                 });
                 let convs = if depth.bottleneck() {
@@ -121,26 +121,26 @@ impl ResNet {
                     vec![
                         (
                             conv(&bp / "conv1", c_in, width, 1, s1, 1),
-                            FrozenBatchNorm::new(&bp / "bn1", width, batch_stats),
+                            FrozenBatchNorm::new(&bp / "bn1", width, bn),
                         ),
                         (
                             conv(&bp / "conv2", width, width, 3, s2, dilation),
-                            FrozenBatchNorm::new(&bp / "bn2", width, batch_stats),
+                            FrozenBatchNorm::new(&bp / "bn2", width, bn),
                         ),
                         (
                             conv(&bp / "conv3", width, c_out, 1, 1, 1),
-                            FrozenBatchNorm::new(&bp / "bn3", c_out, batch_stats),
+                            FrozenBatchNorm::new(&bp / "bn3", c_out, bn),
                         ),
                     ]
                 } else {
                     vec![
                         (
                             conv(&bp / "conv1", c_in, width, 3, s, dilation),
-                            FrozenBatchNorm::new(&bp / "bn1", width, batch_stats),
+                            FrozenBatchNorm::new(&bp / "bn1", width, bn),
                         ),
                         (
                             conv(&bp / "conv2", width, width, 3, 1, dilation),
-                            FrozenBatchNorm::new(&bp / "bn2", width, batch_stats),
+                            FrozenBatchNorm::new(&bp / "bn2", width, bn),
                         ),
                     ]
                 };

@@ -70,7 +70,36 @@ extern "C" {
         error: *mut std::ffi::c_char,
         error_len: i32,
     ) -> i32;
-    pub(super) fn adamcu_set_grad(param: *mut torch_sys::C_tensor, grad: *mut torch_sys::C_tensor);
+    pub(super) fn adamcu_dist_sum_differentiable(
+        group: *mut std::ffi::c_void,
+        input: *const torch_sys::C_tensor,
+        out: *mut *mut torch_sys::C_tensor,
+        error: *mut std::ffi::c_char,
+        error_len: i32,
+    ) -> i32;
+    pub(super) fn adamcu_reducer_new(
+        group: *mut std::ffi::c_void,
+        params: *const *mut torch_sys::C_tensor,
+        n: i32,
+        bucket_bytes: i64,
+        first_bucket_bytes: i64,
+        error: *mut std::ffi::c_char,
+        error_len: i32,
+    ) -> *mut std::ffi::c_void;
+    pub(super) fn adamcu_reached(
+        loss: *const torch_sys::C_tensor,
+        params: *const *mut torch_sys::C_tensor,
+        n: i32,
+        reached: *mut u8,
+    );
+    pub(super) fn adamcu_reducer_free(reducer: *mut std::ffi::c_void);
+    pub(super) fn adamcu_reducer_prepare(
+        reducer: *mut std::ffi::c_void,
+        outputs: *const *mut torch_sys::C_tensor,
+        n: i32,
+        error: *mut std::ffi::c_char,
+        error_len: i32,
+    ) -> i32;
     pub(super) fn adamcu_op_count_start();
     pub(super) fn adamcu_op_count_stop(out: *mut std::ffi::c_char, out_len: i32) -> i64;
 }

@@ -80,8 +80,18 @@ pub struct Trainer {
     /// `train_ada`); 0 = none. The demo sets it from `demo.eval_every`; the daemon evaluates
     /// on its own terms (`train.eval_every`).
     pub curve_every: usize,
-    /// The data-parallel group this trainer steps in (None: one process).
-    pub parallel: Option<Arc<crate::distributed::DataParallel>>,
+    /// The data-parallel group this trainer steps in (None: one process); set by `join`.
+    pub(crate) parallel: Option<Arc<crate::distributed::DataParallel>>,
+    /// Data-parallel: the trainable variables in the optimizer's order, and c10d's Reducer over
+    /// those the current stage's loss reaches (`backward`).
+    trainable: Vec<Tensor>,
+    reducer: std::sync::Mutex<Option<StageReducer>>,
+}
+
+/// A Reducer and which of `Trainer::trainable` it reduces.
+struct StageReducer {
+    reached: Vec<bool>,
+    reducer: crate::torch_ext::GradientReducer,
 }
 
 pub fn open_set(set: &Option<DatasetConfig>, key: &str, classes: usize) -> Result<Arc<SampleSource>> {
@@ -163,7 +173,12 @@ impl Trainer {
             );
         }
         let normaliser = Normaliser::new(&config.augment, device);
-        let trainer = Trainer { config: config.clone(), device, vs, model, normaliser, curve_every: 0, parallel: None };
+        let trainer = Trainer { config: config.clone(), device, vs, model, normaliser,
+            curve_every: 0,
+            parallel: None,
+            trainable: Vec::new(),
+            reducer: Default::default(),
+        };
         if config.train.channels_last {
             trainer.to_channels_last();
         }
@@ -286,8 +301,7 @@ impl Trainer {
             loss = loss * crate::distributed::pixel_share(parallel, labels)?;
         }
         optimizer.zero_grad();
-        loss.backward();
-        self.synchronise(optimizer)?;
+        self.backward(&loss)?;
         let lr = poly_lr(t.lr, step as u64, iterations as u64, t.poly_power);
         optimizer.update(lr);
         let mut value = loss.detach().reshape([1]);
@@ -298,12 +312,45 @@ impl Trainer {
         Ok((value.double_value(&[0]), lr))
     }
 
-    /// Data-parallel: after the backward pass, the gradients' mean over the ranks, and rank 0's
-    /// BatchNorm statistics (what torch's DistributedDataParallel keeps in step: gradients and
-    /// buffers). Nothing for one process.
-    pub fn synchronise(&self, optimizer: &Sgd) -> Result<()> {
+    /// Steps from now on in `parallel`'s job (None: one process): gradients are all-reduced
+    /// by c10d's Reducer (`backward`), and with `train.sync_bn` BatchNorm takes its batch
+    /// statistics over the ranks. Call it once, after the network is built, before the first step.
+    pub fn join(&mut self, parallel: Option<Arc<crate::distributed::DataParallel>>) -> Result<()> {
+        if let Some(p) = &parallel {
+            self.trainable = optimizer::trainable_by_name(&self.vs).into_values().collect();
+            if self.config.train.sync_bn {
+                self.model.sync_batch_norm(p.clone());
+            }
+        }
+        self.parallel = parallel;
+        Ok(())
+    }
+
+    /// The backward pass from `loss`. Data-parallel, it also averages the gradients over the
+    /// ranks while it runs (c10d's Reducer, armed here from `loss`), and then takes rank 0's
+    /// BatchNorm running statistics (what torch's DistributedDataParallel keeps in step:
+    /// gradients and buffers). A peer that stopped is an error here, not a hang.
+    ///
+    /// The Reducer reduces the variables `loss` reaches (a walk over its graph on the host),
+    /// built anew when a step reaches another set (a new stage) after checking that every rank
+    /// reaches the same: a variable no rank's loss reaches keeps no gradient and is not updated,
+    /// as in one process.
+    pub fn backward(&self, loss: &Tensor) -> Result<()> {
+        if let Some(parallel) = &self.parallel {
+            let params: Vec<&Tensor> = self.trainable.iter().collect();
+            let reached = crate::torch_ext::reached_by(loss, &params);
+            let mut current = self.reducer.lock().expect("the trainer's reducer lock");
+            if current.as_ref().is_none_or(|c| c.reached != reached) {
+                // The old Reducer's hooks go before the new one's are set.
+                *current = None;
+                parallel.require_same_on_every_rank(&reached, "the variables the step's loss reaches")?;
+                let over: Vec<&Tensor> = params.iter().zip(&reached).filter(|(_, &r)| r).map(|(p, _)| *p).collect();
+                *current = Some(StageReducer { reducer: parallel.gradient_reducer(&over)?, reached });
+            }
+            current.as_ref().expect("built above").reducer.prepare(loss)?;
+        }
+        loss.f_backward().map_err(|e| anyhow!("the backward pass failed (a data-parallel peer stopped?): {e}"))?;
         let Some(parallel) = &self.parallel else { return Ok(()) };
-        parallel.average_gradients(&optimizer.parameters())?;
         let buffers: Vec<Tensor> =
             self.variables_by_name().into_iter().filter(|t| !t.requires_grad() && t.is_floating_point()).collect();
         parallel.broadcast_from_first(&buffers)

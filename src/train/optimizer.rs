@@ -23,12 +23,16 @@ pub fn poly_lr(base: f64, step: u64, total: u64, power: f64) -> f64 {
     base * (1.0 - (step as f64 / total.max(1) as f64).min(1.0)).powf(power)
 }
 
+/// The trainable variables in name order: the optimizer's order, and the data-parallel
+/// Reducer's (the same on every rank).
+pub fn trainable_by_name(vs: &VarStore) -> BTreeMap<String, Tensor> {
+    vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect()
+}
+
 impl Sgd {
     pub fn new(vs: &VarStore, momentum: f64, weight_decay: f64, head_lr_mult: f64) -> Sgd {
-        let params = vs
-            .variables()
+        let params = trainable_by_name(vs)
             .into_iter()
-            .filter(|(_, t)| t.requires_grad())
             .map(|(name, t)| {
                 let mult = if HEAD_PREFIXES.iter().any(|p| name.starts_with(p)) { head_lr_mult } else { 1.0 };
                 (name, (t, mult))

@@ -28,7 +28,7 @@ pub enum Stage {
 pub fn train_one(config: &Config, stage: Stage, init: Option<&Path>) -> Result<PathBuf> {
     let config = &crate::distributed::config_for_rank(config)?;
     let mut trainer = Trainer::new(config)?;
-    trainer.parallel = crate::distributed::DataParallel::from_env(trainer.device)?.map(std::sync::Arc::new);
+    trainer.join(crate::distributed::DataParallel::from_env(trainer.device)?.map(std::sync::Arc::new))?;
     if stage == Stage::Ada {
         crate::distributed::refuse_unbuilt(config, trainer.parallel.as_deref())?;
     }

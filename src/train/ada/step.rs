@@ -277,8 +277,7 @@ impl Trainer {
                 out.gradient_ratios = gradient_ratios(&out.seg, con, levels, &out.features);
             }
         }
-        out.total.backward();
-        self.synchronise(optimizer)?;
+        self.backward(&out.total)?;
         optimizer.update(lr);
         Ok(())
     }
