@@ -107,19 +107,6 @@ pub fn writes_files(parallel: Option<&DataParallel>) -> bool {
     parallel.is_none_or(|p| p.rank() == 0)
 }
 
-/// Refuses what is not built for several ranks, by name: the round strategies' selection
-/// rounds (they score the whole target set; ADA-MCU's per-step purchases are built).
-pub fn refuse_unbuilt(config: &crate::config::Config, parallel: Option<&DataParallel>) -> Result<()> {
-    if parallel.is_some() && config.active.strategy.uses_rounds() {
-        bail!(
-            "active.strategy = \"{}\" runs in one process for now: its selection rounds are not built for \
-             several ranks (ADA-MCU's per-step purchases are; docs/architecture.md)",
-            config.active.strategy
-        );
-    }
-    Ok(())
-}
-
 /// Gradients are all-reduced in buckets of about this many bytes, the first (the last layers',
 /// whose gradients are ready first) smaller so that communication starts early: DDP's defaults.
 const BUCKET_BYTES: i64 = 25 << 20;

@@ -46,6 +46,7 @@ fn two_ranks_take_the_steps_one_process_takes_on_the_combined_batch() {
     config.train.log_every = 1;
     // BatchNorm on stored statistics (batch statistics: the test below).
     config.model.bn_stats = adamcu::config::BnStats::Frozen;
+    config.train.sync_bn = false;
     let one = write_config(dir.path(), &config);
     config.run.name = "two-ranks".into();
     let two = write_config(dir.path(), &config);
@@ -88,6 +89,7 @@ fn with_sync_bn_two_ranks_normalise_over_the_combined_batch_as_one_process_does(
     config.train.batch_source = 4;
     config.train.source_iterations = 3;
     config.model.bn_stats = adamcu::config::BnStats::Batch;
+    config.train.sync_bn = false;
     let one = write_config(dir.path(), &config);
     config.run.name = "each-rank-its-own".into();
     let own = write_config(dir.path(), &config);
@@ -130,7 +132,10 @@ fn a_rank_killed_with_9_makes_the_other_fail_with_an_error_not_hang() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{log}");
     assert!(killed_at.elapsed() < Duration::from_secs(60), "rank 0 took {:?} to notice", killed_at.elapsed());
-    assert!(log.contains("rank 0 of 2: all-reduce failed") || log.contains("rank 0 of 2: broadcast failed"), "{log}");
+    // With train.sync_bn (the embedded default) the loss is usually seen inside a BatchNorm
+    // layer's forward, which cannot return an error: the rank ends there with the same reason.
+    let reasons = ["all-reduce failed", "broadcast failed", "differentiable all-reduce failed"];
+    assert!(reasons.iter().any(|r| log.contains(&format!("rank 0 of 2: {r}"))), "{log}");
 }
 
 #[test]
@@ -160,30 +165,51 @@ fn a_ranks_environment_is_read_as_torchrun_sets_it() {
     assert!(error(&[("WORLD_SIZE", "two")]).contains("WORLD_SIZE=\"two\""));
 }
 
+/// A tiny config's source checkpoint after 3 steps, in `dir`, and the config.
+fn source_checkpoint(dir: &Path) -> (adamcu::config::Config, std::path::PathBuf) {
+    let mut config = tiny_daemon_config(dir, "source", 0);
+    config.train.source_iterations = 3;
+    let path = write_config(dir, &config);
+    let (ok, log) = train(&path, &[]);
+    assert!(ok, "{log}");
+    (config, dir.join("runs/source/source.safetensors"))
+}
+
+/// `--stage ada --init source` as run `name` and `extra`: its "bought ..." lines (one per rank)
+/// and its run folder.
+fn ada_run(
+    dir: &Path,
+    config: &adamcu::config::Config,
+    source: &Path,
+    name: &str,
+    extra: &[&str],
+) -> (Vec<String>, std::path::PathBuf) {
+    let mut c = config.clone();
+    c.run.name = name.into();
+    let path = write_config(dir, &c);
+    let out = train_output(&path, &[&["--stage", "ada", "--init", source.to_str().unwrap()], extra].concat());
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    let bought: Vec<String> = stdout.lines().filter(|l| l.starts_with("bought ")).map(String::from).collect();
+    (bought, c.run_dir())
+}
+
+/// The run's ledger's bitmap (one bit per pixel bought), after its header.
+fn ledger_bits(run_dir: &Path) -> Vec<u8> {
+    let file = std::fs::read(run_dir.join("ledger.bin")).unwrap();
+    let header = u64::from_le_bytes(file[24..32].try_into().unwrap()) as usize; // the ledger's layout
+    file[header..].to_vec()
+}
+
 #[test]
 fn two_ranks_buy_through_one_ledger_and_spend_what_one_process_spends() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = tiny_daemon_config(dir.path(), "source", 0);
-    config.train.source_iterations = 3;
-    let path = write_config(dir.path(), &config);
-    let (ok, log) = train(&path, &[]);
-    assert!(ok, "{log}");
-    let source = dir.path().join("runs/source/source.safetensors");
+    let (mut config, source) = source_checkpoint(dir.path());
     // 64x32 crops, 6 target images: Me = 10 % of 12,288 pixels, spent within the 20 steps.
     config.active.iterations = 20;
     config.train.log_every = 100;
-    let ada = |name: &str, extra: &[&str]| {
-        let mut c = config.clone();
-        c.run.name = name.into();
-        let path = write_config(dir.path(), &c);
-        let out = train_output(&path, &[&["--stage", "ada", "--init", source.to_str().unwrap()], extra].concat());
-        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "{stderr}");
-        let bought: Vec<String> = stdout.lines().filter(|l| l.starts_with("bought ")).map(String::from).collect();
-        (bought, c.run_dir())
-    };
-    let (one, _) = ada("ada-one", &[]);
-    let (two, run_dir) = ada("ada-two", &["--nproc", "2"]);
+    let (one, _) = ada_run(dir.path(), &config, &source, "ada-one", &[]);
+    let (two, run_dir) = ada_run(dir.path(), &config, &source, "ada-two", &["--nproc", "2"]);
     assert_eq!(one.len(), 1);
     // The whole budget went: "bought Ma of Me ..." with Ma = Me (10 % of 12,288, rounded up).
     let words: Vec<&str> = one[0].split_whitespace().collect();
@@ -192,27 +218,37 @@ fn two_ranks_buy_through_one_ledger_and_spend_what_one_process_spends() {
     // Every rank knows the job's purchases: each reports the one process's spend.
     assert_eq!(two, vec![one[0].clone(); 2]);
     // The run's ledger is rank 0's: it holds Me pixels, no more; no replica is left in the run.
-    let file = std::fs::read(run_dir.join("ledger.bin")).unwrap();
-    let header = u64::from_le_bytes(file[24..32].try_into().unwrap()) as usize; // the ledger's layout
-    let bits: u64 = file[header..].iter().map(|b| b.count_ones() as u64).sum();
+    let bits: u64 = ledger_bits(&run_dir).iter().map(|b| b.count_ones() as u64).sum();
     assert_eq!(bits, me, "pixels bought in the run's ledger");
     let files: Vec<_> = std::fs::read_dir(&run_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(files.iter().filter(|f| f.to_string_lossy().contains("ledger")).count() == 1, "{files:?}");
 }
 
 #[test]
-fn a_batch_the_ranks_cannot_share_evenly_and_a_round_strategy_are_refused_by_name() {
+fn two_ranks_run_ripus_selection_round_and_buy_the_pixels_one_process_buys() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut config, source) = source_checkpoint(dir.path());
+    // One round before the first step, from the same weights: Me at once (10 % of 12,288).
+    config.active.strategy = adamcu::config::Strategy::Ripu;
+    config.active.rounds = vec![0];
+    config.active.iterations = 2;
+    let (one, one_dir) = ada_run(dir.path(), &config, &source, "ripu-one", &[]);
+    let (two, two_dir) = ada_run(dir.path(), &config, &source, "ripu-two", &["--nproc", "2"]);
+    let words: Vec<&str> = one[0].split_whitespace().collect();
+    assert!(words[1] == words[3] && words[3] == "1229", "{one:?}");
+    assert_eq!(two, vec![one[0].clone(); 2]);
+    // The ranks scored half of the images each and bought exactly one process's pixels.
+    assert_eq!(ledger_bits(&two_dir), ledger_bits(&one_dir), "the two ledgers' bitmaps");
+}
+
+#[test]
+fn a_batch_the_ranks_cannot_share_evenly_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = tiny_daemon_config(dir.path(), "uneven", 0);
     config.train.batch_source = 3;
-    config.active.rounds = vec![0];
-    config.active.iterations = 5;
     let path = write_config(dir.path(), &config);
     let (ok, log) = train(&path, &["--nproc", "2"]);
     assert!(!ok && log.contains("train.batch_source = 3: a data-parallel job of 2 ranks"), "{log}");
-    let out = train_output(&path, &["--stage", "ada", "--nproc", "2", "--set", "active.strategy=\"ripu\""]);
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && log.contains("active.strategy = \"ripu\" runs in one process for now"), "{log}");
 }
 
 /// One rank of a job of two (`adamcu train --config F` and `extra`, with torchrun's

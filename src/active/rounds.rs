@@ -172,18 +172,32 @@ impl RoundPlan {
         RoundPlan { strategy: config.strategy, annotation: config.annotation, radius: config.radius }
     }
 
-    /// One image's purchases from its probabilities [1, C, H, W] at the ledger's size; returns
-    /// the pixels newly charged.
-    pub fn buy_in_image(&self, probabilities: &Tensor, ledger: &mut Ledger, image: usize, quota: u64) -> u64 {
+    /// The pixels (row-major indices at the ledger's size, in the order they are bought) one
+    /// image's purchase takes from its probabilities [1, C, H, W]: at most `quota`, none
+    /// already bought. Nothing is charged (`buy_chosen`).
+    pub fn choose_in_image(&self, probabilities: &Tensor, ledger: &Ledger, image: usize, quota: u64) -> Vec<u32> {
         if quota == 0 {
-            return 0;
+            return Vec::new();
         }
         let (width, height) = (ledger.images()[image].width as usize, ledger.images()[image].height as usize);
         let score = scores(self.strategy, self.annotation, self.radius as i64, probabilities).flatten(0, -1);
         let (_, order) = score.sort_stable(true, 0, true);
         let order = Vec::<i64>::try_from(order.to_device(tch::Device::Cpu)).expect("i64 order");
         let blocked = suppressed(&ledger.bought_mask(image), width, height, self.radius);
-        let chosen = choose(&order, width, height, blocked, self.annotation, self.radius, quota);
-        chosen.iter().filter(|&&i| ledger.buy(image, i % width as u32, i / width as u32)).count() as u64
+        choose(&order, width, height, blocked, self.annotation, self.radius, quota)
     }
+
+    /// One image's purchases from its probabilities [1, C, H, W] at the ledger's size; returns
+    /// the pixels newly charged.
+    pub fn buy_in_image(&self, probabilities: &Tensor, ledger: &mut Ledger, image: usize, quota: u64) -> u64 {
+        let chosen = self.choose_in_image(probabilities, ledger, image, quota);
+        buy_chosen(ledger, image, &chosen)
+    }
+}
+
+/// Charges `chosen` (row-major pixel indices of `image`) through the ledger, in order; returns
+/// the pixels newly charged.
+pub fn buy_chosen(ledger: &mut Ledger, image: usize, chosen: &[u32]) -> u64 {
+    let width = ledger.images()[image].width;
+    chosen.iter().filter(|&&i| ledger.buy(image, i % width, i / width)).count() as u64
 }

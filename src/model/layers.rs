@@ -79,8 +79,11 @@ impl FrozenBatchNorm {
         let dims: &[i64] = &[0, 2, 3];
         let x = xs.to_kind(Kind::Float);
         let channels = x.size()[1];
-        let count = x.new_full(&[1], (x.numel() as i64 / channels) as f64, (Kind::Float, x.device()));
-        let local = Tensor::cat(&[x.sum_dim_intlist(dims, false, Kind::Float), x.square().sum_dim_intlist(dims, false, Kind::Float), count], 0);
+        let count = x.new_full([1], (x.numel() as i64 / channels) as f64, (Kind::Float, x.device()));
+        let local = Tensor::cat(
+            &[x.sum_dim_intlist(dims, false, Kind::Float), x.square().sum_dim_intlist(dims, false, Kind::Float), count],
+            0,
+        );
         let total = ranks.sum_over_ranks(&local).unwrap_or_else(|e| panic!("SyncBatchNorm: {e}"));
         let n = total.get(2 * channels);
         let mean = total.narrow(0, 0, channels) / &n;

@@ -119,18 +119,12 @@ impl ResNet {
                 let convs = if depth.bottleneck() {
                     let (s1, s2) = if caffe_style { (s, 1) } else { (1, s) };
                     vec![
-                        (
-                            conv(&bp / "conv1", c_in, width, 1, s1, 1),
-                            FrozenBatchNorm::new(&bp / "bn1", width, bn),
-                        ),
+                        (conv(&bp / "conv1", c_in, width, 1, s1, 1), FrozenBatchNorm::new(&bp / "bn1", width, bn)),
                         (
                             conv(&bp / "conv2", width, width, 3, s2, dilation),
                             FrozenBatchNorm::new(&bp / "bn2", width, bn),
                         ),
-                        (
-                            conv(&bp / "conv3", width, c_out, 1, 1, 1),
-                            FrozenBatchNorm::new(&bp / "bn3", c_out, bn),
-                        ),
+                        (conv(&bp / "conv3", width, c_out, 1, 1, 1), FrozenBatchNorm::new(&bp / "bn3", c_out, bn)),
                     ]
                 } else {
                     vec![

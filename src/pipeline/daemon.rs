@@ -52,7 +52,6 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
     let config = &crate::distributed::config_for_rank(config)?;
     let parallel = crate::distributed::DataParallel::from_env(config.device()?)?.map(std::sync::Arc::new);
     let owner = crate::distributed::writes_files(parallel.as_deref());
-    crate::distributed::refuse_unbuilt(config, parallel.as_deref())?;
     let barrier = || parallel.as_ref().map_or(Ok(()), |p| p.barrier());
     let run_dir = config.run_dir();
     let _lock = if owner { Some(RunLock::acquire(&run_dir)?) } else { None };

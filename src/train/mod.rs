@@ -173,7 +173,12 @@ impl Trainer {
             );
         }
         let normaliser = Normaliser::new(&config.augment, device);
-        let trainer = Trainer { config: config.clone(), device, vs, model, normaliser,
+        let trainer = Trainer {
+            config: config.clone(),
+            device,
+            vs,
+            model,
+            normaliser,
             curve_every: 0,
             parallel: None,
             trainable: Vec::new(),

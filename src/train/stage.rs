@@ -29,9 +29,6 @@ pub fn train_one(config: &Config, stage: Stage, init: Option<&Path>) -> Result<P
     let config = &crate::distributed::config_for_rank(config)?;
     let mut trainer = Trainer::new(config)?;
     trainer.join(crate::distributed::DataParallel::from_env(trainer.device)?.map(std::sync::Arc::new))?;
-    if stage == Stage::Ada {
-        crate::distributed::refuse_unbuilt(config, trainer.parallel.as_deref())?;
-    }
     trainer.curve_every = if trainer.writes_files() { config.train.eval_every } else { 0 };
     if let Some(init) = init {
         trainer.load_network(init).context("--init")?;

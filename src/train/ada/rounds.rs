@@ -7,7 +7,7 @@ use super::step::StepOutput;
 use super::AdaState;
 use crate::active::ledger::Ledger;
 use crate::active::oracle::{Oracle, SealedLabels};
-use crate::active::rounds::{image_quotas, RoundPlan};
+use crate::active::rounds::{buy_chosen, image_quotas, RoundPlan};
 use crate::active::sampling::{bought_before, BatchSelection, CropPixels};
 use crate::config::Strategy;
 use crate::model::deeplab::upsample;
@@ -42,20 +42,29 @@ impl Trainer {
     /// Selection round `round` (0-based) of `active.rounds`: scores every target training image
     /// at the ledger's size with the model in evaluation mode and buys its share through the
     /// ledger. Returns the pixels newly charged.
+    ///
+    /// Data-parallel, rank r scores the images i with i mod N = r; the ranks then gather every
+    /// image's chosen pixels and each applies them all in image order. An image's choice
+    /// depends only on the model (the same on every rank), its own ledger pixels (the same at
+    /// the round's start, and no other image's purchase touches them) and its quota (fixed at
+    /// the start), so every rank's ledger ends as one process's does.
     pub fn selection_round(&self, ledger: &mut Ledger, round: usize) -> Result<u64> {
         let a = &self.config.active;
         let plan = RoundPlan::of(a);
         let target = open_set(&self.config.data.target, "data.target", self.config.data.classes)?;
         let quotas = image_quotas(ledger, round, a.rounds.len(), target.len());
-        let mut progress = crate::progress::Progress::bar_only("selection round", target.len() as u64);
-        let mut bought = 0;
-        for (image, &quota) in quotas.iter().enumerate() {
+        let (rank, world) = self.parallel.as_ref().map_or((0, 1), |p| (p.rank(), p.world()));
+        let mine: Vec<usize> = (rank..target.len()).step_by(world).collect();
+        let mut progress = crate::progress::Progress::bar_only("selection round", mine.len() as u64);
+        let mut chosen: Vec<(usize, Vec<u32>)> = Vec::new();
+        for &image in &mine {
+            let quota = quotas[image];
             if quota > 0 {
                 let rgb = target.load_image(image).map_err(anyhow::Error::msg)?;
                 let grid = &ledger.images()[image];
                 let (h, w) = (grid.height as i64, grid.width as i64);
                 // The random baseline's draws depend on (seed, round, image) alone: a resumed
-                // run buys the same pixels.
+                // run, or another number of ranks, buys the same pixels.
                 tch::manual_seed((self.config.run.seed ^ ((round as u64) << 32) ^ image as u64) as i64);
                 let probabilities = tch::no_grad(|| {
                     let bytes = Tensor::from_slice(&rgb.pixels).view([1, rgb.height as i64, rgb.width as i64, 3]);
@@ -65,11 +74,15 @@ impl Trainer {
                     }
                     upsample(&self.forward(&input, false).main, h, w).softmax(1, Kind::Float)
                 });
-                bought += plan.buy_in_image(&probabilities, ledger, image, quota);
+                chosen.push((image, plan.choose_in_image(&probabilities, ledger, image, quota)));
             }
             progress.tick();
         }
         progress.finish();
+        if let Some(parallel) = &self.parallel {
+            chosen = gather_choices(parallel, &chosen, self.device)?;
+        }
+        let bought: u64 = chosen.iter().map(|(image, pixels)| buy_chosen(ledger, *image, pixels)).sum();
         tracing::info!(
             "{} round {} of {}: bought {bought} {}; {} of {} spent",
             a.strategy,
@@ -123,4 +136,34 @@ impl Trainer {
             features,
         )
     }
+}
+
+/// Every rank's `(image, chosen pixels)`, in image order. Each rank's list travels as one
+/// i64 tensor, [image, count, pixels...] per image, padded with -1 to the longest rank's.
+fn gather_choices(
+    parallel: &crate::distributed::DataParallel,
+    chosen: &[(usize, Vec<u32>)],
+    device: tch::Device,
+) -> Result<Vec<(usize, Vec<u32>)>> {
+    let mut flat: Vec<i64> = Vec::new();
+    for (image, pixels) in chosen {
+        flat.extend([*image as i64, pixels.len() as i64]);
+        flat.extend(pixels.iter().map(|&p| p as i64));
+    }
+    // On the rank's device: NCCL gathers device tensors.
+    let length = Tensor::from_slice(&[flat.len() as i64]).to_device(device);
+    let longest = parallel.all_gather(&length)?.iter().map(|t| t.int64_value(&[0])).max().unwrap_or(0);
+    flat.resize(longest.max(1) as usize, -1);
+    let mut all = Vec::new();
+    for list in parallel.all_gather(&Tensor::from_slice(&flat).to_device(device))? {
+        let list = Vec::<i64>::try_from(&list.to_device(tch::Device::Cpu))?;
+        let mut at = 0;
+        while at + 1 < list.len() && list[at] >= 0 {
+            let (image, count) = (list[at] as usize, list[at + 1] as usize);
+            all.push((image, list[at + 2..at + 2 + count].iter().map(|&p| p as u32).collect()));
+            at += 2 + count;
+        }
+    }
+    all.sort_by_key(|(image, _)| *image);
+    Ok(all)
 }
