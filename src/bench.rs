@@ -196,7 +196,7 @@ fn time_step(
     config.train.precision = if bf16_channels_last { Precision::Bf16 } else { Precision::Fp32 };
     config.train.channels_last = bf16_channels_last;
     let mut trainer = crate::train::Trainer::new(&config)?;
-    trainer.join(o.parallel.clone())?;
+    trainer.join(o.parallel.clone());
     let device = trainer.device;
     let cuda_index = match device {
         tch::Device::Cuda(i) => i,

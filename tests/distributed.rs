@@ -37,16 +37,28 @@ fn last_loss(log: &str) -> String {
     line.split("loss ").nth(1).unwrap().split_whitespace().next().unwrap().to_string()
 }
 
+/// The equality tests' run: three source steps on batches of 4 (two ranks: 2 each), from
+/// `dir`'s run "one-process", BatchNorm on `bn_stats`, not synchronised.
+fn three_steps_of_four(dir: &Path, bn_stats: adamcu::config::BnStats) -> adamcu::config::Config {
+    let mut config = tiny_daemon_config(dir, "one-process", 0);
+    config.train.batch_source = 4;
+    config.train.source_iterations = 3;
+    config.model.bn_stats = bn_stats;
+    config.train.sync_bn = false;
+    config
+}
+
+/// Run `name`'s source checkpoint in `dir`.
+fn source_checkpoint_of(dir: &Path, name: &str) -> std::path::PathBuf {
+    dir.join("runs").join(name).join("source.safetensors")
+}
+
 #[test]
 fn two_ranks_take_the_steps_one_process_takes_on_the_combined_batch() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = tiny_daemon_config(dir.path(), "one-process", 0);
-    config.train.batch_source = 4;
-    config.train.source_iterations = 3;
-    config.train.log_every = 1;
     // BatchNorm on stored statistics (batch statistics: the test below).
-    config.model.bn_stats = adamcu::config::BnStats::Frozen;
-    config.train.sync_bn = false;
+    let mut config = three_steps_of_four(dir.path(), adamcu::config::BnStats::Frozen);
+    config.train.log_every = 1;
     let one = write_config(dir.path(), &config);
     config.run.name = "two-ranks".into();
     let two = write_config(dir.path(), &config);
@@ -65,8 +77,7 @@ fn two_ranks_take_the_steps_one_process_takes_on_the_combined_batch() {
     let (ok, half_log) = train(&half, &[]);
     assert!(ok, "{half_log}");
 
-    let runs = dir.path().join("runs");
-    let checkpoint = |name: &str| runs.join(name).join("source.safetensors");
+    let checkpoint = |name: &str| source_checkpoint_of(dir.path(), name);
     // Three updates from the same start: the two ranks' weights are one process's on the
     // batch of 4, within float rounding (the all-reduce sums in another order).
     let same = max_difference(&checkpoint("one-process"), &checkpoint("two-ranks"));
@@ -78,18 +89,15 @@ fn two_ranks_take_the_steps_one_process_takes_on_the_combined_batch() {
     let losses: Vec<String> = two_log.lines().filter(|l| l.contains("source 3/3")).map(last_loss).collect();
     assert_eq!(losses, vec![last_loss(&one_log); 2], "{two_log}");
     // Rank 0 alone wrote the checkpoint; the run folder holds nothing a second rank made.
-    let files: Vec<_> = std::fs::read_dir(runs.join("two-ranks")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let files: Vec<_> =
+        std::fs::read_dir(dir.path().join("runs/two-ranks")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(files, ["source.safetensors"], "{files:?}");
 }
 
 #[test]
 fn with_sync_bn_two_ranks_normalise_over_the_combined_batch_as_one_process_does() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = tiny_daemon_config(dir.path(), "one-process", 0);
-    config.train.batch_source = 4;
-    config.train.source_iterations = 3;
-    config.model.bn_stats = adamcu::config::BnStats::Batch;
-    config.train.sync_bn = false;
+    let mut config = three_steps_of_four(dir.path(), adamcu::config::BnStats::Batch);
     let one = write_config(dir.path(), &config);
     config.run.name = "each-rank-its-own".into();
     let own = write_config(dir.path(), &config);
@@ -101,7 +109,7 @@ fn with_sync_bn_two_ranks_normalise_over_the_combined_batch_as_one_process_does(
         let (ok, log) = train(file, extra);
         assert!(ok, "{log}");
     }
-    let checkpoint = |name: &str| dir.path().join("runs").join(name).join("source.safetensors");
+    let checkpoint = |name: &str| source_checkpoint_of(dir.path(), name);
     // Weights and running statistics after three updates: one process's on the batch of 4,
     // within float rounding (SyncBatchNorm sums the statistics, libtorch's kernel averages).
     let same = max_difference(&checkpoint("one-process"), &checkpoint("synchronised"));
@@ -172,7 +180,7 @@ fn source_checkpoint(dir: &Path) -> (adamcu::config::Config, std::path::PathBuf)
     let path = write_config(dir, &config);
     let (ok, log) = train(&path, &[]);
     assert!(ok, "{log}");
-    (config, dir.join("runs/source/source.safetensors"))
+    (config, source_checkpoint_of(dir, "source"))
 }
 
 /// `--stage ada --init source` as run `name` and `extra`: its "bought ..." lines (one per rank)

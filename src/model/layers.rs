@@ -31,10 +31,6 @@ impl BatchNormMode {
         // Set once: a process is one rank of one job.
         let _ = self.sync.set(ranks);
     }
-
-    pub fn batch_stats(&self) -> bool {
-        self.batch_stats
-    }
 }
 
 impl std::fmt::Debug for BatchNormMode {
@@ -89,8 +85,8 @@ impl FrozenBatchNorm {
         let mean = total.narrow(0, 0, channels) / &n;
         let var = (total.narrow(0, channels, channels) / &n - mean.square()).clamp_min(0.0);
         tch::no_grad(|| {
-            let n = n.double_value(&[]);
-            let unbiased = &var * (n / (n - 1.0).max(1.0));
+            // On the device: a host read of n here would wait for the device in every layer.
+            let unbiased = &var * (&n / (&n - 1.0).clamp_min(1.0));
             let mut running_mean = self.running_mean.shallow_clone();
             let mut running_var = self.running_var.shallow_clone();
             running_mean.copy_(&(&running_mean * (1.0 - MOMENTUM) + mean.detach() * MOMENTUM));

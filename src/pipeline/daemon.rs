@@ -74,7 +74,7 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
     barrier()?;
     open_every_set(config)?;
     let mut trainer = Trainer::new(config)?;
-    trainer.join(parallel.clone())?;
+    trainer.join(parallel.clone());
 
     let resuming = match options.start {
         Start::Fresh => false,

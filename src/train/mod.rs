@@ -320,7 +320,7 @@ impl Trainer {
     /// Steps from now on in `parallel`'s job (None: one process): gradients are all-reduced
     /// by c10d's Reducer (`backward`), and with `train.sync_bn` BatchNorm takes its batch
     /// statistics over the ranks. Call it once, after the network is built, before the first step.
-    pub fn join(&mut self, parallel: Option<Arc<crate::distributed::DataParallel>>) -> Result<()> {
+    pub fn join(&mut self, parallel: Option<Arc<crate::distributed::DataParallel>>) {
         if let Some(p) = &parallel {
             self.trainable = optimizer::trainable_by_name(&self.vs).into_values().collect();
             if self.config.train.sync_bn {
@@ -328,7 +328,6 @@ impl Trainer {
             }
         }
         self.parallel = parallel;
-        Ok(())
     }
 
     /// The backward pass from `loss`. Data-parallel, it also averages the gradients over the

@@ -41,11 +41,6 @@ impl Sgd {
         Sgd { params, buffers: BTreeMap::new(), momentum, weight_decay, step: 0 }
     }
 
-    /// The trainable variables, in name order (the same on every data-parallel rank).
-    pub fn parameters(&self) -> Vec<&Tensor> {
-        self.params.values().map(|(t, _)| t).collect()
-    }
-
     pub fn lr_multiplier(&self, name: &str) -> Option<f64> {
         self.params.get(name).map(|(_, m)| *m)
     }

@@ -28,7 +28,7 @@ pub enum Stage {
 pub fn train_one(config: &Config, stage: Stage, init: Option<&Path>) -> Result<PathBuf> {
     let config = &crate::distributed::config_for_rank(config)?;
     let mut trainer = Trainer::new(config)?;
-    trainer.join(crate::distributed::DataParallel::from_env(trainer.device)?.map(std::sync::Arc::new))?;
+    trainer.join(crate::distributed::DataParallel::from_env(trainer.device)?.map(std::sync::Arc::new));
     trainer.curve_every = if trainer.writes_files() { config.train.eval_every } else { 0 };
     if let Some(init) = init {
         trainer.load_network(init).context("--init")?;
