@@ -143,3 +143,32 @@ fn torchvision_weight_names_map_onto_the_backbone_and_load() {
         "{e}"
     );
 }
+
+/// A job whose every sum over the ranks fails, as when a peer was lost: counts its calls.
+struct LostPeer(std::sync::atomic::AtomicUsize);
+
+impl adamcu::model::layers::SumOverRanks for LostPeer {
+    fn sum_over_ranks(&self, _: &Tensor) -> anyhow::Result<Tensor> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        anyhow::bail!("rank 0 of 2: differentiable all-reduce failed (a peer stopped?)")
+    }
+}
+
+#[test]
+fn a_synchronised_batch_norm_that_loses_its_peer_keeps_the_error_for_the_step_instead_of_panicking() {
+    let (_, net) = model("deeplabv2", "tiny", 5);
+    let job = std::sync::Arc::new(LostPeer(Default::default()));
+    net.sync_batch_norm(job.clone());
+    let input = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+    // A layer's forward cannot return an error: the pass finishes, and the error waits.
+    let out = net.forward_t(&input, true);
+    assert_eq!(out.main.size(), [2, 5, 4, 4]);
+    let error = net.take_sync_failure().expect("the failed sum is kept for the trainer");
+    assert!(format!("{error:#}").contains("differentiable all-reduce failed"), "{error:#}");
+    assert!(net.take_sync_failure().is_none(), "taken once");
+    // Once one layer failed, the layers after it do not wait on the lost peer again.
+    assert_eq!(job.0.load(std::sync::atomic::Ordering::SeqCst), 1, "one failed sum per pass");
+    // Evaluation never sums over the ranks.
+    let _ = tch::no_grad(|| net.forward_t(&input, false));
+    assert!(net.take_sync_failure().is_none());
+}

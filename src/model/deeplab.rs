@@ -224,6 +224,12 @@ impl SegNet {
         self.batch_norm.synchronise_over(ranks);
     }
 
+    /// Whether a synchronised BatchNorm layer failed since the last call (a peer lost): the
+    /// error, and the forward passes since then ran on per-rank statistics.
+    pub fn take_sync_failure(&self) -> Option<anyhow::Error> {
+        self.batch_norm.take_sync_failure()
+    }
+
     pub fn forward_t(&self, images: &Tensor, train: bool) -> SegOutput {
         let f = self.backbone.features(images, train);
         let aux = self.aux.forward(&f.layer3);

@@ -1,6 +1,6 @@
 //! Small building blocks shared by the backbones and heads.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
@@ -19,11 +19,25 @@ pub trait SumOverRanks: Send + Sync {
 pub struct BatchNormMode {
     batch_stats: bool,
     sync: Arc<OnceLock<Arc<dyn SumOverRanks>>>,
+    /// The first failed sum over the ranks (a peer lost): a layer's forward cannot return an
+    /// error, so it is kept here for the trainer (`take_sync_failure`), and every layer after it
+    /// normalises on its own batch alone rather than wait on the lost peer once per layer.
+    sync_failure: Arc<Mutex<Option<anyhow::Error>>>,
 }
 
 impl BatchNormMode {
     pub fn new(batch_stats: bool) -> BatchNormMode {
-        BatchNormMode { batch_stats, sync: Arc::new(OnceLock::new()) }
+        BatchNormMode { batch_stats, sync: Arc::new(OnceLock::new()), sync_failure: Arc::new(Mutex::new(None)) }
+    }
+
+    /// The failure of a synchronised layer since the last call, if any: the step's forward
+    /// pass then ran on per-rank statistics and must not be applied.
+    pub fn take_sync_failure(&self) -> Option<anyhow::Error> {
+        self.sync_failure.lock().expect("the BatchNorm failure lock").take()
+    }
+
+    fn sync_failed(&self) -> bool {
+        self.sync_failure.lock().expect("the BatchNorm failure lock").is_some()
     }
 
     /// From now on, batch statistics are the job's (no effect on stored statistics).
@@ -71,7 +85,8 @@ impl FrozenBatchNorm {
     /// per-channel count, sum and sum of squares are summed over the ranks (on the autograd
     /// graph, so the gradient flows through every rank's statistics), the batch is normalised by
     /// the job's mean and biased variance, and the running statistics take the unbiased one.
-    fn synchronised(&self, xs: &Tensor, ranks: &dyn SumOverRanks) -> Tensor {
+    /// `None` when the sum over the ranks fails (kept in the mode for the trainer).
+    fn synchronised(&self, xs: &Tensor, ranks: &dyn SumOverRanks) -> Option<Tensor> {
         let dims: &[i64] = &[0, 2, 3];
         let x = xs.to_kind(Kind::Float);
         let channels = x.size()[1];
@@ -80,7 +95,13 @@ impl FrozenBatchNorm {
             &[x.sum_dim_intlist(dims, false, Kind::Float), x.square().sum_dim_intlist(dims, false, Kind::Float), count],
             0,
         );
-        let total = ranks.sum_over_ranks(&local).unwrap_or_else(|e| panic!("SyncBatchNorm: {e}"));
+        let total = match ranks.sum_over_ranks(&local) {
+            Ok(total) => total,
+            Err(e) => {
+                *self.mode.sync_failure.lock().expect("the BatchNorm failure lock") = Some(e);
+                return None;
+            }
+        };
         let n = total.get(2 * channels);
         let mean = total.narrow(0, 0, channels) / &n;
         let var = (total.narrow(0, channels, channels) / &n - mean.square()).clamp_min(0.0);
@@ -94,7 +115,7 @@ impl FrozenBatchNorm {
         });
         let shape = [1, channels, 1, 1];
         let scale = (var + EPS).rsqrt() * &self.weight;
-        ((x - mean.view(shape)) * scale.view(shape) + self.bias.view(shape)).to_kind(xs.kind())
+        Some(((x - mean.view(shape)) * scale.view(shape) + self.bias.view(shape)).to_kind(xs.kind()))
     }
 }
 
@@ -102,7 +123,11 @@ impl ModuleT for FrozenBatchNorm {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         let batch = train && self.mode.batch_stats;
         if let (true, Some(ranks)) = (batch, self.mode.sync.get()) {
-            return self.synchronised(xs, ranks.as_ref());
+            if !self.mode.sync_failed() {
+                if let Some(ys) = self.synchronised(xs, ranks.as_ref()) {
+                    return ys;
+                }
+            }
         }
         Tensor::batch_norm(
             xs,

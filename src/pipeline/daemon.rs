@@ -140,8 +140,14 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
         // periodic one can still resume.
         run.capture_checkpoint(&trainer).write(&rotation)?;
     }
-    let mut checkpoints =
-        Checkpoints { writer: CheckpointWriter::start(rotation.clone())?, every: config.train.checkpoint_every as u64 };
+    // Rank 0 writes the checkpoints; the other ranks start no writer.
+    let mut checkpoints = match owner {
+        true => Some(Checkpoints {
+            writer: CheckpointWriter::start(rotation.clone())?,
+            every: config.train.checkpoint_every as u64,
+        }),
+        false => None,
+    };
 
     // A resumed run keeps showing the evaluation it had.
     let last_eval = if fresh { None } else { Status::read(&run_dir).ok().and_then(|s| s.last_eval) };
@@ -168,22 +174,18 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
             true
         }),
     };
-    let finished = if owner {
-        drive(&trainer, &mut run, &mut [&mut checkpoints, &mut reporter], &stop)?
-    } else {
-        drive(&trainer, &mut run, &mut [], &stop)?
+    let finished = match &mut checkpoints {
+        Some(checkpoints) => drive(&trainer, &mut run, &mut [checkpoints, &mut reporter], &stop)?,
+        None => drive(&trainer, &mut run, &mut [], &stop)?,
     };
     if let Some(e) = lost_peer.into_inner() {
         // The periodic checkpoints stand; a final one would not know the lost rank's step.
         return Err(e.context("the data-parallel job lost a rank; go on with --continue"));
     }
     let outcome = if finished { Outcome::Finished } else { Outcome::Stopped };
-    let mut writer = checkpoints.writer;
-    if owner {
+    if let Some(Checkpoints { mut writer, .. }) = checkpoints {
         run.checkpoint(&trainer, |c| writer.submit(c))?;
-    }
-    writer.finish()?;
-    if owner {
+        writer.finish()?;
         tracing::info!("checkpoint {}", rotation.path_for(run.step, "safetensors").display());
         if outcome == Outcome::Finished {
             reporter.last_eval = evaluate(&trainer, &run).or(reporter.last_eval);

@@ -340,6 +340,9 @@ impl Trainer {
     /// reaches the same: a variable no rank's loss reaches keeps no gradient and is not updated,
     /// as in one process.
     pub fn backward(&self, loss: &Tensor) -> Result<()> {
+        if let Some(failure) = self.model.take_sync_failure() {
+            return Err(failure.context("SyncBatchNorm's statistics over the ranks (train.sync_bn)"));
+        }
         if let Some(parallel) = &self.parallel {
             let params: Vec<&Tensor> = self.trainable.iter().collect();
             let reached = crate::torch_ext::reached_by(loss, &params);
