@@ -29,6 +29,8 @@ fn main() {
         })
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=ADAMCU_LIBTORCH_VERSION={version}");
+    // The libtorch folder this build links, for the tests (is it a CUDA wheel?).
+    println!("cargo:rustc-env=ADAMCU_LIBTORCH_LIB={lib_dir}");
 
     let root = lib.parent().expect("libtorch lib dir has a parent");
     let mut build = cc::Build::new();
@@ -56,8 +58,9 @@ fn main() {
         build.include(&cuda_include).define("ADAMCU_CUDA_STATS", None);
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
     }
-    // ProcessGroupNCCL's header pulls in ATen's CUDA headers, which need a whole CUDA toolkit's
-    // (libcu++'s nv/target among them): the wheel's runtime headers are not enough. Without
+    // ProcessGroupNCCL's header pulls in ATen's CUDA headers, which need more than the wheel's
+    // runtime headers (crt/host_config.h and libcu++'s nv/target): a CUDA toolkit's, or pip's
+    // nvidia-cuda-crt and nvidia-cuda-cccl (scripts/setup-libtorch.sh installs them). Without
     // them, the NCCL backend reports at run time that it was not built in.
     if let Some((toolkit, nccl)) = cuda.then(|| find_nccl_build(root)).flatten() {
         build.include(toolkit).include(nccl).define("USE_C10D_NCCL", None).define("ADAMCU_NCCL", None);
@@ -78,12 +81,17 @@ fn find_cuda_include(torch_root: &Path) -> Option<PathBuf> {
         .find(|p| p.join("cuda_runtime_api.h").exists() && p.join("crt/host_config.h").exists())
 }
 
-/// A CUDA toolkit's include folder (`CUDA_HOME`, else /usr/local/cuda) with libcu++'s headers,
-/// and the NCCL headers pip's nvidia-nccl wheel ships beside torch.
+/// An include folder with every CUDA header ProcessGroupNCCL's needs (the runtime's, crt's and
+/// libcu++'s nv/target): a CUDA toolkit's (`CUDA_HOME`, else /usr/local/cuda), or pip's
+/// nvidia/<cuXX>/include beside torch once nvidia-cuda-crt and nvidia-cuda-cccl are in it; and
+/// the NCCL headers pip's nvidia-nccl wheel ships beside torch.
 fn find_nccl_build(torch_root: &Path) -> Option<(PathBuf, PathBuf)> {
     let home = std::env::var("CUDA_HOME").unwrap_or_else(|_| "/usr/local/cuda".into());
-    let toolkit = Path::new(&home).join("include");
-    let nccl = torch_root.parent()?.join("nvidia/nccl/include");
-    (toolkit.join("nv/target").exists() && toolkit.join("cuda_runtime_api.h").exists() && nccl.join("nccl.h").exists())
-        .then_some((toolkit, nccl))
+    let site = torch_root.parent()?;
+    let pip = std::fs::read_dir(site.join("nvidia")).into_iter().flatten().flatten().map(|e| e.path().join("include"));
+    let toolkit = [Path::new(&home).join("include")].into_iter().chain(pip).find(|p| {
+        ["nv/target", "cuda_runtime_api.h", "crt/host_config.h"].iter().all(|header| p.join(header).exists())
+    })?;
+    let nccl = site.join("nvidia/nccl/include");
+    nccl.join("nccl.h").exists().then_some((toolkit, nccl))
 }

@@ -1,8 +1,8 @@
 // libtorch's distributed engine (c10d) for data-parallel training, reached from Rust:
 // - rendezvous through c10d's TCPStore (rank 0 hosts it at MASTER_ADDR:MASTER_PORT, as
 //   torchrun's default rendezvous does);
-// - a ProcessGroupGloo on the CPU, a ProcessGroupNCCL on CUDA (built when the CUDA wheel's
-//   NCCL headers are there: ADAMCU_NCCL);
+// - a ProcessGroupGloo on the CPU, a ProcessGroupNCCL on CUDA (built when the CUDA headers it
+//   needs and the wheel's NCCL headers are there: ADAMCU_NCCL, build.rs);
 // - the collectives a data-parallel step needs: all-reduce (sum), all-gather, broadcast and a
 //   barrier, each waited on with the group's timeout so that a dead peer is an error, not a hang.
 //

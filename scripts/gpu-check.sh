@@ -96,5 +96,32 @@ ripu_rounds() {
 }
 section "RIPU: selection rounds and round steps at RIPU's sizes, online FDA in the loader" ripu_rounds
 
+# Data-parallel on NCCL (issue 34): `doctor` says whether the binary has the NCCL backend
+# ("c10d gloo, nccl"); then the step benchmark as one process and as one rank per GPU (c10d's
+# NCCL, the Reducer's buckets, SyncBatchNorm; the efficiency line), and a short two-stage run
+# with --nproc whose ledger must spend the same budget as one process's. NCCL takes one GPU
+# per rank, so with one GPU there is nothing to run: the section says so and passes.
+nccl_ranks() {
+  local gpus
+  gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l)
+  "$BIN" doctor --device "$DEVICE" | grep "c10d .*nccl" >/dev/null || { echo "this binary has no NCCL backend (DEVELOPERS.md)"; return 1; }
+  if ((gpus < 2)); then echo "skipped: $gpus GPU(s); NCCL needs one GPU per rank and at least 2 ranks"; return 0; fi
+  "$BIN" bench step --config pipelines/synth.toml --set "run.device=\"$DEVICE\"" --iterations "${ITERATIONS:-20}" \
+    --warmup "${WARMUP:-5}" --nproc "$gpus" || return 1
+  WORK=${WORK:-$(mktemp -d)}
+  ADAMCU_DATA="$WORK/data" "$BIN" datasets synth --config pipelines/synth.toml || return 1
+  # The first run writes the translated source (rank 0 of the second would otherwise).
+  local nproc args
+  for nproc in 1 "$gpus"; do
+    args=()
+    ((nproc > 1)) && args=(--nproc "$nproc")
+    ADAMCU_DATA="$WORK/data" "$BIN" train --config pipelines/synth.toml --set "run.device=\"$DEVICE\"" \
+      --set "run.runs_dir=\"$WORK/runs-nccl-$nproc\"" --set train.source_iterations=50 --set active.iterations=50 \
+      "${args[@]}" 2>&1 | tail -5
+    ((PIPESTATUS[0] == 0)) || return 1
+  done
+}
+section "data-parallel: c10d's NCCL, one rank per GPU (step benchmark, a --nproc run's budget)" nccl_ranks
+
 if ((${#failed[@]})); then echo "failed: ${failed[*]}"; exit 1; fi
 echo "all GPU checks ran"

@@ -23,4 +23,20 @@ if [ "$(installed_version || true)" != "$TORCH_VERSION" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" >&2
 fi
 # find_spec locates the package without importing it (importing takes seconds).
-"$python" -c 'import importlib.util as u; print(u.find_spec("torch").submodule_search_locations[0])'
+torch_dir=$("$python" -c 'import importlib.util as u; print(u.find_spec("torch").submodule_search_locations[0])')
+
+# A CUDA wheel ships the CUDA runtime's headers but not the two more that ProcessGroupNCCL's
+# header needs to compile (crt/host_config.h and libcu++'s nv/target): PyPI's nvidia-cuda-crt
+# and nvidia-cuda-cccl (about 20 MB) at the wheel's CUDA version add them, so that build.rs
+# builds the NCCL backend (DEVELOPERS.md). Without them (offline) the build goes on without NCCL.
+if [ -e "$torch_dir/lib/libtorch_cuda.so" ]; then
+  cuda_version=$("$python" -c 'import importlib.metadata as m; print(".".join(m.version("nvidia-cuda-runtime").split(".")[:2]))' 2>/dev/null || true)
+  include=$(dirname "$torch_dir")/nvidia/cu${cuda_version%%.*}/include
+  if [ -n "$cuda_version" ] && { [ ! -e "$include/crt/host_config.h" ] || [ ! -e "$include/nv/target" ]; }; then
+    echo "adamcu: installing nvidia-cuda-crt and nvidia-cuda-cccl $cuda_version.* (headers for the NCCL backend)" >&2
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+      "nvidia-cuda-crt==$cuda_version.*" "nvidia-cuda-cccl==$cuda_version.*" >&2 ||
+      echo "adamcu: could not install them; the NCCL backend will not be built" >&2
+  fi
+fi
+echo "$torch_dir"

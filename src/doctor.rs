@@ -61,6 +61,9 @@ pub fn run(choice: DeviceChoice) -> Result<()> {
         println!("cudnn       {} (version {})", tch::Cuda::cudnn_is_available(), tch::utils::version_cudnn());
     }
     println!("threads     {} intra-op, {} inter-op", tch::get_num_threads(), tch::get_num_interop_threads());
+    // Data-parallel backends built in (build.rs): Gloo always, NCCL where its headers were found.
+    let nccl = if cfg!(adamcu_nccl) { ", nccl" } else { " (nccl not built in: DEVELOPERS.md)" };
+    println!("c10d        gloo{nccl}");
     let device = choice.resolve()?;
     println!("device      {device:?}");
     let started = std::time::Instant::now();

@@ -17,6 +17,11 @@ fn doctor_command_reports_versions_and_passes_on_cpu() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("libtorch    2.11.0"), "{stdout}");
     assert!(stdout.contains("smoke check ok"), "{stdout}");
+    // With a CUDA libtorch (PyPI's wheel) the NCCL backend is built in: the setup script adds
+    // the headers ProcessGroupNCCL needs, and build.rs finds them.
+    let cuda_wheel = std::path::Path::new(env!("ADAMCU_LIBTORCH_LIB")).join("libtorch_cuda.so").exists();
+    let backends = if cuda_wheel { "c10d        gloo, nccl" } else { "c10d        gloo" };
+    assert!(stdout.contains(backends), "{stdout}");
 }
 
 #[test]
