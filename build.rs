@@ -72,11 +72,14 @@ fn main() {
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
 }
 
+/// pip's CUDA include folders beside torch: nvidia/<package>/include.
+fn pip_cuda_includes(site: &Path) -> impl Iterator<Item = PathBuf> {
+    std::fs::read_dir(site.join("nvidia")).into_iter().flatten().flatten().map(|e| e.path().join("include"))
+}
+
 fn find_cuda_include(torch_root: &Path) -> Option<PathBuf> {
     let site = torch_root.parent()?;
-    let nvidia =
-        std::fs::read_dir(site.join("nvidia")).into_iter().flatten().flatten().map(|e| e.path().join("include"));
-    nvidia
+    pip_cuda_includes(site)
         .chain([site.join("triton/backends/nvidia/include")])
         .find(|p| p.join("cuda_runtime_api.h").exists() && p.join("crt/host_config.h").exists())
 }
@@ -88,8 +91,7 @@ fn find_cuda_include(torch_root: &Path) -> Option<PathBuf> {
 fn find_nccl_build(torch_root: &Path) -> Option<(PathBuf, PathBuf)> {
     let home = std::env::var("CUDA_HOME").unwrap_or_else(|_| "/usr/local/cuda".into());
     let site = torch_root.parent()?;
-    let pip = std::fs::read_dir(site.join("nvidia")).into_iter().flatten().flatten().map(|e| e.path().join("include"));
-    let toolkit = [Path::new(&home).join("include")].into_iter().chain(pip).find(|p| {
+    let toolkit = [Path::new(&home).join("include")].into_iter().chain(pip_cuda_includes(site)).find(|p| {
         ["nv/target", "cuda_runtime_api.h", "crt/host_config.h"].iter().all(|header| p.join(header).exists())
     })?;
     let nccl = site.join("nvidia/nccl/include");

@@ -98,9 +98,10 @@ section "RIPU: selection rounds and round steps at RIPU's sizes, online FDA in t
 
 # Data-parallel on NCCL (issue 34): `doctor` says whether the binary has the NCCL backend
 # ("c10d gloo, nccl"); then the step benchmark as one process and as one rank per GPU (c10d's
-# NCCL, the Reducer's buckets, SyncBatchNorm; the efficiency line), and a short two-stage run
-# with --nproc whose ledger must spend the same budget as one process's. NCCL takes one GPU
-# per rank, so with one GPU there is nothing to run: the section says so and passes.
+# NCCL, the Reducer's buckets, SyncBatchNorm; the efficiency line), and the embedded default's
+# run (translation, source, ADA-MCU) as one process and with --nproc, which must spend the same
+# budget. NCCL takes one GPU per rank, so with one GPU there is nothing to run: the section
+# says so and passes.
 nccl_ranks() {
   local gpus
   gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l)
@@ -110,16 +111,23 @@ nccl_ranks() {
     --warmup "${WARMUP:-5}" --nproc "$gpus" || return 1
   WORK=${WORK:-$(mktemp -d)}
   ADAMCU_DATA="$WORK/data" "$BIN" datasets synth --config pipelines/synth.toml || return 1
-  # The first run writes the translated source (rank 0 of the second would otherwise).
-  local nproc args
+  # The first run writes the translated source (rank 0 of the second would otherwise). Each
+  # run's budget as `adamcu status` reads it from status.json ("budget Ma/Me px ..."). The
+  # embedded default's schedule spends all of Me, which both must reach: a shorter run's partial
+  # spend follows the weights, which rounding makes differ between one process and N ranks
+  # (4 ADA steps on the CPU: 25,893 against 25,579 px).
+  local nproc args budgets=()
   for nproc in 1 "$gpus"; do
     args=()
     ((nproc > 1)) && args=(--nproc "$nproc")
     ADAMCU_DATA="$WORK/data" "$BIN" train --config pipelines/synth.toml --set "run.device=\"$DEVICE\"" \
-      --set "run.runs_dir=\"$WORK/runs-nccl-$nproc\"" --set train.source_iterations=50 --set active.iterations=50 \
+      --set "run.runs_dir=\"$WORK/runs-nccl-$nproc\"" \
       "${args[@]}" 2>&1 | tail -5
     ((PIPESTATUS[0] == 0)) || return 1
+    budgets+=("$("$BIN" status "$WORK/runs-nccl-$nproc/synth" | grep -o 'budget [0-9]*/[0-9]* px')")
   done
+  echo "one process: ${budgets[0]}; $gpus ranks: ${budgets[1]}"
+  [[ -n ${budgets[0]} && ${budgets[0]} == "${budgets[1]}" ]] || { echo "the runs spent different budgets"; return 1; }
 }
 section "data-parallel: c10d's NCCL, one rank per GPU (step benchmark, a --nproc run's budget)" nccl_ranks
 

@@ -40,6 +40,10 @@ impl BatchNormMode {
         self.sync_failure.lock().expect("the BatchNorm failure lock").is_some()
     }
 
+    fn record_sync_failure(&self, error: anyhow::Error) {
+        *self.sync_failure.lock().expect("the BatchNorm failure lock") = Some(error);
+    }
+
     /// From now on, batch statistics are the job's (no effect on stored statistics).
     pub fn synchronise_over(&self, ranks: Arc<dyn SumOverRanks>) {
         // Set once: a process is one rank of one job.
@@ -85,8 +89,12 @@ impl FrozenBatchNorm {
     /// per-channel count, sum and sum of squares are summed over the ranks (on the autograd
     /// graph, so the gradient flows through every rank's statistics), the batch is normalised by
     /// the job's mean and biased variance, and the running statistics take the unbiased one.
-    /// `None` when the sum over the ranks fails (kept in the mode for the trainer).
+    /// `None` when the sum over the ranks fails (kept in the mode for the trainer) or failed
+    /// earlier in this pass.
     fn synchronised(&self, xs: &Tensor, ranks: &dyn SumOverRanks) -> Option<Tensor> {
+        if self.mode.sync_failed() {
+            return None;
+        }
         let dims: &[i64] = &[0, 2, 3];
         let x = xs.to_kind(Kind::Float);
         let channels = x.size()[1];
@@ -95,13 +103,7 @@ impl FrozenBatchNorm {
             &[x.sum_dim_intlist(dims, false, Kind::Float), x.square().sum_dim_intlist(dims, false, Kind::Float), count],
             0,
         );
-        let total = match ranks.sum_over_ranks(&local) {
-            Ok(total) => total,
-            Err(e) => {
-                *self.mode.sync_failure.lock().expect("the BatchNorm failure lock") = Some(e);
-                return None;
-            }
-        };
+        let total = ranks.sum_over_ranks(&local).map_err(|e| self.mode.record_sync_failure(e)).ok()?;
         let n = total.get(2 * channels);
         let mean = total.narrow(0, 0, channels) / &n;
         let var = (total.narrow(0, channels, channels) / &n - mean.square()).clamp_min(0.0);
@@ -123,10 +125,8 @@ impl ModuleT for FrozenBatchNorm {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         let batch = train && self.mode.batch_stats;
         if let (true, Some(ranks)) = (batch, self.mode.sync.get()) {
-            if !self.mode.sync_failed() {
-                if let Some(ys) = self.synchronised(xs, ranks.as_ref()) {
-                    return ys;
-                }
+            if let Some(ys) = self.synchronised(xs, ranks.as_ref()) {
+                return ys;
             }
         }
         Tensor::batch_norm(

@@ -141,12 +141,13 @@ pub fn run(config: &Config, options: DaemonOptions) -> Result<Outcome> {
         run.capture_checkpoint(&trainer).write(&rotation)?;
     }
     // Rank 0 writes the checkpoints; the other ranks start no writer.
-    let mut checkpoints = match owner {
-        true => Some(Checkpoints {
+    let mut checkpoints = if owner {
+        Some(Checkpoints {
             writer: CheckpointWriter::start(rotation.clone())?,
             every: config.train.checkpoint_every as u64,
-        }),
-        false => None,
+        })
+    } else {
+        None
     };
 
     // A resumed run keeps showing the evaluation it had.
