@@ -43,6 +43,8 @@ pub const CONTRAST_ANCHORS: &str = "adamcu_contrast_anchors";
 pub const CONTRAST_POSITIVES: &str = "adamcu_contrast_positive_pairs";
 pub const CONTRAST_GRADIENT_RATIO: &str = "adamcu_contrast_gradient_ratio";
 pub const CONTRAST_LEVEL_GRADIENT_RATIO: &str = "adamcu_contrast_level_gradient_ratio";
+pub const CONTRAST_GRADIENT_COSINE: &str = "adamcu_contrast_gradient_cosine";
+pub const CONTRAST_LEVEL_GRADIENT_COSINE: &str = "adamcu_contrast_level_gradient_cosine";
 pub const DCCM_MAX: &str = "adamcu_dccm_max";
 pub const TRANSLATE_ITERATIONS: &str = "adamcu_translate_iterations_total";
 pub const TRANSLATE_LOSS: &str = "adamcu_translate_loss";
@@ -142,6 +144,16 @@ fn describe() {
         "|grad of one level's weighted p2p + c2c| / |grad of L_seg| at the backbone's output, \
         measured on log steps."
     );
+    describe_gauge!(
+        CONTRAST_GRADIENT_COSINE,
+        "Cosine between the gradients of weighted L_con and of L_seg at the backbone's output \
+        (below 0: L_con pulls against segmentation), measured on log steps."
+    );
+    describe_gauge!(
+        CONTRAST_LEVEL_GRADIENT_COSINE,
+        "Cosine between the gradients of one level's weighted p2p + c2c and of L_seg at the \
+        backbone's output, measured on log steps."
+    );
     describe_gauge!(DCCM_MAX, "The largest entry of the DCCM W.");
     describe_counter!(
         TRANSLATE_ITERATIONS,
@@ -231,15 +243,23 @@ pub fn contrast_level(level: &'static str, domain: &'static str, anchors: f64, p
     gauge!(CONTRAST_POSITIVES, "level" => level, "domain" => domain).set(positives);
 }
 
-/// One level's gradient ratio on the last diagnosed step.
-pub fn contrast_level_gradient_ratio(level: &'static str, ratio: f64) {
-    gauge!(CONTRAST_LEVEL_GRADIENT_RATIO, "level" => level).set(ratio);
+/// One level's gradient ratio and cosine against L_seg on the last diagnosed step.
+pub fn contrast_level_gradient(level: &'static str, ratio: Option<f64>, cosine: Option<f64>) {
+    if let Some(ratio) = ratio {
+        gauge!(CONTRAST_LEVEL_GRADIENT_RATIO, "level" => level).set(ratio);
+    }
+    if let Some(cosine) = cosine {
+        gauge!(CONTRAST_LEVEL_GRADIENT_COSINE, "level" => level).set(cosine);
+    }
 }
 
-/// The gradient ratio (on diagnosed steps) and max(W) of the last step.
-pub fn contrast_step(gradient_ratio: Option<f64>, dccm_max: f64) {
+/// The gradient ratio and cosine (on diagnosed steps) and max(W) of the last step.
+pub fn contrast_step(gradient_ratio: Option<f64>, gradient_cosine: Option<f64>, dccm_max: f64) {
     if let Some(ratio) = gradient_ratio {
         gauge!(CONTRAST_GRADIENT_RATIO).set(ratio);
+    }
+    if let Some(cosine) = gradient_cosine {
+        gauge!(CONTRAST_GRADIENT_COSINE).set(cosine);
     }
     gauge!(DCCM_MAX).set(dccm_max);
 }

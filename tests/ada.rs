@@ -7,7 +7,7 @@ use adamcu::active::ledger::{Ledger, LedgerError, LedgerImage};
 use adamcu::active::oracle::{Oracle, SealedLabels};
 use adamcu::active::sampling::{bought_before, BatchSelection, CropPixels, Sampler, Settled};
 use adamcu::active::uncertainty::uncertainty;
-use adamcu::config::{ActiveConfig, Config, ContrastConfig, Level, Schedule};
+use adamcu::config::{ActiveConfig, Config, ContrastConfig, CrossDomainAnchors, Level, Schedule};
 use adamcu::contrast::dccm::Dccm;
 use adamcu::contrast::infonce::{info_nce_units, Points};
 use adamcu::contrast::units::{class_centers, contrastive_losses, unit_pairs, DomainBatch};
@@ -217,9 +217,15 @@ fn category_centers_are_normalised_class_means() {
 
 #[test]
 fn units_pair_images_at_each_level() {
-    assert_eq!(unit_pairs(Level::IntraImage, 2, 2), [(0, 0), (1, 1), (2, 2), (3, 3)]);
-    assert_eq!(unit_pairs(Level::CrossImage, 2, 2), [(0, 1), (1, 0), (2, 3), (3, 2)]);
-    assert_eq!(unit_pairs(Level::CrossDomain, 2, 2), [(0, 2), (1, 3), (2, 0), (3, 1)]);
+    let both = CrossDomainAnchors::Both;
+    assert_eq!(unit_pairs(Level::IntraImage, both, 2, 2), [(0, 0), (1, 1), (2, 2), (3, 3)]);
+    assert_eq!(unit_pairs(Level::CrossImage, both, 2, 2), [(0, 1), (1, 0), (2, 3), (3, 2)]);
+    assert_eq!(unit_pairs(Level::CrossDomain, both, 2, 2), [(0, 2), (1, 3), (2, 0), (3, 1)]);
+    // One direction: target anchors (images 2, 3) against source keys only, or the reverse;
+    // the intra-domain levels do not depend on it.
+    assert_eq!(unit_pairs(Level::CrossDomain, CrossDomainAnchors::Target, 2, 2), [(2, 0), (3, 1)]);
+    assert_eq!(unit_pairs(Level::CrossDomain, CrossDomainAnchors::Source, 2, 2), [(0, 2), (1, 3)]);
+    assert_eq!(unit_pairs(Level::CrossImage, CrossDomainAnchors::Target, 2, 2), [(0, 1), (1, 0), (2, 3), (3, 2)]);
 }
 
 fn images(n: usize, w: u32, h: u32) -> Vec<LedgerImage> {

@@ -419,11 +419,26 @@ fn the_runs_source_checkpoint_is_reused_only_if_pretraining_would_be_the_same() 
     assert!(contrast.levels.iter().any(|l| l.source_anchors > 0.0), "{contrast:?}");
     assert!(status.line().contains("contrastive units: p2p anchors (source/target) intra-image"), "{}", status.line());
     assert_eq!(status.budget_pixels, "pixels at the training resolution (64x32 per image)");
-    // The gradient ratio is measured on log steps (every 5): step 5 was one, and it was logged.
-    assert!(log.contains("ada-mcu step 5: p2p anchors") && log.contains("|grad L_con|/|grad L_seg| "), "{log}");
-    // And per level: the step-5 line gives each level's own ratio.
+    // The gradient ratio and cosine are measured on log steps (every 5): step 5 was one, and
+    // they were logged.
+    assert!(
+        log.contains("ada-mcu step 5: p2p anchors") && log.contains("L_con vs L_seg at the features: grad "),
+        "{log}"
+    );
+    // And per level: the step-5 line gives each level's own ratio and cosine, in the status too.
     let line = log.lines().find(|l| l.contains("ada-mcu step 5: p2p anchors")).unwrap();
     assert_eq!(line.matches("(grad ").count(), 3, "{line}");
+    assert_eq!(line.matches(", cos ").count(), 4, "{line}");
+    let cosines: Vec<f64> =
+        contrast.levels.iter().filter_map(|l| l.gradient_cosine).chain(contrast.gradient_cosine).collect();
+    assert!(cosines.len() == 4 && cosines.iter().all(|c| (-1.0..=1.0).contains(c)), "{contrast:?}");
+    // The status is of step 7, which did not measure them: they are step 5's, and it says so.
+    assert_eq!(contrast.gradient_step, Some(5), "{contrast:?}");
+    assert!(status.line().contains("(gradient figures of step 5)"), "{}", status.line());
+    assert!(
+        line.contains(&format!("L_con vs L_seg at the features: grad {:.3}", contrast.gradient_ratio.unwrap())),
+        "{line}"
+    );
 }
 
 #[test]

@@ -124,6 +124,21 @@ choice! {
     }
 }
 
+choice! {
+    /// Whose anchors the cross-domain units hold (Section III-C; docs/algorithm.md, "Contrastive
+    /// units"). The paper's Section I says the level aligns "the feature representations in the
+    /// target domain ... to the source domain"; its Section III-C says only "anchors from one
+    /// image in a certain domain" and keys "from another image from the other domain".
+    pub enum CrossDomainAnchors {
+        /// Both: source anchors against target keys and target anchors against source keys.
+        Both,
+        /// Target anchors against source keys only: the target pulled toward the source.
+        Target,
+        /// Source anchors against target keys only (the reverse, for comparison).
+        Source,
+    }
+}
+
 impl Level {
     pub const ALL: &'static [Level] = <Level as VariantArray>::VARIANTS;
 }
@@ -334,6 +349,7 @@ mod tests {
             Schedule,
             Level,
             DccmFrom,
+            CrossDomainAnchors,
             Preset,
             TranslateMethod,
             FdaWindow,
@@ -351,6 +367,7 @@ mod tests {
         );
         assert_eq!(strum_names::<Strategy>(), ["ada-mcu", "ripu", "entropy", "margin", "random"]);
         assert_eq!(strum_names::<Level>(), ["intra-image", "cross-image", "cross-domain"]);
+        assert_eq!(strum_names::<CrossDomainAnchors>(), ["both", "target", "source"]);
         assert_eq!(strum_names::<TranslateMethod>(), ["none", "cyclegan", "fda"]);
         assert_eq!(allowed(&["a", "b", "c"]), "\"a\", \"b\" or \"c\"");
     }

@@ -379,6 +379,9 @@ pub struct ContrastConfig {
     pub enabled: bool,
     /// The levels whose units are built (Section III-C).
     pub levels: Vec<Level>,
+    /// Whose anchors the cross-domain units hold: both domains' (our reading, the default), or
+    /// only the target's against source keys (Section I's "target aligned to the source").
+    pub cross_domain_anchors: CrossDomainAnchors,
     /// Pixel-to-pixel (Eqs. 9-10) and center-to-center (Eq. 11) InfoNCE.
     pub p2p: bool,
     pub c2c: bool,
@@ -403,6 +406,7 @@ impl Default for ContrastConfig {
         ContrastConfig {
             enabled: true,
             levels: Level::ALL.to_vec(),
+            cross_domain_anchors: CrossDomainAnchors::Both,
             p2p: true,
             c2c: true,
             dccm: true,

@@ -16,7 +16,7 @@
 
 use super::dccm::Dccm;
 use super::infonce::{info_nce_units, Points};
-use crate::config::{ContrastConfig, Level};
+use crate::config::{ContrastConfig, CrossDomainAnchors, Level};
 use crate::torch_ext::l2_normalised;
 use tch::{Kind, Tensor};
 
@@ -201,8 +201,8 @@ pub struct ContrastLosses {
 }
 
 /// Unit pairs (anchor image, key image) of one level over source images 0..ns and target
-/// images ns..ns+nt.
-pub fn unit_pairs(level: Level, ns: usize, nt: usize) -> Vec<(usize, usize)> {
+/// images ns..ns+nt. `cross_domain`: whose anchors the cross-domain units hold.
+pub fn unit_pairs(level: Level, cross_domain: CrossDomainAnchors, ns: usize, nt: usize) -> Vec<(usize, usize)> {
     let domains = [(0..ns).collect::<Vec<_>>(), (ns..ns + nt).collect()];
     match level {
         Level::IntraImage => (0..ns + nt).map(|i| (i, i)).collect(),
@@ -212,7 +212,13 @@ pub fn unit_pairs(level: Level, ns: usize, nt: usize) -> Vec<(usize, usize)> {
             .flat_map(|d| (0..d.len()).map(move |j| (d[j], d[(j + 1) % d.len()])))
             .collect(),
         Level::CrossDomain if ns > 0 && nt > 0 => {
-            (0..ns).map(|j| (j, ns + j % nt)).chain((0..nt).map(|j| (ns + j, j % ns))).collect()
+            let source_anchors = (0..ns).map(|j| (j, ns + j % nt));
+            let target_anchors = (0..nt).map(|j| (ns + j, j % ns));
+            match cross_domain {
+                CrossDomainAnchors::Both => source_anchors.chain(target_anchors).collect(),
+                CrossDomainAnchors::Source => source_anchors.collect(),
+                CrossDomainAnchors::Target => target_anchors.collect(),
+            }
         }
         // A batch without both domains has no cross-domain units.
         Level::CrossDomain => Vec::new(),
@@ -242,7 +248,11 @@ pub fn contrastive_losses(
         .levels
         .iter()
         .enumerate()
-        .flat_map(|(l, level)| unit_pairs(*level, ns, nt).into_iter().map(move |(a, k)| (a as i64, k as i64, l as i64)))
+        .flat_map(|(l, level)| {
+            unit_pairs(*level, config.cross_domain_anchors, ns, nt)
+                .into_iter()
+                .map(move |(a, k)| (a as i64, k as i64, l as i64))
+        })
         .collect();
     if pairs.is_empty() {
         return ContrastLosses { p2p: None, c2c: None, per_level: None, usage: None };

@@ -51,7 +51,11 @@ impl Status {
             self.budget_limit_pixels, 100.0 * self.labeled_fraction, self.bottleneck, 100.0 * self.trainer_wait_share,
             self.loss, indicatif::HumanBytes(self.disk_free_bytes),
             self.last_eval.map_or(String::new(), |e| format!(" | mIoU {:.1} at step {}", e.miou, e.step)),
-            self.contrast.as_ref().map_or(String::new(), |d| format!("\n  contrastive units: {}", d.line())))
+            self.contrast.as_ref().map_or(String::new(), |d| format!(
+                "\n  contrastive units: {}{}",
+                d.line(),
+                d.gradient_step.map_or(String::new(), |s| format!(" (gradient figures of step {s})"))
+            )))
     }
 
     pub fn write(&self, run_dir: &Path) -> Result<()> {

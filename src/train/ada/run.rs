@@ -113,7 +113,10 @@ impl AdaRun {
         // The gradient ratio costs two backward passes through the heads: on log steps only.
         let diagnose = c.train.log_every > 0 && self.step.is_multiple_of(c.train.log_every as u64);
         trainer.ada_update(&mut out, &mut self.optimizer, lr, diagnose)?;
-        let (losses, settled) = trainer.ada_settle(&mut self.state, &out)?;
+        let (mut losses, settled) = trainer.ada_settle(&mut self.state, &out)?;
+        if let Some(d) = losses.contrast.as_mut() {
+            d.gradient_measured_or_kept(self.step, self.last.contrast.as_ref());
+        }
         (self.last, self.last_lr) = (losses, lr);
         self.stage.busy(busy.elapsed());
         self.stage.item();

@@ -35,7 +35,8 @@ pub struct StepOutput {
     /// `ContrastLosses::usage` and max(W), read back with the losses.
     usage: Option<Tensor>,
     dccm_max: Option<Tensor>,
-    /// Set by `ada_update` on a diagnosed step: [1 + levels], L_con's ratio then each level's.
+    /// Set by `ada_update` on a diagnosed step: [2 (ratio, cosine), 1 + levels], L_con's
+    /// figures then each level's (`gradient_ratios`).
     gradient_ratios: Option<Tensor>,
 }
 
@@ -43,23 +44,35 @@ fn nearest(t: &Tensor, h: i64, w: i64) -> Tensor {
     t.unsqueeze(1).to_kind(Kind::Float).upsample_nearest2d([h, w], None, None).squeeze_dim(1)
 }
 
-/// ||d con / d features|| / ||d seg / d features|| over all feature tensors, for L_con and then
-/// for each level's share of it ([1 + levels]), keeping the graph for the update's backward
-/// pass. Each level's ratio shows whether that level's units move the backbone at all: a level
-/// whose loss is flat, or whose units have no usable anchor, has a ratio near 0. None when a
-/// loss does not reach the features.
+/// How L_con and each level's share of it move the backbone against L_seg, keeping the graph
+/// for the update's backward pass: [2, 1 + levels], row 0 the ratios ||d con / d features|| /
+/// ||d seg / d features|| over all feature tensors, row 1 the cosines between those gradients
+/// and L_seg's (L_con first, then each level). A level whose loss is flat, or whose units have
+/// no usable anchor, has a ratio near 0; one whose cosine is near -1 pulls the features
+/// against segmentation, one near 0 in directions segmentation does not care about. None when
+/// a loss does not reach the features.
 fn gradient_ratios(seg: &Tensor, con: &Tensor, con_levels: &Tensor, features: &[Tensor]) -> Option<Tensor> {
-    let norm = |loss: &Tensor| -> Option<Tensor> {
+    let gradient = |loss: &Tensor| -> Option<Vec<Tensor>> {
         let grads = Tensor::f_run_backward(&[loss], features, true, false).ok()?;
-        let squares: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
-        Some(Tensor::stack(&squares, 0).sum(Kind::Float).sqrt())
+        Some(grads.iter().map(|g| g.to_kind(Kind::Float)).collect())
     };
-    let seg = norm(seg)?.clamp_min(1e-20);
-    let mut norms = vec![norm(con)?];
-    for l in 0..con_levels.size()[0] {
-        norms.push(norm(&con_levels.get(l))?);
+    // Sum over the feature tensors of the element-wise products of two gradients.
+    let dot = |a: &[Tensor], b: &[Tensor]| -> Tensor {
+        let parts: Vec<Tensor> = a.iter().zip(b).map(|(x, y)| (x * y).sum(Kind::Float)).collect();
+        Tensor::stack(&parts, 0).sum(Kind::Float)
+    };
+    let seg = gradient(seg)?;
+    let seg_norm = dot(&seg, &seg).sqrt().clamp_min(1e-20);
+    let mut ratios = Vec::new();
+    let mut cosines = Vec::new();
+    let levels = (0..con_levels.size()[0]).map(|l| con_levels.get(l));
+    for loss in std::iter::once(con.shallow_clone()).chain(levels) {
+        let g = gradient(&loss)?;
+        let norm = dot(&g, &g).sqrt();
+        cosines.push(dot(&g, &seg) / (&norm * &seg_norm).clamp_min(1e-20));
+        ratios.push(norm / &seg_norm);
     }
-    Some(Tensor::stack(&norms, 0) / seg)
+    Some(Tensor::stack(&[Tensor::stack(&ratios, 0), Tensor::stack(&cosines, 0)], 0))
 }
 
 impl StepOutput {
@@ -173,15 +186,21 @@ impl Trainer {
 
         // DCCM (Eqs. 7-8) from the pixels whose true label is known this iteration: the
         // target's revealed labels, and with `dccm_from = "both"` the source's ground truth.
-        let prediction_s =
-            upsample(&out_s.main, source_labels.size()[1], source_labels.size()[2]).detach().argmax(1, false);
+        // The source prediction only when something uses it (source anchors, `dccm_from =
+        // "both"`): an AL row without units skips a full-resolution argmax a step.
+        let prediction_s_once = std::cell::OnceCell::new();
+        let prediction_s = || {
+            prediction_s_once.get_or_init(|| {
+                upsample(&out_s.main, source_labels.size()[1], source_labels.size()[2]).detach().argmax(1, false)
+            })
+        };
         let dccm_on = c.contrast.enabled && c.contrast.dccm;
         if dccm_on {
             let (labels, predictions) = match c.contrast.dccm_from {
                 DccmFrom::Target => (revealed.flatten(0, -1), prediction_t.flatten(0, -1)),
                 DccmFrom::Both => (
                     Tensor::cat(&[source_labels.flatten(0, -1), revealed.flatten(0, -1)], 0),
-                    Tensor::cat(&[prediction_s.flatten(0, -1), prediction_t.flatten(0, -1)], 0),
+                    Tensor::cat(&[prediction_s().flatten(0, -1), prediction_t.flatten(0, -1)], 0),
                 ),
             };
             // Data-parallel, the job's counts: every rank's W stays the one of the whole batch.
@@ -209,7 +228,7 @@ impl Trainer {
             let t = state.sampler.thresholds;
             let source = DomainBatch {
                 embedding: out_s.embedding.shallow_clone(),
-                anchors: source_labels.ne(255).logical_and(&prediction_s.ne_tensor(&source_labels)),
+                anchors: source_labels.ne(255).logical_and(&prediction_s().ne_tensor(&source_labels)),
                 low: scores_s.lt(t.pi_low).logical_and(&labels_s_low.ne(255)),
                 center_classes: labels_s_low.clamp_max(classes - 1),
                 labels: source_labels.shallow_clone(),
@@ -303,7 +322,9 @@ impl Trainer {
             None => report.shallow_clone(),
         };
         let settled = state.sampler.settle_job(&out.selection, &job_report, &mut state.ledger);
-        let ratios: Option<&[f32]> = ratios.map(|r| &values[r]);
+        // Row 0 the ratios, row 1 the cosines, each L_con's then one per level.
+        let halves = ratios.map(|r| values[r.clone()].split_at(r.len() / 2));
+        let (ratios, cosines) = (halves.map(|h| h.0), halves.map(|h| h.1));
         let contrast = out.con.as_ref().map(|_| ContrastDiagnostics {
             levels: match &usage {
                 Some(usage) => self
@@ -320,14 +341,44 @@ impl Trainer {
                         target_anchors: u[2] as f64,
                         target_positives: u[3] as f64,
                         gradient_ratio: ratios.map(|r| r[1 + l] as f64),
+                        gradient_cosine: cosines.map(|c| c[1 + l] as f64),
                     })
                     .collect(),
                 None => Vec::new(),
             },
             gradient_ratio: ratios.map(|r| r[0] as f64),
+            gradient_cosine: cosines.map(|c| c[0] as f64),
+            // Set by the run, which knows the step (`gradient_measured_or_kept`).
+            gradient_step: None,
             dccm_max: values[dccm_max] as f64,
         });
         let losses = StepLosses { terms: terms.map(|&i| values[i] as f64), total: values[total] as f64, contrast };
         Ok((losses, settled))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gradient_ratios;
+    use tch::{Kind, Tensor};
+
+    #[test]
+    fn gradient_ratios_and_cosines_are_taken_against_the_segmentation_gradient() {
+        // Linear losses of the features x: each gradient is its coefficient vector. L_seg's is
+        // (1, 0, 0, 0); L_con's (1, 1, 0, 0) is the sum of two levels', (1, 0, 0, 0) and
+        // (0, 1, 0, 0): ratios sqrt 2, 1, 1 and cosines 1/sqrt 2, 1, 0.
+        let x = Tensor::zeros([2, 2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let linear = |c: [f32; 4]| (&x * Tensor::from_slice(&c).view([2, 2])).sum(Kind::Float);
+        let seg = linear([1.0, 0.0, 0.0, 0.0]);
+        let levels = Tensor::stack(&[linear([1.0, 0.0, 0.0, 0.0]), linear([0.0, 1.0, 0.0, 0.0])], 0);
+        let con = levels.sum(Kind::Float);
+        let figures = gradient_ratios(&seg, &con, &levels, &[x.shallow_clone()]).unwrap();
+        let figures = Vec::<f32>::try_from(figures.flatten(0, -1)).unwrap();
+        let expected = [2f32.sqrt(), 1.0, 1.0, 1.0 / 2f32.sqrt(), 1.0, 0.0];
+        assert!(figures.iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-6), "{figures:?}");
+        // A level pulling against segmentation has cosine -1.
+        let against = linear([-2.0, 0.0, 0.0, 0.0]);
+        let figures = gradient_ratios(&seg, &against, &against.unsqueeze(0), &[x.shallow_clone()]).unwrap();
+        assert_eq!(Vec::<f32>::try_from(figures.flatten(0, -1)).unwrap(), [2.0, 2.0, -1.0, -1.0]);
     }
 }
