@@ -110,7 +110,7 @@ impl AdaRun {
         )?;
         let horizon = c.active.poly_horizon.map_or(self.iterations, |h| h as u64);
         let lr = poly_lr(c.train.lr, self.step, horizon, c.train.poly_power);
-        // The gradient ratio costs two backward passes through the heads: on log steps only.
+        // The gradient figures cost 2 + levels backward passes through the heads: on log steps only.
         let diagnose = c.train.log_every > 0 && self.step.is_multiple_of(c.train.log_every as u64);
         trainer.ada_update(&mut out, &mut self.optimizer, lr, diagnose)?;
         let (mut losses, settled) = trainer.ada_settle(&mut self.state, &out)?;

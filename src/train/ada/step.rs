@@ -26,7 +26,7 @@ pub struct StepOutput {
     /// The target draw, recorded in the ledger by `Trainer::ada_settle` after the update.
     pub selection: BatchSelection,
     /// L_seg, and L_con as weighted in the total, whole and per level [levels] (for the
-    /// gradient ratios).
+    /// gradient figures).
     seg: Tensor,
     con: Option<Tensor>,
     con_levels: Option<Tensor>,
@@ -36,8 +36,8 @@ pub struct StepOutput {
     usage: Option<Tensor>,
     dccm_max: Option<Tensor>,
     /// Set by `ada_update` on a diagnosed step: [2 (ratio, cosine), 1 + levels], L_con's
-    /// figures then each level's (`gradient_ratios`).
-    gradient_ratios: Option<Tensor>,
+    /// figures then each level's (`gradient_figures`).
+    gradient_figures: Option<Tensor>,
 }
 
 fn nearest(t: &Tensor, h: i64, w: i64) -> Tensor {
@@ -51,7 +51,7 @@ fn nearest(t: &Tensor, h: i64, w: i64) -> Tensor {
 /// no usable anchor, has a ratio near 0; one whose cosine is near -1 pulls the features
 /// against segmentation, one near 0 in directions segmentation does not care about. None when
 /// a loss does not reach the features.
-fn gradient_ratios(seg: &Tensor, con: &Tensor, con_levels: &Tensor, features: &[Tensor]) -> Option<Tensor> {
+fn gradient_figures(seg: &Tensor, con: &Tensor, con_levels: &Tensor, features: &[Tensor]) -> Option<Tensor> {
     let gradient = |loss: &Tensor| -> Option<Vec<Tensor>> {
         let grads = Tensor::f_run_backward(&[loss], features, true, false).ok()?;
         Some(grads.iter().map(|g| g.to_kind(Kind::Float)).collect())
@@ -104,7 +104,7 @@ impl StepOutput {
             features,
             usage: None,
             dccm_max: None,
-            gradient_ratios: None,
+            gradient_figures: None,
         }
     }
 }
@@ -272,7 +272,7 @@ impl Trainer {
             features,
             usage,
             dccm_max,
-            gradient_ratios: None,
+            gradient_figures: None,
         })
     }
 
@@ -288,12 +288,13 @@ impl Trainer {
     }
 
     /// The backward pass and the SGD update at `lr`: queued on the device, nothing read back.
-    /// A `diagnose`d step first measures the gradient ratios of `ContrastDiagnostics`.
+    /// A `diagnose`d step first measures the gradient figures (ratios and cosines) of
+    /// `ContrastDiagnostics`.
     pub fn ada_update(&self, out: &mut StepOutput, optimizer: &mut Sgd, lr: f64, diagnose: bool) -> Result<()> {
         optimizer.zero_grad();
         if diagnose {
             if let (Some(con), Some(levels)) = (&out.con, &out.con_levels) {
-                out.gradient_ratios = gradient_ratios(&out.seg, con, levels, &out.features);
+                out.gradient_figures = gradient_figures(&out.seg, con, levels, &out.features);
             }
         }
         self.backward(&out.total)?;
@@ -312,7 +313,7 @@ impl Trainer {
         let terms = out.terms.map(|t| readback.scalar(t.as_ref(), 0.0));
         let total = readback.scalar(Some(&out.total), 0.0);
         let dccm_max = readback.scalar(out.dccm_max.as_ref(), 0.0);
-        let ratios = out.gradient_ratios.as_ref().map(|r| readback.values(r));
+        let figures = out.gradient_figures.as_ref().map(|r| readback.values(r));
         // [levels, 2 (source, target), 2 (anchors, positives)]: see `ContrastLosses::usage`.
         let usage = out.usage.as_ref().map(|u| readback.values(u));
         let values = readback.read();
@@ -323,7 +324,7 @@ impl Trainer {
         };
         let settled = state.sampler.settle_job(&out.selection, &job_report, &mut state.ledger);
         // Row 0 the ratios, row 1 the cosines, each L_con's then one per level.
-        let halves = ratios.map(|r| values[r.clone()].split_at(r.len() / 2));
+        let halves = figures.map(|r| values[r.clone()].split_at(r.len() / 2));
         let (ratios, cosines) = (halves.map(|h| h.0), halves.map(|h| h.1));
         let contrast = out.con.as_ref().map(|_| ContrastDiagnostics {
             levels: match &usage {
@@ -359,11 +360,11 @@ impl Trainer {
 
 #[cfg(test)]
 mod tests {
-    use super::gradient_ratios;
+    use super::gradient_figures;
     use tch::{Kind, Tensor};
 
     #[test]
-    fn gradient_ratios_and_cosines_are_taken_against_the_segmentation_gradient() {
+    fn gradient_figures_are_taken_against_the_segmentation_gradient() {
         // Linear losses of the features x: each gradient is its coefficient vector. L_seg's is
         // (1, 0, 0, 0); L_con's (1, 1, 0, 0) is the sum of two levels', (1, 0, 0, 0) and
         // (0, 1, 0, 0): ratios sqrt 2, 1, 1 and cosines 1/sqrt 2, 1, 0.
@@ -372,13 +373,13 @@ mod tests {
         let seg = linear([1.0, 0.0, 0.0, 0.0]);
         let levels = Tensor::stack(&[linear([1.0, 0.0, 0.0, 0.0]), linear([0.0, 1.0, 0.0, 0.0])], 0);
         let con = levels.sum(Kind::Float);
-        let figures = gradient_ratios(&seg, &con, &levels, &[x.shallow_clone()]).unwrap();
+        let figures = gradient_figures(&seg, &con, &levels, &[x.shallow_clone()]).unwrap();
         let figures = Vec::<f32>::try_from(figures.flatten(0, -1)).unwrap();
         let expected = [2f32.sqrt(), 1.0, 1.0, 1.0 / 2f32.sqrt(), 1.0, 0.0];
         assert!(figures.iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-6), "{figures:?}");
         // A level pulling against segmentation has cosine -1.
         let against = linear([-2.0, 0.0, 0.0, 0.0]);
-        let figures = gradient_ratios(&seg, &against, &against.unsqueeze(0), &[x.shallow_clone()]).unwrap();
+        let figures = gradient_figures(&seg, &against, &against.unsqueeze(0), &[x.shallow_clone()]).unwrap();
         assert_eq!(Vec::<f32>::try_from(figures.flatten(0, -1)).unwrap(), [2.0, 2.0, -1.0, -1.0]);
     }
 }
