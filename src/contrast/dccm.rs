@@ -57,9 +57,11 @@ impl Dccm {
     pub fn weights_batched(&self, u: &Tensor, v: &Tensor) -> Tensor {
         let c = self.w.size()[0];
         let (units, na, nk) = (u.size()[0], u.size()[1], v.size()[1]);
-        let rows = self.w.index_select(0, &u.clamp(0, c - 1).flatten(0, -1)).view([units, na, c]);
-        let w = rows.gather(2, &v.clamp(0, c - 1).unsqueeze(1).expand([units, na, nk], false), false);
-        let inside = u.lt(c).unsqueeze(2).logical_and(&v.lt(c).unsqueeze(1));
-        w.where_scalarother(&inside, 0.0) + 1.0
+        // 1 + W with an extra row and column of 1 where classes outside 0..C land: one gather
+        // writes each of the U x Na x Nk weights (a mask and a select over them cost as much
+        // again, every step).
+        let table = self.w.constant_pad_nd([0, 1, 0, 1]) + 1.0;
+        let rows = table.index_select(0, &u.clamp(0, c).flatten(0, -1)).view([units, na, c + 1]);
+        rows.gather(2, &v.clamp(0, c).unsqueeze(1).expand([units, na, nk], false), false)
     }
 }

@@ -34,7 +34,9 @@ pub struct UnitLosses {
 /// pixels) is neither positive nor negative: its logit is 1/λ whatever the network does, so it
 /// would only dilute the anchor's positives with a term that has no gradient.
 pub fn info_nce_units(anchors: &Points, keys: &Points, temperature: f64, weights: Option<&Tensor>) -> UnitLosses {
-    let mut logits = anchors.embeddings.matmul(&keys.embeddings.transpose(1, 2)) / temperature;
+    // 1/λ on the [U, Na, D] anchors rather than on the [U, Na, Nk] logits: one pass fewer
+    // over the largest tensor of the step, forward and backward.
+    let mut logits = (anchors.embeddings / temperature).matmul(&keys.embeddings.transpose(1, 2));
     if let Some(w) = weights {
         logits = logits * w;
     }
