@@ -189,8 +189,8 @@ pub struct EvalOptions {
     pub input_size: [u32; 2],
 }
 
-/// The network's input [1, 3, h, w] for a stored val image, resized to `input_size` ([0, 0]: as
-/// stored). The loader resizes training images with an antialiased bilinear filter
+/// The network's input [1, 3, h, w] for a stored image (val, or a round strategy's target image
+/// at its training size), resized to `input_size` ([0, 0]: as stored). The loader resizes training images with an antialiased bilinear filter
 /// (fast_image_resize's convolution, PIL's filter); torch's antialiased bilinear is the same
 /// filter, so val images reach the network as the training images did. A plain bilinear
 /// resample would read 2 source pixels per output pixel at a 2x reduction where the loader
@@ -252,7 +252,7 @@ mod tests {
     use crate::data::datasets::Rgb;
     use crate::data::normalise::Normaliser;
     use fast_image_resize::{FilterType, ResizeAlg, Resizer};
-    use tch::{Device, Kind, Tensor};
+    use tch::Device;
 
     #[test]
     fn val_images_are_resized_with_the_loaders_filter() {
@@ -264,9 +264,10 @@ mod tests {
         let rgb = Rgb { width: w, height: h, pixels };
         let config = AugmentConfig::default();
         let normaliser = Normaliser::new(&config, Device::Cpu);
+        // An image's input at its own size (no resize).
+        let as_stored = |image: &Rgb| network_input(&normaliser, image, [image.height, image.width]);
         let loader = rgb.resized(&mut Resizer::new(), w / 2, h / 2, ResizeAlg::Convolution(FilterType::Bilinear));
-        let expected =
-            normaliser.to_input(&Tensor::from_slice(&loader.pixels).view([1, h as i64 / 2, w as i64 / 2, 3]));
+        let expected = as_stored(&loader);
         let input = network_input(&normaliser, &rgb, [h / 2, w / 2]);
         assert_eq!(input.size(), [1, 3, h as i64 / 2, w as i64 / 2]);
         // One byte step of the most sensitive channel, in normalised units.
@@ -274,12 +275,11 @@ mod tests {
         let diff = (&input - &expected).abs().max().double_value(&[]);
         assert!(diff <= 1.01 * byte, "val input differs from the loader's resize by {diff} (a byte is {byte})");
         // What the check tells apart: a plain bilinear resample of the same image.
-        let plain = normaliser
-            .to_input(&Tensor::from_slice(&rgb.pixels).view([1, h as i64, w as i64, 3]))
-            .upsample_bilinear2d([h as i64 / 2, w as i64 / 2], false, None, None);
+        let plain = as_stored(&rgb).upsample_bilinear2d([h as i64 / 2, w as i64 / 2], false, None, None);
         assert!((&plain - &expected).abs().max().double_value(&[]) > 5.0 * byte);
-        // Stored size asked for: the image as it is.
-        let same = network_input(&normaliser, &rgb, [h, w]);
-        assert_eq!(same.to_kind(Kind::Float).size(), [1, 3, h as i64, w as i64]);
+        // The stored size asked for is no resize: the same input as [0, 0].
+        let same = as_stored(&rgb);
+        assert_eq!(same.size(), [1, 3, h as i64, w as i64]);
+        assert!(same.equal(&network_input(&normaliser, &rgb, [0, 0])));
     }
 }

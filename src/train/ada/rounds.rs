@@ -11,6 +11,7 @@ use crate::active::rounds::{buy_chosen, image_quotas, RoundPlan};
 use crate::active::sampling::{bought_before, BatchSelection, CropPixels};
 use crate::config::Strategy;
 use crate::model::deeplab::upsample;
+use crate::train::eval::network_input;
 use crate::train::{open_set, Trainer};
 use anyhow::{Context, Result};
 use tch::{Kind, Tensor};
@@ -67,11 +68,8 @@ impl Trainer {
                 // run, or another number of ranks, buys the same pixels.
                 tch::manual_seed((self.config.run.seed ^ ((round as u64) << 32) ^ image as u64) as i64);
                 let probabilities = tch::no_grad(|| {
-                    let bytes = Tensor::from_slice(&rgb.pixels).view([1, rgb.height as i64, rgb.width as i64, 3]);
-                    let mut input = self.normaliser.to_input(&bytes);
-                    if (rgb.height as i64, rgb.width as i64) != (h, w) {
-                        input = input.upsample_bilinear2d([h, w], false, None, None);
-                    }
+                    // At the size the target is trained at, resized as the loader resizes it.
+                    let input = network_input(&self.normaliser, &rgb, [grid.height, grid.width]);
                     upsample(&self.forward(&input, false).main, h, w).softmax(1, Kind::Float)
                 });
                 chosen.push((image, plan.choose_in_image(&probabilities, ledger, image, quota)));
