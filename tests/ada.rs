@@ -164,6 +164,92 @@ fn an_anchor_is_never_its_own_positive() {
     assert!(close(p2p, 3f64.ln()), "{p2p} vs ln 3");
 }
 
+/// InfoNCE of U units written plainly (denominators by exp and sums, a positive's own term
+/// added to the negatives' sum), for autograd to differentiate: the reference for the gradient
+/// that `info_nce_units` writes out by hand.
+fn info_nce_by_autograd(a: &Points, k: &Points, t: f64, w: Option<&Tensor>) -> Tensor {
+    let mut s = a.embeddings.matmul(&k.embeddings.transpose(1, 2)) / t;
+    if let Some(w) = w {
+        s *= w;
+    }
+    let valid = a.valid.unsqueeze(2).logical_and(&k.valid.unsqueeze(1));
+    let valid = valid.logical_and(&a.ids.unwrap().unsqueeze(2).ne_tensor(&k.ids.unwrap().unsqueeze(1)));
+    let same = a.classes.unsqueeze(2).eq_tensor(&k.classes.unsqueeze(1));
+    let pos = same.logical_and(&valid).to_kind(Kind::Float);
+    let neg = same.logical_not().logical_and(&valid).to_kind(Kind::Float);
+    let exp = s.exp();
+    let negatives = (&exp * &neg).sum_dim_intlist([2i64].as_slice(), true, Kind::Float);
+    let terms = -(&exp / (&exp + negatives)).log() * &pos;
+    let n_pos = pos.sum_dim_intlist([2i64].as_slice(), false, Kind::Float);
+    let usable = n_pos.gt(0.0).logical_and(&neg.sum_dim_intlist([2i64].as_slice(), false, Kind::Float).gt(0.0));
+    let usable = usable.to_kind(Kind::Float);
+    let per_anchor = terms.sum_dim_intlist([2i64].as_slice(), false, Kind::Float) / n_pos.clamp_min(1.0);
+    (per_anchor * &usable).sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
+        / usable.sum_dim_intlist([1i64].as_slice(), false, Kind::Float).clamp_min(1.0)
+}
+
+#[test]
+fn info_nce_gradient_by_hand_matches_autograd() {
+    // Four units of 6 anchors and 9 keys in 5-D, 3 classes, some padding, an anchor that is also
+    // among its unit's keys (unit 0), DCCM weights, and a unit with no usable anchor (unit 3:
+    // every key of one class, no negative).
+    let _generator = seeded(11);
+    let (u, na, nk, d) = (4, 6, 9, 5);
+    let normalised = |t: Tensor| &t / t.norm_scalaropt_dim(2.0, [2i64].as_slice(), true);
+    let a0 = normalised(Tensor::randn([u, na, d], (Kind::Float, Device::Cpu)));
+    let mut k0 = normalised(Tensor::randn([u, nk, d], (Kind::Float, Device::Cpu)));
+    k0 = k0.index_put(
+        &[Some(Tensor::from_slice(&[0i64])), Some(Tensor::from_slice(&[4i64]))],
+        &a0.get(0).get(2).unsqueeze(0),
+        false,
+    );
+    let a_classes = Tensor::randint(3, [u, na], (Kind::Int64, Device::Cpu));
+    let mut k_classes = Tensor::randint(3, [u, nk], (Kind::Int64, Device::Cpu));
+    k_classes = k_classes.index_put(
+        &[Some(Tensor::from_slice(&[0i64])), Some(Tensor::from_slice(&[4i64]))],
+        &a_classes.get(0).get(2).unsqueeze(0),
+        false,
+    );
+    let _ = k_classes.get(3).fill_(1);
+    let a_valid = Tensor::rand([u, na], (Kind::Float, Device::Cpu)).gt(0.2);
+    let k_valid = Tensor::rand([u, nk], (Kind::Float, Device::Cpu)).gt(0.2);
+    let _ = a_valid.get(0).get(2).fill_(1);
+    let _ = k_valid.get(0).get(4).fill_(1);
+    let a_ids = Tensor::arange(u * na, (Kind::Int64, Device::Cpu)).view([u, na]) + 1000;
+    let mut k_ids = Tensor::arange(u * nk, (Kind::Int64, Device::Cpu)).view([u, nk]);
+    k_ids = k_ids.index_put(
+        &[Some(Tensor::from_slice(&[0i64])), Some(Tensor::from_slice(&[4i64]))],
+        &a_ids.get(0).get(2).unsqueeze(0),
+        false,
+    );
+    let w = Tensor::rand([u, na, nk], (Kind::Float, Device::Cpu)) + 1.0;
+    let upstream = Tensor::from_slice(&[0.7f32, -1.3, 2.0, 0.5]); // d total / d loss_u
+    let t = 0.5;
+    let run = |by_hand: bool| {
+        let a = a0.copy().set_requires_grad(true);
+        let k = k0.copy().set_requires_grad(true);
+        let points = |e, c, v, i| Points { embeddings: e, classes: c, valid: v, ids: Some(i) };
+        let (pa, pk) = (points(&a, &a_classes, &a_valid, &a_ids), points(&k, &k_classes, &k_valid, &k_ids));
+        let loss = if by_hand {
+            info_nce_units(&pa, &pk, t, Some(&w)).loss
+        } else {
+            info_nce_by_autograd(&pa, &pk, t, Some(&w))
+        };
+        (&loss * &upstream).sum(Kind::Float).backward();
+        (loss.detach(), a.grad(), k.grad())
+    };
+    let (loss, grad_a, grad_k) = run(true);
+    let (loss_ref, grad_a_ref, grad_k_ref) = run(false);
+    let max_diff = |x: &Tensor, y: &Tensor| (x - y).abs().max().double_value(&[]);
+    assert!(max_diff(&loss, &loss_ref) < 1e-5, "loss {loss:?} vs {loss_ref:?}");
+    assert_eq!(loss.double_value(&[3]), 0.0, "unit 3 has no negative: no loss");
+    assert!(grad_a_ref.abs().max().double_value(&[]) > 0.1, "the reference gradient is not trivial");
+    assert!(max_diff(&grad_a, &grad_a_ref) < 1e-5, "d/d anchors {grad_a:?} vs {grad_a_ref:?}");
+    assert!(max_diff(&grad_k, &grad_k_ref) < 1e-5, "d/d keys {grad_k:?} vs {grad_k_ref:?}");
+    assert_eq!(grad_a.get(3).abs().max().double_value(&[]), 0.0, "a unit with no usable anchor has no gradient");
+    assert_eq!(grad_k.get(3).abs().max().double_value(&[]), 0.0);
+}
+
 #[test]
 fn keys_take_their_embedding_at_their_own_pixel() {
     // A crop twice the embedding's size: pixel (x, y) of the crop reads the stride-2 map

@@ -1,5 +1,5 @@
 //! Tensor operations tch lacks or makes slow: the fused SGD update, gradient clearing, a
-//! random subset of a mask, L2 normalisation.
+//! random subset of a mask, L2 normalisation, a value with a gradient written out by hand.
 
 use super::shim::*;
 
@@ -52,4 +52,22 @@ pub fn random_subset(mask: &tch::Tensor, k: i64, count: Option<&tch::Tensor>) ->
 /// `t` divided by its L2 norm along `dim` (an all-zero vector stays zero rather than NaN).
 pub fn l2_normalised(t: &tch::Tensor, dim: i64) -> tch::Tensor {
     t / t.norm_scalaropt_dim(2.0, [dim].as_slice(), true).clamp_min(1e-12)
+}
+
+/// `value` ([U]) as a function of `inputs` ([U, ...] each) whose gradient is given: the
+/// backward pass reaches input x with d value_u / d x_u = g_u, for a loss whose gradient is
+/// written out by hand (no graph kept over its intermediate tensors). The forward value is
+/// `value` exactly: the added term is t - t = 0.
+pub fn with_gradient(value: &tch::Tensor, inputs: &[(&tch::Tensor, &tch::Tensor)]) -> tch::Tensor {
+    use tch::Kind;
+    let mut result = value.detach();
+    for (x, g) in inputs {
+        if !x.requires_grad() {
+            continue;
+        }
+        let dims: Vec<i64> = (1..x.dim() as i64).collect();
+        let linear = (*x * g.detach()).sum_dim_intlist(dims.as_slice(), false, Kind::Float);
+        result = result + (&linear - linear.detach());
+    }
+    result
 }
