@@ -73,8 +73,9 @@ fn by_hand(anchors: &Points, keys: &Points, temperature: f64, weights: Option<&T
     // the largest tensor of the step. f32 from here on (under bf16 autocast the matmul is bf16).
     // The passes over [U, Na, Nk] below are in place where they can be, and mask by multiplying
     // with 0/1 floats: on the CPU `where` with a bool mask, like `softplus` and `logaddexp`,
-    // costs several times a vectorised multiply (a full step at 64x128: bench step).
+    // costs several times a vectorised multiply (docs/performance.md).
     let scaled = &a / temperature;
+    // The logits s [U, Na, Nk], turned into x in place below.
     let mut x = scaled.matmul(&k.transpose(1, 2)).to_kind(Kind::Float);
     if let Some(w) = weights {
         let _ = x.g_mul_(w);
