@@ -197,19 +197,13 @@ fn info_nce_gradient_by_hand_matches_autograd() {
     let (u, na, nk, d) = (4, 6, 9, 5);
     let normalised = |t: Tensor| &t / t.norm_scalaropt_dim(2.0, [2i64].as_slice(), true);
     let a0 = normalised(Tensor::randn([u, na, d], (Kind::Float, Device::Cpu)));
+    // Unit 0's key 4 is anchor 2 of the same unit: the same embedding, class, validity and id.
+    let at_0_4 = [Some(Tensor::from_slice(&[0i64])), Some(Tensor::from_slice(&[4i64]))];
     let mut k0 = normalised(Tensor::randn([u, nk, d], (Kind::Float, Device::Cpu)));
-    k0 = k0.index_put(
-        &[Some(Tensor::from_slice(&[0i64])), Some(Tensor::from_slice(&[4i64]))],
-        &a0.get(0).get(2).unsqueeze(0),
-        false,
-    );
+    k0 = k0.index_put(&at_0_4, &a0.get(0).get(2).unsqueeze(0), false);
     let a_classes = Tensor::randint(3, [u, na], (Kind::Int64, Device::Cpu));
     let mut k_classes = Tensor::randint(3, [u, nk], (Kind::Int64, Device::Cpu));
-    k_classes = k_classes.index_put(
-        &[Some(Tensor::from_slice(&[0i64])), Some(Tensor::from_slice(&[4i64]))],
-        &a_classes.get(0).get(2).unsqueeze(0),
-        false,
-    );
+    k_classes = k_classes.index_put(&at_0_4, &a_classes.get(0).get(2).unsqueeze(0), false);
     let _ = k_classes.get(3).fill_(1);
     let a_valid = Tensor::rand([u, na], (Kind::Float, Device::Cpu)).gt(0.2);
     let k_valid = Tensor::rand([u, nk], (Kind::Float, Device::Cpu)).gt(0.2);
@@ -217,11 +211,7 @@ fn info_nce_gradient_by_hand_matches_autograd() {
     let _ = k_valid.get(0).get(4).fill_(1);
     let a_ids = Tensor::arange(u * na, (Kind::Int64, Device::Cpu)).view([u, na]) + 1000;
     let mut k_ids = Tensor::arange(u * nk, (Kind::Int64, Device::Cpu)).view([u, nk]);
-    k_ids = k_ids.index_put(
-        &[Some(Tensor::from_slice(&[0i64])), Some(Tensor::from_slice(&[4i64]))],
-        &a_ids.get(0).get(2).unsqueeze(0),
-        false,
-    );
+    k_ids = k_ids.index_put(&at_0_4, &a_ids.get(0).get(2).unsqueeze(0), false);
     let w = Tensor::rand([u, na, nk], (Kind::Float, Device::Cpu)) + 1.0;
     let upstream = Tensor::from_slice(&[0.7f32, -1.3, 2.0, 0.5]); // d total / d loss_u
     let t = 0.5;

@@ -10,7 +10,7 @@
 //! logits are the largest tensors of the step, and autograd would keep half a dozen of them
 //! for the backward pass and run as many passes over them again there. Writing
 //! x_ak = s_ak - log sum_{n in N} e^{s_an} and q_ak = sigmoid(-x_ak) (the share of k's
-//! denominator that is not e^{s_ak}), L_a = 1/|P| sum_{k in P} softplus(-x_ak) and
+//! denominator that is not e^{s_ak}), L_a = -1/|P| sum_{k in P} log sigmoid(x_ak) and
 //!   dL_a/ds_ak = -q_ak / |P|                                 for k in P,
 //!   dL_a/ds_an = e^{x_an} * 1/|P| sum_{k in P} q_ak          for n in N,
 //! and 0 for pairs that are neither. `tests/ada.rs` checks both against autograd.
@@ -49,25 +49,22 @@ pub fn info_nce_units(anchors: &Points, keys: &Points, temperature: f64, weights
     }
     let (a, k) = (anchors.embeddings, keys.embeddings);
     let wanted = a.requires_grad() || k.requires_grad();
-    let terms = tch::no_grad(|| by_hand(anchors, keys, temperature, weights, wanted));
-    let loss = match &terms.gradients {
-        Some((grad_a, grad_k)) => crate::torch_ext::with_gradient(&terms.loss, &[(a, grad_a), (k, grad_k)]),
-        None => terms.loss,
-    };
-    UnitLosses { loss, usable: terms.usable, anchors: terms.anchors, positives: terms.positives }
+    let (mut units, gradients) = tch::no_grad(|| by_hand(anchors, keys, temperature, weights, wanted));
+    if let Some((grad_a, grad_k)) = &gradients {
+        units.loss = crate::torch_ext::with_gradient(&units.loss, &[(a, grad_a), (k, grad_k)]);
+    }
+    units
 }
 
-/// The units' losses [U] and, when `gradients`, d loss_u / d anchors [U, Na, D] and
-/// d loss_u / d keys [U, Nk, D] (the formulas at the top of this file), with no graph.
-struct ByHand {
-    loss: Tensor,
-    gradients: Option<(Tensor, Tensor)>,
-    usable: Tensor,
-    anchors: Tensor,
-    positives: Tensor,
-}
-
-fn by_hand(anchors: &Points, keys: &Points, temperature: f64, weights: Option<&Tensor>, gradients: bool) -> ByHand {
+/// The units' losses with no graph and, when `gradients`, d loss_u / d anchors [U, Na, D] and
+/// d loss_u / d keys [U, Nk, D] (the formulas at the top of this file).
+fn by_hand(
+    anchors: &Points,
+    keys: &Points,
+    temperature: f64,
+    weights: Option<&Tensor>,
+    gradients: bool,
+) -> (UnitLosses, Option<(Tensor, Tensor)>) {
     let (a, k) = (anchors.embeddings.detach(), keys.embeddings.detach());
     // 1/λ on the [U, Na, D] anchors rather than on the [U, Na, Nk] logits: one pass fewer over
     // the largest tensor of the step. f32 from here on (under bf16 autocast the matmul is bf16).
@@ -127,9 +124,12 @@ fn by_hand(anchors: &Points, keys: &Points, temperature: f64, weights: Option<&T
         }
         // s = w (a / λ).k: d/da = (d_logits w / λ) k, d/dk = (d_logits w)^T (a / λ).
         let d_logits = d_logits.to_kind(a.kind());
+        // Each gradient in its input's kind (under bf16 autocast the matmuls are bf16).
         let grad_a = d_logits.matmul(&k) / temperature;
         let grad_k = d_logits.transpose(1, 2).matmul(&scaled);
         (grad_a.to_kind(a.kind()), grad_k.to_kind(k.kind()))
     });
-    ByHand { loss, gradients, usable: usable.any_dim(1, false), positives: positives_usable, anchors: anchors_usable }
+    let units =
+        UnitLosses { loss, usable: usable.any_dim(1, false), positives: positives_usable, anchors: anchors_usable };
+    (units, gradients)
 }

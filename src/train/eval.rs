@@ -190,9 +190,10 @@ pub struct EvalOptions {
 }
 
 /// The network's input [1, 3, h, w] for a stored image (val, or a round strategy's target image
-/// at its training size), resized to `input_size` ([0, 0]: as stored). The loader resizes training images with an antialiased bilinear filter
-/// (fast_image_resize's convolution, PIL's filter); torch's antialiased bilinear is the same
-/// filter, so val images reach the network as the training images did. A plain bilinear
+/// at its training size), resized to `input_size` ([0, 0]: as stored). The loader resizes
+/// training images with an antialiased bilinear filter (fast_image_resize's convolution, PIL's
+/// filter); torch's antialiased bilinear is the same filter, so val images reach the network
+/// as the training images did. A plain bilinear
 /// resample would read 2 source pixels per output pixel at a 2x reduction where the loader
 /// weighs 4: sharper, aliased inputs than the network was trained on.
 pub fn network_input(normaliser: &Normaliser, rgb: &crate::data::datasets::Rgb, input_size: [u32; 2]) -> Tensor {
