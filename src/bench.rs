@@ -235,7 +235,7 @@ fn time_step(
         let mut queue = || {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let mut out = trainer.ada_losses(&mut state, &si, &sl, &ti, &sealed, &samples, &geometry)?;
-                trainer.ada_update(&mut out, &mut optimizer, config.train.lr, false)?;
+                trainer.ada_update(&mut out, &mut optimizer, config.train.lr, None)?;
                 Ok::<_, anyhow::Error>(out)
             }))
         };

@@ -45,6 +45,7 @@ pub const CONTRAST_GRADIENT_RATIO: &str = "adamcu_contrast_gradient_ratio";
 pub const CONTRAST_LEVEL_GRADIENT_RATIO: &str = "adamcu_contrast_level_gradient_ratio";
 pub const CONTRAST_GRADIENT_COSINE: &str = "adamcu_contrast_gradient_cosine";
 pub const CONTRAST_LEVEL_GRADIENT_COSINE: &str = "adamcu_contrast_level_gradient_cosine";
+pub const CONTRAST_LEVEL_PAIR_COSINE: &str = "adamcu_contrast_level_pair_gradient_cosine";
 pub const DCCM_MAX: &str = "adamcu_dccm_max";
 pub const TRANSLATE_ITERATIONS: &str = "adamcu_translate_iterations_total";
 pub const TRANSLATE_LOSS: &str = "adamcu_translate_loss";
@@ -154,6 +155,11 @@ fn describe() {
         "Cosine between the gradients of one level's weighted p2p + c2c and of L_seg at the \
         backbone's output, measured on log steps."
     );
+    describe_gauge!(
+        CONTRAST_LEVEL_PAIR_COSINE,
+        "Cosine between two levels' gradients (weighted p2p + c2c) at the backbone's output \
+        (near 1: the levels push the features the same way), measured on log steps."
+    );
     describe_gauge!(DCCM_MAX, "The largest entry of the DCCM W.");
     describe_counter!(
         TRANSLATE_ITERATIONS,
@@ -244,24 +250,25 @@ pub fn contrast_level(level: &'static str, domain: &'static str, anchors: f64, p
 }
 
 /// One level's gradient ratio and cosine against L_seg on the last diagnosed step.
-pub fn contrast_level_gradient(level: &'static str, ratio: Option<f64>, cosine: Option<f64>) {
-    if let Some(ratio) = ratio {
-        gauge!(CONTRAST_LEVEL_GRADIENT_RATIO, "level" => level).set(ratio);
-    }
-    if let Some(cosine) = cosine {
-        gauge!(CONTRAST_LEVEL_GRADIENT_COSINE, "level" => level).set(cosine);
-    }
+pub fn contrast_level_gradient(level: &'static str, ratio: f64, cosine: f64) {
+    gauge!(CONTRAST_LEVEL_GRADIENT_RATIO, "level" => level).set(ratio);
+    gauge!(CONTRAST_LEVEL_GRADIENT_COSINE, "level" => level).set(cosine);
 }
 
-/// The gradient ratio and cosine (on diagnosed steps) and max(W) of the last step.
-pub fn contrast_step(gradient_ratio: Option<f64>, gradient_cosine: Option<f64>, dccm_max: f64) {
-    if let Some(ratio) = gradient_ratio {
-        gauge!(CONTRAST_GRADIENT_RATIO).set(ratio);
-    }
-    if let Some(cosine) = gradient_cosine {
-        gauge!(CONTRAST_GRADIENT_COSINE).set(cosine);
-    }
-    gauge!(DCCM_MAX).set(dccm_max);
+/// The cosine between two levels' gradients on the last diagnosed step.
+pub fn contrast_level_pair_cosine(level: &'static str, other: &'static str, cosine: f64) {
+    gauge!(CONTRAST_LEVEL_PAIR_COSINE, "level" => level, "other" => other).set(cosine);
+}
+
+/// L_con's gradient ratio and cosine against L_seg on the last diagnosed step.
+pub fn contrast_gradient(ratio: f64, cosine: f64) {
+    gauge!(CONTRAST_GRADIENT_RATIO).set(ratio);
+    gauge!(CONTRAST_GRADIENT_COSINE).set(cosine);
+}
+
+/// max(W) of the last step.
+pub fn dccm_max(value: f64) {
+    gauge!(DCCM_MAX).set(value);
 }
 
 /// One CycleGAN training iteration: its losses and the recent images per second.

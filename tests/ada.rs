@@ -674,8 +674,14 @@ struct AdaBatch {
 
 impl AdaBatch {
     fn new(source_crop: Option<[u32; 2]>, target_crop: Option<[u32; 2]>) -> AdaBatch {
+        AdaBatch::with(source_crop, target_crop, |_| {})
+    }
+
+    /// As `new`, the tiny config changed by `change` first.
+    fn with(source_crop: Option<[u32; 2]>, target_crop: Option<[u32; 2]>, change: impl FnOnce(&mut Config)) -> AdaBatch {
         let dir = tempfile::tempdir().unwrap();
         let mut config = tiny_config(dir.path());
+        change(&mut config);
         config.data.source.as_mut().unwrap().crop = source_crop;
         config.data.target.as_mut().unwrap().crop = target_crop;
         let trainer = adamcu::train::Trainer::new(&config).unwrap();
@@ -706,6 +712,28 @@ impl AdaBatch {
         let ((si, sl), (ti, tl, tg)) = (&self.source, &self.target);
         self.trainer.ada_losses(&mut self.state, si, sl, ti, tl, &[0, 1], tg).unwrap()
     }
+}
+
+#[test]
+fn level_weights_scale_each_levels_share_of_l_con() {
+    // L_total = L_seg + weight x sum over levels of w_level x (p2p + c2c): the same model,
+    // batch and seed under different weights. Each level at one half is the total of
+    // `contrast.weight` halved; the cross-domain level's weight moves the total linearly (0, 1
+    // and 2 equally spaced), and by a non-zero step, so the level is in it.
+    let total = |change: &dyn Fn(&mut Config)| {
+        let _generator = seeded(3);
+        AdaBatch::with(None, None, change).losses().total.double_value(&[])
+    };
+    let paper = total(&|_| {});
+    let halves = total(&|c| {
+        c.contrast.level_weights = adamcu::config::LevelWeights { intra_image: 0.5, cross_image: 0.5, cross_domain: 0.5 }
+    });
+    let half_weight = total(&|c| c.contrast.weight *= 0.5);
+    assert!((halves - half_weight).abs() < 1e-5 && (halves - paper).abs() > 1e-3, "{paper} {halves} {half_weight}");
+    let cross_domain = |w: f64| total(&move |c| c.contrast.level_weights.cross_domain = w);
+    let (none, double) = (cross_domain(0.0), cross_domain(2.0));
+    assert!((paper - none).abs() > 1e-4, "the cross-domain level adds nothing: {none} {paper}");
+    assert!(((double - paper) - (paper - none)).abs() < 1e-5, "{none} {paper} {double}");
 }
 
 fn every_loss_term_reaches_the_gradient_with(source_crop: Option<[u32; 2]>, target_crop: Option<[u32; 2]>) {
@@ -766,7 +794,7 @@ fn the_ada_step_dispatches_no_operator_that_would_wait_for_a_gpu() {
                 let out = batch.losses();
                 let mut out = out;
                 // Step 1 is diagnosed: the gradient ratio's extra backward passes wait on nothing either.
-                batch.trainer.ada_update(&mut out, &mut optimizer, 1e-3, step == 1).unwrap();
+                batch.trainer.ada_update(&mut out, &mut optimizer, 1e-3, (step == 1).then_some(step)).unwrap();
                 out
             });
             assert!(LossTerm::ADA_MCU.iter().all(|&t| out.terms.get(t).is_some()), "the full step ran");

@@ -111,6 +111,14 @@ fn set_overrides_dotted_keys_and_is_validated_like_the_file() {
     assert_eq!(errors.errors, ["active.budget = 1.5: expected a fraction in (0, 1]"]);
     let errors = Config::load_with_overrides(path, &["active.budgt=0.1".into()]).unwrap_err();
     assert_eq!(errors.errors, ["active.budgt: unknown key"]);
+    // A level's weight by the level's name; the others keep the paper's 1.
+    let config = Config::load_with_overrides(path, &["contrast.level_weights.cross-domain=0.5".into()]).unwrap();
+    let weights = config.contrast.level_weights;
+    assert_eq!((weights.intra_image, weights.cross_image, weights.cross_domain), (1.0, 1.0, 0.5));
+    let errors = Config::load_with_overrides(path, &["contrast.level_weights.cross-domain=-1".into()]).unwrap_err();
+    assert_eq!(errors.errors, ["contrast.level_weights.cross-domain = -1: expected a number >= 0"]);
+    let errors = Config::load_with_overrides(path, &["contrast.level_weights.cross_domain=0.5".into()]).unwrap_err();
+    assert_eq!(errors.errors, ["contrast.level_weights.cross_domain: unknown key"]);
 }
 
 #[test]

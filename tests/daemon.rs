@@ -429,16 +429,24 @@ fn the_runs_source_checkpoint_is_reused_only_if_pretraining_would_be_the_same() 
     let line = log.lines().find(|l| l.contains("ada-mcu step 5: p2p anchors")).unwrap();
     assert_eq!(line.matches("(grad ").count(), 3, "{line}");
     assert_eq!(line.matches(", cos ").count(), 4, "{line}");
-    let cosines: Vec<f64> =
-        contrast.levels.iter().filter_map(|l| l.gradient_cosine).chain(contrast.gradient_cosine).collect();
+    let gradient = contrast.gradient.as_ref().expect("the gradient figures");
+    let cosines: Vec<f64> = gradient.levels.iter().map(|l| l.against_seg.cosine).chain([gradient.con.cosine]).collect();
     assert!(cosines.len() == 4 && cosines.iter().all(|c| (-1.0..=1.0).contains(c)), "{contrast:?}");
-    // The status is of step 7, which did not measure them: they are step 5's, and it says so.
-    assert_eq!(contrast.gradient_step, Some(5), "{contrast:?}");
-    assert!(status.line().contains("(gradient figures of step 5)"), "{}", status.line());
+    // And each pair of levels against each other, in the line and the status.
+    let pairs: Vec<[&str; 2]> = gradient.between_levels.iter().map(|p| p.levels.map(|l| l.name())).collect();
+    assert_eq!(
+        pairs,
+        [["intra-image", "cross-image"], ["intra-image", "cross-domain"], ["cross-image", "cross-domain"]]
+    );
+    assert!(gradient.between_levels.iter().all(|p| (-1.0..=1.0).contains(&p.cosine)), "{contrast:?}");
     assert!(
-        line.contains(&format!("L_con vs L_seg at the features: grad {:.3}", contrast.gradient_ratio.unwrap())),
+        line.contains(&format!("cos between levels intra-image/cross-image {:+.3}", gradient.between_levels[0].cosine)),
         "{line}"
     );
+    // The status is of step 7, which did not measure them: they are step 5's, and it says so.
+    assert_eq!(gradient.step, 5, "{contrast:?}");
+    assert!(status.line().contains("(gradient figures of step 5)"), "{}", status.line());
+    assert!(line.contains(&format!("L_con vs L_seg at the features: grad {:.3}", gradient.con.ratio)), "{line}");
 }
 
 #[test]

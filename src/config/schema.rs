@@ -396,6 +396,10 @@ pub struct ContrastConfig {
     pub temperature: f64,
     /// Weight of L_con in the total loss (the paper: L_total = L_seg + L_con, 1).
     pub weight: f64,
+    /// Each level's share of L_con (the paper sums the three levels unweighted: 1 each). Not a
+    /// reading of the paper: a knob to ask whether one level's loss is its weight
+    /// (datasets/synth.md).
+    pub level_weights: LevelWeights,
     /// Anchors per unit and keys per image, sampled uniformly when there are more.
     pub max_anchors: usize,
     pub max_keys: usize,
@@ -414,8 +418,34 @@ impl Default for ContrastConfig {
             dccm_momentum: 0.99,
             temperature: 0.1,
             weight: 1.0,
+            level_weights: LevelWeights::default(),
             max_anchors: 256,
             max_keys: 1024,
+        }
+    }
+}
+
+/// A weight per level of contrastive units: L_con = sum over levels of weight x (p2p + c2c).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct LevelWeights {
+    pub intra_image: f64,
+    pub cross_image: f64,
+    pub cross_domain: f64,
+}
+
+impl Default for LevelWeights {
+    fn default() -> Self {
+        LevelWeights { intra_image: 1.0, cross_image: 1.0, cross_domain: 1.0 }
+    }
+}
+
+impl LevelWeights {
+    pub fn of(&self, level: Level) -> f64 {
+        match level {
+            Level::IntraImage => self.intra_image,
+            Level::CrossImage => self.cross_image,
+            Level::CrossDomain => self.cross_domain,
         }
     }
 }

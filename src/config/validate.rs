@@ -306,6 +306,10 @@ impl Config {
         );
         check(c.temperature > 0.0, "contrast.temperature", c.temperature.to_string(), "a positive number");
         check(c.weight >= 0.0, "contrast.weight", c.weight.to_string(), "a number >= 0");
+        for &level in Level::ALL {
+            let w = c.level_weights.of(level);
+            check(w >= 0.0, &format!("contrast.level_weights.{level}"), w.to_string(), "a number >= 0");
+        }
         check(c.max_anchors >= 1, "contrast.max_anchors", c.max_anchors.to_string(), "at least 1");
         check(c.max_keys >= 2, "contrast.max_keys", c.max_keys.to_string(), "at least 2");
         check(self.demo.repeats >= 1, "demo.repeats", self.demo.repeats.to_string(), "at least 1");

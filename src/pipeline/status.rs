@@ -54,7 +54,7 @@ impl Status {
             self.contrast.as_ref().map_or(String::new(), |d| format!(
                 "\n  contrastive units: {}{}",
                 d.line(),
-                d.gradient_step.map_or(String::new(), |s| format!(" (gradient figures of step {s})"))
+                d.gradient.as_ref().map_or(String::new(), |g| format!(" (gradient figures of step {})", g.step))
             )))
     }
 

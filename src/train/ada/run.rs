@@ -112,10 +112,10 @@ impl AdaRun {
         let lr = poly_lr(c.train.lr, self.step, horizon, c.train.poly_power);
         // The gradient figures cost 2 + levels backward passes through the heads: on log steps only.
         let diagnose = c.train.log_every > 0 && self.step.is_multiple_of(c.train.log_every as u64);
-        trainer.ada_update(&mut out, &mut self.optimizer, lr, diagnose)?;
+        trainer.ada_update(&mut out, &mut self.optimizer, lr, diagnose.then_some(self.step))?;
         let (mut losses, settled) = trainer.ada_settle(&mut self.state, &out)?;
         if let Some(d) = losses.contrast.as_mut() {
-            d.gradient_measured_or_kept(self.step, self.last.contrast.as_ref());
+            d.keep_gradient_of(self.last.contrast.as_ref());
         }
         (self.last, self.last_lr) = (losses, lr);
         self.stage.busy(busy.elapsed());

@@ -6,9 +6,11 @@ use super::{AdaState, StepLosses, Terms};
 use crate::active::oracle::{Oracle, SealedLabels};
 use crate::active::sampling::{BatchSelection, CropPixels, JobBatch, Settled};
 use crate::active::uncertainty::uncertainty;
-use crate::config::DccmFrom;
+use crate::config::{DccmFrom, Level};
 use crate::contrast::dccm::Dccm;
-use crate::contrast::diagnostics::{ContrastDiagnostics, LevelUsage};
+use crate::contrast::diagnostics::{
+    AgainstSegmentation, ContrastDiagnostics, GradientFigures, LevelGradient, LevelPairCosine, LevelUsage,
+};
 use crate::contrast::units::{contrastive_losses, DomainBatch};
 use crate::model::deeplab::upsample;
 use crate::model::SegOutput;
@@ -35,22 +37,23 @@ pub struct StepOutput {
     /// `ContrastLosses::usage` and max(W), read back with the losses.
     usage: Option<Tensor>,
     dccm_max: Option<Tensor>,
-    /// Set by `ada_update` on a diagnosed step: [2 (ratio, cosine), 1 + levels], L_con's
-    /// figures then each level's (`gradient_figures`).
-    gradient_figures: Option<Tensor>,
+    /// Set by `ada_update` on a diagnosed step: the step and its `gradient_figures`.
+    gradient_figures: Option<(u64, Tensor)>,
 }
 
 fn nearest(t: &Tensor, h: i64, w: i64) -> Tensor {
     t.unsqueeze(1).to_kind(Kind::Float).upsample_nearest2d([h, w], None, None).squeeze_dim(1)
 }
 
-/// How L_con and each level's share of it move the backbone against L_seg, keeping the graph
-/// for the update's backward pass: [2, 1 + levels], row 0 the ratios ||d con / d features|| /
-/// ||d seg / d features|| over all feature tensors, row 1 the cosines between those gradients
-/// and L_seg's (L_con first, then each level). A level whose loss is flat, or whose units have
-/// no usable anchor, has a ratio near 0; one whose cosine is near -1 pulls the features
-/// against segmentation, one near 0 in directions segmentation does not care about. None when
-/// a loss does not reach the features.
+/// How L_con and each level's share of it move the backbone against L_seg and against each
+/// other, keeping the graph for the update's backward pass. One flat tensor: the ratios
+/// ||d con / d features|| / ||d seg / d features|| over all feature tensors (L_con first, then
+/// each level: 1 + levels), the cosines between those gradients and L_seg's (1 + levels), then
+/// the cosine between each pair of levels' gradients (levels x (levels - 1) / 2, in the order
+/// of `level_pairs`). A level whose loss is flat, or whose units have no usable anchor, has a
+/// ratio near 0; one whose cosine is near -1 pulls the features against segmentation, one near
+/// 0 in directions segmentation does not care about. None when a loss does not reach the
+/// features.
 fn gradient_figures(seg: &Tensor, con: &Tensor, con_levels: &Tensor, features: &[Tensor]) -> Option<Tensor> {
     let gradient = |loss: &Tensor| -> Option<Vec<Tensor>> {
         let grads = Tensor::f_run_backward(&[loss], features, true, false).ok()?;
@@ -61,18 +64,43 @@ fn gradient_figures(seg: &Tensor, con: &Tensor, con_levels: &Tensor, features: &
         let parts: Vec<Tensor> = a.iter().zip(b).map(|(x, y)| (x * y).sum(Kind::Float)).collect();
         Tensor::stack(&parts, 0).sum(Kind::Float)
     };
+    let norm = |g: &[Tensor]| dot(g, g).sqrt();
+    let cosine = |a: &[Tensor], b: &[Tensor]| dot(a, b) / (norm(a) * norm(b)).clamp_min(1e-20);
     let seg = gradient(seg)?;
-    let seg_norm = dot(&seg, &seg).sqrt().clamp_min(1e-20);
-    let mut ratios = Vec::new();
-    let mut cosines = Vec::new();
-    let levels = (0..con_levels.size()[0]).map(|l| con_levels.get(l));
-    for loss in std::iter::once(con.shallow_clone()).chain(levels) {
-        let g = gradient(&loss)?;
-        let norm = dot(&g, &g).sqrt();
-        cosines.push(dot(&g, &seg) / (&norm * &seg_norm).clamp_min(1e-20));
-        ratios.push(norm / &seg_norm);
+    let seg_norm = norm(&seg).clamp_min(1e-20);
+    let levels = con_levels.size()[0];
+    let grads: Vec<Vec<Tensor>> = std::iter::once(con.shallow_clone())
+        .chain((0..levels).map(|l| con_levels.get(l)))
+        .map(|l| gradient(&l))
+        .collect::<Option<_>>()?;
+    let ratios = grads.iter().map(|g| norm(g) / &seg_norm);
+    let cosines = grads.iter().map(|g| cosine(g, &seg));
+    let between = level_pairs(levels as usize).map(|(i, j)| cosine(&grads[1 + i], &grads[1 + j]));
+    Some(Tensor::stack(&ratios.chain(cosines).chain(between).collect::<Vec<_>>(), 0))
+}
+
+/// The pairs (i, j), i < j, of `levels` levels: the order of `gradient_figures`' between-level cosines.
+fn level_pairs(levels: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..levels).flat_map(move |i| (i + 1..levels).map(move |j| (i, j)))
+}
+
+/// `gradient_figures`' values, read back, as the diagnostics' figures of `step`.
+fn read_gradient_figures(step: u64, values: &[f32], levels: &[Level]) -> GradientFigures {
+    let n = 1 + levels.len();
+    let against = |i: usize| AgainstSegmentation { ratio: values[i] as f64, cosine: values[n + i] as f64 };
+    GradientFigures {
+        step,
+        con: against(0),
+        levels: levels
+            .iter()
+            .enumerate()
+            .map(|(l, &level)| LevelGradient { level, against_seg: against(1 + l) })
+            .collect(),
+        between_levels: level_pairs(levels.len())
+            .zip(&values[2 * n..])
+            .map(|((i, j), &cosine)| LevelPairCosine { levels: [levels[i], levels[j]], cosine: cosine as f64 })
+            .collect(),
     }
-    Some(Tensor::stack(&[Tensor::stack(&ratios, 0), Tensor::stack(&cosines, 0)], 0))
 }
 
 impl StepOutput {
@@ -244,13 +272,19 @@ impl Trainer {
             };
             let dccm = c.contrast.dccm.then_some(&state.dccm);
             let losses = contrastive_losses(&source, &target, &c.contrast, dccm, classes);
-            let weighted: Vec<Tensor> =
-                [&losses.p2p, &losses.c2c].into_iter().flatten().map(|t| t * c.contrast.weight).collect();
-            if !weighted.is_empty() {
-                let sum = Tensor::stack(&weighted, 0).sum(Kind::Float);
+            if let Some(per_level) = &losses.per_level {
+                // L_con = weight x sum over levels of level weight x (p2p + c2c) (Section III-D).
+                let weights: Vec<f32> = c
+                    .contrast
+                    .levels
+                    .iter()
+                    .map(|&l| (c.contrast.weight * c.contrast.level_weights.of(l)) as f32)
+                    .collect();
+                let weighted = per_level * crate::torch_ext::upload(&Tensor::from_slice(&weights), per_level.device());
+                let sum = weighted.sum(Kind::Float);
                 total = total + &sum;
                 con = Some(sum);
-                con_levels = losses.per_level.map(|l| l * c.contrast.weight);
+                con_levels = Some(weighted);
             }
             (p2p, c2c, usage) = (losses.p2p, losses.c2c, losses.usage);
         }
@@ -288,14 +322,18 @@ impl Trainer {
     }
 
     /// The backward pass and the SGD update at `lr`: queued on the device, nothing read back.
-    /// A `diagnose`d step first measures the gradient figures (ratios and cosines) of
-    /// `ContrastDiagnostics`.
-    pub fn ada_update(&self, out: &mut StepOutput, optimizer: &mut Sgd, lr: f64, diagnose: bool) -> Result<()> {
+    /// With `diagnose_step` (the step's number) it first measures the gradient figures of
+    /// `ContrastDiagnostics` (`GradientFigures`).
+    pub fn ada_update(
+        &self,
+        out: &mut StepOutput,
+        optimizer: &mut Sgd,
+        lr: f64,
+        diagnose_step: Option<u64>,
+    ) -> Result<()> {
         optimizer.zero_grad();
-        if diagnose {
-            if let (Some(con), Some(levels)) = (&out.con, &out.con_levels) {
-                out.gradient_figures = gradient_figures(&out.seg, con, levels, &out.features);
-            }
+        if let (Some(step), Some(con), Some(levels)) = (diagnose_step, &out.con, &out.con_levels) {
+            out.gradient_figures = gradient_figures(&out.seg, con, levels, &out.features).map(|f| (step, f));
         }
         self.backward(&out.total)?;
         optimizer.update(lr);
@@ -313,7 +351,7 @@ impl Trainer {
         let terms = out.terms.map(|t| readback.scalar(t.as_ref(), 0.0));
         let total = readback.scalar(Some(&out.total), 0.0);
         let dccm_max = readback.scalar(out.dccm_max.as_ref(), 0.0);
-        let figures = out.gradient_figures.as_ref().map(|r| readback.values(r));
+        let figures = out.gradient_figures.as_ref().map(|(step, f)| (*step, readback.values(f)));
         // [levels, 2 (source, target), 2 (anchors, positives)]: see `ContrastLosses::usage`.
         let usage = out.usage.as_ref().map(|u| readback.values(u));
         let values = readback.read();
@@ -323,34 +361,23 @@ impl Trainer {
             None => report.shallow_clone(),
         };
         let settled = state.sampler.settle_job(&out.selection, &job_report, &mut state.ledger);
-        // Row 0 the ratios, row 1 the cosines, each L_con's then one per level.
-        let halves = figures.map(|r| values[r.clone()].split_at(r.len() / 2));
-        let (ratios, cosines) = (halves.map(|h| h.0), halves.map(|h| h.1));
+        let levels = &self.config.contrast.levels;
         let contrast = out.con.as_ref().map(|_| ContrastDiagnostics {
             levels: match &usage {
-                Some(usage) => self
-                    .config
-                    .contrast
-                    .levels
+                Some(usage) => levels
                     .iter()
                     .zip(values[usage.clone()].chunks(4))
-                    .enumerate()
-                    .map(|(l, (&level, u))| LevelUsage {
+                    .map(|(&level, u)| LevelUsage {
                         level,
                         source_anchors: u[0] as f64,
                         source_positives: u[1] as f64,
                         target_anchors: u[2] as f64,
                         target_positives: u[3] as f64,
-                        gradient_ratio: ratios.map(|r| r[1 + l] as f64),
-                        gradient_cosine: cosines.map(|c| c[1 + l] as f64),
                     })
                     .collect(),
                 None => Vec::new(),
             },
-            gradient_ratio: ratios.map(|r| r[0] as f64),
-            gradient_cosine: cosines.map(|c| c[0] as f64),
-            // Set by the run, which knows the step (`gradient_measured_or_kept`).
-            gradient_step: None,
+            gradient: figures.map(|(step, range)| read_gradient_figures(step, &values[range], levels)),
             dccm_max: values[dccm_max] as f64,
         });
         let losses = StepLosses { terms: terms.map(|&i| values[i] as f64), total: values[total] as f64, contrast };
@@ -360,23 +387,38 @@ impl Trainer {
 
 #[cfg(test)]
 mod tests {
-    use super::gradient_figures;
+    use super::{gradient_figures, read_gradient_figures};
+    use crate::config::Level;
     use tch::{Kind, Tensor};
 
     #[test]
     fn gradient_figures_are_taken_against_the_segmentation_gradient() {
         // Linear losses of the features x: each gradient is its coefficient vector. L_seg's is
-        // (1, 0, 0, 0); L_con's (1, 1, 0, 0) is the sum of two levels', (1, 0, 0, 0) and
-        // (0, 1, 0, 0): ratios sqrt 2, 1, 1 and cosines 1/sqrt 2, 1, 0.
+        // (1, 0, 0, 0); L_con's (2, 2, 0, 0) is the sum of three levels', (1, 0, 0, 0),
+        // (0, 1, 0, 0) and (1, 1, 0, 0): ratios 2 sqrt 2, 1, 1, sqrt 2; cosines with L_seg's
+        // 1/sqrt 2, 1, 0, 1/sqrt 2; between the levels (0, 1) 0, (0, 2) and (1, 2) 1/sqrt 2.
         let x = Tensor::zeros([2, 2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
         let linear = |c: [f32; 4]| (&x * Tensor::from_slice(&c).view([2, 2])).sum(Kind::Float);
         let seg = linear([1.0, 0.0, 0.0, 0.0]);
-        let levels = Tensor::stack(&[linear([1.0, 0.0, 0.0, 0.0]), linear([0.0, 1.0, 0.0, 0.0])], 0);
+        let levels = Tensor::stack(
+            &[linear([1.0, 0.0, 0.0, 0.0]), linear([0.0, 1.0, 0.0, 0.0]), linear([1.0, 1.0, 0.0, 0.0])],
+            0,
+        );
         let con = levels.sum(Kind::Float);
         let figures = gradient_figures(&seg, &con, &levels, &[x.shallow_clone()]).unwrap();
         let figures = Vec::<f32>::try_from(figures.flatten(0, -1)).unwrap();
-        let expected = [2f32.sqrt(), 1.0, 1.0, 1.0 / 2f32.sqrt(), 1.0, 0.0];
+        let (r2, h) = (2f32.sqrt(), 1.0 / 2f32.sqrt());
+        let expected = [2.0 * r2, 1.0, 1.0, r2, h, 1.0, 0.0, h, 0.0, h, h];
+        assert_eq!(figures.len(), expected.len(), "{figures:?}");
         assert!(figures.iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-6), "{figures:?}");
+        // Read back as the diagnostics' figures, each pair named by its levels.
+        let read = read_gradient_figures(7, &figures, Level::ALL);
+        assert_eq!((read.step, read.levels.len(), read.between_levels.len()), (7, 3, 3));
+        assert_eq!(read.between_levels[1].levels, [Level::IntraImage, Level::CrossDomain]);
+        assert!(
+            (read.between_levels[1].cosine - h as f64).abs() < 1e-6
+                && (read.levels[2].against_seg.ratio - r2 as f64).abs() < 1e-6
+        );
         // A level pulling against segmentation has cosine -1.
         let against = linear([-2.0, 0.0, 0.0, 0.0]);
         let figures = gradient_figures(&seg, &against, &against.unsqueeze(0), &[x.shallow_clone()]).unwrap();
