@@ -678,7 +678,11 @@ impl AdaBatch {
     }
 
     /// As `new`, the tiny config changed by `change` first.
-    fn with(source_crop: Option<[u32; 2]>, target_crop: Option<[u32; 2]>, change: impl FnOnce(&mut Config)) -> AdaBatch {
+    fn with(
+        source_crop: Option<[u32; 2]>,
+        target_crop: Option<[u32; 2]>,
+        change: impl FnOnce(&mut Config),
+    ) -> AdaBatch {
         let dir = tempfile::tempdir().unwrap();
         let mut config = tiny_config(dir.path());
         change(&mut config);
@@ -726,7 +730,8 @@ fn level_weights_scale_each_levels_share_of_l_con() {
     };
     let paper = total(&|_| {});
     let halves = total(&|c| {
-        c.contrast.level_weights = adamcu::config::LevelWeights { intra_image: 0.5, cross_image: 0.5, cross_domain: 0.5 }
+        c.contrast.level_weights =
+            adamcu::config::LevelWeights { intra_image: 0.5, cross_image: 0.5, cross_domain: 0.5 }
     });
     let half_weight = total(&|c| c.contrast.weight *= 0.5);
     assert!((halves - half_weight).abs() < 1e-5 && (halves - paper).abs() > 1e-3, "{paper} {halves} {half_weight}");
