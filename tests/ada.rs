@@ -7,10 +7,10 @@ use adamcu::active::ledger::{Ledger, LedgerError, LedgerImage};
 use adamcu::active::oracle::{Oracle, SealedLabels};
 use adamcu::active::sampling::{bought_before, BatchSelection, CropPixels, Sampler, Settled};
 use adamcu::active::uncertainty::uncertainty;
-use adamcu::config::{ActiveConfig, Config, ContrastConfig, CrossDomainAnchors, Level, Schedule};
+use adamcu::config::{ActiveConfig, Config, ContrastConfig, ContrastSampling, CrossDomainAnchors, Level, Schedule};
 use adamcu::contrast::dccm::Dccm;
 use adamcu::contrast::infonce::{info_nce_units, Points};
-use adamcu::contrast::units::{class_centers, contrastive_losses, unit_pairs, DomainBatch};
+use adamcu::contrast::units::{class_centers, contrastive_losses, sample_positions, unit_pairs, DomainBatch};
 use adamcu::data::augment::Geometry;
 use adamcu::train::ada::LossTerm;
 use common::global_generator;
@@ -289,6 +289,57 @@ fn category_centers_are_normalised_class_means() {
     let r = 0.5f32.sqrt();
     assert!((v[0] - r).abs() < 1e-6 && (v[1] - r).abs() < 1e-6, "{v:?}");
     assert!(v[4].abs() < 1e-6 && (v[5] + 1.0).abs() < 1e-6, "{v:?}");
+}
+
+#[test]
+fn class_balanced_sampling_gives_each_class_an_equal_share() {
+    let _generator = seeded(11);
+    // 200 images of 1,100 pixels: 1,000 of class 0, 40 of class 1, 60 without a label (not
+    // candidates); the last image has only 5 candidates. 40 drawn per image.
+    let (b, p, k) = (200, 1100, 40);
+    let mut labels = vec![0i64; b * p];
+    let mut mask = vec![true; b * p];
+    for image in 0..b {
+        let row = &mut labels[image * p..(image + 1) * p];
+        row[1000..1040].iter_mut().for_each(|l| *l = 1);
+        row[1040..].iter_mut().for_each(|l| *l = 255);
+        mask[image * p + 1040..(image + 1) * p].iter_mut().for_each(|m| *m = false);
+    }
+    mask[(b - 1) * p..(b - 1) * p + 1035].iter_mut().for_each(|m| *m = false);
+    let labels = Tensor::from_slice(&labels).view([b as i64, p as i64]);
+    let mask = Tensor::from_slice(&mask).view([b as i64, p as i64]);
+    // Mean draws of class 1 over the first 199 images, after checking every draw.
+    let class_1_per_image = |sampling| {
+        let (positions, valid) = sample_positions(&mask, &labels, k, sampling, 19);
+        let positions: Vec<i64> = Vec::try_from(positions.flatten(0, -1)).unwrap();
+        let valid: Vec<bool> = Vec::try_from(valid.flatten(0, -1)).unwrap();
+        let mut class_1 = 0;
+        for image in 0..b {
+            let drawn: Vec<usize> = (0..k as usize)
+                .filter(|&j| valid[image * k as usize + j])
+                .map(|j| positions[image * k as usize + j] as usize)
+                .collect();
+            let mut unique = drawn.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(unique.len(), drawn.len(), "{sampling}: image {image} drew a pixel twice");
+            assert!(drawn.iter().all(|&q| q < 1040), "{sampling}: a pixel without a label drawn");
+            if image == b - 1 {
+                assert_eq!(unique, [1035, 1036, 1037, 1038, 1039], "{sampling}: the 5 candidates, the rest not real");
+            } else {
+                assert_eq!(drawn.len(), k as usize);
+                class_1 += drawn.iter().filter(|&&q| q >= 1000).count();
+            }
+        }
+        class_1 as f64 / (b - 1) as f64
+    };
+    // Uniform: 40 x 40 / 1,040 = 1.5 expected. Class-balanced, each class weighing 1 in all:
+    // 17.5 expected (sd 2.8 per image, 0.2 over 199 images; simulated), not 20, as class 1
+    // runs short of weight as it is drawn.
+    let uniform = class_1_per_image(ContrastSampling::Uniform);
+    assert!((1.0..2.2).contains(&uniform), "uniform: {uniform} of 40 from class 1");
+    let balanced = class_1_per_image(ContrastSampling::ClassBalanced);
+    assert!((16.0..19.0).contains(&balanced), "class-balanced: {balanced} of 40 from class 1");
 }
 
 #[test]

@@ -139,6 +139,22 @@ choice! {
     }
 }
 
+choice! {
+    /// How the pixels of an image's anchors and keys are drawn when there are more than
+    /// `contrast.max_anchors` / `contrast.max_keys` (docs/algorithm.md, "Contrastive units").
+    /// The paper's anchor policy says it follows ContrastiveSeg [25], which draws its pixels
+    /// class by class, an equal share for each class in the image; it does not say more.
+    pub enum ContrastSampling {
+        /// Every candidate pixel equally likely: a class's share of the sample is its share of
+        /// the image's candidates, so large classes (road, building, sky) hold most of it.
+        Uniform,
+        /// Each class present among the image's candidates gets an equal share in expectation
+        /// (weighted sampling without replacement, weight 1 / the class's candidate count): a
+        /// class with fewer candidates than its share leaves its slots to the others.
+        ClassBalanced,
+    }
+}
+
 impl Level {
     pub const ALL: &'static [Level] = <Level as VariantArray>::VARIANTS;
 }
@@ -350,6 +366,7 @@ mod tests {
             Level,
             DccmFrom,
             CrossDomainAnchors,
+            ContrastSampling,
             Preset,
             TranslateMethod,
             FdaWindow,
@@ -368,6 +385,7 @@ mod tests {
         assert_eq!(strum_names::<Strategy>(), ["ada-mcu", "ripu", "entropy", "margin", "random"]);
         assert_eq!(strum_names::<Level>(), ["intra-image", "cross-image", "cross-domain"]);
         assert_eq!(strum_names::<CrossDomainAnchors>(), ["both", "target", "source"]);
+        assert_eq!(strum_names::<ContrastSampling>(), ["uniform", "class-balanced"]);
         assert_eq!(strum_names::<TranslateMethod>(), ["none", "cyclegan", "fda"]);
         assert_eq!(allowed(&["a", "b", "c"]), "\"a\", \"b\" or \"c\"");
     }

@@ -400,9 +400,12 @@ pub struct ContrastConfig {
     /// reading of the paper: a knob to ask whether one level's loss is its weight
     /// (datasets/synth.md).
     pub level_weights: LevelWeights,
-    /// Anchors per unit and keys per image, sampled uniformly when there are more.
+    /// Anchors per unit and keys per image, drawn by `sampling` when there are more.
     pub max_anchors: usize,
     pub max_keys: usize,
+    /// How anchors and keys are drawn: uniformly over the image's candidates (the default), or
+    /// an equal share per class, as ContrastiveSeg [25] draws them.
+    pub sampling: ContrastSampling,
 }
 
 impl Default for ContrastConfig {
@@ -421,6 +424,7 @@ impl Default for ContrastConfig {
             level_weights: LevelWeights::default(),
             max_anchors: 256,
             max_keys: 1024,
+            sampling: ContrastSampling::Uniform,
         }
     }
 }

@@ -19,6 +19,7 @@ fn choice_keys() -> Vec<(String, &'static [&'static str])> {
         ("contrast.levels".into(), Level::VARIANTS),
         ("contrast.dccm_from".into(), DccmFrom::VARIANTS),
         ("contrast.cross_domain_anchors".into(), CrossDomainAnchors::VARIANTS),
+        ("contrast.sampling".into(), ContrastSampling::VARIANTS),
         ("demo.variants".into(), Preset::VARIANTS),
         ("translate.method".into(), TranslateMethod::VARIANTS),
         ("translate.fda_window".into(), FdaWindow::VARIANTS),

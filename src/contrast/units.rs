@@ -16,7 +16,7 @@
 
 use super::dccm::Dccm;
 use super::infonce::{info_nce_units, Points};
-use crate::config::{ContrastConfig, CrossDomainAnchors, Level};
+use crate::config::{ContrastConfig, ContrastSampling, CrossDomainAnchors, Level};
 use crate::torch_ext::l2_normalised;
 use tch::{Kind, Tensor};
 
@@ -110,19 +110,40 @@ pub fn embeddings_at(embedding: &Tensor, positions: &Tensor, width: i64, height:
     l2_normalised(&embedding.grid_sampler_2d(&grid, 0, 1, false).squeeze_dim(2).transpose(1, 2), 2)
 }
 
-/// Up to `max` pixels per image drawn uniformly from `mask` [B, H*W] (random keys + top-k), with
-/// their embeddings read from the map at their positions. Ids: `first_image` + b, times 2^32,
-/// plus the pixel.
+/// Up to `k` positions per image of `mask` [B, P] whose pixels are classed by `labels` [B, P]:
+/// uniformly, or with an equal share per class present (`ContrastSampling`). Positions [B, k]
+/// and which are real [B, k].
+pub fn sample_positions(
+    mask: &Tensor,
+    labels: &Tensor,
+    k: i64,
+    sampling: ContrastSampling,
+    n_classes: i64,
+) -> (Tensor, Tensor) {
+    match sampling {
+        ContrastSampling::Uniform => crate::torch_ext::random_subset(mask, k, None),
+        ContrastSampling::ClassBalanced => {
+            // Weight 1 / (the class's candidates in the image): each class weighs 1 in all.
+            let rows = class_rows(labels, mask, n_classes);
+            let per_pixel = class_counts(&rows, n_classes).gather(1, &rows, false);
+            crate::torch_ext::weighted_random_subset(mask, &per_pixel.clamp_min(1.0).reciprocal(), k)
+        }
+    }
+}
+
+/// Up to `max` pixels per image drawn from `mask` [B, H*W] by `sampling`, with their
+/// embeddings read from the map at their positions. Ids: `first_image` + b, times 2^32, plus
+/// the pixel.
 fn sample(
     embedding: &Tensor,
     labels: &Tensor,
     mask: &Tensor,
-    max: usize,
+    (max, sampling, n_classes): (usize, ContrastSampling, i64),
     (width, height): (i64, i64),
     first_image: i64,
 ) -> Sample {
     let (b, p) = (mask.size()[0], mask.size()[1]);
-    let (positions, valid) = crate::torch_ext::random_subset(mask, (max as i64).min(p), None);
+    let (positions, valid) = sample_positions(mask, labels, (max as i64).min(p), sampling, n_classes);
     let images = Tensor::arange_start(first_image, first_image + b, (Kind::Int64, mask.device())).unsqueeze(1);
     Sample {
         embeddings: embeddings_at(embedding, &positions, width, height),
@@ -132,18 +153,31 @@ fn sample(
     }
 }
 
+/// Each pixel's row in a per-class table [B, P]: its class (0..C), or C outside `mask`.
+fn class_rows(classes: &Tensor, mask: &Tensor, n_classes: i64) -> Tensor {
+    classes.clamp(0, n_classes - 1).where_scalarother(mask, n_classes)
+}
+
+/// Pixels of each row of `class_rows` per image [B, C + 1] (row C: those outside the mask).
+fn class_counts(rows: &Tensor, n_classes: i64) -> Tensor {
+    let b = rows.size()[0];
+    Tensor::zeros([b, n_classes + 1], (Kind::Float, rows.device())).scatter_add(
+        1,
+        rows,
+        &Tensor::ones(rows.size(), (Kind::Float, rows.device())),
+    )
+}
+
 /// Per-class normalised means of `emb` [B, P, D] over `mask` [B, P] by `classes`:
 /// centers [B, C, D], their classes [B, C] (0..C) and which classes are present [B, C].
 pub fn class_centers(emb: &Tensor, classes: &Tensor, mask: &Tensor, n_classes: i64) -> Sample {
     let (b, d) = (emb.size()[0], emb.size()[2]);
     // Pixels outside the mask go to an extra row C that is dropped.
-    let index = classes.clamp(0, n_classes - 1).where_scalarother(mask, n_classes);
+    let index = class_rows(classes, mask, n_classes);
     let sums = Tensor::zeros([b, n_classes + 1, d], (emb.kind(), emb.device()))
         .scatter_add(1, &index.unsqueeze(2).expand([-1, -1, d], false), emb)
         .narrow(1, 0, n_classes);
-    let counts = Tensor::zeros([b, n_classes + 1], (Kind::Float, emb.device()))
-        .scatter_add(1, &index, &Tensor::ones(index.size(), (Kind::Float, emb.device())))
-        .narrow(1, 0, n_classes);
+    let counts = class_counts(&index, n_classes).narrow(1, 0, n_classes);
     Sample {
         embeddings: l2_normalised(&sums, 2),
         classes: Tensor::arange(n_classes, (Kind::Int64, emb.device())).unsqueeze(0).expand([b, -1], false),
@@ -174,10 +208,13 @@ fn views(batch: &DomainBatch, config: &ContrastConfig, classes: i64, first_image
     let labels = batch.labels.view([b, -1]);
     let key_mask = labels.ne(255);
     let anchor_mask = batch.anchors.view([b, -1]).logical_and(&key_mask);
-    let keys = sample(&batch.embedding, &labels, &key_mask, config.max_keys, (width, height), first_image);
+    let draw = |mask: &Tensor, max: usize| {
+        sample(&batch.embedding, &labels, mask, (max, config.sampling, classes), (width, height), first_image)
+    };
+    let keys = draw(&key_mask, config.max_keys);
     let emb = batch.embedding.view([b, d, -1]).transpose(1, 2);
     DomainViews {
-        anchors: sample(&batch.embedding, &labels, &anchor_mask, config.max_anchors, (width, height), first_image),
+        anchors: draw(&anchor_mask, config.max_anchors),
         // Class-wise anchors (Eq. 11): the class means of the image's keys, from its key sample.
         anchor_centers: class_centers(&keys.embeddings, &keys.classes, &keys.valid, classes),
         category_centers: class_centers(&emb, &batch.center_classes.view([b, -1]), &batch.low.view([b, -1]), classes),

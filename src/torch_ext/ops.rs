@@ -49,6 +49,22 @@ pub fn random_subset(mask: &tch::Tensor, k: i64, count: Option<&tch::Tensor>) ->
     (positions, valid)
 }
 
+/// Up to `k` positions per row of `mask` [B, P], drawn without replacement with probabilities
+/// proportional to `weights` [B, P] (> 0 where `mask`): the k largest of Efraimidis and
+/// Spirakis' keys log(u) / w, u uniform. Returns positions [B, k] and which are real [B, k] (a
+/// row with fewer than k candidates). Not `multinomial`, which refuses a row with fewer
+/// candidates than k and draws row by row.
+pub fn weighted_random_subset(mask: &tch::Tensor, weights: &tch::Tensor, k: i64) -> (tch::Tensor, tch::Tensor) {
+    use tch::{Kind, Tensor};
+    let k = k.min(mask.size()[1]);
+    let keys = (Tensor::rand(mask.size(), (Kind::Float, mask.device())).log() / weights.to_kind(Kind::Float))
+        .where_scalarother(mask, f64::NEG_INFINITY);
+    let (_, positions) = keys.topk(k, 1, true, false);
+    // From the mask, not the key: a real candidate whose u was 0 has key -inf too.
+    let valid = mask.gather(1, &positions, false);
+    (positions, valid)
+}
+
 /// `t` divided by its L2 norm along `dim` (an all-zero vector stays zero rather than NaN).
 pub fn l2_normalised(t: &tch::Tensor, dim: i64) -> tch::Tensor {
     t / t.norm_scalaropt_dim(2.0, [dim].as_slice(), true).clamp_min(1e-12)

@@ -26,6 +26,7 @@ use crate::contrast::dccm::Dccm;
 use crate::contrast::diagnostics::ContrastDiagnostics;
 use anyhow::Result;
 use std::path::Path;
+use tch::Tensor;
 
 /// The terms of the ADA-MCU loss (Section III-D), named once: L_seg on the source and on the
 /// target (bought and pseudo labels), and L_con's pixel-to-pixel and center-to-center InfoNCE;
@@ -152,6 +153,9 @@ pub struct AdaState {
     pub ledger: Ledger,
     pub sampler: Sampler,
     pub dccm: Dccm,
+    /// L_con's factor for each configured level, `contrast.weight` x its level weight, in
+    /// `contrast.levels` order [levels] on the device: built here once, not uploaded each step.
+    pub level_factors: Tensor,
 }
 
 impl Trainer {
@@ -188,6 +192,13 @@ impl Trainer {
             ledger,
             sampler: Sampler::new(&self.config.active, None),
             dccm: Dccm::new(self.config.data.classes as i64, self.config.contrast.dccm_momentum, self.device),
+            level_factors: self.level_factors(),
         }
+    }
+
+    fn level_factors(&self) -> Tensor {
+        let c = &self.config.contrast;
+        let factors: Vec<f32> = c.levels.iter().map(|&l| (c.weight * c.level_weights.of(l)) as f32).collect();
+        crate::torch_ext::upload(&Tensor::from_slice(&factors), self.device)
     }
 }

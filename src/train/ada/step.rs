@@ -274,13 +274,7 @@ impl Trainer {
             let losses = contrastive_losses(&source, &target, &c.contrast, dccm, classes);
             if let Some(per_level) = &losses.per_level {
                 // L_con = weight x sum over levels of level weight x (p2p + c2c) (Section III-D).
-                let weights: Vec<f32> = c
-                    .contrast
-                    .levels
-                    .iter()
-                    .map(|&l| (c.contrast.weight * c.contrast.level_weights.of(l)) as f32)
-                    .collect();
-                let weighted = per_level * crate::torch_ext::upload(&Tensor::from_slice(&weights), per_level.device());
+                let weighted = per_level * &state.level_factors;
                 let sum = weighted.sum(Kind::Float);
                 total = total + &sum;
                 con = Some(sum);
