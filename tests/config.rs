@@ -1,6 +1,6 @@
 //! Pipeline config: parsing, validation that reports every error, unknown keys, `${VAR}`.
 
-use adamcu::config::{Config, ContrastSampling};
+use adamcu::config::{Config, ContrastConfig, ContrastSampling};
 use std::process::Command;
 
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> std::path::PathBuf {
@@ -119,10 +119,11 @@ fn set_overrides_dotted_keys_and_is_validated_like_the_file() {
     assert_eq!(errors.errors, ["contrast.level_weights.cross-domain = -1: expected a number >= 0"]);
     let errors = Config::load_with_overrides(path, &["contrast.level_weights.cross_domain=0.5".into()]).unwrap_err();
     assert_eq!(errors.errors, ["contrast.level_weights.cross_domain: unknown key"]);
-    // How anchors and keys are drawn: uniform unless set, a closed choice.
-    assert_eq!(Config::load(path).unwrap().contrast.sampling, ContrastSampling::Uniform);
-    let config = Config::load_with_overrides(path, &["contrast.sampling=\"class-balanced\"".into()]).unwrap();
-    assert_eq!(config.contrast.sampling, ContrastSampling::ClassBalanced);
+    // How anchors and keys are drawn: class-balanced in the configs and unless set, a closed choice.
+    assert_eq!(Config::load(path).unwrap().contrast.sampling, ContrastSampling::ClassBalanced);
+    assert_eq!(ContrastConfig::default().sampling, ContrastSampling::ClassBalanced);
+    let config = Config::load_with_overrides(path, &["contrast.sampling=\"uniform\"".into()]).unwrap();
+    assert_eq!(config.contrast.sampling, ContrastSampling::Uniform);
     let errors = Config::load_with_overrides(path, &["contrast.sampling=\"balanced\"".into()]).unwrap_err();
     assert_eq!(errors.errors, ["contrast.sampling = \"balanced\": expected \"uniform\" or \"class-balanced\""]);
 }

@@ -403,8 +403,8 @@ pub struct ContrastConfig {
     /// Anchors per unit and keys per image, drawn by `sampling` when there are more.
     pub max_anchors: usize,
     pub max_keys: usize,
-    /// How anchors and keys are drawn: uniformly over the image's candidates (the default), or
-    /// an equal share per class, as ContrastiveSeg [25] draws them.
+    /// How anchors and keys are drawn: an equal share per class, as ContrastiveSeg [25] draws
+    /// them (the default), or uniformly over the image's candidates.
     pub sampling: ContrastSampling,
 }
 
@@ -424,7 +424,7 @@ impl Default for ContrastConfig {
             level_weights: LevelWeights::default(),
             max_anchors: 256,
             max_keys: 1024,
-            sampling: ContrastSampling::Uniform,
+            sampling: ContrastSampling::ClassBalanced,
         }
     }
 }
