@@ -123,10 +123,11 @@ pub fn sample_positions(
     match sampling {
         ContrastSampling::Uniform => crate::torch_ext::random_subset(mask, k, None),
         ContrastSampling::ClassBalanced => {
-            // Weight 1 / (the class's candidates in the image): each class weighs 1 in all.
+            // Weight 1 / (the class's candidates in the image): each class weighs 1 in all. Every
+            // pixel counts itself in its row, so no count is 0.
             let rows = class_rows(labels, mask, n_classes);
             let per_pixel = class_counts(&rows, n_classes).gather(1, &rows, false);
-            crate::torch_ext::weighted_random_subset(mask, &per_pixel.clamp_min(1.0).reciprocal(), k)
+            crate::torch_ext::weighted_random_subset(mask, &per_pixel.reciprocal(), k)
         }
     }
 }

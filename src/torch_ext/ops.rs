@@ -52,8 +52,9 @@ pub fn random_subset(mask: &tch::Tensor, k: i64, count: Option<&tch::Tensor>) ->
 /// Up to `k` positions per row of `mask` [B, P], drawn without replacement with probabilities
 /// proportional to `weights` [B, P] (> 0 where `mask`): the k largest of Efraimidis and
 /// Spirakis' keys log(u) / w, u uniform. Returns positions [B, k] and which are real [B, k] (a
-/// row with fewer than k candidates). Not `multinomial`, which refuses a row with fewer
-/// candidates than k and draws row by row.
+/// row with fewer than k candidates). Not `multinomial`, which without replacement refuses a
+/// row with fewer candidates than k. With equal weights it draws a uniform subset, as
+/// `random_subset` does.
 pub fn weighted_random_subset(mask: &tch::Tensor, weights: &tch::Tensor, k: i64) -> (tch::Tensor, tch::Tensor) {
     use tch::{Kind, Tensor};
     let k = k.min(mask.size()[1]);
