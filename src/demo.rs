@@ -17,19 +17,29 @@ use std::path::Path;
 use std::time::Instant;
 use tch::Tensor;
 
-/// One seed's table: source-only, the variants, target-supervised; and what each variant bought.
-struct SeedRun {
-    seed: u64,
+/// One seed's rows, as its report's `per_seed` entry records them: what the table over seeds
+/// and the paired gains are computed from, so that `adamcu demo --merge` computes them from
+/// reports exactly as the demo does from its runs.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SeedTable {
+    pub seed: u64,
     /// Source-only trained on the raw (untranslated) source, when the config translates it:
     /// the paper's Table III compares the two.
-    untranslated: Option<EvalRow>,
-    rows: Vec<EvalRow>,
+    pub untranslated: Option<EvalRow>,
+    /// Source-only, the variants in `demo.variants`' order, target-supervised.
+    pub rows: Vec<EvalRow>,
+    /// Each row's target val mIoU over its steps (`demo.eval_every`; empty when 0).
+    pub curves: Vec<(String, Vec<CurvePoint>)>,
+}
+
+/// One seed's table and what else the demo draws and reports from it: what each variant
+/// bought, Fig. 5's embeddings, the losses, Fig. 4's predictions.
+struct SeedRun {
+    table: SeedTable,
     budgets: Vec<AdaSummary>,
     /// Fig. 5's rows (AL w AS, the full model): target val pixel embeddings, their classes and
     /// their compactness.
     embeddings: Vec<(Preset, Tensor, Tensor, Compactness)>,
-    /// Each row's target val mIoU over its steps (`train.eval_every`; empty when 0).
-    curves: Vec<(String, Vec<CurvePoint>)>,
     /// Each row's loss at every step.
     losses: Vec<(String, Vec<f64>)>,
     /// Each ADA row's labelled fraction after every step.
@@ -121,33 +131,8 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
         let seeded = Config { run: RunConfig { seed, ..config.run.clone() }, ..config.clone() };
         runs.push(one_seed(&seeded, &dir)?);
     }
-    let rows: Vec<EvalRow> = (0..runs[0].rows.len())
-        .map(|i| EvalRow::mean(&runs.iter().map(|r| r.rows[i].clone()).collect::<Vec<_>>()))
-        .collect();
-
-    if seeds.len() > 1 {
-        println!("\nmean over seeds {seeds:?} (mIoU ± its standard deviation)");
-    }
-    let untranslated = runs[0].untranslated.is_some().then(|| {
-        EvalRow::mean(&runs.iter().map(|r| r.untranslated.clone().expect("every seed has it")).collect::<Vec<_>>())
-    });
-    let table: Vec<EvalRow> = untranslated.iter().chain(rows.iter()).cloned().collect();
-    println!("\n{}", markdown_table(&table));
-    if let Some(raw) = &untranslated {
-        let per_seed: Vec<f64> =
-            runs.iter().map(|r| r.rows[0].miou - r.untranslated.as_ref().expect("every seed has it").miou).collect();
-        println!(
-            "translation (Algorithm 1, line 1): source-only {:.1} on the translated source against {:.1} on the raw \
-             source ({:+.2} mIoU points{})",
-            rows[0].miou,
-            raw.miou,
-            rows[0].miou - raw.miou,
-            match paired_interval(&per_seed) {
-                Some((lo, hi)) => format!(", paired over {} seeds: 95 % interval [{lo:+.2}, {hi:+.2}]", per_seed.len()),
-                None => ", one seed".into(),
-            }
-        );
-    }
+    let tables: Vec<&SeedTable> = runs.iter().map(|r| &r.table).collect();
+    let (rows, untranslated) = print_table(&tables);
     if let Some(t) = &translation {
         println!(
             "translated source: colour distance to the target {:.1} (raw source {:.1}; RGB 0-255, per-channel Gaussian W2)",
@@ -168,33 +153,7 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
             if runs.len() > 1 { ", mean over seeds" } else { "" }
         );
     }
-    if runs[0].curves.iter().any(|(_, c)| !c.is_empty()) {
-        println!(
-            "\ntarget val mIoU over each row's steps (train.eval_every; mean over seeds): does more training help?"
-        );
-        for (i, (name, curve)) in runs[0].curves.iter().enumerate() {
-            let points: Vec<String> = curve
-                .iter()
-                .enumerate()
-                .map(|(k, p)| {
-                    let mean = runs.iter().map(|r| r.curves[i].1[k].miou).sum::<f64>() / runs.len() as f64;
-                    format!("{}: {mean:.1}", p.step)
-                })
-                .collect();
-            println!("  {name:<26} {}", points.join(", "));
-        }
-    }
-    let gains = paired_gains(&config.demo.variants, config.demo.paired_against, &runs);
-    if !gains.is_empty() {
-        let over = match config.demo.paired_against {
-            PairedAgainst::Previous => "each step over the row before",
-            PairedAgainst::First => "each row over the first variant (the first over source-only)",
-        };
-        println!("\npaired gain of {over} (same seed: same source checkpoint and data order)");
-        for g in &gains {
-            println!("{g}");
-        }
-    }
+    let gains = print_steps(&config.demo.variants, config.demo.paired_against, &tables);
     let (low, high) = (rows[0].miou, rows[rows.len() - 1].miou);
     println!("domain gap (target-supervised - source-only): {:.1} mIoU points", high - low);
     for (v, row) in rows[1..rows.len() - 1].iter().enumerate() {
@@ -244,8 +203,10 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
     let per_seed: Vec<_> = runs
         .iter()
         .map(|r| {
-            json!({ "seed": r.seed, "untranslated": r.untranslated, "rows": r.rows, "curves": r.curves,
-                "budgets": r.budgets, "feature_distance": r.feature_distance })
+            let mut seed = serde_json::to_value(&r.table).expect("a table serialises");
+            seed["budgets"] = json!(r.budgets);
+            seed["feature_distance"] = json!(r.feature_distance);
+            seed
         })
         .collect();
     let report = json!({ "run": config.run.name, "seconds": seconds, "seeds": seeds, "rows": rows,
@@ -253,6 +214,147 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
         "paired_gains": gains, "compactness": compactness_rows, "figures": figures, "by_budget": by_budget, "per_seed": per_seed, "budget_pixels": runs[0].budgets.first().map(|b| b.pixels.clone()),
         "config": config.recorded() });
     let path = config.run_dir().join("report.json");
+    crate::files::write_atomically(&path, |temp| {
+        std::fs::write(temp, serde_json::to_vec_pretty(&report)?)?;
+        Ok(())
+    })?;
+    println!("report: {}", path.display());
+    Ok(rows)
+}
+
+/// Prints the table over seeds (each row's mean and ± std; source-only on the raw source first
+/// when the config translates) and the translation's paired gain over the raw source; returns
+/// the mean rows and the untranslated mean row.
+fn print_table(tables: &[&SeedTable]) -> (Vec<EvalRow>, Option<EvalRow>) {
+    let rows: Vec<EvalRow> = (0..tables[0].rows.len())
+        .map(|i| EvalRow::mean(&tables.iter().map(|t| t.rows[i].clone()).collect::<Vec<_>>()))
+        .collect();
+    if tables.len() > 1 {
+        let seeds: Vec<u64> = tables.iter().map(|t| t.seed).collect();
+        println!("\nmean over seeds {seeds:?} (mIoU ± its standard deviation)");
+    }
+    let untranslated = tables[0].untranslated.is_some().then(|| {
+        EvalRow::mean(&tables.iter().map(|t| t.untranslated.clone().expect("every seed has it")).collect::<Vec<_>>())
+    });
+    let table: Vec<EvalRow> = untranslated.iter().chain(rows.iter()).cloned().collect();
+    println!("\n{}", markdown_table(&table));
+    if let Some(raw) = &untranslated {
+        let per_seed: Vec<f64> =
+            tables.iter().map(|t| t.rows[0].miou - t.untranslated.as_ref().expect("every seed has it").miou).collect();
+        println!(
+            "translation (Algorithm 1, line 1): source-only {:.1} on the translated source against {:.1} on the raw \
+             source ({:+.2} mIoU points{})",
+            rows[0].miou,
+            raw.miou,
+            rows[0].miou - raw.miou,
+            match paired_interval(&per_seed) {
+                Some((lo, hi)) => format!(", paired over {} seeds: 95 % interval [{lo:+.2}, {hi:+.2}]", per_seed.len()),
+                None => ", one seed".into(),
+            }
+        );
+    }
+    (rows, untranslated)
+}
+
+/// Prints each row's val curve (mean over seeds) and each variant's paired gain (`paired_gains`);
+/// returns the gains.
+fn print_steps(variants: &[Preset], against: PairedAgainst, tables: &[&SeedTable]) -> Vec<PairedGain> {
+    if tables[0].curves.iter().any(|(_, c)| !c.is_empty()) {
+        println!(
+            "\ntarget val mIoU over each row's steps (demo.eval_every; mean over seeds): does more training help?"
+        );
+        for (i, (name, curve)) in tables[0].curves.iter().enumerate() {
+            let points: Vec<String> = curve
+                .iter()
+                .enumerate()
+                .map(|(k, p)| {
+                    let mean = tables.iter().map(|t| t.curves[i].1[k].miou).sum::<f64>() / tables.len() as f64;
+                    format!("{}: {mean:.1}", p.step)
+                })
+                .collect();
+            println!("  {name:<26} {}", points.join(", "));
+        }
+    }
+    let gains = paired_gains(variants, against, tables);
+    if !gains.is_empty() {
+        let over = match against {
+            PairedAgainst::Previous => "each step over the row before",
+            PairedAgainst::First => "each row over the first variant (the first over source-only)",
+        };
+        println!("\npaired gain of {over} (same seed: same source checkpoint and data order)");
+        for g in &gains {
+            println!("{g}");
+        }
+    }
+    gains
+}
+
+/// Keys in which demo runs of one experiment may differ and still be merged: which seeds
+/// (`run.seed`, `demo.repeats`), where they were written, and their threads.
+const KEYS_MERGE_MAY_DIFFER: &[&str] = &["run.name", "run.runs_dir", "run.seed", "run.threads", "demo.repeats"];
+
+/// `adamcu demo --merge DIR,DIR,... --out OUT`: one table over the seeds of demo (or compare)
+/// runs made apart, for instance seeds split over processes or machines: each `DIR/report.json`
+/// is read, their configs must agree on every key but `KEYS_MERGE_MAY_DIFFER`, no seed may
+/// appear twice, and the table, the val curves and the paired gains are computed from their
+/// seeds as one demo run over all of them computes them. Writes `OUT/report.json` (the
+/// pictures stay with each run).
+pub fn merge(dirs: &[std::path::PathBuf], out: &Path) -> Result<Vec<EvalRow>> {
+    use anyhow::{bail, Context};
+    let mut first: Option<(std::path::PathBuf, serde_json::Value)> = None;
+    let mut tables: Vec<(std::path::PathBuf, SeedTable)> = Vec::new();
+    for dir in dirs {
+        let path = dir.join("report.json");
+        let bytes = std::fs::read(&path).with_context(|| format!("{}: a demo's report to merge", path.display()))?;
+        let report: serde_json::Value = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{}: expected the JSON report of `adamcu demo`", path.display()))?;
+        let (Some(config), Some(per_seed)) = (report.get("config"), report.get("per_seed")) else {
+            bail!("{}: expected the report of `adamcu demo`, with \"config\" and \"per_seed\"", path.display());
+        };
+        match &first {
+            None => first = Some((path.clone(), config.clone())),
+            Some((first_path, first_config)) => {
+                let differing: Vec<_> = crate::config::recorded_changes(first_config, config)
+                    .into_iter()
+                    .filter(|c| !c.is_under(KEYS_MERGE_MAY_DIFFER))
+                    .collect();
+                if !differing.is_empty() {
+                    bail!(
+                        "{} and {} are not one experiment: their configs differ in (was: the first, now: the \
+                         second){}\nonly {} may differ between merged runs",
+                        first_path.display(),
+                        path.display(),
+                        crate::config::listed(&differing),
+                        KEYS_MERGE_MAY_DIFFER.join(", ")
+                    );
+                }
+            }
+        }
+        let seeds: Vec<SeedTable> = serde_json::from_value(per_seed.clone())
+            .with_context(|| format!("{}: \"per_seed\" is not a list of seeds' rows", path.display()))?;
+        for table in seeds {
+            if let Some((other, _)) = tables.iter().find(|(_, t)| t.seed == table.seed) {
+                bail!(
+                    "seed {} is in both {} and {}: a seed may be merged once",
+                    table.seed,
+                    other.display(),
+                    path.display()
+                );
+            }
+            tables.push((path.clone(), table));
+        }
+    }
+    let (_, recorded) = first.context("--merge: expected at least one run folder")?;
+    let config: Config = serde_json::from_value(recorded.clone()).context("the merged reports' \"config\"")?;
+    tables.sort_by_key(|(_, t)| t.seed);
+    let by_seed: Vec<&SeedTable> = tables.iter().map(|(_, t)| t).collect();
+    let (rows, untranslated) = print_table(&by_seed);
+    let gains = print_steps(&config.demo.variants, config.demo.paired_against, &by_seed);
+    let seeds: Vec<u64> = by_seed.iter().map(|t| t.seed).collect();
+    let report = json!({ "merged_from": dirs, "seeds": seeds, "rows": rows, "untranslated": untranslated,
+        "paired_gains": gains, "per_seed": by_seed, "config": recorded });
+    std::fs::create_dir_all(out).with_context(|| format!("--out {}", out.display()))?;
+    let path = out.join("report.json");
     crate::files::write_atomically(&path, |temp| {
         std::fs::write(temp, serde_json::to_vec_pretty(&report)?)?;
         Ok(())
@@ -390,12 +492,9 @@ fn one_seed(config: &Config, run_dir: &Path) -> Result<SeedRun> {
     let feature_distance = crate::translate::feature_distance(config, &trainer, FEATURE_IMAGES)?;
     Ok(SeedRun {
         feature_distance,
-        seed: config.run.seed,
-        untranslated,
-        rows,
+        table: SeedTable { seed: config.run.seed, untranslated, rows, curves },
         budgets,
         embeddings,
-        curves,
         losses,
         spending,
         fig4,
@@ -464,6 +563,7 @@ fn draw_figures(config: &Config, runs: &[SeedRun]) -> Result<serde_json::Value> 
     let fig4 = dir.join("fig4.png");
     prediction_grid(&fig4, &fig4_images(config)?, &first.fig4, config.data.classes)?;
     let miou: Vec<Series> = first
+        .table
         .curves
         .iter()
         .enumerate()
@@ -471,7 +571,7 @@ fn draw_figures(config: &Config, runs: &[SeedRun]) -> Result<serde_json::Value> 
             name: name.clone(),
             points: (0..curve.len())
                 .map(|k| {
-                    let mean = runs.iter().map(|r| r.curves[i].1[k].miou).sum::<f64>() / runs.len() as f64;
+                    let mean = runs.iter().map(|r| r.table.curves[i].1[k].miou).sum::<f64>() / runs.len() as f64;
                     (curve[k].step as f64, mean)
                 })
                 .collect(),
@@ -581,7 +681,7 @@ fn paired_interval(per_seed: &[f64]) -> Option<(f64, f64)> {
 /// MCU-i, MCU-d, full) these are Table VI's steps: AS, MCU-i, MCU-d and the DCCM.
 /// With `demo.paired_against = "first"` every variant after the first is measured against the
 /// first (`adamcu compare`: each strategy against the first listed).
-fn paired_gains(variants: &[Preset], against: PairedAgainst, runs: &[SeedRun]) -> Vec<PairedGain> {
+fn paired_gains(variants: &[Preset], against: PairedAgainst, runs: &[&SeedTable]) -> Vec<PairedGain> {
     (1..=variants.len())
         .map(|b| {
             let a = if against == PairedAgainst::First && b > 1 { 1 } else { b - 1 };

@@ -68,6 +68,14 @@ enum Command {
         /// mIoU against the labelled fraction and fig1c.png (sets demo.budgets).
         #[arg(long, value_delimiter = ',')]
         budgets: Vec<f64>,
+        /// Train nothing: one table and its paired gains over the seeds of these demo (or
+        /// compare) run folders, each with its report.json (seeds split over processes or
+        /// machines); their configs must agree but for the seeds, the run's name and threads.
+        #[arg(long, value_delimiter = ',', value_name = "DIR,DIR,...", requires = "out", conflicts_with_all = ["config", "budgets"])]
+        merge: Vec<PathBuf>,
+        /// With --merge: the folder of the merged report.json.
+        #[arg(long, requires = "merge")]
+        out: Option<PathBuf>,
     },
     /// Active-learning strategies side by side: each from the same source checkpoint at the same
     /// budget (the demo's rows with demo.variants = the strategies), one table with paired
@@ -341,7 +349,14 @@ fn run(command: Command, overrides: &[String]) -> Result<ExitCode> {
             datasets_check(&load_config(&config, overrides)?, data_set)
         }
         Command::Pack { config, data_set, out, size } => pack(&load_config(&config, overrides)?, data_set, &out, size),
-        Command::Demo { config, budgets } => {
+        Command::Demo { merge, out: Some(out), .. } => {
+            if !overrides.is_empty() {
+                bail!("--merge takes the merged runs' own configs: --set {} does not apply", overrides.join(" --set "));
+            }
+            adamcu::demo::merge(&merge, &out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { config, budgets, .. } => {
             let mut config = load_config(&config, overrides)?;
             set_budgets(&mut config, budgets)?;
             adamcu::demo::run(&config)?;

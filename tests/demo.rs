@@ -112,6 +112,109 @@ fn the_demo_prints_the_table_and_with_two_seeds_their_mean_and_spread() {
     assert!((last["miou"].as_f64().unwrap() - miou(0, 2)).abs() < 1e-9, "{last} vs {}", miou(0, 2));
     // The budget says what it counts.
     assert_eq!(report["budget_pixels"], "pixels at the training resolution (64x32 per image)");
+
+    // --merge of the run alone recomputes its paired gains from its report; of the run with
+    // itself it is refused, since each seed would count twice.
+    let merged = dir.path().join("merged");
+    let merge = |dirs: &str| {
+        Command::new(env!("CARGO_BIN_EXE_adamcu"))
+            .args(["demo", "--merge", dirs, "--out"])
+            .arg(&merged)
+            .output()
+            .unwrap()
+    };
+    let out = merge(&run_dir.display().to_string());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let again: serde_json::Value = serde_json::from_slice(&std::fs::read(merged.join("report.json")).unwrap()).unwrap();
+    assert_eq!(again["paired_gains"], report["paired_gains"]);
+    assert_eq!(again["rows"], report["rows"]);
+    let out = merge(&format!("{0},{0}", run_dir.display()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("seed 5 is in both"), "{stderr}");
+}
+
+/// A demo report of `seeds` as `adamcu demo` writes it: its config and each seed's rows
+/// (source-only, AL w AS, full model, target-supervised; mIoU `base + row + seed offset`).
+fn write_report(dir: &std::path::Path, config: &adamcu::config::Config, seeds: &[(u64, [f64; 4])]) {
+    let names = ["source-only", "AL w AS", "full model (DCCM)", "target-supervised"];
+    let per_seed: Vec<_> = seeds
+        .iter()
+        .map(|(seed, miou)| {
+            let rows: Vec<_> = names
+                .iter()
+                .zip(miou)
+                .map(|(name, m)| {
+                    serde_json::json!({ "name": name, "miou": m, "per_class": [["road", m], ["sidewalk", null]],
+                        "target_labeled_fraction": 0.05 })
+                })
+                .collect();
+            serde_json::json!({ "seed": seed, "untranslated": null, "rows": rows,
+                "curves": [["AL w AS", [{ "step": 6, "miou": miou[1] - 1.0 }, { "step": 12, "miou": miou[1] }]]] })
+        })
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    let report = serde_json::json!({ "per_seed": per_seed, "config": config.recorded() });
+    std::fs::write(dir.join("report.json"), serde_json::to_vec(&report).unwrap()).unwrap();
+}
+
+#[test]
+fn merged_reports_give_the_paired_gains_over_all_their_seeds_and_refuse_another_experiment() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::tiny_daemon_config(dir.path(), "a", 12);
+    config.demo.variants = vec![Preset::AlWAs, Preset::Full];
+    config.demo.repeats = 2;
+    write_report(&dir.path().join("a"), &config, &[(1, [10.0, 40.0, 43.0, 60.0]), (0, [11.0, 42.0, 44.0, 61.0])]);
+    // Seed 2 apart, as another process would run it: another name, seed, repeats and threads.
+    config.run.name = "b".into();
+    config.run.seed = 2;
+    config.run.threads = 1;
+    config.demo.repeats = 1;
+    write_report(&dir.path().join("b"), &config, &[(2, [12.0, 41.0, 47.0, 62.0])]);
+    // Another experiment: the same seeds at another L_con weight.
+    config.contrast.weight = 0.5;
+    write_report(&dir.path().join("c"), &config, &[(3, [12.0, 41.0, 47.0, 62.0])]);
+
+    let out_dir = dir.path().join("merged");
+    let merge = |dirs: &[&str], extra: &[&str]| {
+        let list: Vec<String> = dirs.iter().map(|d| dir.path().join(d).display().to_string()).collect();
+        Command::new(env!("CARGO_BIN_EXE_adamcu"))
+            .args(["demo", "--merge", &list.join(","), "--out"])
+            .arg(&out_dir)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = merge(&["a", "b"], &[]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("mean over seeds [0, 1, 2]"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["seeds"], serde_json::json!([0, 1, 2]));
+    // Seeds in order 0, 1, 2. AL w AS over source-only: 31, 30, 29; the full model over AL w
+    // AS: 2, 3, 6, mean 11/3, sample std sqrt(13/3), t(0.975, 2 degrees of freedom) = 4.3027.
+    let gains = report["paired_gains"].as_array().unwrap();
+    assert_eq!(gains[0]["per_seed"], serde_json::json!([31.0, 30.0, 29.0]));
+    assert_eq!(gains[1]["per_seed"], serde_json::json!([2.0, 3.0, 6.0]));
+    let (mean, half) = (11.0 / 3.0, 4.3027 * (13.0f64 / 3.0).sqrt() / 3f64.sqrt());
+    let interval = &gains[1]["interval95"];
+    assert!((gains[1]["mean"].as_f64().unwrap() - mean).abs() < 1e-9, "{}", gains[1]);
+    assert!((interval[0].as_f64().unwrap() - (mean - half)).abs() < 1e-3, "{interval} vs {mean} ± {half}");
+    assert!((interval[1].as_f64().unwrap() - (mean + half)).abs() < 1e-3, "{interval} vs {mean} ± {half}");
+    assert!((report["rows"][2]["miou"].as_f64().unwrap() - 134.0 / 3.0).abs() < 1e-9, "{}", report["rows"][2]);
+    // The val curve's mean over the three seeds.
+    assert!(stdout.contains("12: 41.0") && stdout.contains("6: 40.0"), "{stdout}");
+
+    // Another experiment is refused, naming the key and both reports.
+    let out = merge(&["a", "c"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("contrast.weight: was 1.0, now 0.5"), "{stderr}");
+    assert!(stderr.contains("a/report.json") && stderr.contains("c/report.json"), "{stderr}");
+    // --set does not apply to reports already made.
+    let out = merge(&["a", "b"], &["--set", "contrast.weight=0.5"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("does not apply"), "{stderr}");
 }
 
 #[test]

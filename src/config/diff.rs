@@ -14,18 +14,24 @@ impl Config {
     /// Every key whose value differs between a recorded config (`Config::recorded`) and this
     /// one, in key order.
     pub fn changes_since(&self, recorded: &serde_json::Value) -> Vec<ConfigChange> {
-        let (mut was, mut now) = (Default::default(), Default::default());
-        flatten("", recorded, &mut was);
-        flatten("", &self.recorded(), &mut now);
-        let keys: std::collections::BTreeSet<&String> = was.keys().chain(now.keys()).collect();
-        let null = serde_json::Value::Null;
-        keys.into_iter()
-            .filter_map(|key| {
-                let (a, b) = (was.get(key).unwrap_or(&null), now.get(key).unwrap_or(&null));
-                (a != b).then(|| ConfigChange { key: key.clone(), was: a.clone(), now: b.clone() })
-            })
-            .collect()
+        recorded_changes(recorded, &self.recorded())
     }
+}
+
+/// Every key whose value differs between two recorded configs (`Config::recorded`), in key
+/// order.
+pub fn recorded_changes(was: &serde_json::Value, now: &serde_json::Value) -> Vec<ConfigChange> {
+    let (mut was_flat, mut now_flat) = (Default::default(), Default::default());
+    flatten("", was, &mut was_flat);
+    flatten("", now, &mut now_flat);
+    let keys: std::collections::BTreeSet<&String> = was_flat.keys().chain(now_flat.keys()).collect();
+    let null = serde_json::Value::Null;
+    keys.into_iter()
+        .filter_map(|key| {
+            let (a, b) = (was_flat.get(key).unwrap_or(&null), now_flat.get(key).unwrap_or(&null));
+            (a != b).then(|| ConfigChange { key: key.clone(), was: a.clone(), now: b.clone() })
+        })
+        .collect()
 }
 
 /// Keys a resumed run may change without changing its experiment: where the files are, the
@@ -84,7 +90,7 @@ impl ConfigChange {
         self.changes_experiment() && !self.is_under(KEYS_AFTER_SOURCE_STAGE)
     }
 
-    fn is_under(&self, keys: &[&str]) -> bool {
+    pub fn is_under(&self, keys: &[&str]) -> bool {
         keys.iter().any(|k| self.key == *k || self.key.starts_with(&format!("{k}.")))
     }
 }

@@ -19,6 +19,6 @@ mod vars;
 
 pub use choices::*;
 pub use device::{parse_device, DeviceChoice};
-pub use diff::{listed, ConfigChange};
+pub use diff::{listed, recorded_changes, ConfigChange};
 pub use load::ConfigErrors;
 pub use schema::*;

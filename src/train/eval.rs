@@ -8,7 +8,7 @@ use crate::data::source::SampleSource;
 use crate::model::deeplab::upsample;
 use crate::model::SegNet;
 use anyhow::Result;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, Clone)]
@@ -78,7 +78,7 @@ impl Confusion {
 }
 
 /// One row of a results table.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalRow {
     pub name: String,
     /// mIoU in percent.
