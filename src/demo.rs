@@ -214,10 +214,7 @@ pub fn run(config: &Config) -> Result<Vec<EvalRow>> {
         "paired_gains": gains, "compactness": compactness_rows, "figures": figures, "by_budget": by_budget, "per_seed": per_seed, "budget_pixels": runs[0].budgets.first().map(|b| b.pixels.clone()),
         "config": config.recorded() });
     let path = config.run_dir().join("report.json");
-    crate::files::write_atomically(&path, |temp| {
-        std::fs::write(temp, serde_json::to_vec_pretty(&report)?)?;
-        Ok(())
-    })?;
+    crate::files::write_json(&path, &report)?;
     println!("report: {}", path.display());
     Ok(rows)
 }
@@ -355,10 +352,7 @@ pub fn merge(dirs: &[std::path::PathBuf], out: &Path) -> Result<Vec<EvalRow>> {
         "paired_gains": gains, "per_seed": by_seed, "config": recorded });
     std::fs::create_dir_all(out).with_context(|| format!("--out {}", out.display()))?;
     let path = out.join("report.json");
-    crate::files::write_atomically(&path, |temp| {
-        std::fs::write(temp, serde_json::to_vec_pretty(&report)?)?;
-        Ok(())
-    })?;
+    crate::files::write_json(&path, &report)?;
     println!("report: {}", path.display());
     Ok(rows)
 }

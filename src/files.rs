@@ -17,6 +17,11 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
     Ok(())
 }
 
+/// Writes `value` as pretty-printed JSON at `path`, atomically (status.json, the reports).
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    write_atomically(path, |temp| Ok(std::fs::write(temp, serde_json::to_vec_pretty(value)?)?))
+}
+
 /// Writes `image` as a PNG at `path`, atomically.
 pub fn write_png(path: &Path, image: &image::RgbImage) -> Result<()> {
     write_atomically(path, |temp| {

@@ -59,9 +59,7 @@ impl Status {
     }
 
     pub fn write(&self, run_dir: &Path) -> Result<()> {
-        crate::files::write_atomically(&run_dir.join("status.json"), |temp| {
-            Ok(std::fs::write(temp, serde_json::to_vec_pretty(self)?)?)
-        })
+        crate::files::write_json(&run_dir.join("status.json"), self)
     }
 
     pub fn read(run_dir: &Path) -> Result<Status> {

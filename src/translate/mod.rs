@@ -21,7 +21,7 @@ pub mod networks;
 use crate::config::{Config, DatasetConfig, FdaMode, TranslateConfig, TranslateMethod};
 use crate::data::datasets::{decode_image, list, Rgb};
 use crate::data::error::DataError;
-use crate::files::write_atomically;
+use crate::files::write_json;
 use crate::progress::Progress;
 use crate::train::checkpoint::Rotation;
 use crate::train::Trainer;
@@ -375,7 +375,7 @@ fn run_plan(
         raw_to_target: raw.distance(&target),
         translated_to_target: translated.distance(&target),
     };
-    write_atomically(&plan.output.join(STAMP), |temp| Ok(std::fs::write(temp, serde_json::to_vec_pretty(&report)?)?))?;
+    write_json(&plan.output.join(STAMP), &report)?;
     tracing::info!(
         "translated {} images ({} skipped) in {:.0} s training + {:.0} s writing; colour distance to the target: \
          raw {:.1}, translated {:.1} (RGB 0-255, per-channel Gaussian W2)",
