@@ -350,7 +350,6 @@ pub fn merge(dirs: &[std::path::PathBuf], out: &Path) -> Result<Vec<EvalRow>> {
     let seeds: Vec<u64> = by_seed.iter().map(|t| t.seed).collect();
     let report = json!({ "merged_from": dirs, "seeds": seeds, "rows": rows, "untranslated": untranslated,
         "paired_gains": gains, "per_seed": by_seed, "config": recorded });
-    std::fs::create_dir_all(out).with_context(|| format!("--out {}", out.display()))?;
     let path = out.join("report.json");
     crate::files::write_json(&path, &report)?;
     println!("report: {}", path.display());
@@ -670,23 +669,23 @@ fn paired_interval(per_seed: &[f64]) -> Option<(f64, f64)> {
 }
 
 /// Each variant's gain over the row before it (the variant listed before it in
-/// `demo.variants`; the first over source-only), from the per-seed rows (`runs[s].rows[0]` is
+/// `demo.variants`; the first over source-only), from the per-seed rows (`tables[s].rows[0]` is
 /// source-only, then the variants in order). With the paper's order (AL w/o AS, AL w AS,
 /// MCU-i, MCU-d, full) these are Table VI's steps: AS, MCU-i, MCU-d and the DCCM.
 /// With `demo.paired_against = "first"` every variant after the first is measured against the
 /// first (`adamcu compare`: each strategy against the first listed).
-fn paired_gains(variants: &[Preset], against: PairedAgainst, runs: &[&SeedTable]) -> Vec<PairedGain> {
+fn paired_gains(variants: &[Preset], against: PairedAgainst, tables: &[&SeedTable]) -> Vec<PairedGain> {
     (1..=variants.len())
         .map(|b| {
             let a = if against == PairedAgainst::First && b > 1 { 1 } else { b - 1 };
-            let per_seed: Vec<f64> = runs.iter().map(|r| r.rows[b].miou - r.rows[a].miou).collect();
+            let per_seed: Vec<f64> = tables.iter().map(|r| r.rows[b].miou - r.rows[a].miou).collect();
             let n = per_seed.len() as f64;
             let mean = per_seed.iter().sum::<f64>() / n;
             let interval95 = paired_interval(&per_seed);
             PairedGain {
                 step: variants[b - 1],
-                from: runs[0].rows[a].name.clone(),
-                to: runs[0].rows[b].name.clone(),
+                from: tables[0].rows[a].name.clone(),
+                to: tables[0].rows[b].name.clone(),
                 per_seed,
                 mean,
                 interval95,
